@@ -1,0 +1,211 @@
+/*
+ * channel.c — Flowctl::Native::Channel: one grpc_channel with its credentials and
+ * channel args. The C struct is reference counted so a heartbeat thread can keep
+ * using the channel after the Ruby object is closed or collected.
+ */
+#include "flowctl.h"
+
+static VALUE cChannel;
+
+typedef struct {
+    flowctl_channel *ch; /* NULL once closed */
+} channel_wrapper;
+
+void
+flowctl_channel_ref(flowctl_channel *ch)
+{
+    atomic_fetch_add(&ch->refs, 1);
+}
+
+void
+flowctl_channel_unref(flowctl_channel *ch)
+{
+    if (atomic_fetch_sub(&ch->refs, 1) != 1) return;
+    if (ch->channel) grpc_channel_destroy(ch->channel);
+    free(ch->target);
+    free(ch);
+}
+
+static void
+channel_free(void *p)
+{
+    channel_wrapper *w = p;
+    if (w->ch) flowctl_channel_unref(w->ch);
+    ruby_xfree(w);
+}
+
+static size_t
+channel_memsize(const void *p)
+{
+    const channel_wrapper *w = p;
+    return sizeof(*w) + (w->ch ? sizeof(flowctl_channel) + strlen(w->ch->target) + 1 : 0);
+}
+
+static const rb_data_type_t channel_type = {
+    .wrap_struct_name = "Flowctl::Native::Channel",
+    .function = {.dmark = NULL, .dfree = channel_free, .dsize = channel_memsize},
+    /* dfree only drops a reference: grpc_channel_destroy does not block. */
+    .flags = RUBY_TYPED_FREE_IMMEDIATELY,
+};
+
+static VALUE
+channel_alloc(VALUE klass)
+{
+    channel_wrapper *w;
+    return TypedData_Make_Struct(klass, channel_wrapper, &channel_type, w);
+}
+
+flowctl_channel *
+flowctl_channel_get(VALUE self)
+{
+    channel_wrapper *w = rb_check_typeddata(self, &channel_type);
+    if (!w->ch) rb_raise(rb_eIOError, "channel is closed");
+    return w->ch;
+}
+
+/* ---- channel args ------------------------------------------------------- */
+
+typedef struct {
+    grpc_arg *args;
+    size_t count;
+} arg_list;
+
+static int
+arg_each(VALUE k, VALUE v, VALUE p)
+{
+    arg_list *l = (arg_list *)p;
+    grpc_arg *a = &l->args[l->count];
+    if (SYMBOL_P(k)) k = rb_sym2str(k);
+    if (!RB_TYPE_P(k, T_STRING))
+        rb_raise(rb_eTypeError, "channel_args keys must be String or Symbol (given %"PRIsVALUE")", rb_obj_class(k));
+    a->key = (char *)StringValueCStr(k);
+    if (RB_INTEGER_TYPE_P(v)) {
+        a->type = GRPC_ARG_INTEGER;
+        a->value.integer = NUM2INT(v);
+    } else if (v == Qtrue || v == Qfalse) {
+        a->type = GRPC_ARG_INTEGER;
+        a->value.integer = v == Qtrue;
+    } else if (RB_TYPE_P(v, T_STRING) || SYMBOL_P(v)) {
+        if (SYMBOL_P(v)) v = rb_sym2str(v);
+        a->type = GRPC_ARG_STRING;
+        a->value.string = (char *)StringValueCStr(v);
+    } else {
+        rb_raise(rb_eTypeError, "channel_args[%"PRIsVALUE"] must be Integer, String or boolean (given %"PRIsVALUE")",
+                 k, rb_obj_class(v));
+    }
+    l->count++;
+    return ST_CONTINUE;
+}
+
+/* ---- credentials -------------------------------------------------------- */
+
+static const char *
+opt_cstr(VALUE ary, long i)
+{
+    VALUE v = rb_ary_entry(ary, i);
+    return NIL_P(v) ? NULL : StringValueCStr(v);
+}
+
+/* tls: false -> insecure; [root_pem, key_pem, cert_pem] (each String or nil) -> TLS. */
+static grpc_channel_credentials *
+make_creds(VALUE tls)
+{
+    if (tls == Qfalse) return grpc_insecure_credentials_create();
+    Check_Type(tls, T_ARRAY);
+    const char *roots = opt_cstr(tls, 0), *key = opt_cstr(tls, 1), *cert = opt_cstr(tls, 2);
+    if ((key == NULL) != (cert == NULL))
+        rb_raise(rb_eArgError, "mTLS needs both a client certificate and its private key");
+    grpc_ssl_pem_key_cert_pair pair = {.private_key = key, .cert_chain = cert};
+    return grpc_ssl_credentials_create(roots, key ? &pair : NULL, NULL, NULL);
+}
+
+/*
+ * call-seq:
+ *   Flowctl::Native::Channel.new(target, tls, channel_args) -> channel
+ *
+ * tls is false (plaintext) or [root_certs, private_key, cert_chain]; the Ruby layer
+ * (Flowctl::TLS) builds that array.
+ */
+static VALUE
+channel_initialize(VALUE self, VALUE target, VALUE tls, VALUE args)
+{
+    channel_wrapper *w = rb_check_typeddata(self, &channel_type);
+    if (w->ch) rb_raise(rb_eRuntimeError, "channel already initialized");
+    const char *t = StringValueCStr(target);
+    if (!NIL_P(args)) Check_Type(args, T_HASH);
+
+    long n = NIL_P(args) ? 0 : RHASH_SIZE(args);
+    arg_list l = {.args = ALLOCA_N(grpc_arg, n + 1), .count = 0};
+    if (n) rb_hash_foreach(args, arg_each, (VALUE)&l);
+    grpc_channel_args cargs = {.num_args = l.count, .args = l.args};
+
+    grpc_channel_credentials *creds = make_creds(tls);
+    grpc_channel *c = grpc_channel_create(t, creds, &cargs);
+    grpc_channel_credentials_release(creds);
+    RB_GC_GUARD(args);
+
+    flowctl_channel *ch = calloc(1, sizeof(*ch));
+    if (!ch) { grpc_channel_destroy(c); rb_raise(rb_eNoMemError, "flowctl: out of memory"); }
+    ch->channel = c;
+    ch->target = strdup(t);
+    atomic_init(&ch->refs, 1);
+    atomic_init(&ch->closed, false);
+    w->ch = ch;
+    return self;
+}
+
+/* call-seq: channel.target -> String */
+static VALUE
+channel_target(VALUE self)
+{
+    return rb_str_new_cstr(flowctl_channel_get(self)->target);
+}
+
+/*
+ * call-seq: channel.state(try_to_connect = false) -> Symbol
+ *
+ * :idle, :connecting, :ready, :transient_failure or :shutdown.
+ */
+static VALUE
+channel_state(int argc, VALUE *argv, VALUE self)
+{
+    static const char *const names[] = {"idle", "connecting", "ready", "transient_failure", "shutdown"};
+    VALUE connect;
+    rb_scan_args(argc, argv, "01", &connect);
+    grpc_connectivity_state s = grpc_channel_check_connectivity_state(flowctl_channel_get(self)->channel,
+                                                                       RTEST(connect));
+    return ID2SYM(rb_intern(names[s]));
+}
+
+/* call-seq: channel.close -> nil (idempotent) */
+static VALUE
+channel_close(VALUE self)
+{
+    channel_wrapper *w = rb_check_typeddata(self, &channel_type);
+    if (w->ch) {
+        atomic_store(&w->ch->closed, true);
+        flowctl_channel_unref(w->ch);
+        w->ch = NULL;
+    }
+    return Qnil;
+}
+
+/* call-seq: channel.closed? -> true or false */
+static VALUE
+channel_closed_p(VALUE self)
+{
+    channel_wrapper *w = rb_check_typeddata(self, &channel_type);
+    return w->ch ? Qfalse : Qtrue;
+}
+
+void
+init_flowctl_channel(void)
+{
+    cChannel = rb_define_class_under(mFlowctlNative, "Channel", rb_cObject);
+    rb_define_alloc_func(cChannel, channel_alloc);
+    rb_define_method(cChannel, "initialize", channel_initialize, 3);
+    rb_define_method(cChannel, "target", channel_target, 0);
+    rb_define_method(cChannel, "state", channel_state, -1);
+    rb_define_method(cChannel, "close", channel_close, 0);
+    rb_define_method(cChannel, "closed?", channel_closed_p, 0);
+}

@@ -1,0 +1,44 @@
+# frozen_string_literal: true
+
+require "mkmf"
+
+APT = "apt-get install -y pkg-config libgrpc-dev libprotobuf-c-dev"
+
+def need(pkg, what)
+  return if pkg_config(pkg)
+
+  abort <<~MSG
+    flowctl: #{what} (pkg-config package '#{pkg}') was not found.
+    On Debian/Ubuntu install it with:
+      sudo #{APT}
+  MSG
+end
+
+abort "flowctl: pkg-config is missing. Install it with:\n  sudo #{APT}" unless find_executable("pkg-config")
+need("grpc", "gRPC C core")
+need("libprotobuf-c", "protobuf-c")
+
+have_header("grpc/grpc.h") or abort "flowctl: grpc/grpc.h not found. Install it with:\n  sudo #{APT}"
+have_header("protobuf-c/protobuf-c.h") or abort "flowctl: protobuf-c.h not found. Install it with:\n  sudo #{APT}"
+have_func("rb_gc_mark_movable", "ruby.h")
+have_func("pthread_atfork", "pthread.h")
+
+# The protoc-c output lives in generated/ (one folder per proto package).
+gen_dirs = Dir.glob(File.join(__dir__, "generated", "**", "")).map { |d| d.chomp("/") }
+$VPATH.concat(gen_dirs.map { |d| d.sub(__dir__, "$(srcdir)") })
+$INCFLAGS << " -I$(srcdir)/generated"
+$srcs = Dir.glob(File.join(__dir__, "*.c")).map { |f| File.basename(f) } +
+        gen_dirs.flat_map { |d| Dir.glob(File.join(d, "*.c")).map { |f| File.basename(f) } }
+
+$CFLAGS << " -std=gnu11 -Wall -Wextra -Wno-unused-parameter -Wno-missing-field-initializers"
+$CFLAGS << " -Werror" if enable_config("pedantic", ENV["FLOWCTL_PEDANTIC"] == "1")
+if enable_config("asan", false)
+  $CFLAGS << " -fsanitize=address -fno-omit-frame-pointer -g -O1"
+  $LDFLAGS << " -fsanitize=address"
+end
+if enable_config("debug", false)
+  $CFLAGS << " -O0 -g3"
+end
+$LDFLAGS << " -pthread"
+
+create_makefile("flowctl/flowctl")

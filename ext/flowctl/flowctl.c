@@ -1,0 +1,29 @@
+/*
+ * Init_flowctl: starts gRPC core once and lets each file define its part.
+ */
+#include "flowctl.h"
+
+VALUE mFlowctl;
+VALUE mFlowctlNative;
+VALUE eFlowctlError;
+VALUE eFlowctlDecodeError;
+
+void
+Init_flowctl(void)
+{
+    grpc_init();
+
+    mFlowctl = rb_define_module("Flowctl");
+    mFlowctlNative = rb_define_module_under(mFlowctl, "Native");
+    eFlowctlError = rb_define_class_under(mFlowctl, "Error", rb_eStandardError);
+    eFlowctlDecodeError = rb_define_class_under(mFlowctl, "DecodeError", eFlowctlError);
+
+    init_flowctl_status();
+    init_flowctl_metadata();
+    init_flowctl_wait();
+    init_flowctl_message();
+    init_flowctl_channel();
+    init_flowctl_call();
+    init_flowctl_server();
+    init_flowctl_heartbeat();
+}

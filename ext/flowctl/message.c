@@ -1,0 +1,7 @@
+/* message.c — being written. */
+#include "flowctl.h"
+
+void
+init_flowctl_message(void)
+{
+}

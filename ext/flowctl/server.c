@@ -1,0 +1,7 @@
+/* server.c — placeholder until it is written. */
+#include "flowctl.h"
+
+void
+init_flowctl_server(void)
+{
+}

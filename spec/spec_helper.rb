@@ -1,0 +1,30 @@
+# frozen_string_literal: true
+
+$LOAD_PATH.unshift File.expand_path("../lib", __dir__)
+require "flowctl"
+
+# GC safety is part of the normal suite: every object the extension keeps must survive
+# compaction, and GC_STRESS=1 runs the whole suite with GC.stress on.
+if GC.respond_to?(:verify_compaction_references) && ENV["FLOWCTL_NO_COMPACTION"] != "1"
+  RSpec.configure do |c|
+    c.before(:suite) { GC.verify_compaction_references(double_heap: true, toward: :empty) }
+    c.after(:suite) { GC.verify_compaction_references(double_heap: true, toward: :empty) }
+  end
+end
+
+RSpec.configure do |c|
+  c.disable_monkey_patching!
+  c.order = :random
+  Kernel.srand c.seed
+  c.example_status_persistence_file_path = "spec/examples.txt"
+  if ENV["GC_STRESS"] == "1"
+    c.around(:each) do |ex|
+      GC.stress = true
+      ex.run
+    ensure
+      GC.stress = false
+    end
+  end
+end
+
+Dir[File.join(__dir__, "support", "**", "*.rb")].sort.each { |f| require f }
