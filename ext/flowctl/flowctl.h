@@ -51,6 +51,7 @@ typedef struct flowctl_field {
     bool packed;                          /* repeated scalar written packed */
     bool presence;                        /* proto3 `optional` scalar: nil means unset */
     bool timestamp;                       /* elem is google.protobuf.Timestamp (Ruby Time) */
+    uint8_t tag[5], tag_len;              /* the field's key as written (number and wire type) */
     ID id;
     VALUE sym;                            /* static Symbol: never moves, never collected */
     const char *name;
@@ -93,6 +94,7 @@ VALUE flowctl_field_default(const flowctl_field *f);
 
 /* convert.c: the one place where Ruby values meet protobuf fields (setters, encode, decode). */
 VALUE flowctl_convert_field(const flowctl_class *ci, const flowctl_field *f, VALUE v);
+void flowctl_field_tag(flowctl_field *f); /* fills f->tag for the wire */
 VALUE flowctl_encode(const flowctl_class *ci, VALUE msg); /* binary String */
 void flowctl_decode_into(const flowctl_class *ci, VALUE msg, const uint8_t *p, size_t len);
 
