@@ -6,7 +6,9 @@
  *   flowctl_encode_into    writes a message's values in the wire format, in field
  *                          number order, the way protoc-generated code does;
  *   flowctl_decode_into    reads the wire format into Ruby values, checking every
- *                          length, wire type and UTF-8 string (Flowctl::DecodeError).
+ *                          length and UTF-8 string (Flowctl::DecodeError); a known
+ *                          field number with another wire type is an unknown field
+ *                          and skipped, as upb and protobuf-go parse it.
  *
  * The field types and numbers come from the protobuf-c descriptors.
  */
@@ -622,6 +624,16 @@ rd_fixed64(const flowctl_class *ci, rbuf *r)
     return lo | (uint64_t)rd_fixed32(ci, r) << 32;
 }
 
+/* A field key: field numbers run from 1 to 2^29-1 in messages, map entries and groups alike. */
+static uint64_t
+rd_tag(const flowctl_class *ci, rbuf *r)
+{
+    uint64_t tag = rd_varint(ci, r);
+    if ((tag >> 3) == 0 || (tag >> 3) > 536870911)
+        decode_error(ci, "invalid field number %llu", (unsigned long long)(tag >> 3));
+    return tag;
+}
+
 static rbuf
 rd_len(const flowctl_class *ci, rbuf *r, const char *field)
 {
@@ -643,7 +655,7 @@ skip_field(const flowctl_class *ci, rbuf *r, int wt, uint32_t number, int depth)
     case WT_SGROUP:
         if (depth > MAX_DEPTH) decode_error(ci, "groups nested too deep");
         for (;;) {
-            uint64_t tag = rd_varint(ci, r);
+            uint64_t tag = rd_tag(ci, r);
             if ((tag & 7) == WT_EGROUP) {
                 if ((tag >> 3) != number) decode_error(ci, "mismatched end of group");
                 return;
@@ -663,12 +675,11 @@ decode_timestamp(const flowctl_class *ci, const flowctl_field *f, rbuf r, VALUE 
     int64_t nsec = 0;
     if (!NIL_P(prev)) { struct timespec ts = rb_time_timespec(prev); sec = ts.tv_sec; nsec = ts.tv_nsec; }
     while (r.p < r.end) {
-        uint64_t tag = rd_varint(ci, &r);
+        uint64_t tag = rd_tag(ci, &r);
         int wt = (int)(tag & 7);
         uint32_t num = (uint32_t)(tag >> 3);
-        if ((num == 1 || num == 2) && wt != WT_VARINT)
-            decode_error(ci, "wrong wire type %d inside Timestamp field '%s'", wt, f->name);
-        if (num == 1) sec = (int64_t)rd_varint(ci, &r);
+        if ((num == 1 || num == 2) && wt != WT_VARINT) skip_field(ci, &r, wt, num, 0); /* unknown */
+        else if (num == 1) sec = (int64_t)rd_varint(ci, &r);
         else if (num == 2) nsec = (int32_t)rd_varint(ci, &r);
         else skip_field(ci, &r, wt, num, 0);
     }
@@ -755,12 +766,11 @@ decode_map_entry(const flowctl_class *ci, const flowctl_field *f, VALUE *slot, V
 {
     VALUE key = Qundef, val = Qundef;
     while (r.p < r.end) {
-        uint64_t tag = rd_varint(ci, &r);
+        uint64_t tag = rd_tag(ci, &r);
         int wt = (int)(tag & 7);
         uint32_t num = (uint32_t)(tag >> 3);
         const ProtobufCFieldDescriptor *fd = num == 1 ? f->key : num == 2 ? f->elem : NULL;
-        if (!fd) { skip_field(ci, &r, wt, num, depth); continue; }
-        if (wt != wire_type(fd->type)) decode_error(ci, "wrong wire type %d in map field '%s'", wt, f->name);
+        if (!fd || wt != wire_type(fd->type)) { skip_field(ci, &r, wt, num, depth); continue; }
         VALUE v = decode_value(ci, f, fd, &r, num == 2 && val != Qundef ? val : Qnil, depth);
         if (num == 1) key = v; else val = v;
     }
@@ -774,23 +784,25 @@ static void
 decode_field(const flowctl_class *ci, VALUE msg, VALUE *slot, const flowctl_field *f, rbuf *r, int wt, int depth)
 {
     int expected = wire_type(f->fd->type);
+    bool packed = f->kind == FK_REPEATED && wt == WT_LEN && expected != WT_LEN;
+    if (wt != expected && !packed) { /* parsed as an unknown field, as protoc-generated code does */
+        skip_field(ci, r, wt, f->fd->id, depth);
+        return;
+    }
     if (f->kind == FK_MAP) {
-        if (wt != WT_LEN) decode_error(ci, "wrong wire type %d for map field '%s'", wt, f->name);
         decode_map_entry(ci, f, slot, msg, rd_len(ci, r, f->name), depth);
         return;
     }
     if (f->kind == FK_REPEATED) {
         if (NIL_P(*slot)) RB_OBJ_WRITE(msg, slot, rb_ary_new());
-        if (wt == WT_LEN && expected != WT_LEN) { /* packed */
+        if (packed) {
             rbuf s = rd_len(ci, r, f->name);
             while (s.p < s.end) rb_ary_push(*slot, decode_value(ci, f, f->fd, &s, Qnil, depth));
             return;
         }
-        if (wt != expected) decode_error(ci, "wrong wire type %d for field '%s'", wt, f->name);
         rb_ary_push(*slot, decode_value(ci, f, f->fd, r, Qnil, depth));
         return;
     }
-    if (wt != expected) decode_error(ci, "wrong wire type %d for field '%s'", wt, f->name);
     VALUE prev = f->fd->type == PROTOBUF_C_TYPE_MESSAGE ? *slot : Qnil; /* a message seen twice is merged */
     RB_OBJ_WRITE(msg, slot, decode_value(ci, f, f->fd, r, prev, depth));
 }
@@ -801,10 +813,9 @@ decode_msg(const flowctl_class *ci, VALUE msg, rbuf *r, int depth)
     if (depth > MAX_DEPTH) decode_error(ci, "messages nested too deep");
     flowctl_msg *m = flowctl_msg_get(msg);
     while (r->p < r->end) {
-        uint64_t tag = rd_varint(ci, r);
+        uint64_t tag = rd_tag(ci, r);
         int wt = (int)(tag & 7);
         uint64_t num = tag >> 3;
-        if (num == 0 || num > 536870911) decode_error(ci, "invalid field number %llu", (unsigned long long)num);
         if (wt == WT_EGROUP) decode_error(ci, "unexpected end of group");
         const ProtobufCFieldDescriptor *fd = protobuf_c_message_descriptor_get_field(ci->desc, (unsigned)num);
         if (!fd) { skip_field(ci, r, wt, (uint32_t)num, depth); continue; }
