@@ -37,6 +37,12 @@ if enable_config("asan", false)
   $CFLAGS << " -fsanitize=address -fno-omit-frame-pointer -g -O1"
   $LDFLAGS << " -fsanitize=address"
 end
+if enable_config("fuzz", false)
+  # libFuzzer + ASan + UBSan instrumentation for fuzz/ (rake fuzz builds with `make CC=clang-14`).
+  $CFLAGS << " -fsanitize=fuzzer-no-link,address,undefined -fno-sanitize-recover=undefined" \
+             " -fno-omit-frame-pointer -g -O1"
+  $LDFLAGS << " -fsanitize=fuzzer-no-link,address,undefined"
+end
 if enable_config("debug", false)
   $CFLAGS << " -O0 -g3"
 end

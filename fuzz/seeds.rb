@@ -1,0 +1,55 @@
+# frozen_string_literal: true
+
+# Writes the seed corpus of fuzz/ (run from the repository root after `rake compile`):
+#   fuzz/corpus/decode/*   one byte picking the message class (index in the classes sorted
+#                          by full proto name, as decode_target.c sorts them) + a real encoding
+#   fuzz/corpus/convert/*  byte programs for convert_target.c (see the opcode table there)
+$LOAD_PATH.unshift File.expand_path("../lib", __dir__)
+require "flowctl"
+require "digest"
+require "fileutils"
+
+module FuzzSeeds
+  DIR = File.expand_path("corpus", __dir__)
+
+  def self.classes
+    Flowctl::PACKAGES.values.flat_map do |mod|
+      mod.constants.map { |c| mod.const_get(c) }.select { |k| k.is_a?(Class) && k < Flowctl::Message }
+    end.sort_by(&:descriptor_name)
+  end
+
+  SAMPLES = {
+    processor_id: ["p-1", "процессор", ""], source_id: ["src"], consumer_id: ["c"],
+    endpoint: ["127.0.0.1:50051", "dns:///host:443"], message: ["ok", "not registered"],
+    metadata: [{ "k" => "v", "ключ" => "значение" }, {}], metrics: [{ "cpu" => 0.5, "nan" => Float::NAN, "neg" => -1e300 }],
+    values: [{ "a" => 1.0, "b" => -0.0 }], status: ["HEALTHY", "STOPPING"], success: [true, false],
+    timestamp: [Time.at(1_700_000_000, 123_456_789, :nsec), Time.at(0), Time.at(-62_135_596_800)],
+    payload: ["\x00\xFF\xFEbinary".b, ""], name: ["ttp"], description: ["d"], version: ["1.0.0"],
+    input_event_types: [%w[a b], []], output_event_types: [["x" * 300]], max_concurrent: [0, -1, 2_147_483_647]
+  }.freeze
+
+  def self.write(dir, bytes)
+    FileUtils.mkdir_p(dir)
+    File.binwrite(File.join(dir, Digest::SHA1.hexdigest(bytes)), bytes)
+  end
+
+  def self.decode_seeds
+    classes.each_with_index do |k, i|
+      3.times do |n|
+        fields = k.fields.to_h { |f| [f, SAMPLES.fetch(f).then { |v| v[n % v.size] }] }
+        write(File.join(DIR, "decode"), i.chr.b + k.new(**fields).to_proto)
+      end
+      write(File.join(DIR, "decode"), i.chr.b)
+    end
+  end
+
+  # convert_target reads: one byte picking the class, then operations (see convert_target.c).
+  def self.convert_seeds
+    srand(1)
+    40.times { |n| write(File.join(DIR, "convert"), Array.new(8 + (n * 7 % 120)) { rand(256) }.pack("C*")) }
+  end
+end
+
+FuzzSeeds.decode_seeds
+FuzzSeeds.convert_seeds
+puts "seeds: #{Dir[File.join(FuzzSeeds::DIR, '*', '*')].size} files under #{FuzzSeeds::DIR}"
