@@ -174,11 +174,20 @@ static const struct {
 } fast_accessors[] = {ENTRY8(), ENTRY8(1), ENTRY8(2), ENTRY8(3)};
 #define N_FAST ((unsigned)(sizeof(fast_accessors) / sizeof(fast_accessors[0])))
 
+/* The ID of a field name given as Symbol or String, 0 when no field can have it (a
+ * String with broken contents is such a name, not an EncodingError). */
+static ID
+name_id(VALUE name)
+{
+    if (RB_TYPE_P(name, T_STRING) && rb_enc_str_coderange(name) == ENC_CODERANGE_BROKEN) return 0;
+    return SYMBOL_P(name) || RB_TYPE_P(name, T_STRING) ? rb_check_id(&name) : 0;
+}
+
 static unsigned
 field_index(const flowctl_class *ci, VALUE name)
 {
     st_data_t i;
-    ID id = SYMBOL_P(name) ? rb_check_id(&name) : (RB_TYPE_P(name, T_STRING) ? rb_check_id(&name) : 0);
+    ID id = name_id(name);
     if (!SYMBOL_P(name) && !RB_TYPE_P(name, T_STRING))
         rb_raise(rb_eTypeError, "field names are Symbols or Strings (given %"PRIsVALUE")", rb_obj_class(name));
     if (!id || !st_lookup(ci->by_name, (st_data_t)id, &i))
@@ -214,7 +223,7 @@ init_each(VALUE key, VALUE val, VALUE p)
 {
     struct init_arg *a = (struct init_arg *)p;
     st_data_t i;
-    ID id = SYMBOL_P(key) || RB_TYPE_P(key, T_STRING) ? rb_check_id(&key) : 0;
+    ID id = name_id(key);
     if (!id || !st_lookup(a->ci->by_name, (st_data_t)id, &i)) {
         if (!SYMBOL_P(key) && !RB_TYPE_P(key, T_STRING))
             rb_raise(rb_eTypeError, "%"PRIsVALUE".new takes field names as keys (given %"PRIsVALUE")",
