@@ -149,7 +149,11 @@ conv_time(const where *w, VALUE t)
     if (!FIXNUM_P(sec) || FIX2LONG(sec) < TIMESTAMP_MIN || FIX2LONG(sec) > TIMESTAMP_MAX)
         rb_raise(rb_eRangeError, "%"PRIsVALUE" is outside what %"PRIsVALUE" holds (years 1 to 9999)",
                  rb_inspect(t), where_str(w));
-    return t;
+    /* the wire holds nanoseconds: a finer Time is kept as what will be sent, so that
+     * decode(msg.to_proto) == msg */
+    struct timespec ts = rb_time_timespec(t);
+    VALUE ns = rb_time_nano_new(ts.tv_sec, ts.tv_nsec);
+    return rb_equal(ns, t) ? t : ns;
 }
 
 static VALUE
