@@ -38,6 +38,9 @@ VALUE fuzz_official_class(const char *full_name);
 /* rb_funcallv under rb_protect. Returns Qundef after an exception; *err gets it. */
 VALUE fuzz_call(VALUE recv, ID mid, int argc, const VALUE *argv, VALUE *err);
 
+/* Call after an rb_protect caught an exception (clears ASan's stale stack poison). */
+void fuzz_after_jump(void);
+
 /* Aborts (a crash libFuzzer records) unless err is one of the NULL-terminated classes. */
 void fuzz_expect(VALUE err, const VALUE *allowed, const char *what);
 
