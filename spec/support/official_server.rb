@@ -148,6 +148,15 @@ end
 
 # Handlers that answer everything at once, for benchmarks and smoke tests.
 class OfficialServer
+  # A handler made of blocks, one per RPC (the others answer UNIMPLEMENTED):
+  #
+  #   OfficialServer::Handler.new(register_processor: ->(req, call) { Resp.new(success: true) })
+  class Handler
+    def initialize(**impls)
+      impls.each { |name, impl| define_singleton_method(name) { |req, call| impl.call(req, call) } }
+    end
+  end
+
   # ControlPlane: every Register succeeds echoing the id; heartbeats succeed.
   class EchoControlPlane
     CP = "Obsrvr::Flow::Controlplane"
