@@ -39,6 +39,18 @@ class OfficialServer
 
   def self.tls_file(name) = File.read(File.join(TLS_DIR, name))
 
+  # Queue#pop with a timeout (Ruby 3.1 has no pop(timeout:)): the item, or nil.
+  def self.pop(queue, timeout)
+    deadline = Process.clock_gettime(Process::CLOCK_MONOTONIC) + timeout
+    loop do
+      return queue.pop(true)
+    rescue ThreadError
+      return nil if Process.clock_gettime(Process::CLOCK_MONOTONIC) > deadline
+
+      sleep 0.005
+    end
+  end
+
   def start(handler_for_controlplane: nil, handler_for_processor: nil, tls: false)
     raise "already started" if @port
 
@@ -55,8 +67,10 @@ class OfficialServer
     if @pid
       stop_subprocess
     else
-      @server.stop
-      @thread.join(10) or @thread.kill
+      # bounded: a handler that never returns must not hang the suite
+      stopper = Thread.new { @server.stop }
+      stopper.join(5) or stopper.kill
+      @thread.join(5) or @thread.kill
     end
     @port = nil
   end
