@@ -300,8 +300,24 @@ wb_fixed32(wbuf *b, uint32_t v)
 static inline void
 wb_fixed64(wbuf *b, uint64_t v)
 {
-    wb_fixed32(b, (uint32_t)v);
-    wb_fixed32(b, (uint32_t)(v >> 32));
+    uint8_t x[8];
+    for (int i = 0; i < 8; i++) x[i] = (uint8_t)(v >> (8 * i));
+    wb_bytes(b, x, 8);
+}
+
+/* A length-delimited value: its length and bytes, with one bounds check. */
+static inline void
+wb_lenbytes(wbuf *b, const char *src, size_t n)
+{
+    uint8_t tmp[10], vs = 0;
+    uint64_t v = n;
+    while (v >= 0x80) { tmp[vs++] = (uint8_t)(v | 0x80); v >>= 7; }
+    tmp[vs++] = (uint8_t)v;
+    char *d = wb_dst(b, vs + n);
+    if (d) {
+        memcpy(d, tmp, vs);
+        memcpy(d + vs, src, n);
+    }
 }
 
 static inline void
@@ -415,13 +431,11 @@ encode_value(wbuf *b, const where *w, const ProtobufCFieldDescriptor *fd, VALUE 
     switch (fd->type) {
     case PROTOBUF_C_TYPE_STRING:
         if (!utf8_ok(v)) v = conv_string(w, v);
-        wb_varint(b, (uint64_t)RSTRING_LEN(v));
-        wb_bytes(b, RSTRING_PTR(v), (size_t)RSTRING_LEN(v));
+        wb_lenbytes(b, RSTRING_PTR(v), (size_t)RSTRING_LEN(v));
         break;
     case PROTOBUF_C_TYPE_BYTES:
         if (!RB_TYPE_P(v, T_STRING)) type_error(w, "String", v);
-        wb_varint(b, (uint64_t)RSTRING_LEN(v));
-        wb_bytes(b, RSTRING_PTR(v), (size_t)RSTRING_LEN(v));
+        wb_lenbytes(b, RSTRING_PTR(v), (size_t)RSTRING_LEN(v));
         break;
     case PROTOBUF_C_TYPE_DOUBLE: {
         if (!RB_FLOAT_TYPE_P(v)) v = conv_value(w, fd, v);

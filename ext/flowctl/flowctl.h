@@ -123,9 +123,11 @@ void init_flowctl_wait(void);
 /*
  * Waits for `tag` on the pluck queue `cq` without the GVL. When the Ruby thread is
  * interrupted (Thread#raise, kill, Timeout, Ctrl-C) the call is cancelled and the wait
- * goes on until the tag has completed, so no batch is ever left in flight.
+ * goes on until the tag has completed, so no batch is ever left in flight. Interrupts
+ * that raise nothing (spurious wake-ups, a trap that only logs) leave the call alone.
  * Returns the event; *interrupted tells whether an interrupt cancelled the call. After
- * releasing its resources the caller must call flowctl_wait_finish(interrupted).
+ * releasing its resources (C only: no Ruby code in between) the caller must call
+ * flowctl_wait_finish(interrupted), which raises that interrupt.
  */
 grpc_event flowctl_wait_tag(grpc_completion_queue *cq, void *tag, grpc_call *call, int *interrupted);
 /* Raises the pending interrupt (or Flowctl::Cancelled when there is none left to raise). */
