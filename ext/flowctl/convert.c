@@ -642,11 +642,14 @@ rd_fixed64(const flowctl_class *ci, rbuf *r)
     return lo | (uint64_t)rd_fixed32(ci, r) << 32;
 }
 
-/* A field key: field numbers run from 1 to 2^29-1 in messages, map entries and groups alike. */
+/* A field key: field numbers run from 1 to 2^29-1 in messages, map entries and groups
+ * alike, and a key takes at most 5 bytes (as upb and protobuf C++ read it). */
 static uint64_t
 rd_tag(const flowctl_class *ci, rbuf *r)
 {
+    const uint8_t *start = r->p;
     uint64_t tag = rd_varint(ci, r);
+    if (r->p - start > 5) decode_error(ci, "malformed field key (%d bytes)", (int)(r->p - start));
     if ((tag >> 3) == 0 || (tag >> 3) > 536870911)
         decode_error(ci, "invalid field number %llu", (unsigned long long)(tag >> 3));
     return tag;
