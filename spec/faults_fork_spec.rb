@@ -1,0 +1,104 @@
+# frozen_string_literal: true
+
+require "spec_helper"
+require "json"
+require "rbconfig"
+
+# A hundred forks while the parent has gRPC alive (a client with calls done, a stream
+# open, and a heartbeat once Flowctl::Heartbeat exists): every child can make its own
+# client and call, exits normally, and the parent's client and stream go on working.
+# Each scenario runs in a fresh Ruby process with a hard time limit, so a hang fails the
+# example instead of the suite.
+RSpec.describe "faults: fork with gRPC alive in the parent" do
+  LIB = File.expand_path("../lib", __dir__)
+  SUPPORT = File.expand_path("support/official_server.rb", __dir__)
+
+  SCRIPT = <<~'RUBY'
+    $LOAD_PATH.unshift ARGV[0]
+    require "flowctl"
+    require ARGV[1]
+    forks = Integer(ARGV[2])
+    peer = OfficialServer.new(subprocess: true)
+    port = peer.start(handler_for_controlplane: "OfficialServer::EchoControlPlane",
+                      handler_for_processor: "OfficialServer::EchoProcessor")
+    target = "127.0.0.1:#{port}"
+    cp = Flowctl::ControlPlane::Client.new(target, tls: false, timeout: 5)
+    pr = Flowctl::Processor::Client.new(target, tls: false)
+    stream = pr.process_stream(timeout: 120)
+    msg = Flowctl::Processor::DataMessage.new(payload: "p")
+    hb = if cp.respond_to?(:start_heartbeat)
+           cp.start_heartbeat(:processor, id: "forker", interval: 0.05, register: {endpoint: "x", metadata: {}})
+         end
+    result = {"ok" => 0, "failed" => [], "hung" => 0, "parent_ok" => 0, "heartbeat" => !hb.nil?}
+    forks.times do |i|
+      raise "parent call failed" unless cp.register_processor(processor_id: "parent#{i}").success
+      stream.write(msg)
+      raise "parent stream failed" unless stream.read == msg
+      result["parent_ok"] += 1
+      pid = fork do
+        c = Flowctl::ControlPlane::Client.new(target, tls: false, timeout: 3)
+        ok = c.register_processor(processor_id: "child#{i}").success
+        c.close
+        exit!(ok ? 0 : 2)
+      rescue Exception => e
+        $stderr.puts "child #{i}: #{e.class}: #{e.message}"
+        exit!(3)
+      end
+      deadline = Process.clock_gettime(Process::CLOCK_MONOTONIC) + 8
+      status = nil
+      until (status = Process.wait2(pid, Process::WNOHANG)&.last)
+        if Process.clock_gettime(Process::CLOCK_MONOTONIC) > deadline
+          Process.kill(:KILL, pid)
+          Process.wait(pid)
+          result["hung"] += 1
+          break
+        end
+        sleep 0.01
+      end
+      next unless status
+      status.success? ? result["ok"] += 1 : result["failed"] << [i, status.exitstatus || status.termsig]
+      break if result["hung"] >= 3 || result["failed"].size >= 3
+    end
+    if hb
+      result["beats"] = hb.stats[:sent]
+      hb.stop
+    end
+    stream.close_write
+    result["stream_closed"] = stream.read.nil?
+    cp.close
+    pr.close
+    peer.stop
+    puts "RESULT #{JSON.generate(result)}"
+  RUBY
+
+  def run_forks(forks, limit)
+    r, w = IO.pipe
+    pid = Process.spawn(RbConfig.ruby, "-e", SCRIPT, LIB, SUPPORT, forks.to_s, out: w, err: w, pgroup: true)
+    w.close
+    out = +""
+    reader = Thread.new { out << r.read }
+    unless reader.join(limit)
+      Process.kill(:KILL, -pid) rescue nil
+      reader.join(5)
+    end
+    Process.wait(pid)
+    r.close
+    line = out[/^RESULT (.*)$/, 1]
+    [line && JSON.parse(line), out]
+  end
+
+  it "a hundred forks: each child calls with its own client, the parent's client and stream go on" do
+    # On main before the heartbeat branch's fork hooks: after the first fork the
+    # PARENT's next call on its existing client fails with DeadlineExceeded (the child
+    # shares gRPC's polling state); pending fails loudly once that is fixed.
+    pending "gRPC core 1.51 is not fork-safe without the gem's fork hooks (Process._fork, heartbeat branch)"
+    result, out = run_forks(100, 50)
+    expect(result).not_to be_nil, "the forking process did not finish within 50 s:\n#{out[-2000..] || out}"
+    expect(result["hung"]).to eq(0), out
+    expect(result["failed"]).to eq([]), out
+    expect(result["ok"]).to eq(100)
+    expect(result["parent_ok"]).to eq(100)
+    expect(result["stream_closed"]).to be(true)
+    expect(result["beats"]).to be > 0 if result["heartbeat"]
+  end
+end
