@@ -94,14 +94,14 @@ module Bench
 
     def header
       cells = [format("%-#{label_width}s", "work")] + @columns.map { |c| format("%12s", "#{c} op/s") }
-      cells << format("%10s", "#{@columns[0]}/#{@columns[1]}") if @columns.size >= 2
+      cells << format("%#{ratio_width}s", ratio_title) if @columns.size >= 2
       cells.join("  ")
     end
 
     def format_row(row)
       cells = [format("%-#{label_width}s", row.label)]
       cells += @columns.map { |c| format("%12s", Bench.human(row.rates[c])) }
-      cells << format("%9.2fx", ratio(row)) if @columns.size >= 2
+      cells << format("%#{ratio_width - 1}.2fx", ratio(row)) if @columns.size >= 2
       cells.join("  ")
     end
 
@@ -114,5 +114,7 @@ module Bench
     private
 
     def label_width = 34
+    def ratio_title = "#{@columns[0]}/#{@columns[1]}"
+    def ratio_width = [ratio_title.size, 10].max
   end
 end

@@ -275,6 +275,14 @@ RSpec.describe "Flowctl message errors" do
       expect { hb.decode("\x1a\x02\x11\x00".b) }.to raise_error(Flowctl::DecodeError) # truncated double
     end
 
+    it "skips unknown fields inside a map entry (17 bytes that crash google-protobuf 3.21.12's decode)" do
+      # entry { key: "éж", field 3 fixed64 } — the official gem segfaults on exactly this input
+      bin = "\x0a\x0f\x0a\x04\xc3\xa9\xd0\xb6\x19\x29\x10\x88\x91\x80\x5b\x61\x60".b
+      expect(Flowctl::Common::Metrics.decode(bin).values).to eq("éж" => 0.0)
+      entry = "\x0a\x01k\x18\x05\x12\x01v\x22\x00".b # key, field 3 varint, value, field 4 bytes
+      expect(reg.decode("\x1a#{entry.bytesize.chr}".b + entry).metadata).to eq("k" => "v")
+    end
+
     it "accepts bytes payloads that are not UTF-8 (only string fields are checked)" do
       expect(data.decode("\x0a\x02\xff\xfe".b).payload).to eq("\xff\xfe".b)
     end
