@@ -3,8 +3,8 @@
 # Message layer benchmark: the same work with flowctl and with the official google-protobuf
 # gem (classes protoc generated from the same proto/ files, spec/gen), in one run.
 #
-#   ruby bench/messages.rb            # BENCH_SECONDS=1 per measurement by default
-#   BENCH_SECONDS=3 ruby bench/messages.rb
+#   ruby bench/messages.rb            # 3 rounds of 0.5 s per measurement, best round counts
+#   BENCH_SECONDS=1 BENCH_ROUNDS=5 ruby bench/messages.rb
 #
 # For a ProcessorHeartbeatRequest (id, a timestamp, 3 metrics, status) and a DataMessage
 # with a 1 KiB payload and 2 metadata entries it measures:
@@ -95,7 +95,7 @@ end
 
 check!
 puts "flowctl #{Flowctl::VERSION} vs google-protobuf #{Gem.loaded_specs['google-protobuf']&.version || '(Debian)'}, " \
-     "ruby #{RUBY_VERSION}, #{Bench::SECONDS}s per measurement"
+     "ruby #{RUBY_VERSION}, best of #{Bench::ROUNDS} rounds of #{Bench::SECONDS}s per measurement"
 puts "heartbeat: #{f_hb.to_proto.bytesize} bytes; data message: #{f_data.to_proto.bytesize} bytes"
 puts
 

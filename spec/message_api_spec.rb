@@ -274,7 +274,7 @@ RSpec.describe "Flowctl message classes" do
     end
 
     it "round-trip many entries" do
-      meta = (1..2000).to_h { |i| ["key-#{i}", "value-#{i}" * (i % 7)] }
+      meta = (1..scaled(2000, 50)).to_h { |i| ["key-#{i}", "value-#{i}" * (i % 7)] }
       back = data.decode(data.new(metadata: meta).to_proto)
       expect(back.metadata).to eq(meta)
     end
@@ -323,7 +323,7 @@ RSpec.describe "Flowctl message classes" do
     it "round-trips every class with every field set" do
       rng = Random.new(42)
       message_classes.each do |klass|
-        5.times do
+        scaled(5, 1).times do
           values = random_values(klass, rng)
           msg = klass.new(**values)
           back = klass.decode(msg.to_proto)
@@ -355,10 +355,33 @@ RSpec.describe "Flowctl message classes" do
       expect(reg.decode(unknown + known + unknown)).to eq(reg.new(processor_id: "p", metadata: { "a" => "b" }))
     end
 
+    it "skips unknown groups, nested ones included" do
+      group = "\x7b\x08\x01\x83\x01\x08\x02\x84\x01\x7c".b # field 15 { varint, field 16 { varint } }
+      expect(reg.decode(group + "\x0a\x01p".b).processor_id).to eq("p")
+    end
+
     it "reads a map entry with its key or value missing as the default" do
       expect(reg.decode("\x1a\x03\x12\x01v".b).metadata).to eq("" => "v")
       expect(reg.decode("\x1a\x03\x0a\x01k".b).metadata).to eq("k" => "")
       expect(hb.decode("\x1a\x03\x0a\x01k".b).metrics).to eq("k" => 0.0)
+    end
+  end
+
+  describe "Klass.encode and #[]" do
+    it "Klass.encode(msg) is msg.to_proto and refuses other objects" do
+      msg = reg.new(processor_id: "p", metadata: { "k" => "v" })
+      expect(reg.encode(msg)).to eq(msg.to_proto)
+      expect { reg.encode(reg_resp.new) }.to raise_error(TypeError)
+      expect { reg.encode("x") }.to raise_error(TypeError)
+    end
+
+    it "#[] and #[]= read and write fields by name, and refuse unknown names" do
+      msg = reg.new
+      msg[:processor_id] = "p"
+      msg["endpoint"] = "e:1"
+      expect([msg[:processor_id], msg["endpoint"]]).to eq(["p", "e:1"])
+      expect { msg[:nope] }.to raise_error(ArgumentError, /nope/)
+      expect { msg[:processor_id] = 1 }.to raise_error(TypeError, /processor_id/)
     end
   end
 

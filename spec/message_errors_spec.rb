@@ -121,8 +121,8 @@ RSpec.describe "Flowctl message errors" do
       end
     end
 
-    it "a Time outside what a Timestamp holds raises naming the field, not a wrapped value" do
-      [Time.at(2**70), Time.at(-2**70)].each do |t|
+    it "a Time outside what a Timestamp holds (years 1 to 9999) raises naming the field, not a wrapped value" do
+      [Time.at(2**70), Time.at(-2**70), Time.at(253_402_300_800), Time.at(-62_135_596_801)].each do |t|
         expect { hb.new(timestamp: t) }.to raise_error { |e|
           expect([RangeError, ArgumentError]).to include(e.class)
           expect(e.message).to include("timestamp")
@@ -205,6 +205,14 @@ RSpec.describe "Flowctl message errors" do
       expect { reg.new.freeze.metadata = {} }.to raise_error(FrozenError)
     end
 
+    it "raise FrozenError through #[]= and on containers never read before freezing" do
+      msg = reg.new.freeze
+      expect { msg[:processor_id] = "x" }.to raise_error(FrozenError)
+      expect(msg.metadata).to be_frozen
+      expect { msg.metadata["k"] = "v" }.to raise_error(FrozenError)
+      expect(msg.to_proto).to eq("".b)
+    end
+
     it "raise FrozenError when their containers are changed" do
       msg = reg.new(metadata: { "a" => "b" }).freeze
       expect { msg.metadata["x"] = "y" }.to raise_error(FrozenError)
@@ -238,7 +246,12 @@ RSpec.describe "Flowctl message errors" do
       "wire type 6" => "\x0e\x01",
       "wire type 7" => "\x0f\x01",
       "a truncated fixed64" => "\x79\x01\x02",
-      "a truncated fixed32" => "\x7d\x01"
+      "a truncated fixed32" => "\x7d\x01",
+      "a length near 2**64" => "\x7a#{"\xff" * 9}\x01",
+      "a length of 2**31" => "\x7a\x80\x80\x80\x80\x08",
+      "an unknown group closed by another field's end-group" => "\x7b\x08\x01\x74",
+      "an unknown group never closed" => "\x7b\x08\x01",
+      "groups nested 100_000 deep" => "\x7b" * 100_000
     }.each do |what, bytes|
       it "raises Flowctl::DecodeError with a message for #{what}" do
         [reg, caps, hb, data].each do |klass|
@@ -266,6 +279,12 @@ RSpec.describe "Flowctl message errors" do
       bad_val = "\x0a\x01k\x12\x01\xff".b
       expect { reg.decode("\x1a#{bad_key.bytesize.chr}".b + bad_key) }.to raise_error(Flowctl::DecodeError, /metadata/)
       expect { reg.decode("\x1a#{bad_val.bytesize.chr}".b + bad_val) }.to raise_error(Flowctl::DecodeError, /metadata/)
+    end
+
+    it "raises Flowctl::DecodeError for a Timestamp a Time cannot come from (nanos or seconds out of range)" do
+      expect { hb.decode("\x12\x06\x10\x80\x94\xeb\xdc\x03".b) }.to raise_error(Flowctl::DecodeError, /timestamp/) # nanos 1e9
+      expect { hb.decode("\x12\x0b\x10#{"\xff" * 9}\x01".b) }.to raise_error(Flowctl::DecodeError, /timestamp/) # nanos -1
+      expect { hb.decode("\x12\x07\x08\x80\x83\xd1\xff\xaf\x07".b) }.to raise_error(Flowctl::DecodeError, /timestamp/) # year 10000+
     end
 
     it "raises Flowctl::DecodeError for garbage inside a Timestamp or a map entry" do

@@ -64,7 +64,9 @@ RSpec.describe "Flowctl messages interoperate with google-protobuf" do
 
       it "agrees on every field set to its edge values one at a time" do
         fields_of(klass).each do |f|
-          edge_values(f.kind).each_with_index do |v, i|
+          values = edge_values(f.kind)
+          values = values.first(2) + values.last(1) if MessageHelpers::STRESS
+          values.each_with_index do |v, i|
             check_both_ways(klass, { f.name => v }, "#{f.name} edge #{i}: #{v.inspect[0, 80]}")
           end
         end
