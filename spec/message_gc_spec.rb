@@ -106,6 +106,7 @@ RSpec.describe "Flowctl messages under the GC" do
       rss0, slots0 = settled_memory
       n.times(&block)
       rss1, slots1 = settled_memory
+      warn "  growth: #{rss1 - rss0} KiB, #{slots1 - slots0} slots" if ENV["MSG_GROWTH"]
       [rss1 - rss0, slots1 - slots0]
     end
 
