@@ -31,6 +31,7 @@ typedef struct call_slot {
     grpc_call_details details;
     grpc_metadata_array md;
     grpc_completion_queue *cq;  /* bound to the call: its batches complete here */
+    bool status_sent;           /* the status batch completed: never cancel after that */
     struct call_slot *next;     /* handoff queue link */
 } call_slot;
 
@@ -45,13 +46,17 @@ slot_new(void)
     return s;
 }
 
-/* Frees a slot whose call has no batch in flight (cancels the call if it still runs). */
+/*
+ * Frees a slot whose call has no batch in flight, cancelling the call when it never got its
+ * status. (A cancel after the status batch completed could still reset the stream before the
+ * status frames are flushed, and the client would see CANCELLED.)
+ */
 static void
 slot_free(call_slot *s)
 {
     if (!s) return;
     if (s->call) {
-        grpc_call_cancel(s->call, NULL);
+        if (!s->status_sent) grpc_call_cancel(s->call, NULL);
         grpc_call_unref(s->call);
     }
     grpc_call_details_destroy(&s->details);
@@ -113,8 +118,9 @@ reject_call(call_slot *slot, grpc_status_code code, const char *msg)
         grpc_event ev = grpc_completion_queue_pluck(slot->cq, slot, limit, NULL);
         if (ev.type == GRPC_QUEUE_TIMEOUT) {
             grpc_call_cancel(slot->call, NULL);
-            grpc_completion_queue_pluck(slot->cq, slot, gpr_inf_future(GPR_CLOCK_MONOTONIC), NULL);
+            ev = grpc_completion_queue_pluck(slot->cq, slot, gpr_inf_future(GPR_CLOCK_MONOTONIC), NULL);
         }
+        slot->status_sent = ev.success != 0;
     }
     slot_free(slot);
 }
@@ -611,16 +617,22 @@ wrap_slot(call_slot *slot)
 static VALUE
 server_next_call(VALUE self)
 {
-    struct next_arg a = {.s = server_get(self)};
-    /* INTR_FAIL: no interrupt check after the wait, so a popped call is never dropped */
-    rb_nogvl(next_nogvl, &a, next_ubf, &a, RB_NOGVL_INTR_FAIL);
-    if (!a.slot) {
-        rb_thread_check_ints();
-        return Qnil;
+    server_t *s = server_get(self);
+    for (;;) {
+        struct next_arg a = {.s = s};
+        /* INTR_FAIL: no interrupt check after the wait, so a popped call is never dropped */
+        rb_nogvl(next_nogvl, &a, next_ubf, &a, RB_NOGVL_INTR_FAIL);
+        if (a.slot) {
+            VALUE call = wrap_slot(a.slot); /* owns the slot from here on, even if an interrupt follows */
+            rb_thread_check_ints();
+            return call;
+        }
+        pthread_mutex_lock(&s->mu);
+        bool stopping = s->shutting_down && !s->queue_head;
+        pthread_mutex_unlock(&s->mu);
+        if (stopping) return Qnil;
+        rb_thread_check_ints(); /* raises a real interrupt; a time-slice flag just loops */
     }
-    VALUE call = wrap_slot(a.slot); /* owns the slot from here on, even if an interrupt follows */
-    rb_thread_check_ints();
-    return call;
 }
 
 /* Runs one batch on the call and waits for it; returns the event's success. */
@@ -745,6 +757,7 @@ finish_cleanup(VALUE p)
     if (a->msg) grpc_byte_buffer_destroy(a->msg);
     server_call_t *c = a->c;
     c->finished = true;
+    c->slot->status_sent = a->ok;
     if (c->busy == 0) call_release(c);
     else {
         grpc_call_cancel(c->slot->call, NULL); /* wakes the other waiter; it releases */

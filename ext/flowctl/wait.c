@@ -33,17 +33,50 @@ pluck_ubf(void *p)
     if (a->call) grpc_call_cancel(a->call, NULL);
 }
 
+static VALUE
+check_ints(VALUE unused)
+{
+    rb_thread_check_ints();
+    return Qnil;
+}
+
+/* The state of an interrupt caught while re-waiting; only C runs until wait_finish uses it. */
+static __thread int caught_state;
+
+static void
+cancel_and_wait(struct pluck_arg *a)
+{
+    atomic_store(&a->interrupted, true);
+    if (a->call) grpc_call_cancel(a->call, NULL);
+    pluck_nogvl(a); /* the tag completes promptly once the call is cancelled */
+}
+
 grpc_event
 flowctl_wait_tag(grpc_completion_queue *cq, void *tag, grpc_call *call, int *interrupted)
 {
     struct pluck_arg a = {.cq = cq, .tag = tag, .call = call};
     atomic_init(&a.interrupted, false);
-    rb_nogvl(pluck_nogvl, &a, pluck_ubf, &a, RB_NOGVL_INTR_FAIL);
-    if (!a.ran) {
-        /* An interrupt was already pending: cancel, then wait (briefly) with the GVL held. */
-        atomic_store(&a.interrupted, true);
-        if (call) grpc_call_cancel(call, NULL);
-        pluck_nogvl(&a);
+    *interrupted = 0;
+    for (;;) {
+        rb_nogvl(pluck_nogvl, &a, pluck_ubf, &a, RB_NOGVL_INTR_FAIL);
+        if (a.ran) break;
+        /*
+         * INTR_FAIL skips the wait for any pending interrupt flag, including the timer's
+         * time-slice flag. A real interrupt (Thread#raise/kill, a signal): cancel, then wait.
+         * Anything else: let Ruby process it and wait again.
+         */
+        if (rb_thread_interrupted(rb_thread_current())) {
+            cancel_and_wait(&a);
+            break;
+        }
+        int state = 0;
+        rb_protect(check_ints, Qnil, &state);
+        if (state) { /* an interrupt arrived while Ruby switched threads */
+            cancel_and_wait(&a);
+            caught_state = state;
+            *interrupted = 2;
+            return a.ev;
+        }
     }
     *interrupted = atomic_load(&a.interrupted);
     return a.ev;
@@ -53,6 +86,11 @@ void
 flowctl_wait_finish(int interrupted)
 {
     if (!interrupted) return;
+    if (interrupted == 2) {
+        int state = caught_state;
+        caught_state = 0;
+        rb_jump_tag(state);
+    }
     rb_thread_check_ints();
     rb_raise(eCancelled, "call cancelled by an interrupt");
 }

@@ -1,0 +1,130 @@
+# frozen_string_literal: true
+
+# Server throughput: this gem's Flowctl::Server vs a GRPC::RpcServer built with the official
+# grpc gem, serving the same handlers, each in its own subprocess, driven by the same client
+# (the official grpc gem's stub) in one run.
+#
+#   ruby bench/server.rb [seconds_per_case] [client_threads]
+#
+# Prints unary calls/s and bidi messages/s for both servers and the ratios.
+$LOAD_PATH.unshift File.expand_path("../lib", __dir__)
+require_relative "../spec/support/official"
+Official.load!
+
+CP = Obsrvr::Flow::Controlplane
+PR = Obsrvr::Flow::Processor
+
+# --- servers (run in the subprocess) ------------------------------------------
+
+def serve_flowctl
+  require "flowctl"
+  cp = Class.new do
+    def register_processor(req, _call)
+      Flowctl::ControlPlane::RegisterProcessorResponse.new(processor_id: req.processor_id, success: true)
+    end
+  end
+  pr = Class.new do
+    def process(requests, _call)
+      requests.each { |m| yield m }
+    end
+  end
+  server = Flowctl::Server.new(port: 0, tls: false, pool_size: 16)
+  server.handle(Flowctl::ControlPlane::Service, cp.new)
+  server.handle(Flowctl::Processor::Service, pr.new)
+  port = server.start
+  [port, -> { server.stop(grace: 1) }]
+end
+
+def serve_official
+  cp = Class.new(CP::ControlPlane::Service) do
+    def register_processor(req, _call)
+      CP::RegisterProcessorResponse.new(processor_id: req.processor_id, success: true)
+    end
+  end
+  pr = Class.new(PR::ProcessorService::Service) do
+    def process(requests, _call)
+      requests.lazy.map { |m| m }
+    end
+  end
+  server = GRPC::RpcServer.new(pool_size: 16)
+  port = server.add_http2_port("127.0.0.1:0", :this_port_is_insecure)
+  server.handle(cp)
+  server.handle(pr)
+  Thread.new { server.run }
+  server.wait_till_running
+  [port, -> { server.stop }]
+end
+
+if ARGV[0] == "--serve"
+  port, stop = ARGV[1] == "flowctl" ? serve_flowctl : serve_official
+  $stdout.puts port
+  $stdout.flush
+  $stdin.read # until the driver closes our stdin
+  stop.call
+  exit 0
+end
+
+# --- driver -------------------------------------------------------------------
+
+SECONDS = Float(ARGV[0] || 3)
+THREADS = Integer(ARGV[1] || 4)
+
+def start_server(kind)
+  io = IO.popen([RbConfig.ruby, __FILE__, "--serve", kind], "r+")
+  port = Integer(io.gets)
+  [io, "127.0.0.1:#{port}"]
+end
+
+def now = Process.clock_gettime(Process::CLOCK_MONOTONIC)
+
+def unary_rate(target)
+  stub = CP::ControlPlane::Stub.new(target, :this_channel_is_insecure)
+  req = CP::RegisterProcessorRequest.new(processor_id: "bench", endpoint: "127.0.0.1:1", metadata: { "k" => "v" })
+  stub.register_processor(req) # warm up the connection
+  stop_at = now + SECONDS
+  t0 = now
+  counts = Array.new(THREADS) do
+    Thread.new do
+      n = 0
+      while now < stop_at
+        stub.register_processor(req)
+        n += 1
+      end
+      n
+    end
+  end.map(&:value)
+  counts.sum / (now - t0)
+end
+
+def bidi_rate(target)
+  stub = PR::ProcessorService::Stub.new(target, :this_channel_is_insecure)
+  msg = PR::DataMessage.new(payload: "x" * 256, metadata: { "type" => "bench" })
+  stop_at = now + SECONDS
+  t0 = now
+  counts = Array.new(THREADS) do
+    Thread.new do
+      sent = Enumerator.new { |y| y << msg while now < stop_at }
+      n = 0
+      stub.process(sent).each { n += 1 }
+      n
+    end
+  end.map(&:value)
+  counts.sum / (now - t0)
+end
+
+def measure(kind)
+  io, target = start_server(kind)
+  { unary: unary_rate(target), bidi: bidi_rate(target) }
+ensure
+  io&.close
+end
+
+puts "bench/server.rb: #{SECONDS}s per case, #{THREADS} client threads, client = official grpc gem stub " \
+     "(grpc #{Gem.loaded_specs['grpc']&.version || GRPC::VERSION}), Ruby #{RUBY_VERSION}"
+flowctl = measure("flowctl")
+official = measure("official")
+printf("%-28s %14s %14s %8s\n", "", "flowctl", "official grpc", "ratio")
+printf("%-28s %14.0f %14.0f %7.2fx\n", "unary calls/s", flowctl[:unary], official[:unary],
+       flowctl[:unary] / official[:unary])
+printf("%-28s %14.0f %14.0f %7.2fx\n", "bidi messages/s", flowctl[:bidi], official[:bidi],
+       flowctl[:bidi] / official[:bidi])
