@@ -51,6 +51,7 @@ typedef struct flowctl_field {
     bool packed;                          /* repeated scalar written packed */
     bool presence;                        /* proto3 `optional` scalar: nil means unset */
     bool timestamp;                       /* elem is google.protobuf.Timestamp (Ruby Time) */
+    uint8_t tag[5], tag_len;              /* the field's key as written (number and wire type) */
     ID id;
     VALUE sym;                            /* static Symbol: never moves, never collected */
     const char *name;
@@ -93,6 +94,7 @@ VALUE flowctl_field_default(const flowctl_field *f);
 
 /* convert.c: the one place where Ruby values meet protobuf fields (setters, encode, decode). */
 VALUE flowctl_convert_field(const flowctl_class *ci, const flowctl_field *f, VALUE v);
+void flowctl_field_tag(flowctl_field *f); /* fills f->tag for the wire */
 VALUE flowctl_encode(const flowctl_class *ci, VALUE msg); /* binary String */
 void flowctl_decode_into(const flowctl_class *ci, VALUE msg, const uint8_t *p, size_t len);
 
@@ -121,9 +123,11 @@ void init_flowctl_wait(void);
 /*
  * Waits for `tag` on the pluck queue `cq` without the GVL. When the Ruby thread is
  * interrupted (Thread#raise, kill, Timeout, Ctrl-C) the call is cancelled and the wait
- * goes on until the tag has completed, so no batch is ever left in flight.
+ * goes on until the tag has completed, so no batch is ever left in flight. Interrupts
+ * that raise nothing (spurious wake-ups, a trap that only logs) leave the call alone.
  * Returns the event; *interrupted tells whether an interrupt cancelled the call. After
- * releasing its resources the caller must call flowctl_wait_finish(interrupted).
+ * releasing its resources (C only: no Ruby code in between) the caller must call
+ * flowctl_wait_finish(interrupted), which raises that interrupt.
  */
 grpc_event flowctl_wait_tag(grpc_completion_queue *cq, void *tag, grpc_call *call, int *interrupted);
 /* Raises the pending interrupt (or Flowctl::Cancelled when there is none left to raise). */

@@ -1,26 +1,48 @@
 /*
  * wait.c — every blocking wait of the extension: a pluck on a completion queue
- * without the GVL whose unblock function cancels the call. The wait goes on until
- * the batch's tag has completed, so no batch is left in flight when Ruby raises.
+ * without the GVL. An interrupt that raises cancels the call, and the wait goes on
+ * until the batch's tag has completed, so no batch is left in flight when Ruby raises.
  */
 #include "flowctl.h"
 
 static VALUE eCancelled;
 
+/*
+ * How a wait is interrupted: the unblock function only sets a flag (so it is
+ * async-signal-safe and Ruby needs no helper thread) and the pluck polls that flag
+ * every POLL_MS. Back with the GVL, the pending interrupts are run: when one raises
+ * (Thread#raise, kill, Timeout, a trap that raises) the call is cancelled, the wait
+ * goes on until the tag completes, and flowctl_wait_finish re-raises it. When none
+ * raises (Ruby calls unblock functions spuriously, and a trap may just log), the wait
+ * simply resumes: the call is not cancelled.
+ */
+#define POLL_MS 20
+
 struct pluck_arg {
     grpc_completion_queue *cq;
     void *tag;
-    grpc_call *call;
     grpc_event ev;
-    bool ran;
-    atomic_bool interrupted;
+    atomic_bool woken;
 };
 
+/* The tag raised by a pending interrupt of this thread, kept for flowctl_wait_finish. */
+static __thread int pending_state;
+
 static void *
-pluck_nogvl(void *p)
+pluck_polling(void *p)
 {
     struct pluck_arg *a = p;
-    a->ran = true;
+    do {
+        gpr_timespec d = gpr_time_add(gpr_now(GPR_CLOCK_MONOTONIC), gpr_time_from_millis(POLL_MS, GPR_TIMESPAN));
+        a->ev = grpc_completion_queue_pluck(a->cq, a->tag, d, NULL);
+    } while (a->ev.type == GRPC_QUEUE_TIMEOUT && !atomic_load(&a->woken));
+    return NULL;
+}
+
+static void *
+pluck_until_done(void *p)
+{
+    struct pluck_arg *a = p;
     a->ev = grpc_completion_queue_pluck(a->cq, a->tag, gpr_inf_future(GPR_CLOCK_REALTIME), NULL);
     return NULL;
 }
@@ -29,8 +51,7 @@ static void
 pluck_ubf(void *p)
 {
     struct pluck_arg *a = p;
-    atomic_store(&a->interrupted, true);
-    if (a->call) grpc_call_cancel(a->call, NULL);
+    atomic_store(&a->woken, true);
 }
 
 static VALUE
@@ -40,58 +61,35 @@ check_ints(VALUE unused)
     return Qnil;
 }
 
-/* The state of an interrupt caught while re-waiting; only C runs until wait_finish uses it. */
-static __thread int caught_state;
-
-static void
-cancel_and_wait(struct pluck_arg *a)
-{
-    atomic_store(&a->interrupted, true);
-    if (a->call) grpc_call_cancel(a->call, NULL);
-    pluck_nogvl(a); /* the tag completes promptly once the call is cancelled */
-}
-
 grpc_event
 flowctl_wait_tag(grpc_completion_queue *cq, void *tag, grpc_call *call, int *interrupted)
 {
-    struct pluck_arg a = {.cq = cq, .tag = tag, .call = call};
-    atomic_init(&a.interrupted, false);
+    struct pluck_arg a = {.cq = cq, .tag = tag};
     *interrupted = 0;
     for (;;) {
-        rb_nogvl(pluck_nogvl, &a, pluck_ubf, &a, RB_NOGVL_INTR_FAIL);
-        if (a.ran) break;
-        /*
-         * INTR_FAIL skips the wait for any pending interrupt flag, including the timer's
-         * time-slice flag. A real interrupt (Thread#raise/kill, a signal): cancel, then wait.
-         * Anything else: let Ruby process it and wait again.
-         */
-        if (rb_thread_interrupted(rb_thread_current())) {
-            cancel_and_wait(&a);
-            break;
-        }
+        atomic_store(&a.woken, false);
+        a.ev.type = GRPC_QUEUE_TIMEOUT;
+        rb_nogvl(pluck_polling, &a, pluck_ubf, &a, RB_NOGVL_INTR_FAIL | RB_NOGVL_UBF_ASYNC_SAFE);
+        if (a.ev.type != GRPC_QUEUE_TIMEOUT) return a.ev;
         int state = 0;
         rb_protect(check_ints, Qnil, &state);
-        if (state) { /* an interrupt arrived while Ruby switched threads */
-            cancel_and_wait(&a);
-            caught_state = state;
-            *interrupted = 2;
-            return a.ev;
-        }
+        if (!state) continue; /* nothing to raise: keep waiting */
+        if (call) grpc_call_cancel(call, NULL);
+        /* cancelled: the tag completes promptly; no unblock function, it must complete */
+        rb_nogvl(pluck_until_done, &a, NULL, NULL, 0);
+        pending_state = state;
+        *interrupted = 1;
+        return a.ev;
     }
-    *interrupted = atomic_load(&a.interrupted);
-    return a.ev;
 }
 
 void
 flowctl_wait_finish(int interrupted)
 {
     if (!interrupted) return;
-    if (interrupted == 2) {
-        int state = caught_state;
-        caught_state = 0;
-        rb_jump_tag(state);
-    }
-    rb_thread_check_ints();
+    int state = pending_state;
+    pending_state = 0;
+    if (state) rb_jump_tag(state);
     rb_raise(eCancelled, "call cancelled by an interrupt");
 }
 
