@@ -10,6 +10,7 @@
 $LOAD_PATH.unshift File.expand_path("../lib", __dir__)
 require_relative "../spec/support/official"
 Official.load!
+require "etc"
 
 CP = Obsrvr::Flow::Controlplane
 PR = Obsrvr::Flow::Processor
@@ -93,7 +94,7 @@ def unary_rate(target)
       n
     end
   end.map(&:value)
-  counts.sum / (now - t0)
+  [counts.sum / (now - t0), counts.sum]
 end
 
 def bidi_rate(target)
@@ -109,12 +110,25 @@ def bidi_rate(target)
       n
     end
   end.map(&:value)
-  counts.sum / (now - t0)
+  [counts.sum / (now - t0), counts.sum]
+end
+
+# CPU seconds (user + system) the server process has used so far.
+def cpu_seconds(pid)
+  fields = File.read("/proc/#{pid}/stat").split(") ", 2).last.split
+  (Integer(fields[11]) + Integer(fields[12])) / Float(Etc.sysconf(Etc::SC_CLK_TCK))
+end
+
+# rate and the server's CPU microseconds per call/message over the same run
+def run_case(pid, target, kind)
+  c0 = cpu_seconds(pid)
+  rate, count = send(kind, target)
+  [rate, (cpu_seconds(pid) - c0) * 1e6 / count]
 end
 
 def measure(kind)
   io, target = start_server(kind)
-  { unary: unary_rate(target), bidi: bidi_rate(target) }
+  { unary: run_case(io.pid, target, :unary_rate), bidi: run_case(io.pid, target, :bidi_rate) }
 ensure
   io&.close
 end
@@ -123,8 +137,12 @@ puts "bench/server.rb: #{SECONDS}s per case, #{THREADS} client threads, client =
      "(grpc #{Gem.loaded_specs['grpc']&.version || GRPC::VERSION}), Ruby #{RUBY_VERSION}"
 flowctl = measure("flowctl")
 official = measure("official")
-printf("%-28s %14s %14s %8s\n", "", "flowctl", "official grpc", "ratio")
-printf("%-28s %14.0f %14.0f %7.2fx\n", "unary calls/s", flowctl[:unary], official[:unary],
-       flowctl[:unary] / official[:unary])
-printf("%-28s %14.0f %14.0f %7.2fx\n", "bidi messages/s", flowctl[:bidi], official[:bidi],
-       flowctl[:bidi] / official[:bidi])
+printf("%-34s %14s %14s %8s\n", "", "flowctl", "official grpc", "ratio")
+[[:unary, "unary calls/s", "server CPU us per unary call"],
+ [:bidi, "bidi messages/s", "server CPU us per bidi message"]].each do |key, rate_label, cpu_label|
+  (f_rate, f_cpu), (o_rate, o_cpu) = flowctl[key], official[key]
+  printf("%-34s %14.0f %14.0f %7.2fx\n", rate_label, f_rate, o_rate, f_rate / o_rate)
+  printf("%-34s %14.1f %14.1f %7.2fx\n", cpu_label, f_cpu, o_cpu, o_cpu / f_cpu)
+end
+puts "(ratios: flowctl over official for rates, official over flowctl for CPU cost; " \
+     "rates are bounded by the shared client when it saturates first)"

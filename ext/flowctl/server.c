@@ -32,6 +32,9 @@ typedef struct call_slot {
     grpc_metadata_array md;
     grpc_completion_queue *cq;  /* bound to the call: its batches complete here */
     bool status_sent;           /* the status batch completed: never cancel after that */
+    bool recv_pending;          /* recv_op in flight (read-ahead) */
+    grpc_op recv_op;
+    grpc_byte_buffer *recv_buf;
     struct call_slot *next;     /* handoff queue link */
 } call_slot;
 
@@ -57,6 +60,10 @@ slot_free(call_slot *s)
     if (!s) return;
     if (s->call) {
         if (!s->status_sent) grpc_call_cancel(s->call, NULL);
+        if (s->recv_pending) {
+            grpc_completion_queue_pluck(s->cq, &s->recv_op, gpr_inf_future(GPR_CLOCK_MONOTONIC), NULL);
+            if (s->recv_buf) grpc_byte_buffer_destroy(s->recv_buf);
+        }
         grpc_call_unref(s->call);
     }
     grpc_call_details_destroy(&s->details);
@@ -72,7 +79,8 @@ typedef struct {
     grpc_completion_queue *notify_cq; /* registered with the server: new calls + shutdown */
     pthread_t acceptor;
     pthread_mutex_t mu;
-    pthread_cond_t cond;              /* workers: a call was queued; stop: shutdown done */
+    pthread_cond_t cond;              /* shutdown done, acceptor done */
+    pthread_cond_t work;              /* workers: a call was queued, or the server shuts down */
     call_slot *queue_head, *queue_tail;
     int queued;
     int idle;                         /* Ruby workers waiting in ServerCall.next */
@@ -125,6 +133,18 @@ reject_call(call_slot *slot, grpc_status_code code, const char *msg)
     slot_free(slot);
 }
 
+/* Starts reading the next request message; the call's owner waits for slot->recv_op. */
+static bool
+start_recv(call_slot *slot)
+{
+    memset(&slot->recv_op, 0, sizeof(slot->recv_op));
+    slot->recv_op.op = GRPC_OP_RECV_MESSAGE;
+    slot->recv_op.data.recv_message.recv_message = &slot->recv_buf;
+    slot->recv_buf = NULL;
+    slot->recv_pending = grpc_call_start_batch(slot->call, &slot->recv_op, 1, &slot->recv_op, NULL) == GRPC_CALL_OK;
+    return slot->recv_pending;
+}
+
 /* Hands a new call to an idle worker or rejects it. Called with s->mu held. */
 static call_slot *
 dispatch_locked(server_t *s, call_slot *slot)
@@ -135,7 +155,7 @@ dispatch_locked(server_t *s, call_slot *slot)
     s->queue_tail = slot;
     s->queued++;
     s->accepted++;
-    pthread_cond_broadcast(&s->cond);
+    pthread_cond_signal(&s->work); /* one call, one worker */
     return NULL;
 }
 
@@ -146,6 +166,8 @@ on_request(server_t *s, call_slot *slot, bool success)
     s->outstanding--;
     bool stopping = s->shutting_down;
     if (success && !stopping) arm_request(s);
+    /* the first request message is read while the call waits for its worker */
+    if (success && !stopping && s->queued < s->idle) start_recv(slot);
     call_slot *reject = success && !stopping ? dispatch_locked(s, slot) : slot;
     if (reject && success) s->rejected++;
     pthread_mutex_unlock(&s->mu);
@@ -185,6 +207,7 @@ acceptor_main(void *p)
         server_destroy_grpc(s);
         pthread_mutex_destroy(&s->mu);
         pthread_cond_destroy(&s->cond);
+        pthread_cond_destroy(&s->work);
         free(s);
     }
     return NULL;
@@ -250,6 +273,7 @@ server_free(void *p)
     if (!s->closed) server_destroy_grpc(s);
     pthread_mutex_destroy(&s->mu);
     pthread_cond_destroy(&s->cond);
+    pthread_cond_destroy(&s->work);
     free(s);
 }
 
@@ -274,6 +298,7 @@ server_alloc(VALUE klass)
     if (!s) rb_raise(rb_eNoMemError, "flowctl: out of memory");
     pthread_mutex_init(&s->mu, NULL);
     pthread_cond_init(&s->cond, NULL);
+    pthread_cond_init(&s->work, NULL);
     return TypedData_Wrap_Struct(klass, &server_type, s);
 }
 
@@ -396,6 +421,7 @@ server_shutdown(VALUE self)
     bool first = !s->shutting_down;
     s->shutting_down = true;
     pthread_cond_broadcast(&s->cond);
+    pthread_cond_broadcast(&s->work);
     pthread_mutex_unlock(&s->mu);
     if (first) grpc_server_shutdown_and_notify(s->server, s->notify_cq, &s->shutdown_tag);
     return Qnil;
@@ -516,18 +542,51 @@ server_stats(VALUE self)
 
 /* ---- 4. Native::ServerCall -------------------------------------------------- */
 
+/*
+ * A stream reads ahead and writes behind: after a message arrives the next RECV_MESSAGE
+ * batch starts at once, and send_message returns once its batch has started (the next
+ * send, or finish, waits for it). So the wire keeps moving while Ruby runs the handler.
+ * Those batches may be in flight with no thread waiting; drain_pending waits for them
+ * before the call is released.
+ */
 typedef struct {
     call_slot *slot;       /* NULL once released */
-    int busy;              /* batches being waited on (changed with the GVL held) */
+    int busy;              /* threads waiting on a batch of this call (changed with the GVL held) */
     bool release_pending;  /* finished while another thread still waits on a batch */
     bool sent_initial_md;
     bool finished;
     bool cancelled;
+    bool read_done;        /* the client half-closed */
+    bool send_pending;     /* send_ops in flight */
+    size_t send_count;
+    grpc_op send_ops[2];
 } server_call_t;
+
+static void
+pluck_quietly(server_call_t *c, void *tag)
+{
+    grpc_event ev = grpc_completion_queue_pluck(c->slot->cq, tag, gpr_inf_future(GPR_CLOCK_MONOTONIC), NULL);
+    if (!ev.success) c->cancelled = true;
+}
+
+/* Waits (briefly: the call is cancelled first unless its status went out) for read-ahead
+ * and write-behind batches nobody waits for. */
+static void
+drain_pending(server_call_t *c)
+{
+    if (!c->send_pending) return; /* slot_free drains a read-ahead */
+    if (!c->slot->status_sent) grpc_call_cancel(c->slot->call, NULL);
+    if (c->send_pending) {
+        pluck_quietly(c, c->send_ops);
+        c->send_pending = false;
+        grpc_byte_buffer_destroy(c->send_ops[c->send_count - 1].data.send_message.send_message);
+    }
+}
 
 static void
 call_release(server_call_t *c)
 {
+    drain_pending(c);
     slot_free(c->slot);
     c->slot = NULL;
 }
@@ -536,7 +595,8 @@ static void
 server_call_free(void *p)
 {
     server_call_t *c = p;
-    /* No batch can be in flight here: every wait holds a reference to the object. */
+    /* No thread waits here (each wait holds the object); read-ahead and write-behind
+     * batches are cancelled and complete at once. */
     if (c->slot) call_release(c);
     ruby_xfree(c);
 }
@@ -551,7 +611,7 @@ server_call_memsize(const void *p)
 static const rb_data_type_t server_call_type = {
     .wrap_struct_name = "Flowctl::Native::ServerCall",
     .function = {.dmark = NULL, .dfree = server_call_free, .dsize = server_call_memsize},
-    /* dfree cancels and unrefs the call, which never blocks. */
+    /* dfree cancels and unrefs the call; a cancelled batch completes without waiting on I/O. */
     .flags = RUBY_TYPED_FREE_IMMEDIATELY,
 };
 
@@ -576,7 +636,7 @@ next_nogvl(void *p)
     server_t *s = a->s;
     pthread_mutex_lock(&s->mu);
     s->idle++;
-    while (!s->queue_head && !s->shutting_down && !a->stop) pthread_cond_wait(&s->cond, &s->mu);
+    while (!s->queue_head && !s->shutting_down && !a->stop) pthread_cond_wait(&s->work, &s->mu);
     if (s->queue_head) {
         a->slot = s->queue_head;
         s->queue_head = a->slot->next;
@@ -594,7 +654,7 @@ next_ubf(void *p)
     struct next_arg *a = p;
     pthread_mutex_lock(&a->s->mu);
     a->stop = true;
-    pthread_cond_broadcast(&a->s->cond);
+    pthread_cond_broadcast(&a->s->work);
     pthread_mutex_unlock(&a->s->mu);
 }
 
@@ -635,21 +695,30 @@ server_next_call(VALUE self)
     }
 }
 
+/* Waits for a batch already started; returns its success. */
+static bool
+wait_batch(VALUE self, server_call_t *c, void *tag, int *interrupted)
+{
+    /* often done already (read-ahead, inline writes): then keep the GVL */
+    grpc_event ev = grpc_completion_queue_pluck(c->slot->cq, tag, gpr_inf_past(GPR_CLOCK_MONOTONIC), NULL);
+    *interrupted = 0;
+    if (ev.type != GRPC_OP_COMPLETE) {
+        c->busy++;
+        ev = flowctl_wait_tag(c->slot->cq, tag, c->slot->call, interrupted);
+        c->busy--;
+    }
+    RB_GC_GUARD(self);
+    if (!ev.success) c->cancelled = true;
+    return ev.success != 0;
+}
+
 /* Runs one batch on the call and waits for it; returns the event's success. */
 static bool
 run_batch(VALUE self, server_call_t *c, grpc_op *ops, size_t n, int *interrupted)
 {
-    grpc_call_error err = grpc_call_start_batch(c->slot->call, ops, n, ops, NULL);
-    if (err != GRPC_CALL_OK) {
-        *interrupted = 0;
-        return false;
-    }
-    c->busy++;
-    grpc_event ev = flowctl_wait_tag(c->slot->cq, ops, c->slot->call, interrupted);
-    c->busy--;
-    RB_GC_GUARD(self);
-    if (!ev.success) c->cancelled = true;
-    return ev.success != 0;
+    *interrupted = 0;
+    if (grpc_call_start_batch(c->slot->call, ops, n, ops, NULL) != GRPC_CALL_OK) return false;
+    return wait_batch(self, c, ops, interrupted);
 }
 
 /* After a wait: release the call when finish ran meanwhile on another thread. */
@@ -673,54 +742,81 @@ add_initial_md(server_call_t *c, grpc_op *ops, size_t *n)
 
 /*
  * call-seq:
- *   call.recv -> String or nil
+ *   call.recv(read_ahead = false) -> String or nil
  *
  * The next request message (binary String), or nil when the client has half-closed.
- * Raises Flowctl::Cancelled when the client went away.
+ * read_ahead starts reading the following message at once (streams). Raises
+ * Flowctl::Cancelled when the client went away.
  */
 static VALUE
-server_call_recv(VALUE self)
+server_call_recv(int argc, VALUE *argv, VALUE self)
 {
+    VALUE ahead;
+    rb_scan_args(argc, argv, "01", &ahead);
     server_call_t *c = call_get(self);
-    grpc_byte_buffer *buf = NULL;
-    grpc_op op;
-    memset(&op, 0, sizeof(op));
-    op.op = GRPC_OP_RECV_MESSAGE;
-    op.data.recv_message.recv_message = &buf;
+    if (c->read_done) return Qnil;
+    call_slot *slot = c->slot;
+    if (!slot->recv_pending && !start_recv(slot)) rb_raise(eCancelledCall, "the call can no longer read");
     int interrupted;
-    bool ok = run_batch(self, c, &op, 1, &interrupted);
+    bool ok = wait_batch(self, c, &slot->recv_op, &interrupted);
+    slot->recv_pending = false;
+    grpc_byte_buffer *buf = slot->recv_buf;
+    slot->recv_buf = NULL;
     VALUE str = Qnil;
     if (buf) {
         str = flowctl_str_from_buffer(buf);
         grpc_byte_buffer_destroy(buf);
+    } else if (ok) {
+        c->read_done = true;
     }
+    if (ok && buf && RTEST(ahead) && !interrupted && !c->finished && c->slot) start_recv(c->slot);
     after_batch(c);
     flowctl_wait_finish(interrupted);
     if (!ok) rb_raise(eCancelledCall, "the client cancelled the call or went away");
     return str;
 }
 
+/* Waits for the previous write-behind batch; false when it failed. */
+static bool
+wait_send(VALUE self, server_call_t *c, int *interrupted)
+{
+    *interrupted = 0;
+    if (!c->send_pending) return true;
+    bool ok = wait_batch(self, c, c->send_ops, interrupted);
+    c->send_pending = false;
+    grpc_byte_buffer_destroy(c->send_ops[c->send_count - 1].data.send_message.send_message);
+    return ok;
+}
+
 /*
  * call-seq:
  *   call.send_message(bytes) -> self
  *
- * Sends one reply message (sends the initial metadata first when not yet sent).
- * Raises Flowctl::Cancelled when the client went away.
+ * Sends one reply message (and the initial metadata first, when not yet sent). Returns
+ * once the batch has started: the next send or finish waits for it. Raises
+ * Flowctl::Cancelled when the client went away.
  */
 static VALUE
 server_call_send(VALUE self, VALUE bytes)
 {
     server_call_t *c = call_get(self);
     StringValue(bytes);
-    grpc_op ops[2];
-    size_t n = 0;
-    add_initial_md(c, ops, &n);
-    memset(&ops[n], 0, sizeof(grpc_op));
-    ops[n].op = GRPC_OP_SEND_MESSAGE;
-    ops[n++].data.send_message.send_message = flowctl_buffer_from_str(bytes);
     int interrupted;
-    bool ok = run_batch(self, c, ops, n, &interrupted);
-    grpc_byte_buffer_destroy(ops[n - 1].data.send_message.send_message);
+    bool ok = wait_send(self, c, &interrupted);
+    if (ok && !interrupted && !c->finished && c->slot) {
+        size_t n = 0;
+        add_initial_md(c, c->send_ops, &n);
+        memset(&c->send_ops[n], 0, sizeof(grpc_op));
+        c->send_ops[n].op = GRPC_OP_SEND_MESSAGE;
+        c->send_ops[n++].data.send_message.send_message = flowctl_buffer_from_str(bytes);
+        c->send_count = n;
+        if (grpc_call_start_batch(c->slot->call, c->send_ops, n, c->send_ops, NULL) == GRPC_CALL_OK) {
+            c->send_pending = true;
+        } else {
+            grpc_byte_buffer_destroy(c->send_ops[n - 1].data.send_message.send_message);
+            ok = false;
+        }
+    }
     after_batch(c);
     flowctl_wait_finish(interrupted);
     if (!ok) rb_raise(eCancelledCall, "the client cancelled the call or went away");
@@ -744,8 +840,21 @@ static VALUE
 finish_body(VALUE p)
 {
     struct finish_arg *a = (struct finish_arg *)p;
+    if (!wait_send(a->self, a->c, &a->interrupted) || a->interrupted) return Qnil;
     a->ok = run_batch(a->self, a->c, a->ops, a->n, &a->interrupted);
     return Qnil;
+}
+
+static void
+end_call(server_call_t *c)
+{
+    c->finished = true;
+    if (c->busy == 0) {
+        call_release(c);
+    } else {
+        grpc_call_cancel(c->slot->call, NULL); /* wakes the other waiter; it releases */
+        c->release_pending = true;
+    }
 }
 
 static VALUE
@@ -755,17 +864,10 @@ finish_cleanup(VALUE p)
     flowctl_metadata_free(&a->md);
     grpc_slice_unref(a->details);
     if (a->msg) grpc_byte_buffer_destroy(a->msg);
-    server_call_t *c = a->c;
-    c->finished = true;
-    c->slot->status_sent = a->ok;
-    if (c->busy == 0) call_release(c);
-    else {
-        grpc_call_cancel(c->slot->call, NULL); /* wakes the other waiter; it releases */
-        c->release_pending = true;
-    }
+    a->c->slot->status_sent = a->ok;
+    end_call(a->c);
     return Qnil;
 }
-
 static void
 finish_ops(struct finish_arg *a, grpc_status_code code)
 {
@@ -823,15 +925,9 @@ server_call_cancel(VALUE self)
     server_call_t *c = rb_check_typeddata(self, &server_call_type);
     if (!c->slot || c->finished) return Qnil;
     c->cancelled = true;
-    c->finished = true;
-    if (c->busy == 0) call_release(c);
-    else {
-        grpc_call_cancel(c->slot->call, NULL);
-        c->release_pending = true;
-    }
+    end_call(c);
     return Qnil;
 }
-
 /* call-seq: call.method_path -> "/package.Service/Method" */
 static VALUE
 server_call_method(VALUE self)
@@ -928,7 +1024,7 @@ init_flowctl_server(void)
 
     cServerCall = rb_define_class_under(mFlowctlNative, "ServerCall", rb_cObject);
     rb_undef_alloc_func(cServerCall);
-    rb_define_method(cServerCall, "recv", server_call_recv, 0);
+    rb_define_method(cServerCall, "recv", server_call_recv, -1);
     rb_define_method(cServerCall, "send_message", server_call_send, 1);
     rb_define_method(cServerCall, "finish", server_call_finish, -1);
     rb_define_method(cServerCall, "cancel", server_call_cancel, 0);

@@ -201,7 +201,7 @@ module Flowctl
       def read
         return nil if @done
 
-        bytes = @native.recv
+        bytes = @native.recv(true)
         if bytes.nil?
           @done = true
           return nil
