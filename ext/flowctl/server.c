@@ -766,6 +766,9 @@ server_call_recv(int argc, VALUE *argv, VALUE self)
     if (buf) {
         str = flowctl_str_from_buffer(buf);
         grpc_byte_buffer_destroy(buf);
+    } else if (ok && grpc_call_failed_before_recv_message(slot->call)) {
+        ok = false; /* no message because the client cancelled, not a half-close */
+        c->cancelled = true;
     } else if (ok) {
         c->read_done = true;
     }

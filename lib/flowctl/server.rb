@@ -56,7 +56,8 @@ module Flowctl
       raise ArgumentError, "pool_size must be at least 1 (given #{pool_size})" if @pool_size < 1
       raise TypeError, "channel_args must be a Hash (given #{channel_args.class})" unless channel_args.is_a?(Hash)
 
-      @channel_args = channel_args.transform_keys(&:to_s)
+      # no SO_REUSEPORT unless asked: a second server on a taken port must fail, not share it
+      @channel_args = { "grpc.so_reuseport" => 0 }.merge(channel_args.transform_keys(&:to_s))
       @routes = {}
       @state = :new
       @lock = Mutex.new
