@@ -264,7 +264,7 @@ RSpec.describe "Flowctl::Server with the official grpc client" do
       t0 = Process.clock_gettime(Process::CLOCK_MONOTONIC)
       expect { stub.register_processor(cp::RegisterProcessorRequest.new) }
         .to raise_error(GRPC::ResourceExhausted, /server busy/)
-      expect(Process.clock_gettime(Process::CLOCK_MONOTONIC) - t0).to be < 1.0
+      expect(Process.clock_gettime(Process::CLOCK_MONOTONIC) - t0).to be < (ENV["GC_STRESS"] ? 10 : 1.0)
       release << :go
       expect(first.value.success).to be(true)
       expect(server.stats[:rejected]).to eq(1)
