@@ -15,6 +15,8 @@
 
 #define MAX_DEPTH 100
 
+static int utf8_index;
+
 enum { WT_VARINT = 0, WT_I64 = 1, WT_LEN = 2, WT_SGROUP = 3, WT_EGROUP = 4, WT_I32 = 5 };
 
 static const char *const type_names[] = {
@@ -372,15 +374,23 @@ encode_timestamp(wbuf *b, VALUE t)
     if (ts.tv_nsec) { wb_tag(b, 2, WT_VARINT); wb_varint(b, (uint64_t)(int64_t)ts.tv_nsec); }
 }
 
+/* A UTF-8 String known (or now checked) to be valid: the coderange is cached in the flags. */
+static inline bool
+utf8_ok(VALUE v)
+{
+    if (!RB_TYPE_P(v, T_STRING) || ENCODING_GET_INLINED(v) != utf8_index) return false;
+    int cr = ENC_CODERANGE(v);
+    if (cr == ENC_CODERANGE_7BIT || cr == ENC_CODERANGE_VALID) return true;
+    return rb_enc_str_coderange(v) != ENC_CODERANGE_BROKEN;
+}
+
 /* The payload of one value (no tag). v has been normalised, or is re-checked here. */
 static void
 encode_value(wbuf *b, const where *w, const ProtobufCFieldDescriptor *fd, VALUE v, int depth)
 {
     switch (fd->type) {
     case PROTOBUF_C_TYPE_STRING:
-        if (!RB_TYPE_P(v, T_STRING) || ENCODING_GET(v) != rb_utf8_encindex() ||
-            rb_enc_str_coderange(v) == ENC_CODERANGE_BROKEN)
-            v = conv_string(w, v);
+        if (!utf8_ok(v)) v = conv_string(w, v);
         wb_varint(b, (uint64_t)RSTRING_LEN(v));
         wb_bytes(b, RSTRING_PTR(v), (size_t)RSTRING_LEN(v));
         break;
@@ -449,16 +459,35 @@ map_enc_each(VALUE k, VALUE v, VALUE p)
 {
     struct map_enc *m = (struct map_enc *)p;
     const flowctl_field *f = m->wk.f;
-    wb_tag(m->b, f->fd->id, WT_LEN);
+    wb_bytes(m->b, f->tag, f->tag_len);
     size_t at = wb_open(m->b);
-    wb_tag(m->b, 1, wire_type(f->key->type));
+    wb_reserve(m->b, 1);
+    m->b->p[m->b->len++] = (char)((1 << 3) | wire_type(f->key->type));
     encode_value(m->b, &m->wk, f->key, k, m->depth);
-    wb_tag(m->b, 2, wire_type(f->elem->type));
+    wb_reserve(m->b, 1);
+    m->b->p[m->b->len++] = (char)((2 << 3) | wire_type(f->elem->type));
     if (NIL_P(v) && f->elem->type == PROTOBUF_C_TYPE_MESSAGE && !f->timestamp) type_error(&m->wv, "a message", v);
     encode_value(m->b, &m->wv, f->elem, v, m->depth);
     wb_close(m->b, at);
     return ST_CONTINUE;
 }
+
+/*
+ * Map iteration on the hot path: rb_hash_stlike_foreach (exported by libruby, used
+ * here when extconf finds it) skips rb_hash_foreach's rb_ensure frame, which is most
+ * of the cost of encoding a small map. The callback never changes the Hash.
+ */
+#ifdef HAVE_RB_HASH_STLIKE_FOREACH
+int rb_hash_stlike_foreach(VALUE hash, int (*func)(st_data_t, st_data_t, st_data_t), st_data_t arg);
+static int
+map_enc_st(st_data_t k, st_data_t v, st_data_t p)
+{
+    return map_enc_each((VALUE)k, (VALUE)v, (VALUE)p);
+}
+#define MAP_FOREACH(h, arg) rb_hash_stlike_foreach((h), map_enc_st, (st_data_t)(arg))
+#else
+#define MAP_FOREACH(h, arg) rb_hash_foreach((h), map_enc_each, (VALUE)(arg))
+#endif
 
 static void
 encode_field(wbuf *b, const flowctl_class *ci, const flowctl_field *f, VALUE v, int depth)
@@ -467,14 +496,14 @@ encode_field(wbuf *b, const flowctl_class *ci, const flowctl_field *f, VALUE v, 
     switch (f->kind) {
     case FK_SINGULAR:
         if (f->presence ? NIL_P(v) : is_default(f->fd, v)) return;
-        wb_tag(b, f->fd->id, wire_type(f->fd->type));
+        wb_bytes(b, f->tag, f->tag_len);
         encode_value(b, &w, f->fd, v, depth);
         return;
     case FK_MAP: {
         if (NIL_P(v)) return;
         if (!RB_TYPE_P(v, T_HASH)) type_error(&w, "Hash", v);
         struct map_enc m = {b, {ci, f, "key"}, {ci, f, "value"}, depth};
-        rb_hash_foreach(v, map_enc_each, (VALUE)&m);
+        MAP_FOREACH(v, &m);
         return;
     }
     case FK_REPEATED: {
@@ -769,4 +798,15 @@ flowctl_decode_into(const flowctl_class *ci, VALUE msg, const uint8_t *p, size_t
 void
 init_flowctl_convert(void)
 {
+    utf8_index = rb_utf8_encindex();
+}
+
+void
+flowctl_field_tag(flowctl_field *f)
+{
+    int wt = f->kind == FK_SINGULAR || (f->kind == FK_REPEATED && !f->packed) ? wire_type(f->fd->type) : WT_LEN;
+    uint64_t v = ((uint64_t)f->fd->id << 3) | (uint64_t)wt;
+    f->tag_len = 0;
+    while (v >= 0x80) { f->tag[f->tag_len++] = (uint8_t)(v | 0x80); v >>= 7; }
+    f->tag[f->tag_len++] = (uint8_t)v;
 }

@@ -525,6 +525,7 @@ build_field(flowctl_field *f, const ProtobufCFieldDescriptor *fd)
     f->name = fd->name;
     f->id = rb_intern(fd->name);
     f->sym = ID2SYM(f->id);
+    flowctl_field_tag(f);
 }
 
 static int
