@@ -2,7 +2,9 @@
 
 # Server throughput: this gem's Flowctl::Server vs a GRPC::RpcServer built with the official
 # grpc gem, serving the same handlers, each in its own subprocess, driven by the same client
-# (the official grpc gem's stub) in one run.
+# in one run: this gem's client when it is there (it saturates later than the official
+# one, so the servers are what is measured), else the official grpc gem's stub;
+# FLOWCTL_BENCH_CLIENT=official|flowctl picks one.
 #
 #   ruby bench/server.rb [seconds_per_case] [client_threads]
 #
@@ -47,7 +49,7 @@ def serve_official
       requests.lazy.map { |m| m }
     end
   end
-  server = GRPC::RpcServer.new(pool_size: 16)
+  server = GRPC::RpcServer.new(pool_size: 16, max_waiting_requests: 10_000)
   port = server.add_http2_port("127.0.0.1:0", :this_port_is_insecure)
   server.handle(cp)
   server.handle(pr)
@@ -78,9 +80,43 @@ end
 
 def now = Process.clock_gettime(Process::CLOCK_MONOTONIC)
 
+CLIENT = ENV.fetch("FLOWCTL_BENCH_CLIENT") do
+  require "flowctl"
+  defined?(Flowctl::Processor::Client) && Flowctl::Processor::Client.method_defined?(:process) ? "flowctl" : "official"
+rescue LoadError
+  "official"
+end
+require "flowctl" if CLIENT == "flowctl"
+
+def unary_stub(target)
+  return CP::ControlPlane::Stub.new(target, :this_channel_is_insecure) if CLIENT == "official"
+
+  Flowctl::ControlPlane::Client.new(target, tls: false)
+end
+
+def unary_request
+  fields = { processor_id: "bench", endpoint: "127.0.0.1:1", metadata: { "k" => "v" } }
+  CLIENT == "official" ? CP::RegisterProcessorRequest.new(**fields) : Flowctl::ControlPlane::RegisterProcessorRequest.new(**fields)
+end
+
+def bidi_message
+  fields = { payload: "x" * 256, metadata: { "type" => "bench" } }
+  CLIENT == "official" ? PR::DataMessage.new(**fields) : Flowctl::Processor::DataMessage.new(**fields)
+end
+
+def bidi_stream(target, requests, &block)
+  if CLIENT == "official"
+    PR::ProcessorService::Stub.new(target, :this_channel_is_insecure).process(requests).each(&block)
+  else
+    Flowctl::Processor::Client.new(target, tls: false).process(requests, &block)
+  end
+end
+
+ERRORS = Queue.new
+
 def unary_rate(target)
-  stub = CP::ControlPlane::Stub.new(target, :this_channel_is_insecure)
-  req = CP::RegisterProcessorRequest.new(processor_id: "bench", endpoint: "127.0.0.1:1", metadata: { "k" => "v" })
+  stub = unary_stub(target)
+  req = unary_request
   stub.register_processor(req) # warm up the connection
   stop_at = now + SECONDS
   t0 = now
@@ -88,8 +124,12 @@ def unary_rate(target)
     Thread.new do
       n = 0
       while now < stop_at
-        stub.register_processor(req)
-        n += 1
+        begin
+          stub.register_processor(req)
+          n += 1
+        rescue StandardError => e # counted and reported, not fatal: a busy server may refuse calls
+          ERRORS << e.class
+        end
       end
       n
     end
@@ -98,15 +138,14 @@ def unary_rate(target)
 end
 
 def bidi_rate(target)
-  stub = PR::ProcessorService::Stub.new(target, :this_channel_is_insecure)
-  msg = PR::DataMessage.new(payload: "x" * 256, metadata: { "type" => "bench" })
+  msg = bidi_message
   stop_at = now + SECONDS
   t0 = now
   counts = Array.new(THREADS) do
     Thread.new do
       sent = Enumerator.new { |y| y << msg while now < stop_at }
       n = 0
-      stub.process(sent).each { n += 1 }
+      bidi_stream(target, sent) { n += 1 }
       n
     end
   end.map(&:value)
@@ -133,10 +172,19 @@ ensure
   io&.close
 end
 
-puts "bench/server.rb: #{SECONDS}s per case, #{THREADS} client threads, client = official grpc gem stub " \
+client_name = CLIENT == "official" ? "the official grpc gem's stub" : "this gem's client"
+puts "bench/server.rb: #{SECONDS}s per case, #{THREADS} client threads, client = #{client_name} " \
      "(grpc #{Gem.loaded_specs['grpc']&.version || GRPC::VERSION}), Ruby #{RUBY_VERSION}"
+def errors_of(name)
+  list = []
+  list << ERRORS.pop until ERRORS.empty?
+  puts "#{name}: #{list.size} unary calls failed (#{list.tally.map { |k, v| "#{k} x#{v}" }.join(', ')})" if list.any?
+end
+
 flowctl = measure("flowctl")
+errors_of("flowctl server")
 official = measure("official")
+errors_of("official server")
 printf("%-34s %14s %14s %8s\n", "", "flowctl", "official grpc", "ratio")
 [[:unary, "unary calls/s", "server CPU us per unary call"],
  [:bidi, "bidi messages/s", "server CPU us per bidi message"]].each do |key, rate_label, cpu_label|

@@ -42,7 +42,7 @@ class PaymentEnricher
   end
 
   # bidi: read events as they arrive, yield one enriched event per input
-  def process(requests, call)
+  def process(requests, _call)
     requests.each_with_index do |msg, seq|
       event = JSON.parse(msg.payload)
       amount = Float(event.fetch("amount"))
@@ -51,7 +51,7 @@ class PaymentEnricher
       count(:processed)
       yield Flowctl::Processor::DataMessage.new(
         payload: JSON.generate(enriched),
-        metadata: msg.metadata.merge("type" => "payment.enriched", "processed-by" => call.peer.empty? ? "?" : "payment-enricher")
+        metadata: msg.metadata.merge("type" => "payment.enriched", "processed-by" => "payment-enricher")
       )
     rescue JSON::ParserError, KeyError, ArgumentError => e
       count(:rejected)
@@ -151,7 +151,7 @@ begin
 
   # 4. what the control plane knows
   section "control plane: #{registry.size} component(s)"
-  puts registry.table
+  puts registry.table, ""
   registry.components.each do |c|
     puts "#{c.kind} #{c.id}: endpoint=#{c.endpoint.empty? ? '-' : c.endpoint} metadata=#{c.metadata} " \
          "status=#{c.status} metrics=#{c.metrics} stale=#{c.stale?}"

@@ -36,6 +36,7 @@ typedef struct call_slot {
     grpc_op recv_op;
     grpc_byte_buffer *recv_buf;
     struct call_slot *next;     /* handoff queue link */
+    gpr_timespec wait_until;    /* queued with no idle worker: rejected after this */
 } call_slot;
 
 static call_slot *
@@ -84,6 +85,8 @@ typedef struct {
     call_slot *queue_head, *queue_tail;
     int queued;
     int idle;                         /* Ruby workers waiting in ServerCall.next */
+    int max_waiting;                  /* calls that may wait for a worker beyond the idle ones */
+    gpr_timespec max_wait;            /* how long such a call waits before RESOURCE_EXHAUSTED */
     int outstanding;                  /* grpc_server_request_call in flight */
     long accepted, rejected;
     bool started, shutting_down, shutdown_done, acceptor_done, closed, orphaned;
@@ -145,19 +148,27 @@ start_recv(call_slot *slot)
     return slot->recv_pending;
 }
 
-/* Hands a new call to an idle worker or rejects it. Called with s->mu held. */
+/*
+ * Hands a new call to an idle worker, or lets it wait (at most max_waiting of them, each
+ * for at most max_wait: a worker about to finish its call takes it), or returns it for
+ * the caller to reject outside the lock. Called with s->mu held.
+ */
 static call_slot *
 dispatch_locked(server_t *s, call_slot *slot)
 {
-    if (s->queued >= s->idle) return slot; /* caller rejects it outside the lock */
+    if (s->queued >= s->idle + s->max_waiting) return slot;
     slot->next = NULL;
+    slot->wait_until = gpr_time_add(gpr_now(GPR_CLOCK_MONOTONIC), s->max_wait);
     if (s->queue_tail) s->queue_tail->next = slot; else s->queue_head = slot;
     s->queue_tail = slot;
     s->queued++;
     s->accepted++;
+    start_recv(slot); /* the first request message is read while the call waits for its worker */
     pthread_cond_signal(&s->work); /* one call, one worker */
     return NULL;
 }
+
+#define BUSY_MESSAGE "server busy: every worker is serving a call"
 
 static void
 on_request(server_t *s, call_slot *slot, bool success)
@@ -166,14 +177,49 @@ on_request(server_t *s, call_slot *slot, bool success)
     s->outstanding--;
     bool stopping = s->shutting_down;
     if (success && !stopping) arm_request(s);
-    /* the first request message is read while the call waits for its worker */
-    if (success && !stopping && s->queued < s->idle) start_recv(slot);
     call_slot *reject = success && !stopping ? dispatch_locked(s, slot) : slot;
     if (reject && success) s->rejected++;
     pthread_mutex_unlock(&s->mu);
     if (!reject) return;
-    if (success) reject_call(reject, GRPC_STATUS_RESOURCE_EXHAUSTED, "server busy: every worker is serving a call");
+    if (success) reject_call(reject, GRPC_STATUS_RESOURCE_EXHAUSTED, BUSY_MESSAGE);
     else slot_free(reject);
+}
+
+/* When the acceptor must wake up to reject a waiting call (inf future when none waits). */
+static gpr_timespec
+next_expiry(server_t *s)
+{
+    pthread_mutex_lock(&s->mu);
+    gpr_timespec t = s->queued > s->idle && s->queue_head ? s->queue_head->wait_until
+                                                          : gpr_inf_future(GPR_CLOCK_MONOTONIC);
+    pthread_mutex_unlock(&s->mu);
+    return t;
+}
+
+/* Rejects the calls that waited max_wait with no worker free (FIFO: the oldest first). */
+static void
+reject_expired(server_t *s)
+{
+    call_slot *expired = NULL, **tail = &expired;
+    gpr_timespec now = gpr_now(GPR_CLOCK_MONOTONIC);
+    pthread_mutex_lock(&s->mu);
+    while (s->queue_head && s->queued > s->idle && gpr_time_cmp(s->queue_head->wait_until, now) <= 0) {
+        call_slot *slot = s->queue_head;
+        s->queue_head = slot->next;
+        if (!s->queue_head) s->queue_tail = NULL;
+        s->queued--;
+        s->accepted--;
+        s->rejected++;
+        slot->next = NULL;
+        *tail = slot;
+        tail = &slot->next;
+    }
+    pthread_mutex_unlock(&s->mu);
+    while (expired) {
+        call_slot *slot = expired;
+        expired = slot->next;
+        reject_call(slot, GRPC_STATUS_RESOURCE_EXHAUSTED, BUSY_MESSAGE);
+    }
 }
 
 static void *
@@ -181,7 +227,11 @@ acceptor_main(void *p)
 {
     server_t *s = p;
     for (;;) {
-        grpc_event ev = grpc_completion_queue_next(s->notify_cq, gpr_inf_future(GPR_CLOCK_MONOTONIC), NULL);
+        grpc_event ev = grpc_completion_queue_next(s->notify_cq, next_expiry(s), NULL);
+        if (ev.type == GRPC_QUEUE_TIMEOUT) {
+            reject_expired(s);
+            continue;
+        }
         if (ev.type != GRPC_OP_COMPLETE) break;
         if (ev.tag == &s->shutdown_tag) {
             pthread_mutex_lock(&s->mu);
@@ -246,7 +296,10 @@ shutdown_unstarted(server_t *s)
         grpc_event ev = grpc_completion_queue_next(s->notify_cq, gpr_inf_future(GPR_CLOCK_MONOTONIC), NULL);
         if (ev.type != GRPC_OP_COMPLETE || ev.tag == &s->shutdown_tag) break;
     }
+    pthread_mutex_lock(&s->mu);
     s->shutting_down = s->shutdown_done = true;
+    pthread_cond_broadcast(&s->work); /* workers waiting for calls that never come */
+    pthread_mutex_unlock(&s->mu);
 }
 
 static void
@@ -393,12 +446,22 @@ server_add_port(VALUE self, VALUE addr, VALUE tls)
     return INT2FIX(port);
 }
 
-/* call-seq: server.start -> self (starts the native acceptor thread) */
+/*
+ * call-seq: server.start(max_waiting, max_wait) -> self
+ *
+ * Starts the native acceptor thread. When no worker is idle, up to max_waiting calls wait
+ * up to max_wait seconds each for one; other calls get RESOURCE_EXHAUSTED at once.
+ */
 static VALUE
-server_start(VALUE self)
+server_start(VALUE self, VALUE max_waiting, VALUE max_wait)
 {
     server_t *s = server_get(self);
     if (s->started) rb_raise(rb_eRuntimeError, "server already started");
+    int waiting = NUM2INT(max_waiting);
+    double wait = NUM2DBL(max_wait);
+    if (waiting < 0 || wait < 0) rb_raise(rb_eArgError, "max_waiting and max_wait must not be negative");
+    s->max_waiting = waiting;
+    s->max_wait = gpr_time_from_micros((int64_t)(wait * 1e6), GPR_TIMESPAN);
     grpc_server_start(s->server);
     s->started = true;
     pthread_mutex_lock(&s->mu);
@@ -1017,7 +1080,7 @@ init_flowctl_server(void)
     rb_define_alloc_func(cServer, server_alloc);
     rb_define_method(cServer, "initialize", server_initialize, 1);
     rb_define_method(cServer, "add_port", server_add_port, 2);
-    rb_define_method(cServer, "start", server_start, 0);
+    rb_define_method(cServer, "start", server_start, 2);
     rb_define_method(cServer, "next_call", server_next_call, 0);
     rb_define_method(cServer, "shutdown", server_shutdown, 0);
     rb_define_method(cServer, "wait_shutdown", server_wait_shutdown, -1);

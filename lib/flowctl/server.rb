@@ -31,9 +31,11 @@ module Flowctl
   # auth_token: "s3cret" makes every call carry "authorization: Bearer s3cret" metadata; any other
   # call ends with UNAUTHENTICATED before a handler runs.
   #
-  # pool_size: worker threads serve that many calls at once; a call that arrives while every
-  # worker is busy ends at once with RESOURCE_EXHAUSTED (no unbounded queue). A bidi stream
-  # holds its worker for as long as it is open.
+  # pool_size: worker threads serve that many calls at once. A call that arrives while every
+  # worker is busy may wait max_wait seconds (default 0.1) for one to finish, if fewer than
+  # max_waiting calls (default pool_size) already wait; otherwise, and when the wait runs
+  # out, it ends with RESOURCE_EXHAUSTED. Nothing queues without bound. A bidi stream holds
+  # its worker for as long as it is open.
   class Server
     DEFAULT_POOL_SIZE = 32
     LOOPBACK = %w[127.0.0.1 localhost ::1 [::1]].freeze
@@ -47,13 +49,18 @@ module Flowctl
     attr_reader :host, :port, :pool_size
 
     def initialize(host: "127.0.0.1", port: 0, tls: nil, auth_token: nil, pool_size: DEFAULT_POOL_SIZE,
-                   channel_args: {})
+                   max_waiting: nil, max_wait: 0.1, channel_args: {})
       @host = String(host)
       @requested_port = Integer(port)
       @tls = check_tls(tls)
       @auth = auth_header(auth_token)
       @pool_size = Integer(pool_size)
       raise ArgumentError, "pool_size must be at least 1 (given #{pool_size})" if @pool_size < 1
+
+      @max_waiting = Integer(max_waiting || @pool_size)
+      @max_wait = Float(max_wait)
+      raise ArgumentError, "max_waiting must not be negative (given #{max_waiting})" if @max_waiting.negative?
+      raise ArgumentError, "max_wait must not be negative (given #{max_wait})" if @max_wait.negative?
       raise TypeError, "channel_args must be a Hash (given #{channel_args.class})" unless channel_args.is_a?(Hash)
 
       # no SO_REUSEPORT unless asked: a second server on a taken port must fail, not share it
@@ -94,8 +101,14 @@ module Flowctl
         @native = Native::Server.new(@channel_args)
         @port = @native.add_port(address, @tls ? @tls.then { |t| t.to_native << t.client_auth } : false)
         @routes.freeze
-        @native.start
-        @workers = Array.new(@pool_size) { |i| spawn_worker(i) }
+        @workers = Array.new(@pool_size) { |i| spawn_worker(i) } # they wait for calls before any arrive
+        begin
+          @native.start(@max_waiting, @max_wait)
+        rescue StandardError
+          @native.close # never started: ends the workers' wait
+          @workers.each(&:join)
+          raise
+        end
         @state = :running
       end
       @port
