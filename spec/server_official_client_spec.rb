@@ -233,6 +233,33 @@ RSpec.describe "Flowctl::Server with the official grpc client" do
     end
   end
 
+  describe "leaks" do
+    it "releases every call after handler errors and clients that cancel mid-stream" do
+      handler = Object.new
+      def handler.get_capabilities(req, _call) = raise("handler bug")
+      handler.define_singleton_method(:process) { |requests, _call, &out| requests.each { |m| out.call(m) } }
+      server = serve({ Flowctl::Processor::Service => handler }, pool_size: 4)
+      stub = pr_stub(server)
+      40.times do
+        expect { stub.get_capabilities(pr::CapabilitiesRequest.new) }.to raise_error(GRPC::Unknown, /handler bug/)
+        gate = Queue.new
+        op = stub.process(Enumerator.new { |y| y << data("x"); gate.pop }, return_op: true)
+        replies = op.execute
+        replies.next
+        op.cancel
+        gate << :go
+      end
+      deadline = Time.now + 5
+      sleep 0.01 until server.stats[:idle] == 4 || Time.now > deadline
+      expect(server.stats).to include(idle: 4, queued: 0, rejected: 0)
+      live = ObjectSpace.each_object(Flowctl::Native::ServerCall).reject(&:finished?)
+      expect(live).to be_empty
+      t0 = Process.clock_gettime(Process::CLOCK_MONOTONIC)
+      server.stop(grace: 5) # returns at once only when no call is left holding the server
+      expect(Process.clock_gettime(Process::CLOCK_MONOTONIC) - t0).to be < 1
+    end
+  end
+
   describe "concurrency" do
     it "serves several calls at once" do
       arrived = Queue.new

@@ -127,9 +127,13 @@ module Flowctl
         @state = :stopping
       end
       @native.shutdown
-      force_stop unless @native.wait_shutdown(Float(grace))
-      @workers.each(&:join)
-      @native.close
+      done = @native.wait_shutdown(Float(grace)) || force_stop
+      others.each(&:join)
+      if done
+        @native.close
+      else
+        warn "flowctl server: calls still hold the server after stop; leaving it to the garbage collector"
+      end
       @state = :stopped
       nil
     end
@@ -292,14 +296,19 @@ module Flowctl
       end
     end
 
+    # After the grace period: cancel every call, give handlers a second to notice, then kill
+    # the workers still busy (their ensure releases the calls). True once the server is done.
     def force_stop
       @native.cancel_all
       limit = Process.clock_gettime(Process::CLOCK_MONOTONIC) + 1.0
-      @workers.each { |t| t.join([limit - Process.clock_gettime(Process::CLOCK_MONOTONIC), 0].max) }
-      @workers.each { |t| t.kill if t.alive? }
-      @workers.each(&:join)
-      @native.wait_shutdown
+      others.each { |t| t.join([limit - Process.clock_gettime(Process::CLOCK_MONOTONIC), 0].max) }
+      others.each { |t| t.kill if t.alive? }
+      others.each(&:join)
+      @native.wait_shutdown(10)
     end
+
+    # The workers, less the current thread (a handler may stop its own server).
+    def others = @workers.reject { |t| t.equal?(Thread.current) }
 
     # One call, start to end. The ensure releases the native call whatever happened.
     def serve(ncall)
