@@ -7,12 +7,14 @@
  *   1. slots: one outstanding grpc_server_request_call each, with its own pluck queue
  *      that the accepted call's batches complete on.
  *   2. the acceptor: a native thread (no GVL, no Ruby) that takes new calls off the
- *      server's notification queue. A call goes to a Ruby worker waiting in
- *      ServerCall.next only when one is idle; otherwise the acceptor answers it with
- *      RESOURCE_EXHAUSTED itself, so nothing queues without bound.
+ *      server's notification queue and hands them to Ruby workers waiting in
+ *      Server#next_call. When none is idle, a few calls (max_waiting) may wait a moment
+ *      (max_wait) for one; any other call gets RESOURCE_EXHAUSTED from the acceptor
+ *      itself, so nothing queues without bound.
  *   3. Native::Server: ports, start, shutdown, cancel_all, close.
- *   4. Native::ServerCall: recv / send / finish, each one batch waited on without the GVL
- *      (wait.c: an interrupt cancels the call and the wait goes on until the tag completes).
+ *   4. Native::ServerCall: recv / send_message / finish, each one batch waited on without
+ *      the GVL (wait.c: an interrupt cancels the call and the wait goes on until the tag
+ *      completes); streams read ahead and write behind.
  */
 #include "flowctl.h"
 #include <grpc/support/alloc.h>
@@ -84,7 +86,7 @@ typedef struct {
     pthread_cond_t work;              /* workers: a call was queued, or the server shuts down */
     call_slot *queue_head, *queue_tail;
     int queued;
-    int idle;                         /* Ruby workers waiting in ServerCall.next */
+    int idle;                         /* Ruby workers waiting in Server#next_call */
     int max_waiting;                  /* calls that may wait for a worker beyond the idle ones */
     gpr_timespec max_wait;            /* how long such a call waits before RESOURCE_EXHAUSTED */
     int outstanding;                  /* grpc_server_request_call in flight */
