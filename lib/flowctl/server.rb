@@ -99,7 +99,12 @@ module Flowctl
         raise ArgumentError, "no handlers: call #handle first" if @routes.empty?
 
         @native = Native::Server.new(@channel_args)
-        @port = @native.add_port(address, @tls ? @tls.then { |t| t.to_native << t.client_auth } : false)
+        begin
+          @port = @native.add_port(address, @tls ? @tls.to_native << @tls.client_auth : false)
+        rescue StandardError
+          @native.close
+          raise
+        end
         @routes.freeze
         @workers = Array.new(@pool_size) { |i| spawn_worker(i) } # they wait for calls before any arrive
         begin
