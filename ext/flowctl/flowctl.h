@@ -25,6 +25,7 @@
 #include <protobuf-c/protobuf-c.h>
 
 #include "generated/registry.h"
+#include "generated/google/protobuf/timestamp.pb-c.h"
 
 #ifndef HAVE_RB_GC_MARK_MOVABLE
 #define rb_gc_mark_movable rb_gc_mark
@@ -36,8 +37,45 @@ extern VALUE mFlowctlNative; /* Flowctl::Native: primitives the Ruby layer build
 extern VALUE eFlowctlError;  /* Flowctl::Error < StandardError */
 extern VALUE eFlowctlDecodeError;
 
-/* ---- message.c: generic message classes from protobuf-c descriptors ----- */
+/* ---- message.c + convert.c: generic message classes from protobuf-c descriptors ---- */
+enum flowctl_field_kind { FK_SINGULAR, FK_REPEATED, FK_MAP };
+
+typedef struct flowctl_class flowctl_class;
+
+/* One field of a message class, resolved once from its descriptor. */
+typedef struct flowctl_field {
+    const ProtobufCFieldDescriptor *fd;   /* the field (for a map: the repeated entry field) */
+    const ProtobufCFieldDescriptor *elem; /* what one value is: fd, or the entry's value field */
+    const ProtobufCFieldDescriptor *key;  /* map key field, NULL otherwise */
+    enum flowctl_field_kind kind;
+    bool packed;                          /* repeated scalar written packed */
+    bool presence;                        /* proto3 `optional` scalar: nil means unset */
+    bool timestamp;                       /* elem is google.protobuf.Timestamp (Ruby Time) */
+    uint8_t tag[5], tag_len;              /* the field's key as written (number and wire type) */
+    ID id;
+    VALUE sym;                            /* static Symbol: never moves, never collected */
+    const char *name;
+    const ProtobufCMessageDescriptor *sub_desc; /* elem's message type (not Timestamp) */
+} flowctl_field;
+
+/* A generated message class: descriptor, Ruby class and field table. */
+struct flowctl_class {
+    const ProtobufCMessageDescriptor *desc;
+    VALUE klass;              /* pinned (rb_gc_register_mark_object) */
+    unsigned n_fields;
+    flowctl_field *fields;    /* same order as desc->fields */
+    unsigned *order;          /* field indexes by field number: the wire order */
+    st_table *by_name;        /* ID of name -> index */
+};
+
+/* A message object: its class and one VALUE per field (Qnil: an empty map/list not yet built). */
+typedef struct flowctl_msg {
+    const flowctl_class *ci;
+    VALUE vals[];
+} flowctl_msg;
+
 void init_flowctl_message(void);
+void init_flowctl_convert(void);
 /* The Ruby class of a message descriptor (Qnil when it has none). */
 VALUE flowctl_message_class(const ProtobufCMessageDescriptor *desc);
 /* Descriptor of a message class (raises TypeError when klass is not one). */
@@ -46,6 +84,19 @@ const ProtobufCMessageDescriptor *flowctl_message_class_descriptor(VALUE klass);
 VALUE flowctl_message_encode(VALUE msg);
 /* Klass.decode: raises Flowctl::DecodeError on garbage. */
 VALUE flowctl_message_decode(VALUE klass, const uint8_t *data, size_t len);
+
+/* message.c internals used by convert.c */
+const flowctl_class *flowctl_class_of_desc(const ProtobufCMessageDescriptor *desc);
+const flowctl_class *flowctl_class_of(VALUE klass);      /* NULL when not a message class */
+flowctl_msg *flowctl_msg_get(VALUE msg);                 /* raises TypeError when not a message */
+VALUE flowctl_msg_new(const flowctl_class *ci);          /* all fields at their defaults */
+VALUE flowctl_field_default(const flowctl_field *f);
+
+/* convert.c: the one place where Ruby values meet protobuf fields (setters, encode, decode). */
+VALUE flowctl_convert_field(const flowctl_class *ci, const flowctl_field *f, VALUE v);
+void flowctl_field_tag(flowctl_field *f); /* fills f->tag for the wire */
+VALUE flowctl_encode(const flowctl_class *ci, VALUE msg); /* binary String */
+void flowctl_decode_into(const flowctl_class *ci, VALUE msg, const uint8_t *p, size_t len);
 
 /* ---- status.c: grpc_status_code -> Flowctl::RPCError subclasses --------- */
 void init_flowctl_status(void);

@@ -1,7 +1,705 @@
-/* message.c — being written. */
+/*
+ * message.c — every message of proto/ as a Ruby class, built from its protobuf-c
+ * descriptor (generated/registry.c lists them): no C per message.
+ *
+ * Reading order: the class table (flowctl_class, built by define_messages), the
+ * object (flowctl_msg: one VALUE per field), accessors, then the Ruby methods.
+ * Values are checked and normalised by convert.c when set, so what a message holds
+ * is always what its field accepts (containers are re-checked when encoded).
+ */
 #include "flowctl.h"
+
+VALUE cFlowctlMessage;
+static st_table *class_by_desc;  /* descriptor -> flowctl_class */
+static st_table *class_by_klass; /* pinned class VALUE -> flowctl_class */
+static VALUE class_by_name;      /* full proto name -> class (pinned Hash) */
+static VALUE empty_string, empty_bytes;
+
+/* ---- the object --------------------------------------------------------- */
+
+static void
+msg_mark(void *p)
+{
+    flowctl_msg *m = p;
+    for (unsigned i = 0; i < m->ci->n_fields; i++) rb_gc_mark_movable(m->vals[i]);
+}
+
+static void
+msg_compact(void *p)
+{
+    flowctl_msg *m = p;
+    for (unsigned i = 0; i < m->ci->n_fields; i++) m->vals[i] = rb_gc_location(m->vals[i]);
+}
+
+static size_t
+msg_memsize(const void *p)
+{
+    const flowctl_msg *m = p;
+    return sizeof(*m) + m->ci->n_fields * sizeof(VALUE);
+}
+
+static const rb_data_type_t msg_type = {
+    .wrap_struct_name = "Flowctl::Message",
+    .function = {.dmark = msg_mark, .dfree = RUBY_TYPED_DEFAULT_FREE, .dsize = msg_memsize,
+                 .dcompact = msg_compact},
+    .flags = RUBY_TYPED_FREE_IMMEDIATELY | RUBY_TYPED_WB_PROTECTED,
+};
+
+VALUE
+flowctl_field_default(const flowctl_field *f)
+{
+    if (f->kind != FK_SINGULAR || f->presence) return Qnil;
+    switch (f->fd->type) {
+    case PROTOBUF_C_TYPE_STRING: return empty_string;
+    case PROTOBUF_C_TYPE_BYTES: return empty_bytes;
+    case PROTOBUF_C_TYPE_MESSAGE: return Qnil;
+    case PROTOBUF_C_TYPE_BOOL: return Qfalse;
+    case PROTOBUF_C_TYPE_FLOAT:
+    case PROTOBUF_C_TYPE_DOUBLE: return DBL2NUM(0.0);
+    case PROTOBUF_C_TYPE_ENUM: {
+        const ProtobufCEnumDescriptor *ed = f->fd->descriptor;
+        const ProtobufCEnumValue *ev = protobuf_c_enum_descriptor_get_value(ed, 0);
+        return ev ? ID2SYM(rb_intern(ev->name)) : INT2FIX(0);
+    }
+    default: return INT2FIX(0);
+    }
+}
+
+static VALUE
+msg_alloc_ci(VALUE klass, const flowctl_class *ci)
+{
+    size_t size = sizeof(flowctl_msg) + ci->n_fields * sizeof(VALUE);
+    VALUE obj = rb_data_typed_object_zalloc(klass, size, &msg_type);
+    flowctl_msg *m = RTYPEDDATA_DATA(obj);
+    m->ci = ci;
+    for (unsigned i = 0; i < ci->n_fields; i++) m->vals[i] = flowctl_field_default(&ci->fields[i]);
+    return obj;
+}
+
+const flowctl_class *
+flowctl_class_of(VALUE klass)
+{
+    st_data_t ci;
+    for (VALUE k = klass; RTEST(k) && k != cFlowctlMessage; k = rb_class_superclass(k)) {
+        if (st_lookup(class_by_klass, (st_data_t)k, &ci)) return (const flowctl_class *)ci;
+    }
+    return NULL;
+}
+
+static const flowctl_class *
+class_of_checked(VALUE klass)
+{
+    const flowctl_class *ci = flowctl_class_of(klass);
+    if (!ci) rb_raise(rb_eTypeError, "%"PRIsVALUE" is not a generated message class", klass);
+    return ci;
+}
+
+static VALUE
+msg_alloc(VALUE klass)
+{
+    return msg_alloc_ci(klass, class_of_checked(klass));
+}
+
+VALUE
+flowctl_msg_new(const flowctl_class *ci)
+{
+    return msg_alloc_ci(ci->klass, ci);
+}
+
+flowctl_msg *
+flowctl_msg_get(VALUE msg)
+{
+    return rb_check_typeddata(msg, &msg_type);
+}
+
+const flowctl_class *
+flowctl_class_of_desc(const ProtobufCMessageDescriptor *desc)
+{
+    st_data_t ci;
+    return st_lookup(class_by_desc, (st_data_t)desc, &ci) ? (const flowctl_class *)ci : NULL;
+}
+
+VALUE
+flowctl_message_class(const ProtobufCMessageDescriptor *desc)
+{
+    const flowctl_class *ci = flowctl_class_of_desc(desc);
+    return ci ? ci->klass : Qnil;
+}
+
+const ProtobufCMessageDescriptor *
+flowctl_message_class_descriptor(VALUE klass)
+{
+    return class_of_checked(klass)->desc;
+}
+
+/* ---- field access ------------------------------------------------------- */
+
+static VALUE
+field_get(VALUE self, unsigned i)
+{
+    flowctl_msg *m = flowctl_msg_get(self);
+    VALUE v = m->vals[i];
+    if (NIL_P(v) && m->ci->fields[i].kind != FK_SINGULAR) {
+        /* an empty map or list is built when first read, so that it can be filled in place */
+        v = m->ci->fields[i].kind == FK_MAP ? rb_hash_new() : rb_ary_new();
+        if (RB_OBJ_FROZEN(self)) return rb_obj_freeze(v);
+        RB_OBJ_WRITE(self, &m->vals[i], v);
+    }
+    return v;
+}
+
+static VALUE
+field_set(VALUE self, unsigned i, VALUE v)
+{
+    rb_check_frozen(self);
+    flowctl_msg *m = flowctl_msg_get(self);
+    v = flowctl_convert_field(m->ci, &m->ci->fields[i], v);
+    RB_OBJ_WRITE(self, &m->vals[i], v);
+    return v;
+}
+
+/* One getter and one setter per field index, so an accessor call needs no lookup. */
+#define ACCESSORS(i) \
+    static VALUE get_##i(VALUE self) { return field_get(self, i); } \
+    static VALUE set_##i(VALUE self, VALUE v) { return field_set(self, i, v); }
+#define ACCESSORS8(b) ACCESSORS(b##0) ACCESSORS(b##1) ACCESSORS(b##2) ACCESSORS(b##3) \
+    ACCESSORS(b##4) ACCESSORS(b##5) ACCESSORS(b##6) ACCESSORS(b##7)
+ACCESSORS8() ACCESSORS8(1) ACCESSORS8(2) ACCESSORS8(3)
+#define ENTRY(i) {get_##i, set_##i}
+#define ENTRY8(b) ENTRY(b##0), ENTRY(b##1), ENTRY(b##2), ENTRY(b##3), ENTRY(b##4), ENTRY(b##5), \
+    ENTRY(b##6), ENTRY(b##7)
+static const struct {
+    VALUE (*get)(VALUE);
+    VALUE (*set)(VALUE, VALUE);
+} fast_accessors[] = {ENTRY8(), ENTRY8(1), ENTRY8(2), ENTRY8(3)};
+#define N_FAST ((unsigned)(sizeof(fast_accessors) / sizeof(fast_accessors[0])))
+
+static unsigned
+field_index(const flowctl_class *ci, VALUE name)
+{
+    st_data_t i;
+    ID id = SYMBOL_P(name) ? rb_check_id(&name) : (RB_TYPE_P(name, T_STRING) ? rb_check_id(&name) : 0);
+    if (!SYMBOL_P(name) && !RB_TYPE_P(name, T_STRING))
+        rb_raise(rb_eTypeError, "field names are Symbols or Strings (given %"PRIsVALUE")", rb_obj_class(name));
+    if (!id || !st_lookup(ci->by_name, (st_data_t)id, &i))
+        rb_raise(rb_eArgError, "unknown field %+"PRIsVALUE" for %"PRIsVALUE, name, ci->klass);
+    return (unsigned)i;
+}
+
+/* Accessors past the 32 fast ones find their field from the name they were called by. */
+static VALUE
+slow_get(VALUE self)
+{
+    const flowctl_class *ci = flowctl_msg_get(self)->ci;
+    return field_get(self, field_index(ci, ID2SYM(rb_frame_this_func())));
+}
+
+static VALUE
+slow_set(VALUE self, VALUE v)
+{
+    const flowctl_class *ci = flowctl_msg_get(self)->ci;
+    VALUE name = rb_id2str(rb_frame_this_func());
+    return field_set(self, field_index(ci, rb_str_substr(name, 0, RSTRING_LEN(name) - 1)), v);
+}
+
+/* ---- Ruby methods ------------------------------------------------------- */
+
+struct init_arg {
+    VALUE self;
+    const flowctl_class *ci;
+};
+
+static int
+init_each(VALUE key, VALUE val, VALUE p)
+{
+    struct init_arg *a = (struct init_arg *)p;
+    st_data_t i;
+    ID id = SYMBOL_P(key) || RB_TYPE_P(key, T_STRING) ? rb_check_id(&key) : 0;
+    if (!id || !st_lookup(a->ci->by_name, (st_data_t)id, &i)) {
+        if (!SYMBOL_P(key) && !RB_TYPE_P(key, T_STRING))
+            rb_raise(rb_eTypeError, "%"PRIsVALUE".new takes field names as keys (given %"PRIsVALUE")",
+                     a->ci->klass, rb_obj_class(key));
+        rb_raise(rb_eArgError, "unknown field %+"PRIsVALUE" for %"PRIsVALUE" (fields: %"PRIsVALUE")",
+                 key, a->ci->klass, rb_funcall(rb_funcall(a->ci->klass, rb_intern("fields"), 0), rb_intern("inspect"), 0));
+    }
+    field_set(a->self, (unsigned)i, val);
+    return ST_CONTINUE;
+}
+
+/*
+ * call-seq:
+ *   Klass.new(field: value, ...)  -> message
+ *   Klass.new(hash)               -> message
+ *
+ * Unknown fields raise ArgumentError; values of the wrong type raise TypeError
+ * naming the class and the field.
+ */
+static VALUE
+msg_initialize(int argc, VALUE *argv, VALUE self)
+{
+    flowctl_msg *m = flowctl_msg_get(self);
+    if (argc == 0) return self;
+    if (argc > 1) rb_error_arity(argc, 0, 1);
+    VALUE h = argv[0];
+    if (NIL_P(h)) return self;
+    if (!RB_TYPE_P(h, T_HASH))
+        rb_raise(rb_eTypeError, "%"PRIsVALUE".new takes keywords or a Hash (given %"PRIsVALUE")",
+                 m->ci->klass, rb_obj_class(h));
+    struct init_arg a = {self, m->ci};
+    rb_hash_foreach(h, init_each, (VALUE)&a);
+    return self;
+}
+
+/* call-seq: msg[:field] -> value */
+static VALUE
+msg_aref(VALUE self, VALUE name)
+{
+    return field_get(self, field_index(flowctl_msg_get(self)->ci, name));
+}
+
+/* call-seq: msg[:field] = value */
+static VALUE
+msg_aset(VALUE self, VALUE name, VALUE v)
+{
+    return field_set(self, field_index(flowctl_msg_get(self)->ci, name), v);
+}
+
+/* call-seq: msg.to_proto -> String (binary, the protobuf wire format) */
+static VALUE
+msg_to_proto(VALUE self)
+{
+    return flowctl_message_encode(self);
+}
+
+VALUE
+flowctl_message_encode(VALUE msg)
+{
+    flowctl_msg *m = flowctl_msg_get(msg);
+    return flowctl_encode(m->ci, msg);
+}
+
+VALUE
+flowctl_message_decode(VALUE klass, const uint8_t *data, size_t len)
+{
+    const flowctl_class *ci = class_of_checked(klass);
+    VALUE msg = msg_alloc_ci(klass, ci);
+    flowctl_decode_into(ci, msg, data, len);
+    return msg;
+}
+
+/*
+ * call-seq: Klass.decode(string) -> message
+ *
+ * Raises Flowctl::DecodeError when string is not a valid encoding of Klass.
+ */
+static VALUE
+msg_s_decode(VALUE klass, VALUE str)
+{
+    StringValue(str);
+    VALUE msg = flowctl_message_decode(klass, (const uint8_t *)RSTRING_PTR(str), (size_t)RSTRING_LEN(str));
+    RB_GC_GUARD(str);
+    return msg;
+}
+
+/* call-seq: Klass.encode(message) -> String (same as message.to_proto) */
+static VALUE
+msg_s_encode(VALUE klass, VALUE msg)
+{
+    if (!rb_obj_is_kind_of(msg, klass))
+        rb_raise(rb_eTypeError, "%"PRIsVALUE".encode needs a %"PRIsVALUE" (given %"PRIsVALUE")",
+                 klass, klass, rb_obj_class(msg));
+    return flowctl_message_encode(msg);
+}
+
+/* call-seq: Klass.fields -> [Symbol, ...] in declaration order */
+static VALUE
+msg_s_fields(VALUE klass)
+{
+    const flowctl_class *ci = class_of_checked(klass);
+    VALUE ary = rb_ary_new_capa(ci->n_fields);
+    for (unsigned i = 0; i < ci->n_fields; i++) rb_ary_push(ary, ci->fields[i].sym);
+    return ary;
+}
+
+/* call-seq: Klass.descriptor_name -> "obsrvr.flow.controlplane.RegisterProcessorRequest" */
+static VALUE
+msg_s_descriptor_name(VALUE klass)
+{
+    return rb_str_new_cstr(class_of_checked(klass)->desc->name);
+}
+
+static VALUE
+value_to_h(VALUE v)
+{
+    if (rb_typeddata_is_kind_of(v, &msg_type)) return rb_funcall(v, rb_intern("to_h"), 0);
+    return v;
+}
+
+static int
+map_to_h_each(VALUE k, VALUE v, VALUE h)
+{
+    rb_hash_aset(h, k, value_to_h(v));
+    return ST_CONTINUE;
+}
+
+/* call-seq: msg.to_h -> Hash with Symbol keys (nested messages as Hashes, timestamps as Time) */
+static VALUE
+msg_to_h(VALUE self)
+{
+    flowctl_msg *m = flowctl_msg_get(self);
+    VALUE h = rb_hash_new();
+    for (unsigned i = 0; i < m->ci->n_fields; i++) {
+        const flowctl_field *f = &m->ci->fields[i];
+        VALUE v = m->vals[i], out;
+        if (f->kind == FK_MAP) {
+            out = rb_hash_new();
+            if (!NIL_P(v)) rb_hash_foreach(v, map_to_h_each, out);
+        } else if (f->kind == FK_REPEATED) {
+            out = rb_ary_new();
+            for (long j = 0; !NIL_P(v) && j < RARRAY_LEN(v); j++) rb_ary_push(out, value_to_h(RARRAY_AREF(v, j)));
+        } else {
+            out = value_to_h(v);
+        }
+        rb_hash_aset(h, f->sym, out);
+    }
+    return h;
+}
+
+static VALUE
+container_or_empty(const flowctl_field *f, VALUE v)
+{
+    if (!NIL_P(v) || f->kind == FK_SINGULAR) return v;
+    return f->kind == FK_MAP ? rb_hash_new() : rb_ary_new();
+}
+
+/* call-seq: msg == other -> true or false (same class, same field values) */
+static VALUE
+msg_equal(VALUE self, VALUE other)
+{
+    if (self == other) return Qtrue;
+    if (!rb_typeddata_is_kind_of(other, &msg_type)) return Qfalse;
+    flowctl_msg *a = flowctl_msg_get(self), *b = flowctl_msg_get(other);
+    if (a->ci != b->ci) return Qfalse;
+    for (unsigned i = 0; i < a->ci->n_fields; i++) {
+        const flowctl_field *f = &a->ci->fields[i];
+        VALUE x = a->vals[i], y = b->vals[i];
+        if (x == y) continue;
+        if (f->kind != FK_SINGULAR && (NIL_P(x) || NIL_P(y))) {
+            VALUE present = NIL_P(x) ? y : x;
+            if ((f->kind == FK_MAP ? (long)RHASH_SIZE(present) : RARRAY_LEN(present)) != 0) return Qfalse;
+            continue;
+        }
+        if (!rb_equal(x, y)) return Qfalse;
+    }
+    return Qtrue;
+}
+
+/* call-seq: msg.hash -> Integer (consistent with ==) */
+static VALUE
+msg_hash(VALUE self)
+{
+    flowctl_msg *m = flowctl_msg_get(self);
+    st_index_t h = rb_hash_start((st_index_t)(uintptr_t)m->ci);
+    for (unsigned i = 0; i < m->ci->n_fields; i++) {
+        VALUE v = container_or_empty(&m->ci->fields[i], m->vals[i]);
+        h = rb_hash_uint(h, NUM2LONG(rb_hash(v)));
+    }
+    return ST2FIX(rb_hash_end(h));
+}
+
+/* call-seq: msg.inspect -> "#<Flowctl::... field: value, ...>" */
+static VALUE
+msg_inspect(VALUE self)
+{
+    flowctl_msg *m = flowctl_msg_get(self);
+    VALUE s = rb_sprintf("#<%"PRIsVALUE, rb_class_name(rb_obj_class(self)));
+    for (unsigned i = 0; i < m->ci->n_fields; i++) {
+        const flowctl_field *f = &m->ci->fields[i];
+        rb_str_catf(s, "%s %s: %"PRIsVALUE, i ? "," : "", f->name,
+                    rb_inspect(container_or_empty(f, m->vals[i])));
+    }
+    return rb_str_cat_cstr(s, ">");
+}
+
+static int
+map_copy_each(VALUE k, VALUE v, VALUE h)
+{
+    rb_hash_aset(h, k, rb_typeddata_is_kind_of(v, &msg_type) ? rb_obj_dup(v) : v);
+    return ST_CONTINUE;
+}
+
+/* dup/clone: containers and nested messages are copied, scalars shared (they are frozen). */
+static VALUE
+msg_initialize_copy(VALUE self, VALUE orig)
+{
+    if (self == orig) return self;
+    rb_check_frozen(self);
+    flowctl_msg *dst = flowctl_msg_get(self), *src = flowctl_msg_get(orig);
+    if (dst->ci != src->ci) rb_raise(rb_eTypeError, "initialize_copy should take same class object");
+    for (unsigned i = 0; i < src->ci->n_fields; i++) {
+        VALUE v = src->vals[i];
+        switch (src->ci->fields[i].kind) {
+        case FK_MAP:
+            if (!NIL_P(v)) { VALUE h = rb_hash_new(); rb_hash_foreach(v, map_copy_each, h); v = h; }
+            break;
+        case FK_REPEATED:
+            if (!NIL_P(v)) {
+                VALUE a = rb_ary_new_capa(RARRAY_LEN(v));
+                for (long j = 0; j < RARRAY_LEN(v); j++) {
+                    VALUE e = RARRAY_AREF(v, j);
+                    rb_ary_push(a, rb_typeddata_is_kind_of(e, &msg_type) ? rb_obj_dup(e) : e);
+                }
+                v = a;
+            }
+            break;
+        default:
+            if (rb_typeddata_is_kind_of(v, &msg_type)) v = rb_obj_dup(v);
+        }
+        RB_OBJ_WRITE(self, &dst->vals[i], v);
+    }
+    return self;
+}
+
+static int
+map_freeze_each(VALUE k, VALUE v, VALUE unused)
+{
+    if (rb_typeddata_is_kind_of(v, &msg_type)) rb_funcall(v, rb_intern("freeze"), 0);
+    return ST_CONTINUE;
+}
+
+/* call-seq: msg.freeze -> msg (with its maps, lists and nested messages) */
+static VALUE
+msg_freeze(VALUE self)
+{
+    if (RB_OBJ_FROZEN(self)) return self;
+    flowctl_msg *m = flowctl_msg_get(self);
+    for (unsigned i = 0; i < m->ci->n_fields; i++) {
+        VALUE v = m->vals[i];
+        if (NIL_P(v)) continue;
+        if (RB_TYPE_P(v, T_HASH)) {
+            rb_hash_foreach(v, map_freeze_each, Qnil);
+            rb_obj_freeze(v);
+        } else if (RB_TYPE_P(v, T_ARRAY)) {
+            for (long j = 0; j < RARRAY_LEN(v); j++) map_freeze_each(Qnil, RARRAY_AREF(v, j), Qnil);
+            rb_obj_freeze(v);
+        } else if (rb_typeddata_is_kind_of(v, &msg_type)) {
+            rb_funcall(v, rb_intern("freeze"), 0);
+        }
+    }
+    return rb_obj_freeze(self);
+}
+
+/* ---- building the classes ------------------------------------------------ */
+
+static bool
+is_map_entry(const ProtobufCMessageDescriptor *d)
+{
+    size_t n = strlen(d->short_name);
+    return n > 5 && strcmp(d->short_name + n - 5, "Entry") == 0 && d->n_fields == 2 &&
+           d->fields[0].id == 1 && d->fields[1].id == 2 && strcmp(d->fields[0].name, "key") == 0 &&
+           strcmp(d->fields[1].name, "value") == 0 && strchr(d->name + strlen(d->package_name) + 1, '.');
+}
+
+static bool
+is_timestamp(const ProtobufCFieldDescriptor *fd)
+{
+    return fd->type == PROTOBUF_C_TYPE_MESSAGE &&
+           fd->descriptor == &google__protobuf__timestamp__descriptor;
+}
+
+static void
+build_field(flowctl_field *f, const ProtobufCFieldDescriptor *fd)
+{
+    f->fd = f->elem = fd;
+    f->kind = fd->label == PROTOBUF_C_LABEL_REPEATED ? FK_REPEATED : FK_SINGULAR;
+    if (f->kind == FK_REPEATED && fd->type == PROTOBUF_C_TYPE_MESSAGE && is_map_entry(fd->descriptor)) {
+        const ProtobufCMessageDescriptor *entry = fd->descriptor;
+        f->kind = FK_MAP;
+        f->key = &entry->fields[0];
+        f->elem = &entry->fields[1];
+    }
+    f->packed = f->kind == FK_REPEATED && (fd->flags & PROTOBUF_C_FIELD_FLAG_PACKED) != 0;
+    f->presence = fd->label == PROTOBUF_C_LABEL_OPTIONAL && fd->type != PROTOBUF_C_TYPE_MESSAGE;
+    f->timestamp = is_timestamp(f->elem);
+    f->sub_desc = f->elem->type == PROTOBUF_C_TYPE_MESSAGE && !f->timestamp ? f->elem->descriptor : NULL;
+    f->name = fd->name;
+    f->id = rb_intern(fd->name);
+    f->sym = ID2SYM(f->id);
+    flowctl_field_tag(f);
+}
+
+static int
+cmp_by_number(const void *a, const void *b, void *fields)
+{
+    const ProtobufCFieldDescriptor *fd = fields;
+    uint32_t x = fd[*(const unsigned *)a].id, y = fd[*(const unsigned *)b].id;
+    return (x > y) - (x < y);
+}
+
+static flowctl_class *
+build_class(const ProtobufCMessageDescriptor *desc, VALUE klass)
+{
+    flowctl_class *ci = ruby_xcalloc(1, sizeof(*ci));
+    ci->desc = desc;
+    ci->klass = klass;
+    ci->n_fields = desc->n_fields;
+    ci->fields = ruby_xcalloc(desc->n_fields ? desc->n_fields : 1, sizeof(flowctl_field));
+    ci->order = ruby_xcalloc(desc->n_fields ? desc->n_fields : 1, sizeof(unsigned));
+    ci->by_name = st_init_numtable();
+    for (unsigned i = 0; i < desc->n_fields; i++) {
+        build_field(&ci->fields[i], &desc->fields[i]);
+        ci->order[i] = i;
+        st_insert(ci->by_name, (st_data_t)ci->fields[i].id, i);
+    }
+    qsort_r(ci->order, desc->n_fields, sizeof(unsigned), cmp_by_number, (void *)desc->fields);
+    return ci;
+}
+
+static void
+define_accessors(VALUE klass, const flowctl_class *ci)
+{
+    for (unsigned i = 0; i < ci->n_fields; i++) {
+        const char *name = ci->fields[i].name;
+        VALUE setter = rb_sprintf("%s=", name);
+        if (i < N_FAST) {
+            rb_define_method(klass, name, fast_accessors[i].get, 0);
+            rb_define_method(klass, StringValueCStr(setter), fast_accessors[i].set, 1);
+        } else {
+            rb_define_method(klass, name, slow_get, 0);
+            rb_define_method(klass, StringValueCStr(setter), slow_set, 1);
+        }
+    }
+}
+
+/* "RegisterProcessorRequest" under the package module; nested messages under their parent. */
+static VALUE
+define_message_class(const ProtobufCMessageDescriptor *desc, VALUE mod)
+{
+    VALUE outer = mod;
+    const char *rest = desc->name + strlen(desc->package_name) + 1;
+    const char *dot;
+    while ((dot = strchr(rest, '.')) != NULL) {
+        outer = rb_const_get_at(outer, rb_intern2(rest, dot - rest));
+        rest = dot + 1;
+    }
+    VALUE klass = rb_define_class_under(outer, rest, cFlowctlMessage);
+    rb_gc_register_mark_object(klass);
+    flowctl_class *ci = build_class(desc, klass);
+    st_insert(class_by_desc, (st_data_t)desc, (st_data_t)ci);
+    st_insert(class_by_klass, (st_data_t)klass, (st_data_t)ci);
+    rb_hash_aset(class_by_name, rb_str_new_frozen(rb_str_new_cstr(desc->name)), klass);
+    rb_define_alloc_func(klass, msg_alloc);
+    define_accessors(klass, ci);
+    return klass;
+}
+
+static VALUE
+package_module(VALUE packages, const char *package)
+{
+    return rb_hash_lookup2(packages, rb_str_new_cstr(package), Qnil);
+}
+
+/* Enum module: constants per value plus .name(n), .value(name), .values, .descriptor_name. */
+static VALUE
+define_enum(const ProtobufCEnumDescriptor *ed, VALUE mod)
+{
+    VALUE em = rb_define_module_under(mod, ed->short_name);
+    VALUE by_name = rb_hash_new(), by_number = rb_hash_new();
+    for (unsigned i = 0; i < ed->n_values; i++) {
+        const ProtobufCEnumValue *v = &ed->values[i];
+        VALUE sym = ID2SYM(rb_intern(v->name));
+        rb_define_const(em, v->name, INT2NUM(v->value));
+        rb_hash_aset(by_name, sym, INT2NUM(v->value));
+        if (NIL_P(rb_hash_lookup(by_number, INT2NUM(v->value)))) rb_hash_aset(by_number, INT2NUM(v->value), sym);
+    }
+    rb_ivar_set(em, rb_intern("@by_name"), rb_obj_freeze(by_name));
+    rb_ivar_set(em, rb_intern("@by_number"), rb_obj_freeze(by_number));
+    rb_ivar_set(em, rb_intern("@descriptor_name"), rb_str_new_frozen(rb_str_new_cstr(ed->name)));
+    rb_extend_object(em, rb_const_get(mFlowctl, rb_intern("Enum")));
+    return em;
+}
+
+/*
+ * call-seq: Flowctl::Native.define_messages({"obsrvr.flow.controlplane" => Flowctl::ControlPlane, ...})
+ *
+ * Defines a class for every message (and a module for every enum) of the listed
+ * packages. Map entry types get none: maps are Hashes.
+ */
+static VALUE
+native_define_messages(VALUE mod, VALUE packages)
+{
+    Check_Type(packages, T_HASH);
+    for (const ProtobufCEnumDescriptor *const *e = flowctl_registry_enums; *e; e++) {
+        VALUE pm = package_module(packages, (*e)->package_name);
+        if (!NIL_P(pm)) define_enum(*e, pm);
+    }
+    for (const ProtobufCMessageDescriptor *const *d = flowctl_registry_messages; *d; d++) {
+        VALUE pm = package_module(packages, (*d)->package_name);
+        if (NIL_P(pm) || is_map_entry(*d) || flowctl_class_of_desc(*d)) continue;
+        define_message_class(*d, pm);
+    }
+    return Qnil;
+}
+
+/* call-seq: Flowctl::Native.message_class("obsrvr.flow.processor.DataMessage") -> class */
+static VALUE
+native_message_class(VALUE mod, VALUE name)
+{
+    VALUE k = rb_hash_lookup2(class_by_name, StringValue(name), Qundef);
+    if (k == Qundef) rb_raise(rb_eArgError, "no message class for %+"PRIsVALUE, name);
+    return k;
+}
+
+/* call-seq: Flowctl::Native.services -> [[full_name, [[rpc, input, output], ...]], ...] */
+static VALUE
+native_services(VALUE mod)
+{
+    VALUE out = rb_ary_new();
+    for (const ProtobufCServiceDescriptor *const *s = flowctl_registry_services; *s; s++) {
+        VALUE methods = rb_ary_new();
+        for (unsigned i = 0; i < (*s)->n_methods; i++) {
+            const ProtobufCMethodDescriptor *m = &(*s)->methods[i];
+            rb_ary_push(methods, rb_ary_new_from_args(3, rb_str_new_cstr(m->name),
+                                                      rb_str_new_cstr(m->input->name),
+                                                      rb_str_new_cstr(m->output->name)));
+        }
+        rb_ary_push(out, rb_ary_new_from_args(2, rb_str_new_cstr((*s)->name), methods));
+    }
+    return out;
+}
 
 void
 init_flowctl_message(void)
 {
+    class_by_desc = st_init_numtable();
+    class_by_klass = st_init_numtable();
+    class_by_name = rb_hash_new();
+    rb_gc_register_mark_object(class_by_name);
+    empty_string = rb_obj_freeze(rb_utf8_str_new("", 0));
+    rb_gc_register_mark_object(empty_string);
+    empty_bytes = rb_obj_freeze(rb_str_new("", 0));
+    rb_gc_register_mark_object(empty_bytes);
+
+    cFlowctlMessage = rb_define_class_under(mFlowctl, "Message", rb_cObject);
+    rb_undef_alloc_func(cFlowctlMessage);
+    rb_define_method(cFlowctlMessage, "initialize", msg_initialize, -1);
+    rb_define_method(cFlowctlMessage, "initialize_copy", msg_initialize_copy, 1);
+    rb_define_method(cFlowctlMessage, "[]", msg_aref, 1);
+    rb_define_method(cFlowctlMessage, "[]=", msg_aset, 2);
+    rb_define_method(cFlowctlMessage, "to_proto", msg_to_proto, 0);
+    rb_define_method(cFlowctlMessage, "to_h", msg_to_h, 0);
+    rb_define_method(cFlowctlMessage, "==", msg_equal, 1);
+    rb_define_method(cFlowctlMessage, "eql?", msg_equal, 1);
+    rb_define_method(cFlowctlMessage, "hash", msg_hash, 0);
+    rb_define_method(cFlowctlMessage, "inspect", msg_inspect, 0);
+    rb_define_method(cFlowctlMessage, "freeze", msg_freeze, 0);
+    rb_define_singleton_method(cFlowctlMessage, "decode", msg_s_decode, 1);
+    rb_define_singleton_method(cFlowctlMessage, "encode", msg_s_encode, 1);
+    rb_define_singleton_method(cFlowctlMessage, "fields", msg_s_fields, 0);
+    rb_define_singleton_method(cFlowctlMessage, "descriptor_name", msg_s_descriptor_name, 0);
+
+    rb_define_module_function(mFlowctlNative, "define_messages", native_define_messages, 1);
+    rb_define_module_function(mFlowctlNative, "message_class", native_message_class, 1);
+    rb_define_module_function(mFlowctlNative, "services", native_services, 0);
+    init_flowctl_convert();
 }
