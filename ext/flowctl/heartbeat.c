@@ -3,14 +3,14 @@
  *
  * Reading order:
  *   1. kinds[]       the one table: kind -> RPC paths, message descriptors, id field
- *   2. hb_config     what a beat sends (status + metrics), immutable, refcounted: Ruby
- *                    swaps a new one in under the lock, the thread takes a ref to a
- *                    consistent snapshot
+ *   2. hb_config     the metrics a beat sends, immutable and refcounted: Ruby swaps a new
+ *                    one in under the lock; the thread takes a ref (and the status name)
+ *                    under the lock, so each beat sends a consistent snapshot
  *   3. build_*       requests built with protobuf-c reflection (field names, not structs)
  *   4. hb_unary      one unary call: create, one batch, pluck on the thread's own queue
  *   5. hb_main       the thread: register, beat, back off, re-register, final STOPPING beat
- *   6. Ruby binding  TypedData class, #stop, #stats, #metrics=, #status=, error events
- *   7. live list     every running thread, for at_exit (stop_all) and fork
+ *   6. live list     every running thread, for at_exit (stop_all) and fork (fork.c)
+ *   7. Ruby binding  TypedData class, #stop, #stats, #metrics=, #status=, error events
  *
  * The thread is pure C: it never holds the GVL, never touches a VALUE and never
  * allocates Ruby objects. It owns malloc'd copies of everything it sends and a
@@ -129,7 +129,7 @@ typedef struct heartbeat {
     double final_timeout;
     hb_counters stats;
     hb_error errors[ERR_RING];
-    unsigned err_head, err_count, err_dropped;
+    unsigned err_head, err_count;
 } heartbeat;
 
 static unsigned fork_generation;
@@ -260,8 +260,9 @@ msg_new(const ProtobufCMessageDescriptor *d)
     return m;
 }
 
-/* A map<string, X> field: fills n entries via fill(entry, i); entries and the pointer
- * array are one allocation freed with the message by msg_free_map. */
+/* A map<string, X> field: fills n entries via fill(entry, i, ctx). The pointer array and
+ * the entries are one allocation, freed with the message by msg_free. Strings are
+ * borrowed from the heartbeat and its config, never copied. */
 typedef void (*entry_fill)(ProtobufCMessage *entry, size_t i, const void *ctx);
 
 static bool
@@ -360,10 +361,9 @@ pack(const ProtobufCMessage *m)
 static hb_result
 unpack_reply(const ProtobufCMessageDescriptor *d, grpc_byte_buffer *bb, call_out *out)
 {
-    grpc_slice s = grpc_slice_malloc(0);
+    grpc_slice s = grpc_empty_slice();
     grpc_byte_buffer_reader r;
     if (bb && grpc_byte_buffer_reader_init(&r, bb)) {
-        grpc_slice_unref(s);
         s = grpc_byte_buffer_reader_readall(&r);
         grpc_byte_buffer_reader_destroy(&r);
     }
@@ -518,7 +518,6 @@ record(heartbeat *hb, hb_result r, bool registration, const call_out *out)
             if (hb->err_count == ERR_RING) {
                 hb->err_head = (hb->err_head + 1) % ERR_RING;
                 hb->err_count--;
-                hb->err_dropped++;
             }
             hb_error *e = &hb->errors[(hb->err_head + hb->err_count++) % ERR_RING];
             e->code = r == HB_REJECTED ? -1 : (int)out->code;
@@ -637,7 +636,7 @@ hb_main(void *p)
     return NULL;
 }
 
-/* ---- 7. live list ------------------------------------------------------- */
+/* ---- 6. live list ------------------------------------------------------- */
 
 static void
 live_add(heartbeat *hb)
@@ -742,7 +741,7 @@ hb_atfork_child(void)
     pthread_condattr_destroy(&a);
 }
 
-/* ---- 6. Ruby binding ------------------------------------------------------- */
+/* ---- 7. Ruby binding ------------------------------------------------------- */
 
 typedef struct {
     heartbeat *hb; /* NULL until initialized */
