@@ -206,17 +206,29 @@ module Flowctl
     end
   end
 
-  module ControlPlane
-    # Reopened here: the control-plane client's heartbeat (see Flowctl::Heartbeat).
-    class Client
+  class Heartbeat
+    # Client#start_heartbeat, included into Flowctl::ControlPlane::Client.
+    module Starter
       # client.start_heartbeat(:processor, id:, interval:, status: "HEALTHY", metrics: {},
-      #                        register: nil, on_error: nil) -> Flowctl::Heartbeat
+      #                        register: nil, on_error: nil, headers: nil, timeout: nil) -> Flowctl::Heartbeat
+      #
+      # Beats on this client's channel with its headers (plus headers:). register:
+      # {endpoint:, metadata:} registers first (and again whenever the control plane
+      # forgot the component). timeout: deadline of each call (default: the interval,
+      # between 0.1 and 5 seconds).
       def start_heartbeat(kind, id:, interval:, status: "HEALTHY", metrics: {}, register: nil, on_error: nil,
                           headers: nil, timeout: nil)
-        headers = respond_to?(:headers) ? self.headers.merge(headers || {}) : (headers || {})
+        own = (self.headers if respond_to?(:headers)) || {}
         Heartbeat.new(channel, kind, id: id, interval: interval, status: status, metrics: metrics,
-                                     register: register, headers: headers, timeout: timeout, on_error: on_error)
+                                     register: register, headers: own.merge(headers || {}), timeout: timeout,
+                                     on_error: on_error)
       end
+    end
+  end
+
+  module ControlPlane
+    class Client
+      include Heartbeat::Starter
     end
   end
 
