@@ -135,6 +135,7 @@ channel_initialize(VALUE self, VALUE target, VALUE tls, VALUE args)
 {
     channel_wrapper *w = rb_check_typeddata(self, &channel_type);
     if (w->ch) rb_raise(rb_eRuntimeError, "channel already initialized");
+    flowctl_fork_check();
     const char *t = StringValueCStr(target);
     if (!NIL_P(args)) Check_Type(args, T_HASH);
 

@@ -162,5 +162,7 @@ void flowctl_heartbeat_after_fork_parent(void);
 /* ---- fork.c: gRPC fork support around Process._fork -------------------- */
 void flowctl_fork_env(void);
 void init_flowctl_fork(void);
+/* Raises Flowctl::Error in a forked child where gRPC core could not be prepared. */
+void flowctl_fork_check(void);
 
 #endif /* FLOWCTL_H */

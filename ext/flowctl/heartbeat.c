@@ -1023,6 +1023,7 @@ hb_start_native(VALUE self, VALUE channel, VALUE kind, VALUE id, VALUE interval,
 {
     hb_wrapper *w = rb_check_typeddata(self, &hb_type);
     if (w->hb) rb_raise(rb_eRuntimeError, "heartbeat already started");
+    flowctl_fork_check();
     flowctl_channel *ch = flowctl_channel_get(channel);
     heartbeat *hb = hb_new();
     struct init_args a = {hb, channel, kind, id, interval, status, metrics, reg, headers, timeout, want_errors};
@@ -1155,6 +1156,7 @@ hb_running_p(VALUE self)
 struct hb_wait {
     heartbeat *hb;
     bool (*done)(heartbeat *);
+    const struct timespec *until; /* CLOCK_MONOTONIC, or NULL: no limit */
     bool interrupted;
 };
 
@@ -1163,7 +1165,13 @@ hb_wait_nogvl(void *p)
 {
     struct hb_wait *w = p;
     pthread_mutex_lock(&w->hb->lock);
-    while (!w->done(w->hb) && !w->interrupted) pthread_cond_wait(&w->hb->cond, &w->hb->lock);
+    while (!w->done(w->hb) && !w->interrupted) {
+        if (!w->until) {
+            pthread_cond_wait(&w->hb->cond, &w->hb->lock);
+        } else if (pthread_cond_timedwait(&w->hb->cond, &w->hb->lock, w->until) == ETIMEDOUT) {
+            break;
+        }
+    }
     pthread_mutex_unlock(&w->hb->lock);
     return NULL;
 }
@@ -1187,15 +1195,25 @@ check_done(heartbeat *hb, bool (*done)(heartbeat *))
     return d;
 }
 
-/* Waits (GVL released, interruptible: a pending interrupt is raised) until done(hb). */
-static void
-hb_wait(heartbeat *hb, bool (*done)(heartbeat *))
+static bool
+passed(const struct timespec *until)
+{
+    struct timespec now = mono_after(0);
+    return now.tv_sec > until->tv_sec || (now.tv_sec == until->tv_sec && now.tv_nsec >= until->tv_nsec);
+}
+
+/* Waits (GVL released, interruptible: a pending interrupt is raised) until done(hb) or
+ * until `until` has passed (NULL: no limit). Returns done(hb). */
+static bool
+hb_wait(heartbeat *hb, bool (*done)(heartbeat *), const struct timespec *until)
 {
     while (!check_done(hb, done)) {
-        struct hb_wait w = {hb, done, false};
+        if (until && passed(until)) return false;
+        struct hb_wait w = {hb, done, until, false};
         rb_nogvl(hb_wait_nogvl, &w, hb_wait_ubf, &w, 0);
         rb_thread_check_ints();
     }
+    return true;
 }
 
 static bool
@@ -1211,10 +1229,12 @@ has_error_or_finished(heartbeat *hb)
 }
 
 /*
- * call-seq: heartbeat.native_stop(timeout = 1.0) -> true  (Heartbeat#stop)
+ * call-seq: heartbeat.native_stop(timeout = 1.0) -> true or false  (Heartbeat#stop)
  *
  * Sends a final STOPPING beat (bounded by timeout seconds) and joins the thread.
- * Idempotent. Returns at once in a forked child (the thread is the parent's).
+ * Idempotent. Returns at once in a forked child (the thread is the parent's). Never
+ * waits more than timeout + 2 seconds: a thread that has not finished by then (gRPC
+ * core not answering at all) is detached and false is returned.
  */
 static VALUE
 hb_stop(int argc, VALUE *argv, VALUE self)
@@ -1228,11 +1248,16 @@ hb_stop(int argc, VALUE *argv, VALUE self)
     pthread_mutex_lock(&hb->lock);
     request_stop_locked(hb, t);
     pthread_mutex_unlock(&hb->lock);
-    hb_wait(hb, is_finished);
-    if (!hb->joined) {
-        hb->joined = true;
-        pthread_join(hb->thread, NULL); /* it has finished: only its last few instructions remain */
+    if (hb->joined) return Qtrue;
+    struct timespec until = mono_after(t + 2.0);
+    bool finished = hb_wait(hb, is_finished, &until);
+    if (hb->joined) return Qtrue; /* another Ruby thread joined it meanwhile */
+    hb->joined = true;
+    if (!finished) {
+        pthread_detach(hb->thread); /* it frees itself whenever its call returns */
+        return Qfalse;
     }
+    pthread_join(hb->thread, NULL); /* it has finished: only its last few instructions remain */
     return Qtrue;
 }
 
@@ -1249,7 +1274,7 @@ hb_next_error(VALUE self)
 {
     heartbeat *hb = hb_get(self);
     if (hb_dead(hb) || !hb->want_errors) return Qnil;
-    hb_wait(hb, has_error_or_finished);
+    hb_wait(hb, has_error_or_finished, NULL);
     hb_error e;
     bool got = false;
     pthread_mutex_lock(&hb->lock);

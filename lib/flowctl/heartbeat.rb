@@ -48,11 +48,14 @@ module Flowctl
     end
 
     # Stops the thread: a final beat with status STOPPING (bounded by timeout seconds),
-    # then joins. Calling it again does nothing.
+    # then joins. Calling it again does nothing. Returns true; false in the rare case
+    # where the thread did not finish within timeout + 2 seconds (it is then left to end
+    # on its own).
     def stop(timeout = 1.0)
-      native_stop(Heartbeat.check_seconds(:timeout, timeout, allow_zero: true))
+      timeout = Heartbeat.check_seconds(:timeout, timeout, allow_zero: true)
+      joined = native_stop(timeout)
       @error_thread.join(timeout + 1) if @error_thread && @error_thread != Thread.current
-      true
+      joined
     end
 
     def status=(status)
