@@ -131,6 +131,9 @@ RSpec.describe "Flowctl::Heartbeat configuration" do
   it "reports kind, id, interval and timeout" do
     hb = start(kind: "consumer", interval: 2)
     expect([hb.kind, hb.id, hb.interval, hb.timeout]).to eq([:consumer, "p1", 2.0, 2.0])
+    expect(start(interval: 0.01).timeout).to eq(1.0)
+    expect(start(interval: 60).timeout).to eq(5.0)
+    expect(start(interval: 60, timeout: 0.5).timeout).to eq(0.5)
     expect(hb.inspect).to match(/#<Flowctl::Heartbeat consumer "p1" every 2.0s running>/)
     expect(Flowctl::Heartbeat::STATUSES).to eq(%w[UNKNOWN STARTING HEALTHY UNHEALTHY STOPPING])
   end

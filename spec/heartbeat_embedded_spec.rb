@@ -14,7 +14,7 @@ RSpec.describe "Flowctl::Heartbeat against the embedded control plane" do
 
   let(:registry) { Flowctl::ControlPlane::Registry.new(ttl: 30) }
   let(:server) do
-    Flowctl::Server.new(port: 0, tls: false).tap { |s| s.handle(Flowctl::ControlPlane::Service, registry) }
+    @server = Flowctl::Server.new(port: 0, tls: false).tap { |s| s.handle(Flowctl::ControlPlane::Service, registry) }
   end
   let(:channel_args) { {"grpc.initial_reconnect_backoff_ms" => 100, "grpc.max_reconnect_backoff_ms" => 500} }
   let(:started) { [] }
@@ -22,7 +22,7 @@ RSpec.describe "Flowctl::Heartbeat against the embedded control plane" do
   after do
     started.each { |hb| hb.stop(0) }
     @client&.close
-    server.stop(grace: 0) if server.running?
+    @server.stop(grace: 0) if @server&.running?
   end
 
   def client(port)
@@ -63,6 +63,17 @@ RSpec.describe "Flowctl::Heartbeat against the embedded control plane" do
     hb.stop
     expect(component("ttp-1").status).to eq("STOPPING")
     expect(hb.stats).to include(registrations: 1, failed: 0)
+  end
+
+  it "starts from the FLOWCTL_* environment" do
+    port = server.start
+    env = {"ENABLE_FLOWCTL" => "true", "FLOWCTL_ENDPOINT" => "127.0.0.1:#{port}",
+           "FLOWCTL_COMPONENT_ID" => "env-proc", "FLOWCTL_HEARTBEAT_INTERVAL" => "100ms"}
+    hb = Flowctl::Heartbeat.from_env(:processor, env: env, register: {endpoint: "127.0.0.1:7000"})
+    started << hb
+    expect(hb.interval).to eq(0.1)
+    expect(eventually { component("env-proc")&.heartbeats.to_i >= 2 }).to be_truthy
+    expect(component("env-proc").endpoint).to eq("127.0.0.1:7000")
   end
 
   it "beats for each kind" do

@@ -37,7 +37,7 @@ module Flowctl
       @kind = Heartbeat.check_kind(kind)
       @id = Heartbeat.check_id(id)
       @interval = Heartbeat.check_interval(interval)
-      @timeout = timeout.nil? ? @interval.clamp(0.1, 5.0) : Heartbeat.check_seconds(:timeout, timeout)
+      @timeout = timeout.nil? ? @interval.clamp(1.0, 5.0) : Heartbeat.check_seconds(:timeout, timeout)
       if !on_error.nil? && !on_error.respond_to?(:call)
         raise TypeError, "on_error must respond to #call (given #{on_error.class})"
       end
@@ -73,13 +73,22 @@ module Flowctl
       #   FLOWCTL_COMPONENT_ID        the component id (default "<kind>-<hostname>-<pid>")
       #   FLOWCTL_HEARTBEAT_INTERVAL  "10s", "500ms", "1m" or seconds (default 10s)
       # Other keywords go to start_heartbeat (register:, metrics:, status:, on_error:, ...);
-      # client: keywords (tls:, headers:, channel_args:) go to the client.
+      # client: keywords (tls:, headers:, channel_args:) go to the client. Without tls:,
+      # a loopback endpoint (localhost, 127.0.0.1, [::1]) is reached in plaintext and any
+      # other one with TLS (the client's default).
       def from_env(kind = :processor, env: ENV, client: {}, **opts)
         config = config_from_env(env, kind: kind)
         return nil unless config
 
-        cp = ControlPlane::Client.new(config[:endpoint], **{tls: false}.merge(client))
+        client = {tls: false}.merge(client) if loopback?(config[:endpoint])
+        cp = ControlPlane::Client.new(config[:endpoint], **client)
         cp.start_heartbeat(kind, id: config[:id], interval: config[:interval], **opts)
+      end
+
+      # @api private
+      def loopback?(endpoint)
+        host = endpoint.sub(/\A(dns|ipv4|ipv6):(\/\/\/?)?/, "").sub(/:\d+\z/, "").delete("[]")
+        %w[localhost 127.0.0.1 ::1].include?(host)
       end
 
       # The settings from_env would use, or nil when ENABLE_FLOWCTL is not set to true.
@@ -218,7 +227,7 @@ module Flowctl
       # Beats on this client's channel with its headers (plus headers:). register:
       # {endpoint:, metadata:} registers first (and again whenever the control plane
       # forgot the component). timeout: deadline of each call (default: the interval,
-      # between 0.1 and 5 seconds).
+      # at least 1 and at most 5 seconds).
       def start_heartbeat(kind, id:, interval:, status: "HEALTHY", metrics: {}, register: nil, on_error: nil,
                           headers: nil, timeout: nil)
         own = (self.headers if respond_to?(:headers)) || {}
