@@ -10,7 +10,7 @@ require "rbconfig"
 # crashes, and after every restart every component is registered again within two
 # heartbeat intervals of the new control plane answering.
 RSpec.describe "faults: the control plane killed and restarted while heartbeats run" do
-  INTERVAL = 0.5
+  INTERVAL = 1.0
   RESTARTS = 10
 
   CP_SCRIPT = <<~'RUBY'
@@ -82,7 +82,7 @@ RSpec.describe "faults: the control plane killed and restarted while heartbeats 
       delays << deadline.call(cp.started_at)
     end
     expect(delays.size).to eq(RESTARTS)
-    expect(delays.max).to be <= 2 * INTERVAL + 0.3, "seconds to re-register after each restart: #{delays.map { |d| d.round(2) }}"
+    expect(delays.max).to be <= 2 * INTERVAL, "seconds to re-register after each restart: #{delays.map { |d| d.round(2) }}"
     beats.each do |hb|
       expect(hb.stats[:registrations]).to be >= RESTARTS + 1
       expect(hb.stats[:failed]).to be >= 1
