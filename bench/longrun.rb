@@ -53,6 +53,7 @@ module Longrun
   end
 
   def run
+    $stdout.sync = true
     @results = []
     server = OfficialServer.new(subprocess: true)
     port = server.start(handler_for_controlplane: "OfficialServer::EchoControlPlane",
@@ -72,7 +73,7 @@ module Longrun
     msg = Flowctl::Processor::DataMessage.new(payload: "x" * 256, metadata: {"seq" => "0"})
     per_stream = 1000
     streams = SIZES[:stream] / per_stream
-    phase("streamed messages (x#{per_stream}/stream)", streams.positive? ? streams : nil) do
+    phase("streamed messages (x#{per_stream}/stream)", streams) do
       call = pr.process_stream
       per_stream.times do
         call.write(msg)
