@@ -106,7 +106,8 @@ fuzz_expect(VALUE err, const VALUE *allowed, const char *what)
  * order ignored, Strings by their UTF-8 bytes (as the setter converts them) and Integers against Floats by value: what a
  * caller may put in place into a Hash or Array a message returned (an Integer in a
  * map<string, double>, a binary String key) is encoded as the field's type, so the
- * decoded copy holds the converted value.
+ * decoded copy holds the converted value; two such keys that convert to the same UTF-8
+ * bytes are two entries on the wire, and the last one wins when decoded.
  */
 static const char canon_rb[] =
     "module FuzzCanon\n"
@@ -115,9 +116,9 @@ static const char canon_rb[] =
     "  def self.eq(a, b)\n"
     "    case a\n"
     "    when Hash\n"
-    "      return false unless b.is_a?(Hash) && a.size == b.size\n"
-    "      bb = b.to_h { |k, v| [k.is_a?(String) ? s(k) : k, v] }\n"
-    "      a.all? { |k, v| kk = k.is_a?(String) ? s(k) : k; bb.key?(kk) && eq(v, bb[kk]) }\n"
+    "      return false unless b.is_a?(Hash)\n"
+    "      aa, bb = [a, b].map { |h| h.each_with_object({}) { |(k, v), o| o[k.is_a?(String) ? s(k) : k] = v } }\n"
+    "      aa.size == bb.size && aa.all? { |k, v| bb.key?(k) && eq(v, bb[k]) }\n"
     "    when Array then b.is_a?(Array) && a.size == b.size && a.zip(b).all? { |x, y| eq(x, y) }\n"
     "    when Float then b.is_a?(Numeric) && (a.nan? ? b.to_f.nan? : a == b.to_f)\n"
     "    when Integer then b.is_a?(Float) ? eq(b, a) : a == b\n"
