@@ -1,7 +1,622 @@
-/* call.c — placeholder until it is written. */
+/*
+ * call.c — client calls on byte Strings: Flowctl::Native::Call.unary and
+ * Flowctl::Native::Stream (bidi). The Ruby layer (lib/flowctl/client.rb) encodes
+ * and decodes messages and owns the policy (defaults, keyword arguments).
+ *
+ * Reading order: deadlines -> batches (one helper that starts a batch and waits for
+ * it through flowctl_wait_tag) -> unary -> stream.
+ *
+ * Every wait runs without the GVL and can be interrupted: the unblock function
+ * cancels the call and the wait goes on until the batch's tag has completed, so a
+ * call never has a batch in flight once the Ruby method that started it returns.
+ * That invariant is what lets the stream's dfree be non-blocking: an object that
+ * is collected has nobody waiting on it, so cancel + unref is all it needs.
+ */
 #include "flowctl.h"
+#include <math.h>
+
+static VALUE cCall, cStream;
+
+/* ---- deadlines ---------------------------------------------------------- */
+
+/* nil -> no deadline; a Numeric number of seconds >= 0 -> that far from now. */
+static gpr_timespec
+deadline_from(VALUE timeout)
+{
+    if (NIL_P(timeout)) return gpr_inf_future(GPR_CLOCK_MONOTONIC);
+    if (!rb_obj_is_kind_of(timeout, rb_cNumeric))
+        rb_raise(rb_eTypeError, "timeout must be a number of seconds or nil (given %"PRIsVALUE")",
+                 rb_obj_class(timeout));
+    double t = NUM2DBL(timeout);
+    if (isnan(t) || t < 0) rb_raise(rb_eArgError, "timeout must be >= 0 seconds (given %"PRIsVALUE")", timeout);
+    if (t > 1e9) return gpr_inf_future(GPR_CLOCK_MONOTONIC);
+    return gpr_time_add(gpr_now(GPR_CLOCK_MONOTONIC), gpr_time_from_nanos((int64_t)(t * 1e9), GPR_TIMESPAN));
+}
+
+/* ---- batches ------------------------------------------------------------ */
+
+/*
+ * Starts ops on call and waits for them. Returns whether the batch succeeded;
+ * *interrupted as flowctl_wait_tag. Raises only when gRPC refuses the batch
+ * (a bug in this file, never a network condition); nothing is in flight then.
+ */
+static bool
+run_batch(grpc_completion_queue *cq, grpc_call *call, const grpc_op *ops, size_t n, int *interrupted)
+{
+    void *tag = (void *)ops;
+    grpc_call_error err = grpc_call_start_batch(call, ops, n, tag, NULL);
+    if (err != GRPC_CALL_OK) {
+        *interrupted = 0;
+        rb_raise(eFlowctlError, "gRPC refused the batch: %s", grpc_call_error_to_string(err));
+    }
+    grpc_event ev = flowctl_wait_tag(cq, tag, call, interrupted);
+    return ev.type == GRPC_OP_COMPLETE && ev.success;
+}
+
+static grpc_call *
+create_call(VALUE channel, VALUE path, grpc_completion_queue *cq, gpr_timespec deadline)
+{
+    flowctl_channel *ch = flowctl_channel_get(channel);
+    grpc_slice method = grpc_slice_from_copied_buffer(RSTRING_PTR(path), (size_t)RSTRING_LEN(path));
+    grpc_call *call = grpc_channel_create_call(ch->channel, NULL, GRPC_PROPAGATE_DEFAULTS, cq, method, NULL,
+                                               deadline, NULL);
+    grpc_slice_unref(method);
+    return call;
+}
+
+static void
+check_path(VALUE path)
+{
+    StringValue(path);
+    if (RSTRING_LEN(path) < 3 || RSTRING_PTR(path)[0] != '/' || memchr(RSTRING_PTR(path), 0, RSTRING_LEN(path)))
+        rb_raise(rb_eArgError, "method path must look like \"/package.Service/Method\" (given %+"PRIsVALUE")", path);
+}
+
+static VALUE
+details_str(grpc_slice details)
+{
+    return rb_utf8_str_new((const char *)GRPC_SLICE_START_PTR(details), (long)GRPC_SLICE_LENGTH(details));
+}
+
+/* ---- unary -------------------------------------------------------------- */
+
+typedef struct {
+    VALUE channel, path, request;
+    gpr_timespec deadline;
+    flowctl_metadata send_md;
+    grpc_completion_queue *cq;
+    grpc_call *call;
+    grpc_byte_buffer *send_buf, *recv_buf;
+    grpc_metadata_array recv_initial, recv_trailing;
+    grpc_status_code status;
+    grpc_slice details;
+    int interrupted;
+} unary_ctx;
+
+static void
+unary_ops(unary_ctx *u, grpc_op ops[6])
+{
+    memset(ops, 0, sizeof(grpc_op) * 6);
+    ops[0].op = GRPC_OP_SEND_INITIAL_METADATA;
+    ops[0].data.send_initial_metadata.count = u->send_md.count;
+    ops[0].data.send_initial_metadata.metadata = u->send_md.md;
+    ops[1].op = GRPC_OP_SEND_MESSAGE;
+    ops[1].data.send_message.send_message = u->send_buf;
+    ops[2].op = GRPC_OP_SEND_CLOSE_FROM_CLIENT;
+    ops[3].op = GRPC_OP_RECV_INITIAL_METADATA;
+    ops[3].data.recv_initial_metadata.recv_initial_metadata = &u->recv_initial;
+    ops[4].op = GRPC_OP_RECV_MESSAGE;
+    ops[4].data.recv_message.recv_message = &u->recv_buf;
+    ops[5].op = GRPC_OP_RECV_STATUS_ON_CLIENT;
+    ops[5].data.recv_status_on_client.status = &u->status;
+    ops[5].data.recv_status_on_client.status_details = &u->details;
+    ops[5].data.recv_status_on_client.trailing_metadata = &u->recv_trailing;
+}
+
+static VALUE
+unary_body(VALUE arg)
+{
+    unary_ctx *u = (unary_ctx *)arg;
+    grpc_op ops[6];
+    u->cq = grpc_completion_queue_create_for_pluck(NULL);
+    u->call = create_call(u->channel, u->path, u->cq, u->deadline);
+    u->send_buf = flowctl_buffer_from_str(u->request);
+    unary_ops(u, ops);
+    run_batch(u->cq, u->call, ops, 6, &u->interrupted);
+    if (u->interrupted) return Qnil; /* flowctl_wait_finish raises once everything is released */
+
+    VALUE trailing = flowctl_metadata_to_hash(u->recv_trailing.metadata, u->recv_trailing.count);
+    if (u->status != GRPC_STATUS_OK) flowctl_raise_status(u->status, details_str(u->details), trailing);
+    if (!u->recv_buf)
+        rb_exc_raise(flowctl_status_error(GRPC_STATUS_INTERNAL,
+                                          rb_str_new_cstr("the server sent no response message"), trailing));
+    VALUE initial = flowctl_metadata_to_hash(u->recv_initial.metadata, u->recv_initial.count);
+    return rb_ary_new_from_args(3, flowctl_str_from_buffer(u->recv_buf), initial, trailing);
+}
+
+static VALUE
+unary_cleanup(VALUE arg)
+{
+    unary_ctx *u = (unary_ctx *)arg;
+    if (u->call) grpc_call_unref(u->call);
+    flowctl_cq_destroy(u->cq);
+    if (u->send_buf) grpc_byte_buffer_destroy(u->send_buf);
+    if (u->recv_buf) grpc_byte_buffer_destroy(u->recv_buf);
+    grpc_metadata_array_destroy(&u->recv_initial);
+    grpc_metadata_array_destroy(&u->recv_trailing);
+    grpc_slice_unref(u->details);
+    flowctl_metadata_free(&u->send_md);
+    return Qnil;
+}
+
+/*
+ * call-seq:
+ *   Flowctl::Native::Call.unary(channel, path, request_bytes, timeout, headers)
+ *     -> [response_bytes, initial_metadata, trailing_metadata]
+ *
+ * One batch of all six ops and one wait without the GVL. timeout is seconds or nil
+ * (no deadline); headers a Hash (validated; "-bin" keys carry binary values).
+ * A status other than OK raises its Flowctl::RPCError subclass with the trailing
+ * metadata; an interrupt cancels the call and is raised once it has completed.
+ */
+static VALUE
+call_unary(VALUE mod, VALUE channel, VALUE path, VALUE request, VALUE timeout, VALUE headers)
+{
+    check_path(path);
+    StringValue(request);
+    flowctl_channel_get(channel); /* raises IOError when closed, before anything is allocated */
+    unary_ctx u = {.channel = channel, .path = path, .request = request, .deadline = deadline_from(timeout)};
+    grpc_metadata_array_init(&u.recv_initial);
+    grpc_metadata_array_init(&u.recv_trailing);
+    u.details = grpc_empty_slice();
+    flowctl_metadata_from_hash(headers, &u.send_md); /* raises after freeing what it built */
+    VALUE result = rb_ensure(unary_body, (VALUE)&u, unary_cleanup, (VALUE)&u);
+    flowctl_wait_finish(u.interrupted);
+    RB_GC_GUARD(channel);
+    RB_GC_GUARD(path);
+    RB_GC_GUARD(request);
+    return result;
+}
+
+/* ---- stream ------------------------------------------------------------- */
+
+/*
+ * A bidi call. Reads and writes are separate batches (gRPC allows one send and one
+ * receive batch in flight at once), so one thread can block in read while another
+ * writes. The flags below are only read and written with the GVL held.
+ */
+typedef struct {
+    grpc_call *call;            /* NULL once released (after the status, or by dfree) */
+    grpc_completion_queue *cq;
+    bool writing, reading, fetching_status;
+    bool write_closed, read_done, status_done, got_initial;
+    grpc_status_code status;
+    VALUE initial_md, trailing_md, details, error; /* Ruby values once known */
+} stream_t;
+
+static void
+stream_release(stream_t *s)
+{
+    if (!s->call) return;
+    if (!s->status_done) grpc_call_cancel(s->call, NULL);
+    grpc_call_unref(s->call);
+    s->call = NULL;
+    flowctl_cq_destroy(s->cq);
+    s->cq = NULL;
+}
+
+/* Releases the call as soon as its status is known and no batch of it is in flight. */
+static void
+stream_maybe_release(stream_t *s)
+{
+    if (s->status_done && !s->writing && !s->reading && !s->fetching_status) stream_release(s);
+}
+
+static void
+stream_mark(void *p)
+{
+    stream_t *s = p;
+    rb_gc_mark_movable(s->initial_md);
+    rb_gc_mark_movable(s->trailing_md);
+    rb_gc_mark_movable(s->details);
+    rb_gc_mark_movable(s->error);
+}
+
+static void
+stream_compact(void *p)
+{
+    stream_t *s = p;
+    s->initial_md = rb_gc_location(s->initial_md);
+    s->trailing_md = rb_gc_location(s->trailing_md);
+    s->details = rb_gc_location(s->details);
+    s->error = rb_gc_location(s->error);
+}
+
+/* Nobody can be waiting on a stream that is collected (a waiting thread holds it), so
+ * there is no batch in flight: cancel + unref never block. */
+static void
+stream_free(void *p)
+{
+    stream_release(p);
+    ruby_xfree(p);
+}
+
+static size_t
+stream_memsize(const void *p)
+{
+    const stream_t *s = p;
+    return sizeof(*s) + (s->call ? 4096 : 0); /* a rough figure for the core's call arena */
+}
+
+static const rb_data_type_t stream_type = {
+    .wrap_struct_name = "Flowctl::Native::Stream",
+    .function = {.dmark = stream_mark, .dfree = stream_free, .dsize = stream_memsize, .dcompact = stream_compact},
+    /* dfree calls into gRPC core but never blocks and never calls Ruby. */
+    .flags = RUBY_TYPED_FREE_IMMEDIATELY,
+};
+
+static VALUE
+stream_alloc(VALUE klass)
+{
+    stream_t *s;
+    VALUE obj = TypedData_Make_Struct(klass, stream_t, &stream_type, s);
+    s->initial_md = s->trailing_md = s->details = s->error = Qnil;
+    return obj;
+}
+
+static stream_t *
+stream_get(VALUE self)
+{
+    return rb_check_typeddata(self, &stream_type);
+}
+
+/* Another thread is busy with this kind of op: wait for it with the GVL released now
+ * and then (rare: only when two threads want the same thing at the same moment). */
+static void
+stream_wait_flag(const bool *flag)
+{
+    while (*flag) rb_thread_wait_for(rb_time_interval(DBL2NUM(0.001)));
+}
+
+struct status_ctx {
+    stream_t *s;
+    grpc_metadata_array trailing;
+    grpc_slice details;
+    grpc_status_code status;
+};
+
+static VALUE
+status_body(VALUE arg)
+{
+    struct status_ctx *c = (struct status_ctx *)arg;
+    stream_t *s = c->s;
+    grpc_op op = {.op = GRPC_OP_RECV_STATUS_ON_CLIENT};
+    op.data.recv_status_on_client.status = &c->status;
+    op.data.recv_status_on_client.status_details = &c->details;
+    op.data.recv_status_on_client.trailing_metadata = &c->trailing;
+    int interrupted = 0;
+    run_batch(s->cq, s->call, &op, 1, &interrupted);
+    s->status = c->status;
+    s->status_done = true;
+    s->fetching_status = false;
+    s->trailing_md = flowctl_metadata_to_hash(c->trailing.metadata, c->trailing.count);
+    s->details = details_str(c->details);
+    if (s->status != GRPC_STATUS_OK) s->error = flowctl_status_error(s->status, s->details, s->trailing_md);
+    return INT2FIX(interrupted);
+}
+
+static VALUE
+status_cleanup(VALUE arg)
+{
+    struct status_ctx *c = (struct status_ctx *)arg;
+    c->s->fetching_status = false;
+    grpc_metadata_array_destroy(&c->trailing);
+    grpc_slice_unref(c->details);
+    stream_maybe_release(c->s);
+    return Qnil;
+}
+
+/* Receives the status once (a second thread that wants it waits for the first). */
+static void
+stream_fetch_status(stream_t *s)
+{
+    if (s->fetching_status) stream_wait_flag(&s->fetching_status);
+    if (s->status_done || !s->call) return;
+    struct status_ctx c = {.s = s, .details = grpc_empty_slice()};
+    grpc_metadata_array_init(&c.trailing);
+    s->fetching_status = true;
+    VALUE interrupted = rb_ensure(status_body, (VALUE)&c, status_cleanup, (VALUE)&c);
+    flowctl_wait_finish(FIX2INT(interrupted));
+}
+
+/* After the end of the stream: raises the status error, if any. */
+static void
+stream_raise_error(stream_t *s)
+{
+    if (!NIL_P(s->error)) rb_exc_raise(s->error);
+}
+
+/*
+ * call-seq:
+ *   Flowctl::Native::Stream.new(channel, path, timeout, headers) -> stream
+ *
+ * Starts a bidi call and sends its initial metadata (headers).
+ */
+static VALUE
+stream_initialize(VALUE self, VALUE channel, VALUE path, VALUE timeout, VALUE headers)
+{
+    stream_t *s = stream_get(self);
+    if (s->call || s->status_done) rb_raise(rb_eRuntimeError, "stream already started");
+    check_path(path);
+    flowctl_channel_get(channel);
+    gpr_timespec deadline = deadline_from(timeout);
+    flowctl_metadata md;
+    flowctl_metadata_from_hash(headers, &md);
+    s->cq = grpc_completion_queue_create_for_pluck(NULL);
+    s->call = create_call(channel, path, s->cq, deadline);
+    grpc_op op = {.op = GRPC_OP_SEND_INITIAL_METADATA};
+    op.data.send_initial_metadata.count = md.count;
+    op.data.send_initial_metadata.metadata = md.md;
+    int interrupted = 0;
+    s->writing = true;
+    run_batch(s->cq, s->call, &op, 1, &interrupted);
+    s->writing = false;
+    flowctl_metadata_free(&md);
+    flowctl_wait_finish(interrupted);
+    RB_GC_GUARD(channel);
+    return self;
+}
+
+static void
+stream_check_writable(stream_t *s)
+{
+    if (s->writing) rb_raise(eFlowctlError, "another thread is writing to this stream");
+    if (s->write_closed) rb_raise(rb_eIOError, "stream closed for writing (close_write was called)");
+    stream_raise_error(s);
+    if (s->status_done || !s->call) rb_raise(rb_eIOError, "stream already finished");
+}
+
+/* A send failed: the call is over; its status says why. */
+static void
+stream_write_failed(stream_t *s)
+{
+    stream_fetch_status(s);
+    stream_raise_error(s);
+    rb_raise(rb_eIOError, "stream finished by the server before this write");
+}
+
+/*
+ * call-seq: stream.write(bytes) -> stream
+ *
+ * Sends one message; returns once gRPC has taken it (flow control may make that
+ * wait for the server to read). Raises the call's RPCError when the call has ended.
+ */
+static VALUE
+stream_write(VALUE self, VALUE bytes)
+{
+    stream_t *s = stream_get(self);
+    StringValue(bytes);
+    stream_check_writable(s);
+    grpc_op op = {.op = GRPC_OP_SEND_MESSAGE};
+    op.data.send_message.send_message = flowctl_buffer_from_str(bytes);
+    int interrupted = 0;
+    s->writing = true;
+    bool ok = run_batch(s->cq, s->call, &op, 1, &interrupted);
+    s->writing = false;
+    grpc_byte_buffer_destroy(op.data.send_message.send_message);
+    stream_maybe_release(s);
+    flowctl_wait_finish(interrupted);
+    if (!ok) stream_write_failed(s);
+    RB_GC_GUARD(bytes);
+    return self;
+}
+
+/*
+ * call-seq: stream.close_write -> nil
+ *
+ * Half-closes: tells the server no more messages follow. Idempotent.
+ */
+static VALUE
+stream_close_write(VALUE self)
+{
+    stream_t *s = stream_get(self);
+    if (s->write_closed || s->status_done || !s->call) {
+        s->write_closed = true;
+        return Qnil;
+    }
+    if (s->writing) rb_raise(eFlowctlError, "another thread is writing to this stream");
+    grpc_op op = {.op = GRPC_OP_SEND_CLOSE_FROM_CLIENT};
+    int interrupted = 0;
+    s->writing = true;
+    run_batch(s->cq, s->call, &op, 1, &interrupted);
+    s->writing = false;
+    s->write_closed = true;
+    stream_maybe_release(s);
+    flowctl_wait_finish(interrupted);
+    return Qnil;
+}
+
+struct read_ctx {
+    stream_t *s;
+    grpc_metadata_array initial;
+    grpc_byte_buffer *buf;
+    bool want_initial;
+    int interrupted;
+};
+
+static VALUE
+read_body(VALUE arg)
+{
+    struct read_ctx *c = (struct read_ctx *)arg;
+    stream_t *s = c->s;
+    grpc_op ops[2];
+    size_t n = 0;
+    memset(ops, 0, sizeof(ops));
+    if (c->want_initial) {
+        ops[n].op = GRPC_OP_RECV_INITIAL_METADATA;
+        ops[n++].data.recv_initial_metadata.recv_initial_metadata = &c->initial;
+    }
+    ops[n].op = GRPC_OP_RECV_MESSAGE;
+    ops[n++].data.recv_message.recv_message = &c->buf;
+    run_batch(s->cq, s->call, ops, n, &c->interrupted);
+    s->reading = false;
+    if (c->want_initial) {
+        s->got_initial = true;
+        s->initial_md = flowctl_metadata_to_hash(c->initial.metadata, c->initial.count);
+    }
+    if (!c->buf) s->read_done = true;
+    return c->buf ? flowctl_str_from_buffer(c->buf) : Qnil;
+}
+
+static VALUE
+read_cleanup(VALUE arg)
+{
+    struct read_ctx *c = (struct read_ctx *)arg;
+    c->s->reading = false;
+    if (c->buf) grpc_byte_buffer_destroy(c->buf);
+    grpc_metadata_array_destroy(&c->initial);
+    stream_maybe_release(c->s);
+    return Qnil;
+}
+
+/*
+ * call-seq: stream.read -> bytes or nil
+ *
+ * The next message from the server, or nil at the end of the stream. When the call
+ * ended with a status other than OK, raises its RPCError (again on every later read).
+ */
+static VALUE
+stream_read(VALUE self)
+{
+    stream_t *s = stream_get(self);
+    if (s->reading) rb_raise(eFlowctlError, "another thread is reading from this stream");
+    if (s->read_done || !s->call) {
+        stream_fetch_status(s);
+        stream_raise_error(s);
+        return Qnil;
+    }
+    struct read_ctx c = {.s = s, .want_initial = !s->got_initial};
+    grpc_metadata_array_init(&c.initial);
+    s->reading = true;
+    VALUE msg = rb_ensure(read_body, (VALUE)&c, read_cleanup, (VALUE)&c);
+    flowctl_wait_finish(c.interrupted);
+    if (NIL_P(msg)) {
+        stream_fetch_status(s);
+        stream_raise_error(s);
+    }
+    return msg;
+}
+
+/*
+ * call-seq: stream.cancel -> nil
+ *
+ * Cancels the call (does not block): a thread blocked in read or write returns, and
+ * the status becomes CANCELLED unless the call had already ended.
+ */
+static VALUE
+stream_cancel(VALUE self)
+{
+    stream_t *s = stream_get(self);
+    if (s->call && !s->status_done) grpc_call_cancel(s->call, NULL);
+    return Qnil;
+}
+
+/*
+ * call-seq: stream.initial_metadata -> Hash
+ *
+ * The server's initial metadata; waits for it when it has not arrived yet.
+ */
+static VALUE
+stream_initial_metadata(VALUE self)
+{
+    stream_t *s = stream_get(self);
+    if (s->reading && !s->got_initial) stream_wait_flag(&s->reading);
+    if (s->got_initial || !s->call || s->read_done) return NIL_P(s->initial_md) ? rb_hash_new() : s->initial_md;
+    grpc_metadata_array md;
+    grpc_metadata_array_init(&md);
+    grpc_op op = {.op = GRPC_OP_RECV_INITIAL_METADATA};
+    op.data.recv_initial_metadata.recv_initial_metadata = &md;
+    int interrupted = 0;
+    s->reading = true;
+    run_batch(s->cq, s->call, &op, 1, &interrupted);
+    s->reading = false;
+    s->got_initial = true;
+    s->initial_md = flowctl_metadata_to_hash(md.metadata, md.count);
+    grpc_metadata_array_destroy(&md);
+    stream_maybe_release(s);
+    flowctl_wait_finish(interrupted);
+    return s->initial_md;
+}
+
+/* call-seq: stream.trailing_metadata -> Hash or nil (nil until the call has ended) */
+static VALUE
+stream_trailing_metadata(VALUE self)
+{
+    return stream_get(self)->trailing_md;
+}
+
+/* call-seq: stream.status -> Integer or nil (the gRPC status code once the call has ended) */
+static VALUE
+stream_status(VALUE self)
+{
+    stream_t *s = stream_get(self);
+    return s->status_done ? INT2FIX(s->status) : Qnil;
+}
+
+/* call-seq: stream.details -> String or nil (the status details once the call has ended) */
+static VALUE
+stream_details(VALUE self)
+{
+    return stream_get(self)->details;
+}
+
+/* call-seq: stream.error -> Flowctl::RPCError or nil */
+static VALUE
+stream_error(VALUE self)
+{
+    return stream_get(self)->error;
+}
+
+/*
+ * call-seq: stream.finish -> nil
+ *
+ * Waits for the status of a call whose replies are all read (or no longer wanted:
+ * cancel first) and raises its error, if any.
+ */
+static VALUE
+stream_finish(VALUE self)
+{
+    stream_t *s = stream_get(self);
+    stream_fetch_status(s);
+    stream_raise_error(s);
+    return Qnil;
+}
+
+/* call-seq: stream.finished? -> true or false (the status is known) */
+static VALUE
+stream_finished_p(VALUE self)
+{
+    return stream_get(self)->status_done ? Qtrue : Qfalse;
+}
 
 void
 init_flowctl_call(void)
 {
+    cCall = rb_define_module_under(mFlowctlNative, "Call");
+    rb_define_module_function(cCall, "unary", call_unary, 5);
+
+    cStream = rb_define_class_under(mFlowctlNative, "Stream", rb_cObject);
+    rb_define_alloc_func(cStream, stream_alloc);
+    rb_define_method(cStream, "initialize", stream_initialize, 4);
+    rb_define_method(cStream, "write", stream_write, 1);
+    rb_define_method(cStream, "close_write", stream_close_write, 0);
+    rb_define_method(cStream, "read", stream_read, 0);
+    rb_define_method(cStream, "cancel", stream_cancel, 0);
+    rb_define_method(cStream, "finish", stream_finish, 0);
+    rb_define_method(cStream, "finished?", stream_finished_p, 0);
+    rb_define_method(cStream, "initial_metadata", stream_initial_metadata, 0);
+    rb_define_method(cStream, "trailing_metadata", stream_trailing_metadata, 0);
+    rb_define_method(cStream, "status", stream_status, 0);
+    rb_define_method(cStream, "details", stream_details, 0);
+    rb_define_method(cStream, "error", stream_error, 0);
 }

@@ -1,1 +1,333 @@
 # frozen_string_literal: true
+
+module Flowctl
+  # What every flow client shares: the channel, defaults, and the one method per RPC
+  # that Client.use_service generates from a Flowctl::Service (no hand-written method
+  # per RPC). Subclasses: Flowctl::ControlPlane::Client, Flowctl::Processor::Client.
+  #
+  #   client = Flowctl::ControlPlane::Client.new("127.0.0.1:8080", tls: false)
+  #   client.register_processor(processor_id: "p1", endpoint: "127.0.0.1:9000", metadata: {"zone" => "a"})
+  #   client.processor_heartbeat(req, timeout: 1.0, headers: {"authorization" => "Bearer x"})
+  #
+  # The C layer (Flowctl::Native::Call, Flowctl::Native::Stream) moves bytes; this file
+  # builds and decodes messages and owns the policy: defaults, keyword arguments, merging
+  # of headers, and the writer thread of a bidi call.
+  class Client
+    # Per-call option not given: use the client's default.
+    UNSET = Object.new.freeze
+    private_constant :UNSET
+
+    # The result of #invoke: the response and the metadata the server sent with it.
+    Reply = Struct.new(:response, :initial_metadata, :trailing_metadata)
+
+    attr_reader :target, :timeout, :headers, :channel
+
+    class << self
+      attr_reader :service
+
+      # Generates one method per RPC of service: unary RPCs return the response; bidi
+      # RPCs take an Enumerable of requests and yield replies (`name`), or give the call
+      # object (`name_stream`).
+      def use_service(service)
+        @service = service
+        service.rpcs.each do |rpc|
+          check_option_names(rpc)
+          rpc.unary? ? define_unary(rpc) : define_bidi(rpc)
+        end
+      end
+
+      # Seconds (Numeric >= 0) or nil (no deadline), checked once.
+      def check_timeout(value)
+        return nil if value.nil?
+        raise TypeError, "timeout must be a number of seconds or nil (given #{value.class})" unless value.is_a?(Numeric)
+        raise ArgumentError, "timeout must be >= 0 seconds (given #{value})" if value.negative? || value.to_f.nan?
+
+        value
+      end
+
+      private
+
+      # timeout: and headers: are the per-call options; a message field of either name
+      # could not be passed as a keyword, so refuse such a service up front.
+      def check_option_names(rpc)
+        clash = rpc.request_class.fields.map(&:to_sym) & %i[timeout headers]
+        raise ArgumentError, "#{rpc.request_class} has field(s) #{clash.inspect}, which clash with call options" if clash.any?
+      end
+
+      def define_unary(rpc)
+        define_method(rpc.method_name) do |request = nil, timeout: UNSET, headers: nil, **fields|
+          unary(rpc, request, fields, timeout, headers).first
+        end
+      end
+
+      def define_bidi(rpc)
+        define_method(rpc.method_name) do |requests, timeout: UNSET, headers: nil, &block|
+          bidi(rpc, requests, timeout, headers, &block)
+        end
+        define_method(:"#{rpc.method_name}_stream") do |timeout: UNSET, headers: nil, &block|
+          open_stream(rpc, timeout, headers, &block)
+        end
+      end
+    end
+
+    # target: "host:port", or any gRPC target ("ipv4:127.0.0.1:1,127.0.0.1:2" with
+    # channel_args: {"grpc.lb_policy_name" => "round_robin"}).
+    # timeout: default deadline of unary calls in seconds (nil: none). Streams have no
+    # deadline unless the call gives one: a Process stream may rightly last for hours.
+    # tls: nil or true (TLS with the system roots), a Flowctl::TLS (own roots, mTLS), or
+    # false (plaintext, only when asked for).
+    # headers: gRPC metadata sent with every call ("-bin" keys carry binary values).
+    def initialize(target, timeout: 5.0, tls: nil, headers: {}, channel_args: {})
+      raise TypeError, "target must be a String (given #{target.class})" unless target.is_a?(String)
+      raise ArgumentError, "target must not be empty" if target.empty?
+      raise TypeError, "channel_args must be a Hash (given #{channel_args.class})" unless channel_args.is_a?(Hash)
+
+      @target = target.dup.freeze
+      @timeout = self.class.check_timeout(timeout)
+      @headers = normalize_headers(headers).freeze
+      @channel = Native::Channel.new(@target, native_tls(tls), channel_args)
+    end
+
+    # Calls a unary RPC by method name and returns a Reply with the response and the
+    # server's initial and trailing metadata.
+    def invoke(method_name, request = nil, timeout: UNSET, headers: nil, **fields)
+      rpc = self.class.service.rpc(method_name.to_sym)
+      raise ArgumentError, "#{self.class} has no unary RPC #{method_name.inspect}" unless rpc&.unary?
+
+      Reply.new(*unary(rpc, request, fields, timeout, headers))
+    end
+
+    # Closes the channel; calls in flight fail, later calls raise IOError. Idempotent.
+    def close
+      @channel.close
+      nil
+    end
+
+    def closed? = @channel.closed?
+
+    def inspect
+      "#<#{self.class} #{target}#{closed? ? ' (closed)' : ''}>"
+    end
+
+    private
+
+    def unary(rpc, request, fields, timeout, headers)
+      bytes = build_request(rpc, request, fields).to_proto
+      body, initial, trailing = Native::Call.unary(@channel, rpc.path, bytes, call_timeout(timeout),
+                                                   call_headers(headers))
+      [rpc.response_class.decode(body), initial, trailing]
+    end
+
+    def bidi(rpc, requests, timeout, headers, &block)
+      raise TypeError, "#{rpc.method_name} takes an Enumerable of requests (given #{requests.class})" unless requests.respond_to?(:each)
+      # checked now, not when the Enumerator runs
+      timeout = timeout.equal?(UNSET) ? nil : self.class.check_timeout(timeout)
+      headers = call_headers(headers)
+      return enum_for(:bidi, rpc, requests, timeout, headers) unless block
+
+      BidiCall.new(rpc, Native::Stream.new(@channel, rpc.path, timeout, headers)).run(requests, &block)
+    end
+
+    def open_stream(rpc, timeout, headers)
+      timeout = timeout.equal?(UNSET) ? nil : self.class.check_timeout(timeout)
+      call = BidiCall.new(rpc, Native::Stream.new(@channel, rpc.path, timeout, call_headers(headers)))
+      return call unless block_given?
+
+      begin
+        yield call
+      ensure
+        call.cancel unless call.finished?
+      end
+    end
+
+    def build_request(rpc, request, fields)
+      klass = rpc.request_class
+      if request.nil?
+        klass.new(**fields)
+      elsif !fields.empty?
+        raise ArgumentError, "#{rpc.method_name}: give a request or its fields as keywords, not both"
+      elsif request.is_a?(klass)
+        request
+      elsif request.is_a?(Hash)
+        klass.new(**request.transform_keys(&:to_sym))
+      else
+        raise TypeError, "#{rpc.method_name} takes a #{klass} or its fields as keywords (given #{request.class})"
+      end
+    end
+
+    def call_timeout(timeout)
+      timeout.equal?(UNSET) ? @timeout : self.class.check_timeout(timeout)
+    end
+
+    def call_headers(headers)
+      return @headers if headers.nil? || (headers.is_a?(Hash) && headers.empty?)
+
+      @headers.empty? ? normalize_headers(headers) : @headers.merge(normalize_headers(headers))
+    end
+
+    # String keys, so that per-call headers override the client's whatever the key type;
+    # validated here so a bad header fails with its name before any call.
+    def normalize_headers(headers)
+      raise TypeError, "headers: must be a Hash (given #{headers.class})" unless headers.is_a?(Hash)
+
+      Native.validate_headers(headers.transform_keys { |k| k.is_a?(Symbol) ? k.to_s : k })
+    end
+
+    def native_tls(tls)
+      case tls
+      when false then false
+      when nil, true then [nil, nil, nil]
+      when TLS then tls.to_native
+      else raise TypeError, "tls: must be nil (system roots), a Flowctl::TLS or false (plaintext) (given #{tls.class})"
+      end
+    end
+  end
+
+  # A bidi call: write requests and read replies, from one thread or two (one writer,
+  # one reader). Errors from the server come from #read / #each as Flowctl::RPCError.
+  #
+  #   call = client.process_stream
+  #   call << Flowctl::Processor::DataMessage.new(payload: "x")
+  #   call.close_write
+  #   call.each { |reply| p reply }
+  #   call.trailing_metadata
+  class BidiCall
+    include Enumerable
+
+    attr_reader :rpc
+
+    def initialize(rpc, stream)
+      @rpc = rpc
+      @stream = stream
+    end
+
+    # Sends one request (a request object or a Hash of its fields).
+    def write(request)
+      @stream.write(encode(request))
+      self
+    end
+    alias << write
+
+    # Tells the server that no more requests follow. Idempotent.
+    def close_write
+      @stream.close_write
+      self
+    end
+
+    # The next reply, or nil at the end of the stream; raises the call's RPCError when
+    # it ended with another status than OK.
+    def read
+      bytes = @stream.read
+      return nil if bytes.nil?
+
+      begin
+        @rpc.response_class.decode(bytes)
+      rescue DecodeError
+        cancel
+        raise
+      end
+    end
+
+    # Yields every reply until the end of the stream.
+    def each
+      return enum_for(:each) unless block_given?
+
+      while (reply = read)
+        yield reply
+      end
+      self
+    end
+
+    # Cancels the call without blocking: a blocked #read or #write returns.
+    def cancel
+      @stream.cancel
+      nil
+    end
+
+    def initial_metadata = @stream.initial_metadata
+    def trailing_metadata = @stream.trailing_metadata
+    # The gRPC status code once the call has ended (nil before).
+    def status = @stream.status
+    def details = @stream.details
+    def finished? = @stream.finished?
+    # The Flowctl::RPCError the call ended with, if any.
+    def error = @stream.error
+
+    def inspect
+      "#<Flowctl::BidiCall #{@rpc.path} #{finished? ? "status: #{status}" : 'open'}>"
+    end
+
+    # Writes requests from a writer thread while replies are yielded here; used by the
+    # block form of a client's bidi method. Returns self (finished: status, metadata);
+    # raises the call's error, or the error of the requests Enumerable (which cancels
+    # the call).
+    def run(requests, &block)
+      writer = start_writer(requests)
+      begin
+        each(&block)
+      rescue RPCError => e
+        # the writer cancels the call when the Enumerable raises: its error comes first
+        done = writer.join(e.is_a?(Cancelled) ? 1 : 0)
+        raise((done && writer.value) || e)
+      end
+      failure = writer.alive? ? nil : writer.value
+      raise failure if failure
+
+      self
+    ensure
+      stop_writer(writer)
+    end
+
+    private
+
+    def encode(request)
+      klass = @rpc.request_class
+      request = klass.new(**request.transform_keys(&:to_sym)) if request.is_a?(Hash)
+      raise TypeError, "#{@rpc.name} writes #{klass} (given #{request.class})" unless request.is_a?(klass)
+
+      request.to_proto
+    end
+
+    # The writer thread returns nil, or the exception of the requests Enumerable (which
+    # cancels the call). A write failing because the call ended is not its error: the
+    # reader gets the status.
+    def start_writer(requests)
+      Thread.new do
+        Thread.current.report_on_exception = false
+        requests.each { |r| write(r) }
+        close_write
+        nil
+      rescue RPCError, IOError
+        nil
+      rescue Exception => e # rubocop:disable Lint/RescueException -- handed to the caller
+        cancel
+        e
+      end
+    end
+
+    # The reader is done (or left early): a writer still busy has nothing left to do.
+    def stop_writer(writer)
+      return unless writer&.alive?
+
+      cancel
+      writer.kill
+      writer.join
+    end
+  end
+
+  module ControlPlane
+    # Client of the control plane: register_processor, processor_heartbeat,
+    # register_source, source_heartbeat, register_consumer, consumer_heartbeat.
+    class Client < Flowctl::Client
+      use_service ControlPlane::Service
+    end
+  end
+
+  module Processor
+    # Client of a processor: get_capabilities, process(requests) { |reply| } and
+    # process_stream -> Flowctl::BidiCall.
+    class Client < Flowctl::Client
+      use_service Processor::Service
+    end
+  end
+end
