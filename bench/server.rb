@@ -6,9 +6,12 @@
 # one, so the servers are what is measured), else the official grpc gem's stub;
 # FLOWCTL_BENCH_CLIENT=official|flowctl picks one.
 #
-#   ruby bench/server.rb [seconds_per_case] [client_threads]
+#   ruby bench/server.rb [seconds_per_case] [client_threads]      (ROUNDS=2: best of alternating rounds)
 #
-# Prints unary calls/s and bidi messages/s for both servers and the ratios.
+# Prints unary calls/s and bidi messages/s for both servers and the ratios, and the CPU time
+# (user + system, from /proc) each server process and the client spent per call or message.
+# On a small shared machine the rates swing with other load and stop growing once the client
+# saturates; the server CPU per call is the steadier measure of what each server costs.
 $LOAD_PATH.unshift File.expand_path("../lib", __dir__)
 require_relative "../spec/support/official"
 Official.load!
