@@ -19,15 +19,28 @@
 #include <string.h>
 #include <sys/prctl.h>
 
-enum stage { NEW, READ, WRITE, DONE };
+/* A bidi call keeps one receive in flight while it sends (gRPC allows one of each),
+ * with up to QCAP received messages waiting to be echoed. */
+#define QCAP 64
 
+enum kind { K_NEW, K_RECV, K_SEND, K_DONE };
+
+struct ctx;
 typedef struct {
-    enum stage stage;
-    bool bidi;
+    struct ctx *c;
+    enum kind kind;
+} tag_t;
+
+typedef struct ctx {
+    tag_t t_new, t_recv, t_send, t_done;
+    bool bidi, recv_pending, send_pending, read_done, failed, finishing, status_done;
+    int ops_out;
     grpc_call *call;
     grpc_call_details details;
     grpc_metadata_array md;
-    grpc_byte_buffer *msg;
+    grpc_byte_buffer *recv_msg, *sending, *resp;
+    grpc_byte_buffer *queue[QCAP];
+    int qhead, qlen;
     int cancelled;
 } ctx;
 
@@ -40,17 +53,20 @@ static void
 request_next(void)
 {
     ctx *c = calloc(1, sizeof(*c));
-    c->stage = NEW;
+    c->t_new = (tag_t){c, K_NEW};
+    c->t_recv = (tag_t){c, K_RECV};
+    c->t_send = (tag_t){c, K_SEND};
+    c->t_done = (tag_t){c, K_DONE};
     grpc_call_details_init(&c->details);
     grpc_metadata_array_init(&c->md);
-    grpc_server_request_call(server, &c->call, &c->details, &c->md, cq, cq, c);
+    grpc_server_request_call(server, &c->call, &c->details, &c->md, cq, cq, &c->t_new);
 }
 
 static void
-batch(ctx *c, grpc_op *ops, size_t n, enum stage next)
+batch(ctx *c, grpc_op *ops, size_t n, tag_t *tag)
 {
-    c->stage = next;
-    if (grpc_call_start_batch(c->call, ops, n, c, NULL) != GRPC_CALL_OK) abort();
+    c->ops_out++;
+    if (grpc_call_start_batch(c->call, ops, n, tag, NULL) != GRPC_CALL_OK) abort();
 }
 
 static void
@@ -67,67 +83,113 @@ finish(ctx *c, grpc_byte_buffer *resp)
     ops[n++].data.send_status_from_server.status = GRPC_STATUS_OK;
     ops[n].op = GRPC_OP_RECV_CLOSE_ON_SERVER;
     ops[n++].data.recv_close_on_server.cancelled = &c->cancelled;
-    c->msg = resp; /* destroyed when DONE */
-    batch(c, ops, n, DONE);
+    c->resp = resp;
+    c->finishing = true;
+    batch(c, ops, n, &c->t_done);
 }
 
 static void
-read_one(ctx *c, bool first)
+start_recv(ctx *c, bool first)
 {
     grpc_op ops[2];
     size_t n = 0;
     memset(ops, 0, sizeof(ops));
     if (first) ops[n++].op = GRPC_OP_SEND_INITIAL_METADATA;
     ops[n].op = GRPC_OP_RECV_MESSAGE;
-    ops[n++].data.recv_message.recv_message = &c->msg;
-    batch(c, ops, n, READ);
+    ops[n++].data.recv_message.recv_message = &c->recv_msg;
+    c->recv_pending = true;
+    batch(c, ops, n, &c->t_recv);
 }
 
 static void
-on_event(ctx *c, bool ok)
+start_send(ctx *c)
 {
-    switch (c->stage) {
-    case NEW: {
+    grpc_op op;
+    memset(&op, 0, sizeof(op));
+    c->sending = c->queue[c->qhead];
+    c->qhead = (c->qhead + 1) % QCAP;
+    c->qlen--;
+    op.op = GRPC_OP_SEND_MESSAGE;
+    op.data.send_message.send_message = c->sending;
+    c->send_pending = true;
+    batch(c, &op, 1, &c->t_send);
+}
+
+static void
+pump(ctx *c)
+{
+    if (c->failed) {
+        while (c->qlen > 0) {
+            grpc_byte_buffer_destroy(c->queue[c->qhead]);
+            c->qhead = (c->qhead + 1) % QCAP;
+            c->qlen--;
+        }
+    }
+    if (c->finishing) return;
+    if (!c->send_pending && c->qlen > 0) start_send(c);
+    if (!c->failed && !c->read_done && !c->recv_pending && c->qlen < QCAP) start_recv(c, false);
+    if ((c->read_done || c->failed) && !c->send_pending && c->qlen == 0) finish(c, NULL);
+}
+
+static void
+on_recv(ctx *c, bool ok)
+{
+    grpc_byte_buffer *in = c->recv_msg;
+    c->recv_msg = NULL;
+    c->recv_pending = false;
+    if (!c->bidi) {
+        if (in) grpc_byte_buffer_destroy(in);
+        grpc_slice s = grpc_slice_from_static_buffer(reply, sizeof(reply));
+        finish(c, grpc_raw_byte_buffer_create(&s, 1));
+        return;
+    }
+    if (ok && in) {
+        c->queue[(c->qhead + c->qlen) % QCAP] = in;
+        c->qlen++;
+    } else {
+        if (in) grpc_byte_buffer_destroy(in);
+        c->read_done = true;
+    }
+    pump(c);
+}
+
+static void
+on_event(tag_t *t, bool ok)
+{
+    ctx *c = t->c;
+    switch (t->kind) {
+    case K_NEW: {
         request_next();
+        if (!ok) return;
         grpc_slice m = c->details.method;
         size_t len = GRPC_SLICE_LENGTH(m);
         c->bidi = len >= 8 && memcmp(GRPC_SLICE_START_PTR(m) + len - 8, "/Process", 8) == 0;
-        read_one(c, true);
+        start_recv(c, true);
+        return;
+    }
+    case K_RECV:
+        c->ops_out--;
+        on_recv(c, ok);
+        break;
+    case K_SEND:
+        c->ops_out--;
+        c->send_pending = false;
+        grpc_byte_buffer_destroy(c->sending);
+        c->sending = NULL;
+        if (!ok) c->failed = true;
+        pump(c);
+        break;
+    case K_DONE:
+        c->ops_out--;
+        c->status_done = true;
         break;
     }
-    case READ: {
-        grpc_byte_buffer *in = c->msg;
-        c->msg = NULL;
-        if (!c->bidi) {
-            if (in) grpc_byte_buffer_destroy(in);
-            grpc_slice s = grpc_slice_from_static_buffer(reply, sizeof(reply));
-            finish(c, grpc_raw_byte_buffer_create(&s, 1));
-        } else if (!ok || !in) {
-            if (in) grpc_byte_buffer_destroy(in);
-            finish(c, NULL);
-        } else {
-            grpc_op op;
-            memset(&op, 0, sizeof(op));
-            op.op = GRPC_OP_SEND_MESSAGE;
-            op.data.send_message.send_message = in;
-            c->msg = in;
-            batch(c, &op, 1, WRITE);
-        }
-        break;
-    }
-    case WRITE:
-        grpc_byte_buffer_destroy(c->msg);
-        c->msg = NULL;
-        if (ok) read_one(c, false);
-        else finish(c, NULL);
-        break;
-    case DONE:
-        if (c->msg) grpc_byte_buffer_destroy(c->msg);
+    if (c->status_done && c->ops_out == 0) {
+        if (c->resp) grpc_byte_buffer_destroy(c->resp);
         grpc_call_unref(c->call);
         grpc_call_details_destroy(&c->details);
         grpc_metadata_array_destroy(&c->md);
         free(c);
-        break;
     }
 }
 
