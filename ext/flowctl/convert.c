@@ -136,14 +136,28 @@ conv_enum(const where *w, VALUE v)
     type_error(w, "Symbol, String or Integer", v);
 }
 
+/* google.protobuf.Timestamp holds 0001-01-01T00:00:00Z .. 9999-12-31T23:59:59.999999999Z */
+#define TIMESTAMP_MIN (-62135596800LL)
+#define TIMESTAMP_MAX (253402300799LL)
+
+static VALUE
+conv_time(const where *w, VALUE t)
+{
+    VALUE sec = rb_funcall(t, rb_intern("to_i"), 0);
+    if (!FIXNUM_P(sec) || FIX2LONG(sec) < TIMESTAMP_MIN || FIX2LONG(sec) > TIMESTAMP_MAX)
+        rb_raise(rb_eRangeError, "%"PRIsVALUE" is outside what %"PRIsVALUE" holds (years 1 to 9999)",
+                 rb_inspect(t), where_str(w));
+    return t;
+}
+
 static VALUE
 conv_message(const where *w, VALUE v)
 {
     if (w->f->timestamp) {
-        if (rb_obj_is_kind_of(v, rb_cTime)) return v;
+        if (rb_obj_is_kind_of(v, rb_cTime)) return conv_time(w, v);
         if (rb_respond_to(v, rb_intern("to_time")) && !RB_TYPE_P(v, T_STRING)) {
             VALUE t = rb_funcall(v, rb_intern("to_time"), 0);
-            if (rb_obj_is_kind_of(t, rb_cTime)) return t;
+            if (rb_obj_is_kind_of(t, rb_cTime)) return conv_time(w, t);
         }
         type_error(w, "Time", v);
     }
@@ -220,54 +234,54 @@ flowctl_convert_field(const flowctl_class *ci, const flowctl_field *f, VALUE v)
 /* ======================================================================== */
 
 /*
- * The output starts in a buffer on the C stack; past that it moves into a Ruby String
- * (so a raise mid-way leaks nothing) and the result is made from whichever holds it.
+ * Encoding writes into a buffer on the C stack. When the message does not fit, the
+ * rest of that pass only counts bytes, and a second pass writes into a Ruby String of
+ * the exact size. Every type error is raised by the first pass, before anything is
+ * allocated, so a failing encode of a large message leaves no garbage behind.
  */
 #define WB_STACK 4096
 typedef struct {
-    VALUE str; /* Qnil while the stack buffer is enough */
     char *p;
     size_t len, cap;
+    bool counting; /* out of room: only b->len advances */
 } wbuf;
 
-static void
-wb_grow(wbuf *b, size_t n)
+/* Where n bytes go, or NULL while only counting. */
+static inline char *
+wb_dst(wbuf *b, size_t n)
 {
-    size_t want = b->len + n;
-    size_t cap = b->cap * 2 > want ? b->cap * 2 : want;
-    if (NIL_P(b->str)) {
-        b->str = rb_str_buf_new((long)cap);
-        memcpy(RSTRING_PTR(b->str), b->p, b->len);
-    } else {
-        rb_str_set_len(b->str, (long)b->len);
-        rb_str_modify_expand(b->str, (long)(cap - b->len));
+    if (b->counting || b->len + n > b->cap) {
+        b->counting = true;
+        b->len += n;
+        return NULL;
     }
-    b->p = RSTRING_PTR(b->str);
-    b->cap = rb_str_capacity(b->str);
+    char *d = b->p + b->len;
+    b->len += n;
+    return d;
 }
 
 static inline void
-wb_reserve(wbuf *b, size_t n)
+wb_byte(wbuf *b, uint8_t c)
 {
-    if (b->len + n > b->cap) wb_grow(b, n);
+    char *d = wb_dst(b, 1);
+    if (d) *d = (char)c;
 }
 
 static inline void
 wb_varint(wbuf *b, uint64_t v)
 {
-    wb_reserve(b, 10);
-    uint8_t *p = (uint8_t *)b->p + b->len;
-    while (v >= 0x80) { *p++ = (uint8_t)(v | 0x80); v >>= 7; }
-    *p++ = (uint8_t)v;
-    b->len = (size_t)((char *)p - b->p);
+    uint8_t tmp[10], n = 0;
+    while (v >= 0x80) { tmp[n++] = (uint8_t)(v | 0x80); v >>= 7; }
+    tmp[n++] = (uint8_t)v;
+    char *d = wb_dst(b, n);
+    if (d) memcpy(d, tmp, n);
 }
 
 static inline void
 wb_bytes(wbuf *b, const void *src, size_t n)
 {
-    wb_reserve(b, n);
-    memcpy(b->p + b->len, src, n);
-    b->len += n;
+    char *d = wb_dst(b, n);
+    if (d) memcpy(d, src, n);
 }
 
 static inline void
@@ -280,8 +294,24 @@ wb_fixed32(wbuf *b, uint32_t v)
 static inline void
 wb_fixed64(wbuf *b, uint64_t v)
 {
-    wb_fixed32(b, (uint32_t)v);
-    wb_fixed32(b, (uint32_t)(v >> 32));
+    uint8_t x[8];
+    for (int i = 0; i < 8; i++) x[i] = (uint8_t)(v >> (8 * i));
+    wb_bytes(b, x, 8);
+}
+
+/* A length-delimited value: its length and bytes, with one bounds check. */
+static inline void
+wb_lenbytes(wbuf *b, const char *src, size_t n)
+{
+    uint8_t tmp[10], vs = 0;
+    uint64_t v = n;
+    while (v >= 0x80) { tmp[vs++] = (uint8_t)(v | 0x80); v >>= 7; }
+    tmp[vs++] = (uint8_t)v;
+    char *d = wb_dst(b, vs + n);
+    if (d) {
+        memcpy(d, tmp, vs);
+        memcpy(d + vs, src, n);
+    }
 }
 
 static inline void
@@ -302,8 +332,9 @@ varint_size(uint64_t v)
 static size_t
 wb_open(wbuf *b)
 {
-    wb_reserve(b, 1);
-    return b->len++;
+    size_t at = b->len;
+    wb_dst(b, 1);
+    return at;
 }
 
 static void
@@ -311,10 +342,13 @@ wb_close(wbuf *b, size_t at)
 {
     size_t n = b->len - at - 1;
     unsigned vs = varint_size(n);
-    if (vs > 1) {
-        wb_reserve(b, vs - 1);
-        memmove(b->p + at + vs, b->p + at + 1, n);
+    if (b->counting) {
         b->len += vs - 1;
+        return;
+    }
+    if (vs > 1) {
+        if (!wb_dst(b, vs - 1)) return; /* no room to move it: the second pass writes it */
+        memmove(b->p + at + vs, b->p + at + 1, n);
     }
     uint8_t *p = (uint8_t *)b->p + at;
     while (n >= 0x80) { *p++ = (uint8_t)(n | 0x80); n >>= 7; }
@@ -391,13 +425,11 @@ encode_value(wbuf *b, const where *w, const ProtobufCFieldDescriptor *fd, VALUE 
     switch (fd->type) {
     case PROTOBUF_C_TYPE_STRING:
         if (!utf8_ok(v)) v = conv_string(w, v);
-        wb_varint(b, (uint64_t)RSTRING_LEN(v));
-        wb_bytes(b, RSTRING_PTR(v), (size_t)RSTRING_LEN(v));
+        wb_lenbytes(b, RSTRING_PTR(v), (size_t)RSTRING_LEN(v));
         break;
     case PROTOBUF_C_TYPE_BYTES:
         if (!RB_TYPE_P(v, T_STRING)) type_error(w, "String", v);
-        wb_varint(b, (uint64_t)RSTRING_LEN(v));
-        wb_bytes(b, RSTRING_PTR(v), (size_t)RSTRING_LEN(v));
+        wb_lenbytes(b, RSTRING_PTR(v), (size_t)RSTRING_LEN(v));
         break;
     case PROTOBUF_C_TYPE_DOUBLE: {
         if (!RB_FLOAT_TYPE_P(v)) v = conv_value(w, fd, v);
@@ -424,7 +456,7 @@ encode_value(wbuf *b, const where *w, const ProtobufCFieldDescriptor *fd, VALUE 
     case PROTOBUF_C_TYPE_MESSAGE: {
         size_t at = wb_open(b);
         if (w->f->timestamp) {
-            encode_timestamp(b, conv_message(w, v));
+            encode_timestamp(b, RB_TYPE_P(v, T_DATA) && rb_obj_is_kind_of(v, rb_cTime) ? v : conv_message(w, v));
         } else if (!NIL_P(v)) {
             v = conv_message(w, v);
             encode_msg(b, flowctl_class_of_desc(fd->descriptor), v, depth + 1);
@@ -461,11 +493,9 @@ map_enc_each(VALUE k, VALUE v, VALUE p)
     const flowctl_field *f = m->wk.f;
     wb_bytes(m->b, f->tag, f->tag_len);
     size_t at = wb_open(m->b);
-    wb_reserve(m->b, 1);
-    m->b->p[m->b->len++] = (char)((1 << 3) | wire_type(f->key->type));
+    wb_byte(m->b, (uint8_t)((1 << 3) | wire_type(f->key->type)));
     encode_value(m->b, &m->wk, f->key, k, m->depth);
-    wb_reserve(m->b, 1);
-    m->b->p[m->b->len++] = (char)((2 << 3) | wire_type(f->elem->type));
+    wb_byte(m->b, (uint8_t)((2 << 3) | wire_type(f->elem->type)));
     if (NIL_P(v) && f->elem->type == PROTOBUF_C_TYPE_MESSAGE && !f->timestamp) type_error(&m->wv, "a message", v);
     encode_value(m->b, &m->wv, f->elem, v, m->depth);
     wb_close(m->b, at);
@@ -544,12 +574,17 @@ VALUE
 flowctl_encode(const flowctl_class *ci, VALUE msg)
 {
     char stack[WB_STACK];
-    wbuf b = {.str = Qnil, .p = stack, .len = 0, .cap = sizeof(stack)};
+    wbuf b = {.p = stack, .len = 0, .cap = sizeof(stack)};
     encode_msg(&b, ci, msg, 0);
-    if (NIL_P(b.str)) return rb_str_new(stack, (long)b.len);
-    rb_str_set_len(b.str, (long)b.len);
-    RB_GC_GUARD(b.str);
-    return b.str;
+    if (!b.counting) return rb_str_new(stack, (long)b.len);
+
+    VALUE str = rb_str_buf_new((long)b.len);
+    wbuf full = {.p = RSTRING_PTR(str), .len = 0, .cap = b.len};
+    encode_msg(&full, ci, msg, 0);
+    if (full.counting || full.len != b.len)
+        rb_raise(eFlowctlError, "%"PRIsVALUE" changed while it was being encoded", ci->klass);
+    rb_str_set_len(str, (long)full.len);
+    return str;
 }
 
 /* ======================================================================== */
@@ -645,12 +680,16 @@ decode_timestamp(const flowctl_class *ci, const flowctl_field *f, rbuf r, VALUE 
         uint64_t tag = rd_varint(ci, &r);
         int wt = (int)(tag & 7);
         uint32_t num = (uint32_t)(tag >> 3);
-        if (num == 1 && wt == WT_VARINT) sec = (int64_t)rd_varint(ci, &r);
-        else if (num == 2 && wt == WT_VARINT) nsec = (int32_t)rd_varint(ci, &r);
+        if ((num == 1 || num == 2) && wt != WT_VARINT)
+            decode_error(ci, "wrong wire type %d inside Timestamp field '%s'", wt, f->name);
+        if (num == 1) sec = (int64_t)rd_varint(ci, &r);
+        else if (num == 2) nsec = (int32_t)rd_varint(ci, &r);
         else skip_field(ci, &r, wt, num, 0);
     }
     if (nsec < 0 || nsec > 999999999)
         decode_error(ci, "Timestamp field '%s' has nanos %lld outside 0..999999999", f->name, (long long)nsec);
+    if (sec < TIMESTAMP_MIN || sec > TIMESTAMP_MAX)
+        decode_error(ci, "Timestamp field '%s' has seconds %lld outside years 1..9999", f->name, (long long)sec);
     return rb_time_nano_new((time_t)sec, (long)nsec);
 }
 
