@@ -4,6 +4,7 @@
  * {success: true, message: "ok"}; a call whose path ends in "/Process" is echoed
  * message by message. One thread, one completion queue, 127.0.0.1 and an ephemeral
  * port, printed as "PORT <n>" on stdout. Exits with its parent (PR_SET_PDEATHSIG).
+ * ECHO_DELAY_US=n holds each unary reply n microseconds (a server with latency).
  *
  * bench/rpc.rb builds it:  cc -O2 bench/echo_server.c $(pkg-config --cflags --libs grpc)
  */
@@ -46,6 +47,13 @@ typedef struct ctx {
 
 static grpc_server *server;
 static grpc_completion_queue *cq;
+static long delay_us;
+
+/* unary replies held back by ECHO_DELAY_US, in arrival order (same delay for all) */
+#define HELD_MAX 4096
+static struct held { gpr_timespec due; struct ctx *c; } held[HELD_MAX];
+static int held_head, held_len;
+static void finish(struct ctx *c, grpc_byte_buffer *resp);
 /* ProcessorHeartbeatResponse{success: true, message: "ok"} */
 static const char reply[] = {0x08, 0x01, 0x12, 0x02, 'o', 'k'};
 
@@ -70,7 +78,7 @@ batch(ctx *c, grpc_op *ops, size_t n, tag_t *tag)
 }
 
 static void
-finish(ctx *c, grpc_byte_buffer *resp)
+finish(struct ctx *c, grpc_byte_buffer *resp)
 {
     grpc_op ops[3];
     size_t n = 0;
@@ -139,6 +147,12 @@ on_recv(ctx *c, bool ok)
     c->recv_pending = false;
     if (!c->bidi) {
         if (in) grpc_byte_buffer_destroy(in);
+        if (delay_us > 0 && held_len < HELD_MAX) {
+            gpr_timespec now = gpr_now(GPR_CLOCK_MONOTONIC);
+            held[(held_head + held_len++) % HELD_MAX] =
+                (struct held){gpr_time_add(now, gpr_time_from_micros(delay_us, GPR_TIMESPAN)), c};
+            return;
+        }
         grpc_slice s = grpc_slice_from_static_buffer(reply, sizeof(reply));
         finish(c, grpc_raw_byte_buffer_create(&s, 1));
         return;
@@ -209,10 +223,21 @@ main(void)
     printf("PORT %d\n", port);
     fflush(stdout);
     for (int i = 0; i < 16; i++) request_next();
+    const char *d = getenv("ECHO_DELAY_US");
+    delay_us = d ? atol(d) : 0;
     for (;;) {
-        grpc_event ev = grpc_completion_queue_next(cq, gpr_inf_future(GPR_CLOCK_REALTIME), NULL);
-        if (ev.type != GRPC_OP_COMPLETE) break;
-        on_event(ev.tag, ev.success);
+        gpr_timespec until = held_len ? held[held_head].due : gpr_inf_future(GPR_CLOCK_MONOTONIC);
+        grpc_event ev = grpc_completion_queue_next(cq, until, NULL);
+        if (ev.type == GRPC_OP_COMPLETE) on_event(ev.tag, ev.success);
+        else if (ev.type != GRPC_QUEUE_TIMEOUT) break;
+        gpr_timespec now = gpr_now(GPR_CLOCK_MONOTONIC);
+        while (held_len && gpr_time_cmp(held[held_head].due, now) <= 0) {
+            struct ctx *c = held[held_head].c;
+            held_head = (held_head + 1) % HELD_MAX;
+            held_len--;
+            grpc_slice s = grpc_slice_from_static_buffer(reply, sizeof(reply));
+            finish(c, grpc_raw_byte_buffer_create(&s, 1));
+        }
     }
     return 0;
 }

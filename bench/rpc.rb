@@ -68,7 +68,7 @@ def threaded(threads)
 end
 
 # bench/echo_server.c, built into tmp/bench when missing or older than its source.
-def start_native_server
+def start_native_server(delay_us: 0)
   src = File.expand_path("echo_server.c", __dir__)
   bin = File.expand_path("../tmp/bench/echo_server", __dir__)
   unless File.exist?(bin) && File.mtime(bin) >= File.mtime(src)
@@ -77,7 +77,7 @@ def start_native_server
     flags = `pkg-config --cflags --libs grpc`.split
     system("cc", "-O2", src, *flags, "-o", bin, exception: true)
   end
-  io = IO.popen([bin])
+  io = IO.popen({"ECHO_DELAY_US" => delay_us.to_s}, [bin])
   port = Integer(io.gets[/PORT (\d+)/, 1])
   [port, -> { Process.kill(:TERM, io.pid); Process.wait(io.pid); io.close }]
 end
@@ -162,10 +162,35 @@ end
 puts "flowctl #{Flowctl::VERSION} vs grpc #{GRPC::VERSION}; #{SECONDS} s per measurement, best of #{ROUNDS}; " \
      "ruby #{RUBY_VERSION}, #{Etc.nprocessors} CPUs, load #{File.read('/proc/loadavg').split.first(3).join(' ')}"
 ENV.fetch("BENCH_SERVERS", "official,native").split(",").each do |kind|
+  next warn("unknown server #{kind.inspect} in BENCH_SERVERS (official, native)") unless %w[official native].include?(kind)
+
   port, stop = kind == "native" ? start_native_server : start_official_server
   puts "\n=== server: #{kind == 'native' ? 'bench/echo_server.c (gRPC C core)' : 'official grpc gem'} " \
        "(subprocess) at 127.0.0.1:#{port}"
   run_suite("127.0.0.1:#{port}")
 ensure
   stop&.call
+end
+
+# The GVL test proper: with 1 ms of server latency one thread waits most of the time, so
+# eight threads reach up to 8x one thread's rate only if every wait releases the GVL.
+port, stop = start_native_server(delay_us: 1000)
+puts "\n=== server: bench/echo_server.c with ECHO_DELAY_US=1000 (1 ms latency per call) at 127.0.0.1:#{port}"
+puts "4. Eight Ruby threads sharing one client vs one thread, server latency 1 ms (calls/s)"
+begin
+  cp = Flowctl::ControlPlane::Client.new("127.0.0.1:#{port}", tls: false)
+  stub = Obsrvr::Flow::Controlplane::ControlPlane::Stub.new("127.0.0.1:#{port}", :this_channel_is_insecure)
+  beat = Flowctl::ControlPlane::ProcessorHeartbeatRequest.new(processor_id: "bench", status: "HEALTHY")
+  obeat = Obsrvr::Flow::Controlplane::ProcessorHeartbeatRequest.decode(beat.to_proto)
+  f1 = threaded(1) { cp.processor_heartbeat(beat) && 1 }
+  f8 = threaded(8) { cp.processor_heartbeat(beat) && 1 }
+  g1 = threaded(1) { stub.processor_heartbeat(obeat, deadline: Time.now + 5) && 1 }
+  g8 = threaded(8) { stub.processor_heartbeat(obeat, deadline: Time.now + 5) && 1 }
+  printf("  flowctl  1 thread  %9.0f calls/s\n", f1[0])
+  printf("  flowctl  8 threads %9.0f calls/s   ratio %.2fx\n", f8[0], f8[0] / f1[0])
+  printf("  grpc     1 thread  %9.0f calls/s\n", g1[0])
+  printf("  grpc     8 threads %9.0f calls/s   ratio %.2fx\n", g8[0], g8[0] / g1[0])
+  cp.close
+ensure
+  stop.call
 end
