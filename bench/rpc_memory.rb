@@ -12,6 +12,7 @@ $LOAD_PATH.unshift File.expand_path("../lib", __dir__)
 require "flowctl"
 require_relative "../spec/support/official_server"
 
+$stdout.sync = true
 CALLS = Integer(ENV.fetch("FLOWCTL_BENCH_CALLS", "100000"))
 WARMUP = 10_000
 
