@@ -11,6 +11,7 @@ VALUE eFlowctlDecodeError;
 void
 Init_flowctl(void)
 {
+    flowctl_fork_env();
     grpc_init();
 
     mFlowctl = rb_define_module("Flowctl");
@@ -26,4 +27,5 @@ Init_flowctl(void)
     init_flowctl_call();
     init_flowctl_server();
     init_flowctl_heartbeat();
+    init_flowctl_fork();
 }

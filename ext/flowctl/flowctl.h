@@ -144,6 +144,7 @@ typedef struct flowctl_channel {
     char *target;
     atomic_int refs;            /* the Ruby object holds one; each heartbeat thread one more */
     atomic_bool closed;
+    pid_t pid;                  /* creator: in a forked child the channel is dead (fork.c) */
 } flowctl_channel;
 
 void init_flowctl_channel(void);
@@ -156,5 +157,14 @@ void flowctl_channel_unref(flowctl_channel *ch);     /* destroys the channel at 
 void init_flowctl_call(void);
 void init_flowctl_server(void);
 void init_flowctl_heartbeat(void);
+/* Around fork (fork.c): keeps heartbeat threads out of gRPC; true when none is inside. */
+bool flowctl_heartbeat_before_fork(double seconds);
+void flowctl_heartbeat_after_fork_parent(void);
+
+/* ---- fork.c: gRPC fork support around Process._fork -------------------- */
+void flowctl_fork_env(void);
+void init_flowctl_fork(void);
+/* Raises Flowctl::Error in a forked child where gRPC core could not be prepared. */
+void flowctl_fork_check(void);
 
 #endif /* FLOWCTL_H */

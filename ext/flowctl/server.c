@@ -1,7 +1,1106 @@
-/* server.c — placeholder until it is written. */
+/*
+ * server.c — Flowctl::Native::Server and Flowctl::Native::ServerCall: a grpc_server,
+ * its accept loop, and the per-call batches the Ruby layer (lib/flowctl/server.rb)
+ * builds handlers on.
+ *
+ * Reading order:
+ *   1. slots: one outstanding grpc_server_request_call each, with its own pluck queue
+ *      that the accepted call's batches complete on.
+ *   2. the acceptor: a native thread (no GVL, no Ruby) that takes new calls off the
+ *      server's notification queue and hands them to Ruby workers waiting in
+ *      Server#next_call. When none is idle, a few calls (max_waiting) may wait a moment
+ *      (max_wait) for one; any other call gets RESOURCE_EXHAUSTED from the acceptor
+ *      itself, so nothing queues without bound.
+ *   3. Native::Server: ports, start, shutdown, cancel_all, close.
+ *   4. Native::ServerCall: recv / send_message / finish, each one batch waited on without
+ *      the GVL (wait.c: an interrupt cancels the call and the wait goes on until the tag
+ *      completes); streams read ahead and write behind.
+ */
 #include "flowctl.h"
+#include <grpc/support/alloc.h>
+#include <pthread.h>
+#include <errno.h>
+#include <time.h>
+
+#define OUTSTANDING_REQUESTS 8
+
+static VALUE cServer, cServerCall, eCancelledCall;
+
+/* ---- 1. slots --------------------------------------------------------------- */
+
+typedef struct call_slot {
+    grpc_call *call;
+    grpc_call_details details;
+    grpc_metadata_array md;
+    grpc_completion_queue *cq;  /* bound to the call: its batches complete here */
+    bool status_sent;           /* the status batch completed: never cancel after that */
+    bool recv_pending;          /* recv_op in flight (read-ahead) */
+    grpc_op recv_op;
+    grpc_byte_buffer *recv_buf;
+    struct call_slot *next;     /* handoff queue link */
+    gpr_timespec wait_until;    /* queued with no idle worker: rejected after this */
+} call_slot;
+
+static call_slot *
+slot_new(void)
+{
+    call_slot *s = calloc(1, sizeof(*s));
+    if (!s) return NULL;
+    grpc_call_details_init(&s->details);
+    grpc_metadata_array_init(&s->md);
+    s->cq = grpc_completion_queue_create_for_pluck(NULL);
+    return s;
+}
+
+/*
+ * Frees a slot whose call has no batch in flight, cancelling the call when it never got its
+ * status. (A cancel after the status batch completed could still reset the stream before the
+ * status frames are flushed, and the client would see CANCELLED.)
+ */
+static void
+slot_free(call_slot *s)
+{
+    if (!s) return;
+    if (s->call) {
+        if (!s->status_sent) grpc_call_cancel(s->call, NULL);
+        if (s->recv_pending) {
+            grpc_completion_queue_pluck(s->cq, &s->recv_op, gpr_inf_future(GPR_CLOCK_MONOTONIC), NULL);
+            if (s->recv_buf) grpc_byte_buffer_destroy(s->recv_buf);
+        }
+        grpc_call_unref(s->call);
+    }
+    grpc_call_details_destroy(&s->details);
+    grpc_metadata_array_destroy(&s->md);
+    flowctl_cq_destroy(s->cq);
+    free(s);
+}
+
+/* ---- 2. the server and its acceptor ---------------------------------------- */
+
+typedef struct {
+    grpc_server *server;
+    grpc_completion_queue *notify_cq; /* registered with the server: new calls + shutdown */
+    pthread_t acceptor;
+    pthread_mutex_t mu;
+    pthread_cond_t cond;              /* shutdown done, acceptor done */
+    pthread_cond_t work;              /* workers: a call was queued, or the server shuts down */
+    call_slot *queue_head, *queue_tail;
+    int queued;
+    int idle;                         /* Ruby workers waiting in Server#next_call */
+    int max_waiting;                  /* calls that may wait for a worker beyond the idle ones */
+    gpr_timespec max_wait;            /* how long such a call waits before RESOURCE_EXHAUSTED */
+    int outstanding;                  /* grpc_server_request_call in flight */
+    long accepted, rejected;
+    bool started, shutting_down, shutdown_done, acceptor_done, closed, orphaned;
+    char shutdown_tag;                /* its address is the shutdown tag */
+} server_t;
+
+static void server_destroy_grpc(server_t *s);
+
+static bool
+arm_request(server_t *s)
+{
+    call_slot *slot = slot_new();
+    if (!slot) return false;
+    grpc_call_error err = grpc_server_request_call(s->server, &slot->call, &slot->details, &slot->md,
+                                                   slot->cq, s->notify_cq, slot);
+    if (err != GRPC_CALL_OK) {
+        slot_free(slot);
+        return false;
+    }
+    s->outstanding++;
+    return true;
+}
+
+/* Answers a call no worker can take; runs on the acceptor thread. */
+static void
+reject_call(call_slot *slot, grpc_status_code code, const char *msg)
+{
+    grpc_op ops[3];
+    memset(ops, 0, sizeof(ops));
+    int cancelled = 0;
+    grpc_slice details = grpc_slice_from_static_string(msg);
+    ops[0].op = GRPC_OP_SEND_INITIAL_METADATA;
+    ops[1].op = GRPC_OP_SEND_STATUS_FROM_SERVER;
+    ops[1].data.send_status_from_server.status = code;
+    ops[1].data.send_status_from_server.status_details = &details;
+    ops[2].op = GRPC_OP_RECV_CLOSE_ON_SERVER;
+    ops[2].data.recv_close_on_server.cancelled = &cancelled;
+    if (grpc_call_start_batch(slot->call, ops, 3, slot, NULL) == GRPC_CALL_OK) {
+        gpr_timespec limit = gpr_time_add(gpr_now(GPR_CLOCK_MONOTONIC), gpr_time_from_seconds(2, GPR_TIMESPAN));
+        grpc_event ev = grpc_completion_queue_pluck(slot->cq, slot, limit, NULL);
+        if (ev.type == GRPC_QUEUE_TIMEOUT) {
+            grpc_call_cancel(slot->call, NULL);
+            ev = grpc_completion_queue_pluck(slot->cq, slot, gpr_inf_future(GPR_CLOCK_MONOTONIC), NULL);
+        }
+        slot->status_sent = ev.success != 0;
+    }
+    slot_free(slot);
+}
+
+/* Starts reading the next request message; the call's owner waits for slot->recv_op. */
+static bool
+start_recv(call_slot *slot)
+{
+    memset(&slot->recv_op, 0, sizeof(slot->recv_op));
+    slot->recv_op.op = GRPC_OP_RECV_MESSAGE;
+    slot->recv_op.data.recv_message.recv_message = &slot->recv_buf;
+    slot->recv_buf = NULL;
+    slot->recv_pending = grpc_call_start_batch(slot->call, &slot->recv_op, 1, &slot->recv_op, NULL) == GRPC_CALL_OK;
+    return slot->recv_pending;
+}
+
+/*
+ * Hands a new call to an idle worker, or lets it wait (at most max_waiting of them, each
+ * for at most max_wait: a worker about to finish its call takes it), or returns it for
+ * the caller to reject outside the lock. Called with s->mu held.
+ */
+static call_slot *
+dispatch_locked(server_t *s, call_slot *slot)
+{
+    if (s->queued >= s->idle + s->max_waiting) return slot;
+    slot->next = NULL;
+    slot->wait_until = gpr_time_add(gpr_now(GPR_CLOCK_MONOTONIC), s->max_wait);
+    if (s->queue_tail) s->queue_tail->next = slot; else s->queue_head = slot;
+    s->queue_tail = slot;
+    s->queued++;
+    s->accepted++;
+    start_recv(slot); /* the first request message is read while the call waits for its worker */
+    pthread_cond_signal(&s->work); /* one call, one worker */
+    return NULL;
+}
+
+#define BUSY_MESSAGE "server busy: every worker is serving a call"
+
+static void
+on_request(server_t *s, call_slot *slot, bool success)
+{
+    pthread_mutex_lock(&s->mu);
+    s->outstanding--;
+    bool stopping = s->shutting_down;
+    if (success && !stopping) arm_request(s);
+    call_slot *reject = success && !stopping ? dispatch_locked(s, slot) : slot;
+    if (reject && success) s->rejected++;
+    pthread_mutex_unlock(&s->mu);
+    if (!reject) return;
+    if (success) reject_call(reject, GRPC_STATUS_RESOURCE_EXHAUSTED, BUSY_MESSAGE);
+    else slot_free(reject);
+}
+
+/* When the acceptor must wake up to reject a waiting call (inf future when none waits). */
+static gpr_timespec
+next_expiry(server_t *s)
+{
+    pthread_mutex_lock(&s->mu);
+    gpr_timespec t = s->queued > s->idle && s->queue_head ? s->queue_head->wait_until
+                                                          : gpr_inf_future(GPR_CLOCK_MONOTONIC);
+    pthread_mutex_unlock(&s->mu);
+    return t;
+}
+
+/* Rejects the calls that waited max_wait with no worker free (FIFO: the oldest first). */
+static void
+reject_expired(server_t *s)
+{
+    call_slot *expired = NULL, **tail = &expired;
+    gpr_timespec now = gpr_now(GPR_CLOCK_MONOTONIC);
+    pthread_mutex_lock(&s->mu);
+    while (s->queue_head && s->queued > s->idle && gpr_time_cmp(s->queue_head->wait_until, now) <= 0) {
+        call_slot *slot = s->queue_head;
+        s->queue_head = slot->next;
+        if (!s->queue_head) s->queue_tail = NULL;
+        s->queued--;
+        s->accepted--;
+        s->rejected++;
+        slot->next = NULL;
+        *tail = slot;
+        tail = &slot->next;
+    }
+    pthread_mutex_unlock(&s->mu);
+    while (expired) {
+        call_slot *slot = expired;
+        expired = slot->next;
+        reject_call(slot, GRPC_STATUS_RESOURCE_EXHAUSTED, BUSY_MESSAGE);
+    }
+}
+
+static void *
+acceptor_main(void *p)
+{
+    server_t *s = p;
+    for (;;) {
+        grpc_event ev = grpc_completion_queue_next(s->notify_cq, next_expiry(s), NULL);
+        if (ev.type == GRPC_QUEUE_TIMEOUT) {
+            reject_expired(s);
+            continue;
+        }
+        if (ev.type != GRPC_OP_COMPLETE) break;
+        if (ev.tag == &s->shutdown_tag) {
+            pthread_mutex_lock(&s->mu);
+            s->shutdown_done = true;
+            pthread_cond_broadcast(&s->cond);
+            pthread_mutex_unlock(&s->mu);
+        } else {
+            on_request(s, ev.tag, ev.success);
+        }
+        pthread_mutex_lock(&s->mu);
+        bool done = s->shutdown_done && s->outstanding == 0;
+        pthread_mutex_unlock(&s->mu);
+        if (done) break;
+    }
+    pthread_mutex_lock(&s->mu);
+    s->acceptor_done = true;
+    bool orphaned = s->orphaned;
+    pthread_cond_broadcast(&s->cond);
+    pthread_mutex_unlock(&s->mu);
+    if (orphaned) {
+        /* The Ruby object was collected while serving: nobody joins us, clean up here. */
+        pthread_detach(pthread_self());
+        server_destroy_grpc(s);
+        pthread_mutex_destroy(&s->mu);
+        pthread_cond_destroy(&s->cond);
+        pthread_cond_destroy(&s->work);
+        free(s);
+    }
+    return NULL;
+}
+
+/* ---- 3. Native::Server ------------------------------------------------------ */
+
+static void
+server_destroy_grpc(server_t *s)
+{
+    while (s->queue_head) {
+        call_slot *slot = s->queue_head;
+        s->queue_head = slot->next;
+        slot_free(slot);
+    }
+    s->queue_tail = NULL;
+    s->queued = 0;
+    if (s->server) grpc_server_destroy(s->server);
+    s->server = NULL;
+    if (s->notify_cq) {
+        grpc_completion_queue_shutdown(s->notify_cq);
+        while (grpc_completion_queue_next(s->notify_cq, gpr_inf_future(GPR_CLOCK_MONOTONIC), NULL).type !=
+               GRPC_QUEUE_SHUTDOWN) {
+        }
+        grpc_completion_queue_destroy(s->notify_cq);
+        s->notify_cq = NULL;
+    }
+}
+
+/* A server that never started has no acceptor: complete its shutdown right here. */
+static void
+shutdown_unstarted(server_t *s)
+{
+    grpc_server_shutdown_and_notify(s->server, s->notify_cq, &s->shutdown_tag);
+    for (;;) {
+        grpc_event ev = grpc_completion_queue_next(s->notify_cq, gpr_inf_future(GPR_CLOCK_MONOTONIC), NULL);
+        if (ev.type != GRPC_OP_COMPLETE || ev.tag == &s->shutdown_tag) break;
+    }
+    pthread_mutex_lock(&s->mu);
+    s->shutting_down = s->shutdown_done = true;
+    pthread_cond_broadcast(&s->work); /* workers waiting for calls that never come */
+    pthread_mutex_unlock(&s->mu);
+}
+
+static void
+server_free(void *p)
+{
+    server_t *s = p;
+    if (s->started && !s->closed) {
+        /* Never block in dfree: start the shutdown, let the acceptor thread free everything. */
+        pthread_mutex_lock(&s->mu);
+        bool done = s->acceptor_done;
+        s->orphaned = !done;
+        if (!s->shutting_down) {
+            s->shutting_down = true;
+            grpc_server_shutdown_and_notify(s->server, s->notify_cq, &s->shutdown_tag);
+        }
+        if (!done) grpc_server_cancel_all_calls(s->server);
+        pthread_mutex_unlock(&s->mu);
+        if (!done) return; /* the acceptor frees s once every call has ended */
+        pthread_join(s->acceptor, NULL);
+    } else if (!s->closed && s->server) {
+        /* never started: grpc_server_destroy still wants a completed shutdown */
+        shutdown_unstarted(s);
+    }
+    if (!s->closed) server_destroy_grpc(s);
+    pthread_mutex_destroy(&s->mu);
+    pthread_cond_destroy(&s->cond);
+    pthread_cond_destroy(&s->work);
+    free(s);
+}
+
+static size_t
+server_memsize(const void *p)
+{
+    const server_t *s = p;
+    return sizeof(*s) + (size_t)(s->queued + s->outstanding) * sizeof(call_slot);
+}
+
+static const rb_data_type_t server_type = {
+    .wrap_struct_name = "Flowctl::Native::Server",
+    .function = {.dmark = NULL, .dfree = server_free, .dsize = server_memsize},
+    /* dfree never blocks and never calls Ruby (see server_free). */
+    .flags = RUBY_TYPED_FREE_IMMEDIATELY,
+};
+
+static VALUE
+server_alloc(VALUE klass)
+{
+    server_t *s = calloc(1, sizeof(*s));
+    if (!s) rb_raise(rb_eNoMemError, "flowctl: out of memory");
+    pthread_mutex_init(&s->mu, NULL);
+    pthread_cond_init(&s->cond, NULL);
+    pthread_cond_init(&s->work, NULL);
+    return TypedData_Wrap_Struct(klass, &server_type, s);
+}
+
+static server_t *
+server_get(VALUE self)
+{
+    server_t *s = rb_check_typeddata(self, &server_type);
+    if (!s->server) rb_raise(rb_eIOError, "server is closed");
+    return s;
+}
+
+static int
+server_arg_each(VALUE k, VALUE v, VALUE p)
+{
+    grpc_channel_args *a = (grpc_channel_args *)p;
+    grpc_arg *arg = &a->args[a->num_args++];
+    if (SYMBOL_P(k)) k = rb_sym2str(k);
+    arg->key = StringValueCStr(k);
+    if (RB_INTEGER_TYPE_P(v)) {
+        arg->type = GRPC_ARG_INTEGER;
+        arg->value.integer = NUM2INT(v);
+    } else {
+        if (SYMBOL_P(v)) v = rb_sym2str(v);
+        arg->type = GRPC_ARG_STRING;
+        arg->value.string = StringValueCStr(v);
+    }
+    return ST_CONTINUE;
+}
+
+/*
+ * call-seq:
+ *   Flowctl::Native::Server.new(channel_args) -> server
+ *
+ * channel_args is a Hash of String => Integer or String (grpc.* server options).
+ */
+static VALUE
+server_initialize(VALUE self, VALUE args)
+{
+    server_t *s = rb_check_typeddata(self, &server_type);
+    if (s->server || s->closed) rb_raise(rb_eRuntimeError, "server already initialized");
+    Check_Type(args, T_HASH);
+    grpc_channel_args cargs = {.num_args = 0, .args = ALLOCA_N(grpc_arg, RHASH_SIZE(args) + 1)};
+    rb_hash_foreach(args, server_arg_each, (VALUE)&cargs);
+    s->server = grpc_server_create(&cargs, NULL);
+    RB_GC_GUARD(args);
+    s->notify_cq = grpc_completion_queue_create_for_next(NULL);
+    grpc_server_register_completion_queue(s->server, s->notify_cq, NULL);
+    return self;
+}
+
+static grpc_ssl_client_certificate_request_type
+client_auth_type(VALUE sym)
+{
+    if (sym == ID2SYM(rb_intern("require"))) return GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY;
+    if (sym == ID2SYM(rb_intern("request"))) return GRPC_SSL_REQUEST_CLIENT_CERTIFICATE_AND_VERIFY;
+    if (NIL_P(sym) || sym == ID2SYM(rb_intern("none"))) return GRPC_SSL_DONT_REQUEST_CLIENT_CERTIFICATE;
+    rb_raise(rb_eArgError, "client_auth must be :none, :request or :require (given %+"PRIsVALUE")", sym);
+}
+
+/* tls: false -> insecure; [root_pem, key_pem, cert_pem, client_auth] -> TLS. */
+static grpc_server_credentials *
+server_creds(VALUE tls)
+{
+    if (tls == Qfalse) return grpc_insecure_server_credentials_create();
+    Check_Type(tls, T_ARRAY);
+    VALUE root = rb_ary_entry(tls, 0), key = rb_ary_entry(tls, 1), cert = rb_ary_entry(tls, 2);
+    if (NIL_P(key) || NIL_P(cert))
+        rb_raise(rb_eArgError, "a TLS server needs cert_chain: and private_key:");
+    grpc_ssl_client_certificate_request_type req = client_auth_type(rb_ary_entry(tls, 3));
+    if (req != GRPC_SSL_DONT_REQUEST_CLIENT_CERTIFICATE && NIL_P(root))
+        rb_raise(rb_eArgError, "client_auth needs root_certs: to verify client certificates");
+    grpc_ssl_pem_key_cert_pair pair = {.private_key = StringValueCStr(key), .cert_chain = StringValueCStr(cert)};
+    return grpc_ssl_server_credentials_create_ex(NIL_P(root) ? NULL : StringValueCStr(root), &pair, 1, req, NULL);
+}
+
+/*
+ * call-seq:
+ *   server.add_port("127.0.0.1:0", tls) -> Integer (the bound port)
+ *
+ * tls is false (plaintext) or [root_certs, private_key, cert_chain, client_auth].
+ */
+static VALUE
+server_add_port(VALUE self, VALUE addr, VALUE tls)
+{
+    server_t *s = server_get(self);
+    if (s->started) rb_raise(rb_eRuntimeError, "add ports before the server starts");
+    const char *a = StringValueCStr(addr);
+    grpc_server_credentials *creds = server_creds(tls);
+    int port = grpc_server_add_http2_port(s->server, a, creds);
+    grpc_server_credentials_release(creds);
+    if (port <= 0) rb_raise(rb_eArgError, "cannot listen on %s (address in use, bad address or bad TLS keys)", a);
+    return INT2FIX(port);
+}
+
+/*
+ * call-seq: server.start(max_waiting, max_wait) -> self
+ *
+ * Starts the native acceptor thread. When no worker is idle, up to max_waiting calls wait
+ * up to max_wait seconds each for one; other calls get RESOURCE_EXHAUSTED at once.
+ */
+static VALUE
+server_start(VALUE self, VALUE max_waiting, VALUE max_wait)
+{
+    server_t *s = server_get(self);
+    if (s->started) rb_raise(rb_eRuntimeError, "server already started");
+    int waiting = NUM2INT(max_waiting);
+    double wait = NUM2DBL(max_wait);
+    if (waiting < 0 || wait < 0) rb_raise(rb_eArgError, "max_waiting and max_wait must not be negative");
+    s->max_waiting = waiting;
+    s->max_wait = gpr_time_from_micros((int64_t)(wait * 1e6), GPR_TIMESPAN);
+    grpc_server_start(s->server);
+    s->started = true;
+    pthread_mutex_lock(&s->mu);
+    for (int i = 0; i < OUTSTANDING_REQUESTS; i++) arm_request(s);
+    pthread_mutex_unlock(&s->mu);
+    int err = pthread_create(&s->acceptor, NULL, acceptor_main, s);
+    if (err) {
+        s->started = false;
+        rb_syserr_fail(err, "flowctl: cannot start the server's acceptor thread");
+    }
+    return self;
+}
+
+/* call-seq: server.shutdown -> nil (stops accepting; calls in flight go on; idempotent) */
+static VALUE
+server_shutdown(VALUE self)
+{
+    server_t *s = server_get(self);
+    pthread_mutex_lock(&s->mu);
+    bool first = !s->shutting_down;
+    s->shutting_down = true;
+    pthread_cond_broadcast(&s->cond);
+    pthread_cond_broadcast(&s->work);
+    pthread_mutex_unlock(&s->mu);
+    if (first) grpc_server_shutdown_and_notify(s->server, s->notify_cq, &s->shutdown_tag);
+    return Qnil;
+}
+
+/* call-seq: server.cancel_all -> nil (cancels every call in flight) */
+static VALUE
+server_cancel_all(VALUE self)
+{
+    grpc_server_cancel_all_calls(server_get(self)->server);
+    return Qnil;
+}
+
+struct cond_wait_arg {
+    server_t *s;
+    double timeout; /* < 0: no limit */
+    bool (*ready)(server_t *);
+    bool stop;      /* set by the unblock function */
+    bool result;
+};
+
+static void *
+cond_wait_nogvl(void *p)
+{
+    struct cond_wait_arg *a = p;
+    server_t *s = a->s;
+    struct timespec until;
+    clock_gettime(CLOCK_REALTIME, &until);
+    double t = a->timeout < 0 ? 0 : a->timeout;
+    until.tv_sec += (time_t)t;
+    until.tv_nsec += (long)((t - (double)(time_t)t) * 1e9);
+    if (until.tv_nsec >= 1000000000L) { until.tv_sec++; until.tv_nsec -= 1000000000L; }
+    pthread_mutex_lock(&s->mu);
+    while (!a->ready(s) && !a->stop) {
+        if (a->timeout < 0) pthread_cond_wait(&s->cond, &s->mu);
+        else if (pthread_cond_timedwait(&s->cond, &s->mu, &until) == ETIMEDOUT) break;
+    }
+    a->result = a->ready(s);
+    pthread_mutex_unlock(&s->mu);
+    return NULL;
+}
+
+static void
+cond_wait_ubf(void *p)
+{
+    struct cond_wait_arg *a = p;
+    pthread_mutex_lock(&a->s->mu);
+    a->stop = true;
+    pthread_cond_broadcast(&a->s->cond);
+    pthread_mutex_unlock(&a->s->mu);
+}
+
+static bool shutdown_ready(server_t *s) { return s->shutdown_done; }
+static bool acceptor_ready(server_t *s) { return s->acceptor_done; }
+
+static bool
+wait_cond(server_t *s, bool (*ready)(server_t *), double timeout)
+{
+    struct cond_wait_arg a = {.s = s, .timeout = timeout, .ready = ready};
+    rb_thread_call_without_gvl(cond_wait_nogvl, &a, cond_wait_ubf, &a);
+    rb_thread_check_ints();
+    return a.result;
+}
+
+/*
+ * call-seq: server.wait_shutdown(timeout = nil) -> true or false
+ *
+ * Waits (without the GVL) until every call has ended after #shutdown; false on timeout.
+ */
+static VALUE
+server_wait_shutdown(int argc, VALUE *argv, VALUE self)
+{
+    VALUE timeout;
+    rb_scan_args(argc, argv, "01", &timeout);
+    server_t *s = server_get(self);
+    if (!s->shutting_down) rb_raise(rb_eRuntimeError, "call shutdown first");
+    return wait_cond(s, shutdown_ready, NIL_P(timeout) ? -1.0 : NUM2DBL(timeout)) ? Qtrue : Qfalse;
+}
+
+/*
+ * call-seq: server.close -> nil
+ *
+ * After #wait_shutdown returned true: joins the acceptor and frees the grpc_server. Idempotent.
+ */
+static VALUE
+server_close(VALUE self)
+{
+    server_t *s = rb_check_typeddata(self, &server_type);
+    if (s->closed) return Qnil;
+    if (s->started) {
+        if (!s->shutdown_done) rb_raise(rb_eRuntimeError, "server still has calls in flight: shut it down first");
+        wait_cond(s, acceptor_ready, -1.0);
+        pthread_join(s->acceptor, NULL);
+    } else if (s->server) {
+        shutdown_unstarted(s);
+    }
+    s->closed = true;
+    server_destroy_grpc(s);
+    return Qnil;
+}
+
+/* call-seq: server.stats -> {accepted:, rejected:, idle:, queued:} */
+static VALUE
+server_stats(VALUE self)
+{
+    server_t *s = rb_check_typeddata(self, &server_type);
+    pthread_mutex_lock(&s->mu);
+    long acc = s->accepted, rej = s->rejected;
+    int idle = s->idle, queued = s->queued;
+    pthread_mutex_unlock(&s->mu);
+    VALUE h = rb_hash_new();
+    rb_hash_aset(h, ID2SYM(rb_intern("accepted")), LONG2NUM(acc));
+    rb_hash_aset(h, ID2SYM(rb_intern("rejected")), LONG2NUM(rej));
+    rb_hash_aset(h, ID2SYM(rb_intern("idle")), INT2FIX(idle));
+    rb_hash_aset(h, ID2SYM(rb_intern("queued")), INT2FIX(queued));
+    return h;
+}
+
+/* ---- 4. Native::ServerCall -------------------------------------------------- */
+
+/*
+ * A stream reads ahead and writes behind: after a message arrives the next RECV_MESSAGE
+ * batch starts at once, and send_message returns once its batch has started (the next
+ * send, or finish, waits for it). So the wire keeps moving while Ruby runs the handler.
+ * Those batches may be in flight with no thread waiting; drain_pending waits for them
+ * before the call is released.
+ */
+typedef struct {
+    call_slot *slot;       /* NULL once released */
+    int busy;              /* threads waiting on a batch of this call (changed with the GVL held) */
+    bool release_pending;  /* finished while another thread still waits on a batch */
+    bool sent_initial_md;
+    bool finished;
+    bool cancelled;
+    bool read_done;        /* the client half-closed */
+    bool send_pending;     /* send_ops in flight */
+    size_t send_count;
+    grpc_op send_ops[2];
+} server_call_t;
+
+static void
+pluck_quietly(server_call_t *c, void *tag)
+{
+    grpc_event ev = grpc_completion_queue_pluck(c->slot->cq, tag, gpr_inf_future(GPR_CLOCK_MONOTONIC), NULL);
+    if (!ev.success) c->cancelled = true;
+}
+
+/* Waits (briefly: the call is cancelled first unless its status went out) for read-ahead
+ * and write-behind batches nobody waits for. */
+static void
+drain_pending(server_call_t *c)
+{
+    if (!c->send_pending) return; /* slot_free drains a read-ahead */
+    if (!c->slot->status_sent) grpc_call_cancel(c->slot->call, NULL);
+    if (c->send_pending) {
+        pluck_quietly(c, c->send_ops);
+        c->send_pending = false;
+        grpc_byte_buffer_destroy(c->send_ops[c->send_count - 1].data.send_message.send_message);
+    }
+}
+
+static void
+call_release(server_call_t *c)
+{
+    drain_pending(c);
+    slot_free(c->slot);
+    c->slot = NULL;
+}
+
+static void
+server_call_free(void *p)
+{
+    server_call_t *c = p;
+    /* No thread waits here (each wait holds the object); read-ahead and write-behind
+     * batches are cancelled and complete at once. */
+    if (c->slot) call_release(c);
+    ruby_xfree(c);
+}
+
+static size_t
+server_call_memsize(const void *p)
+{
+    const server_call_t *c = p;
+    return sizeof(*c) + (c->slot ? sizeof(call_slot) : 0);
+}
+
+static const rb_data_type_t server_call_type = {
+    .wrap_struct_name = "Flowctl::Native::ServerCall",
+    .function = {.dmark = NULL, .dfree = server_call_free, .dsize = server_call_memsize},
+    /* dfree cancels and unrefs the call; a cancelled batch completes without waiting on I/O. */
+    .flags = RUBY_TYPED_FREE_IMMEDIATELY,
+};
+
+static server_call_t *
+call_get(VALUE self)
+{
+    server_call_t *c = rb_check_typeddata(self, &server_call_type);
+    if (!c->slot || c->finished) rb_raise(eCancelledCall, "the call has already finished");
+    return c;
+}
+
+struct next_arg {
+    server_t *s;
+    call_slot *slot;
+    bool stop;
+};
+
+static void *
+next_nogvl(void *p)
+{
+    struct next_arg *a = p;
+    server_t *s = a->s;
+    pthread_mutex_lock(&s->mu);
+    s->idle++;
+    while (!s->queue_head && !s->shutting_down && !a->stop) pthread_cond_wait(&s->work, &s->mu);
+    if (s->queue_head) {
+        a->slot = s->queue_head;
+        s->queue_head = a->slot->next;
+        if (!s->queue_head) s->queue_tail = NULL;
+        s->queued--;
+    }
+    s->idle--;
+    pthread_mutex_unlock(&s->mu);
+    return NULL;
+}
+
+static void
+next_ubf(void *p)
+{
+    struct next_arg *a = p;
+    pthread_mutex_lock(&a->s->mu);
+    a->stop = true;
+    pthread_cond_broadcast(&a->s->work);
+    pthread_mutex_unlock(&a->s->mu);
+}
+
+static VALUE
+wrap_slot(call_slot *slot)
+{
+    server_call_t *c;
+    VALUE obj = TypedData_Make_Struct(cServerCall, server_call_t, &server_call_type, c);
+    c->slot = slot;
+    return obj;
+}
+
+/*
+ * call-seq:
+ *   server.next_call -> Flowctl::Native::ServerCall or nil
+ *
+ * Waits without the GVL until the acceptor hands this worker a call; nil once the server
+ * shuts down. While a thread waits here it counts as an idle worker.
+ */
+static VALUE
+server_next_call(VALUE self)
+{
+    server_t *s = server_get(self);
+    for (;;) {
+        struct next_arg a = {.s = s};
+        /* INTR_FAIL: no interrupt check after the wait, so a popped call is never dropped */
+        rb_nogvl(next_nogvl, &a, next_ubf, &a, RB_NOGVL_INTR_FAIL);
+        if (a.slot) {
+            VALUE call = wrap_slot(a.slot); /* owns the slot from here on, even if an interrupt follows */
+            rb_thread_check_ints();
+            return call;
+        }
+        pthread_mutex_lock(&s->mu);
+        bool stopping = s->shutting_down && !s->queue_head;
+        pthread_mutex_unlock(&s->mu);
+        if (stopping) return Qnil;
+        rb_thread_check_ints(); /* raises a real interrupt; a time-slice flag just loops */
+    }
+}
+
+/* Waits for a batch already started; returns its success. */
+static bool
+wait_batch(VALUE self, server_call_t *c, void *tag, int *interrupted)
+{
+    /* often done already (read-ahead, inline writes): then keep the GVL */
+    grpc_event ev = grpc_completion_queue_pluck(c->slot->cq, tag, gpr_inf_past(GPR_CLOCK_MONOTONIC), NULL);
+    *interrupted = 0;
+    if (ev.type != GRPC_OP_COMPLETE) {
+        c->busy++;
+        ev = flowctl_wait_tag(c->slot->cq, tag, c->slot->call, interrupted);
+        c->busy--;
+    }
+    RB_GC_GUARD(self);
+    if (!ev.success) c->cancelled = true;
+    return ev.success != 0;
+}
+
+/* Runs one batch on the call and waits for it; returns the event's success. */
+static bool
+run_batch(VALUE self, server_call_t *c, grpc_op *ops, size_t n, int *interrupted)
+{
+    *interrupted = 0;
+    if (grpc_call_start_batch(c->slot->call, ops, n, ops, NULL) != GRPC_CALL_OK) return false;
+    return wait_batch(self, c, ops, interrupted);
+}
+
+/* After a wait: release the call when finish ran meanwhile on another thread. */
+static void
+after_batch(server_call_t *c)
+{
+    if (c->release_pending && c->busy == 0) {
+        c->release_pending = false;
+        call_release(c);
+    }
+}
+
+static void
+add_initial_md(server_call_t *c, grpc_op *ops, size_t *n)
+{
+    if (c->sent_initial_md) return;
+    c->sent_initial_md = true;
+    memset(&ops[*n], 0, sizeof(grpc_op));
+    ops[(*n)++].op = GRPC_OP_SEND_INITIAL_METADATA;
+}
+
+/*
+ * call-seq:
+ *   call.recv(read_ahead = false) -> String or nil
+ *
+ * The next request message (binary String), or nil when the client has half-closed.
+ * read_ahead starts reading the following message at once (streams). Raises
+ * Flowctl::Cancelled when the client went away.
+ */
+static VALUE
+server_call_recv(int argc, VALUE *argv, VALUE self)
+{
+    VALUE ahead;
+    rb_scan_args(argc, argv, "01", &ahead);
+    server_call_t *c = call_get(self);
+    if (c->read_done) return Qnil;
+    call_slot *slot = c->slot;
+    if (!slot->recv_pending && !start_recv(slot)) rb_raise(eCancelledCall, "the call can no longer read");
+    int interrupted;
+    bool ok = wait_batch(self, c, &slot->recv_op, &interrupted);
+    slot->recv_pending = false;
+    grpc_byte_buffer *buf = slot->recv_buf;
+    slot->recv_buf = NULL;
+    VALUE str = Qnil;
+    if (buf) {
+        str = flowctl_str_from_buffer(buf);
+        grpc_byte_buffer_destroy(buf);
+    } else if (ok && grpc_call_failed_before_recv_message(slot->call)) {
+        ok = false; /* no message because the client cancelled, not a half-close */
+        c->cancelled = true;
+    } else if (ok) {
+        c->read_done = true;
+    }
+    if (ok && buf && RTEST(ahead) && !interrupted && !c->finished && c->slot) start_recv(c->slot);
+    after_batch(c);
+    flowctl_wait_finish(interrupted);
+    if (!ok) rb_raise(eCancelledCall, "the client cancelled the call or went away");
+    return str;
+}
+
+/* Waits for the previous write-behind batch; false when it failed. */
+static bool
+wait_send(VALUE self, server_call_t *c, int *interrupted)
+{
+    *interrupted = 0;
+    if (!c->send_pending) return true;
+    bool ok = wait_batch(self, c, c->send_ops, interrupted);
+    c->send_pending = false;
+    grpc_byte_buffer_destroy(c->send_ops[c->send_count - 1].data.send_message.send_message);
+    return ok;
+}
+
+/*
+ * call-seq:
+ *   call.send_message(bytes) -> self
+ *
+ * Sends one reply message (and the initial metadata first, when not yet sent). Returns
+ * once the batch has started: the next send or finish waits for it. Raises
+ * Flowctl::Cancelled when the client went away.
+ */
+static VALUE
+server_call_send(VALUE self, VALUE bytes)
+{
+    server_call_t *c = call_get(self);
+    StringValue(bytes);
+    int interrupted;
+    bool ok = wait_send(self, c, &interrupted);
+    if (ok && !interrupted && !c->finished && c->slot) {
+        size_t n = 0;
+        add_initial_md(c, c->send_ops, &n);
+        memset(&c->send_ops[n], 0, sizeof(grpc_op));
+        c->send_ops[n].op = GRPC_OP_SEND_MESSAGE;
+        c->send_ops[n++].data.send_message.send_message = flowctl_buffer_from_str(bytes);
+        c->send_count = n;
+        if (grpc_call_start_batch(c->slot->call, c->send_ops, n, c->send_ops, NULL) == GRPC_CALL_OK) {
+            c->send_pending = true;
+        } else {
+            grpc_byte_buffer_destroy(c->send_ops[n - 1].data.send_message.send_message);
+            ok = false;
+        }
+    }
+    after_batch(c);
+    flowctl_wait_finish(interrupted);
+    if (!ok) rb_raise(eCancelledCall, "the client cancelled the call or went away");
+    return self;
+}
+
+struct finish_arg {
+    VALUE self;
+    server_call_t *c;
+    grpc_op ops[4];
+    size_t n;
+    flowctl_metadata md;
+    grpc_slice details;
+    grpc_byte_buffer *msg;
+    int cancelled;
+    int interrupted;
+    bool ok;
+};
+
+static VALUE
+finish_body(VALUE p)
+{
+    struct finish_arg *a = (struct finish_arg *)p;
+    if (!wait_send(a->self, a->c, &a->interrupted) || a->interrupted) return Qnil;
+    a->ok = run_batch(a->self, a->c, a->ops, a->n, &a->interrupted);
+    return Qnil;
+}
+
+static void
+end_call(server_call_t *c)
+{
+    c->finished = true;
+    if (c->busy == 0) {
+        call_release(c);
+    } else {
+        grpc_call_cancel(c->slot->call, NULL); /* wakes the other waiter; it releases */
+        c->release_pending = true;
+    }
+}
+
+static VALUE
+finish_cleanup(VALUE p)
+{
+    struct finish_arg *a = (struct finish_arg *)p;
+    flowctl_metadata_free(&a->md);
+    grpc_slice_unref(a->details);
+    if (a->msg) grpc_byte_buffer_destroy(a->msg);
+    a->c->slot->status_sent = a->ok;
+    end_call(a->c);
+    return Qnil;
+}
+static void
+finish_ops(struct finish_arg *a, grpc_status_code code)
+{
+    add_initial_md(a->c, a->ops, &a->n);
+    if (a->msg) {
+        memset(&a->ops[a->n], 0, sizeof(grpc_op));
+        a->ops[a->n].op = GRPC_OP_SEND_MESSAGE;
+        a->ops[a->n++].data.send_message.send_message = a->msg;
+    }
+    memset(&a->ops[a->n], 0, sizeof(grpc_op));
+    a->ops[a->n].op = GRPC_OP_SEND_STATUS_FROM_SERVER;
+    a->ops[a->n].data.send_status_from_server.status = code;
+    a->ops[a->n].data.send_status_from_server.status_details = &a->details;
+    a->ops[a->n].data.send_status_from_server.trailing_metadata = a->md.md;
+    a->ops[a->n++].data.send_status_from_server.trailing_metadata_count = a->md.count;
+    memset(&a->ops[a->n], 0, sizeof(grpc_op));
+    a->ops[a->n].op = GRPC_OP_RECV_CLOSE_ON_SERVER;
+    a->ops[a->n++].data.recv_close_on_server.cancelled = &a->cancelled;
+}
+
+/*
+ * call-seq:
+ *   call.finish(code, details, trailing_metadata, last_message = nil) -> true or false
+ *
+ * Sends the last message (if any) and the status, and ends the call; true when the
+ * client got it, false when the call was cancelled. The call is released afterwards.
+ */
+static VALUE
+server_call_finish(int argc, VALUE *argv, VALUE self)
+{
+    VALUE code, details, trailing, last;
+    rb_scan_args(argc, argv, "31", &code, &details, &trailing, &last);
+    server_call_t *c = call_get(self);
+    int status = NUM2INT(code);
+    if (status < 0 || status > GRPC_STATUS_UNAUTHENTICATED) rb_raise(rb_eArgError, "bad status code %d", status);
+    if (!NIL_P(details)) StringValue(details);
+    if (!NIL_P(last)) StringValue(last);
+
+    struct finish_arg a = {.self = self, .c = c};
+    flowctl_metadata_from_hash(trailing, &a.md); /* validates; raises before anything is owned */
+    a.details = NIL_P(details) ? grpc_empty_slice()
+                               : grpc_slice_from_copied_buffer(RSTRING_PTR(details), (size_t)RSTRING_LEN(details));
+    a.msg = NIL_P(last) ? NULL : flowctl_buffer_from_str(last);
+    finish_ops(&a, (grpc_status_code)status);
+    rb_ensure(finish_body, (VALUE)&a, finish_cleanup, (VALUE)&a);
+    flowctl_wait_finish(a.interrupted);
+    if (!a.ok || a.cancelled) c->cancelled = true;
+    return a.ok && !a.cancelled ? Qtrue : Qfalse;
+}
+
+/* call-seq: call.cancel -> nil (ends the call with CANCELLED when not finished; idempotent) */
+static VALUE
+server_call_cancel(VALUE self)
+{
+    server_call_t *c = rb_check_typeddata(self, &server_call_type);
+    if (!c->slot || c->finished) return Qnil;
+    c->cancelled = true;
+    end_call(c);
+    return Qnil;
+}
+/* call-seq: call.method_path -> "/package.Service/Method" */
+static VALUE
+server_call_method(VALUE self)
+{
+    server_call_t *c = rb_check_typeddata(self, &server_call_type);
+    if (!c->slot) return Qnil;
+    grpc_slice m = c->slot->details.method;
+    return rb_utf8_str_new((const char *)GRPC_SLICE_START_PTR(m), (long)GRPC_SLICE_LENGTH(m));
+}
+
+/* call-seq: call.headers -> Hash (the request metadata) */
+static VALUE
+server_call_headers(VALUE self)
+{
+    server_call_t *c = rb_check_typeddata(self, &server_call_type);
+    if (!c->slot) return rb_hash_new();
+    return flowctl_metadata_to_hash(c->slot->md.metadata, c->slot->md.count);
+}
+
+/* call-seq: call.header("authorization") -> String or nil (the first value of one header) */
+static VALUE
+server_call_header(VALUE self, VALUE key)
+{
+    server_call_t *c = rb_check_typeddata(self, &server_call_type);
+    StringValue(key);
+    if (!c->slot) return Qnil;
+    for (size_t i = 0; i < c->slot->md.count; i++) {
+        grpc_slice k = c->slot->md.metadata[i].key;
+        if (GRPC_SLICE_LENGTH(k) == (size_t)RSTRING_LEN(key) &&
+            memcmp(GRPC_SLICE_START_PTR(k), RSTRING_PTR(key), (size_t)RSTRING_LEN(key)) == 0) {
+            grpc_slice v = c->slot->md.metadata[i].value;
+            return rb_utf8_str_new((const char *)GRPC_SLICE_START_PTR(v), (long)GRPC_SLICE_LENGTH(v));
+        }
+    }
+    return Qnil;
+}
+
+/* call-seq: call.peer -> "ipv4:127.0.0.1:54321" */
+static VALUE
+server_call_peer(VALUE self)
+{
+    server_call_t *c = rb_check_typeddata(self, &server_call_type);
+    if (!c->slot) return Qnil;
+    char *p = grpc_call_get_peer(c->slot->call);
+    VALUE str = rb_str_new_cstr(p ? p : "");
+    gpr_free(p);
+    return str;
+}
+
+/* call-seq: call.deadline -> Float (seconds since the epoch) or nil when the client set none */
+static VALUE
+server_call_deadline(VALUE self)
+{
+    server_call_t *c = rb_check_typeddata(self, &server_call_type);
+    if (!c->slot) return Qnil;
+    gpr_timespec d = c->slot->details.deadline;
+    if (gpr_time_cmp(d, gpr_inf_future(d.clock_type)) == 0) return Qnil;
+    d = gpr_convert_clock_type(d, GPR_CLOCK_REALTIME);
+    return DBL2NUM((double)d.tv_sec + (double)d.tv_nsec / 1e9);
+}
+
+/* call-seq: call.cancelled? -> true when a batch failed or the client cancelled */
+static VALUE
+server_call_cancelled_p(VALUE self)
+{
+    server_call_t *c = rb_check_typeddata(self, &server_call_type);
+    return c->cancelled ? Qtrue : Qfalse;
+}
+
+/* call-seq: call.finished? -> true once finish or cancel ran */
+static VALUE
+server_call_finished_p(VALUE self)
+{
+    server_call_t *c = rb_check_typeddata(self, &server_call_type);
+    return c->finished || !c->slot ? Qtrue : Qfalse;
+}
 
 void
 init_flowctl_server(void)
 {
+    eCancelledCall = rb_const_get(mFlowctl, rb_intern("Cancelled"));
+
+    cServer = rb_define_class_under(mFlowctlNative, "Server", rb_cObject);
+    rb_define_alloc_func(cServer, server_alloc);
+    rb_define_method(cServer, "initialize", server_initialize, 1);
+    rb_define_method(cServer, "add_port", server_add_port, 2);
+    rb_define_method(cServer, "start", server_start, 2);
+    rb_define_method(cServer, "next_call", server_next_call, 0);
+    rb_define_method(cServer, "shutdown", server_shutdown, 0);
+    rb_define_method(cServer, "wait_shutdown", server_wait_shutdown, -1);
+    rb_define_method(cServer, "cancel_all", server_cancel_all, 0);
+    rb_define_method(cServer, "close", server_close, 0);
+    rb_define_method(cServer, "stats", server_stats, 0);
+
+    cServerCall = rb_define_class_under(mFlowctlNative, "ServerCall", rb_cObject);
+    rb_undef_alloc_func(cServerCall);
+    rb_define_method(cServerCall, "recv", server_call_recv, -1);
+    rb_define_method(cServerCall, "send_message", server_call_send, 1);
+    rb_define_method(cServerCall, "finish", server_call_finish, -1);
+    rb_define_method(cServerCall, "cancel", server_call_cancel, 0);
+    rb_define_method(cServerCall, "method_path", server_call_method, 0);
+    rb_define_method(cServerCall, "headers", server_call_headers, 0);
+    rb_define_method(cServerCall, "header", server_call_header, 1);
+    rb_define_method(cServerCall, "peer", server_call_peer, 0);
+    rb_define_method(cServerCall, "deadline", server_call_deadline, 0);
+    rb_define_method(cServerCall, "cancelled?", server_call_cancelled_p, 0);
+    rb_define_method(cServerCall, "finished?", server_call_finished_p, 0);
 }

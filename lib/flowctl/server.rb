@@ -1,1 +1,403 @@
 # frozen_string_literal: true
+
+module Flowctl
+  # A gRPC server for the flow services, on gRPC C core.
+  #
+  #   server = Flowctl::Server.new(port: 0, tls: false)
+  #   server.handle(Flowctl::ControlPlane::Service, Flowctl::ControlPlane::Registry.new)
+  #   server.handle(Flowctl::Processor::Service, MyProcessor.new)
+  #   port = server.start
+  #   ...
+  #   server.stop(grace: 5)
+  #
+  # Handlers are plain Ruby objects with one snake_case method per RPC they serve:
+  #
+  #   def get_capabilities(request, call)   # unary: return the response or a Hash of its fields
+  #     { name: "upcase", version: "1.0" }
+  #   end
+  #
+  #   def process(requests, call)           # bidi: requests is an Enumerable read as it is iterated
+  #     requests.each { |msg| yield msg }   # replies: yield them, call.write / call << them,
+  #   end                                   # and/or return an Enumerable of them
+  #
+  # Raise a Flowctl::RPCError (Flowctl::NotFound, Flowctl::RPCError.new("x", code: 9), ...) to end
+  # a call with that status; any other exception ends it with UNKNOWN and its message. Either way
+  # only that call fails. A handler method that takes one argument gets only the request.
+  #
+  # TLS: tls: false serves plaintext, a Flowctl::TLS (cert_chain:, private_key:, and root_certs: with
+  # client_auth: :require for mTLS) serves TLS; tls: nil (the default) serves plaintext on a loopback
+  # host only and raises ArgumentError for any other host, so nothing is exposed in clear by accident.
+  #
+  # auth_token: "s3cret" makes every call carry "authorization: Bearer s3cret" metadata; any other
+  # call ends with UNAUTHENTICATED before a handler runs.
+  #
+  # pool_size: worker threads serve that many calls at once. A call that arrives while every
+  # worker is busy may wait max_wait seconds (default 0.1) for one to finish, if fewer than
+  # max_waiting calls (default pool_size) already wait; otherwise, and when the wait runs
+  # out, it ends with RESOURCE_EXHAUSTED. Nothing queues without bound. A bidi stream holds
+  # its worker for as long as it is open.
+  class Server
+    DEFAULT_POOL_SIZE = 32
+    LOOPBACK = %w[127.0.0.1 localhost ::1 [::1]].freeze
+
+    OK = 0
+    UNKNOWN = 2
+    INTERNAL = 13
+    UNIMPLEMENTED = 12
+    UNAUTHENTICATED = 16
+
+    attr_reader :host, :port, :pool_size
+
+    def initialize(host: "127.0.0.1", port: 0, tls: nil, auth_token: nil, pool_size: DEFAULT_POOL_SIZE,
+                   max_waiting: nil, max_wait: 0.1, channel_args: {})
+      @host = String(host)
+      @requested_port = Integer(port)
+      @tls = check_tls(tls)
+      @auth = auth_header(auth_token)
+      @pool_size = Integer(pool_size)
+      raise ArgumentError, "pool_size must be at least 1 (given #{pool_size})" if @pool_size < 1
+
+      @max_waiting = Integer(max_waiting || @pool_size)
+      @max_wait = Float(max_wait)
+      raise ArgumentError, "max_waiting must not be negative (given #{max_waiting})" if @max_waiting.negative?
+      raise ArgumentError, "max_wait must not be negative (given #{max_wait})" if @max_wait.negative?
+      raise TypeError, "channel_args must be a Hash (given #{channel_args.class})" unless channel_args.is_a?(Hash)
+
+      # no SO_REUSEPORT unless asked: a second server on a taken port must fail, not share it
+      @channel_args = { "grpc.so_reuseport" => 0 }.merge(channel_args.transform_keys(&:to_s))
+      @routes = {}
+      @state = :new
+      @lock = Mutex.new
+      @port = nil
+    end
+
+    # call-seq: server.handle(Flowctl::ControlPlane::Service, handler) -> self
+    #
+    # Serves every RPC of service that handler has a method for; the service's other RPCs answer
+    # UNIMPLEMENTED.
+    def handle(service, handler)
+      raise TypeError, "service must be a Flowctl::Service (given #{service.inspect})" unless service.is_a?(Service)
+      raise "handle services before #start" unless @state == :new
+
+      routes = service.rpcs.filter_map do |rpc|
+        next unless handler.respond_to?(rpc.method_name)
+
+        [rpc.path, Route.new(rpc, handler, handler.method(rpc.method_name).arity == 1)]
+      end
+      if routes.empty?
+        raise ArgumentError, "#{handler.class} has no method for any RPC of #{service.full_name} " \
+                             "(expected one of #{service.rpcs.map(&:method_name).join(', ')})"
+      end
+      @routes.merge!(routes.to_h)
+      self
+    end
+
+    # call-seq: server.start -> Integer (the bound port)
+    def start
+      @lock.synchronize do
+        raise "server already started" unless @state == :new
+        raise ArgumentError, "no handlers: call #handle first" if @routes.empty?
+
+        @native = Native::Server.new(@channel_args)
+        begin
+          @port = @native.add_port(address, @tls ? @tls.to_native << @tls.client_auth : false)
+        rescue StandardError
+          @native.close
+          raise
+        end
+        @routes.freeze
+        @workers = Array.new(@pool_size) { |i| spawn_worker(i) } # they wait for calls before any arrive
+        begin
+          @native.start(@max_waiting, @max_wait)
+        rescue StandardError
+          @native.close # never started: ends the workers' wait
+          @workers.each(&:join)
+          raise
+        end
+        @state = :running
+      end
+      @port
+    end
+
+    def running? = @state == :running
+
+    # call-seq: server.stop(grace: 5) -> nil
+    #
+    # Stops accepting calls, lets calls in flight finish for up to grace seconds, then cancels
+    # the rest (handlers that ignore the cancellation are killed a second later). Idempotent.
+    def stop(grace: 5)
+      @lock.synchronize do
+        return nil unless @state == :running
+
+        @state = :stopping
+      end
+      @native.shutdown
+      done = @native.wait_shutdown(Float(grace)) || force_stop
+      others.each(&:join)
+      if done
+        @native.close
+      else
+        warn "flowctl server: calls still hold the server after stop; leaving it to the garbage collector"
+      end
+      @state = :stopped
+      nil
+    end
+
+    # {accepted:, rejected:, idle:, queued:} as counted by the native acceptor.
+    def stats
+      @native ? @native.stats : { accepted: 0, rejected: 0, idle: 0, queued: 0 }
+    end
+
+    def inspect
+      "#<Flowctl::Server #{address_for_display} #{@state} tls: #{@tls ? true : false} " \
+        "rpcs: #{@routes.size} pool_size: #{@pool_size}>"
+    end
+
+    # The call object handlers get next to the request.
+    class Call
+      attr_reader :rpc, :trailing_metadata
+
+      def initialize(native, rpc)
+        @native = native
+        @rpc = rpc
+        @trailing_metadata = {}
+      end
+
+      # Request metadata (Hash; "-bin" values binary).
+      def headers = @headers ||= @native.headers
+      alias metadata headers
+
+      # "ipv4:127.0.0.1:54321"
+      def peer = @native.peer
+
+      # "/obsrvr.flow.processor.ProcessorService/Process"
+      def method_path = @native.method_path
+
+      # The client's deadline as a Time, or nil when it set none.
+      def deadline
+        d = @native.deadline
+        d && Time.at(d)
+      end
+
+      # True once the client cancelled or went away.
+      def cancelled? = @native.cancelled?
+
+      # Trailing metadata sent with the status (merged with an RPCError's #metadata).
+      def trailing_metadata=(hash)
+        @trailing_metadata = Native.validate_headers(hash).dup
+      end
+
+      # Sends one reply on a bidi call (a message object or a Hash of its fields). Thread-safe.
+      def write(reply)
+        raise ArgumentError, "#{@rpc.name} is unary: return the response instead" unless @rpc.bidi?
+
+        bytes = Server.encode_reply(@rpc, reply)
+        (@write_lock ||= Mutex.new).synchronize { @native.send_message(bytes) }
+        self
+      end
+
+      def <<(reply) = write(reply)
+
+      def inspect = "#<Flowctl::Server::Call #{method_path} peer: #{peer}>"
+    end
+
+    # The requests of a bidi call: read from the wire as it is iterated, once.
+    class Requests
+      include Enumerable
+
+      def initialize(native, klass)
+        @native = native
+        @klass = klass
+        @done = false
+      end
+
+      def each
+        return enum_for(:each) unless block_given?
+
+        while (msg = read)
+          yield msg
+        end
+        self
+      end
+
+      # The next request, or nil once the client has closed its side.
+      def read
+        return nil if @done
+
+        bytes = @native.recv(true)
+        if bytes.nil?
+          @done = true
+          return nil
+        end
+        @klass.decode(bytes)
+      rescue DecodeError => e
+        raise InvalidRequest, "cannot decode #{@klass.descriptor_name}: #{e.message}"
+      end
+    end
+
+    # Raised into a handler when the request bytes are not a valid message.
+    class InvalidRequest < Flowctl::Error; end
+    # A handler returned something that is not its RPC's response.
+    class BadReply < Flowctl::Error; end
+
+    Route = Struct.new(:rpc, :handler, :request_only)
+
+    def self.encode_reply(rpc, reply)
+      klass = rpc.response_class
+      case reply
+      when klass then reply.to_proto
+      when Hash then klass.new(**reply.transform_keys(&:to_sym)).to_proto
+      else
+        raise BadReply, "#{rpc.name} must reply with a #{klass} or a Hash of its fields (got #{reply.class})"
+      end
+    rescue ArgumentError, TypeError, RangeError => e
+      raise BadReply, "#{rpc.name} reply: #{e.message}"
+    end
+
+    private
+
+    def check_tls(tls)
+      case tls
+      when false, TLS
+        if tls && tls.cert_chain.nil?
+          raise ArgumentError, "a TLS server needs cert_chain: and private_key: in its Flowctl::TLS"
+        end
+        tls
+      when nil
+        unless LOOPBACK.include?(@host)
+          raise ArgumentError, "plaintext on #{@host} must be asked for: pass tls: false, or a Flowctl::TLS"
+        end
+        false
+      else
+        raise TypeError, "tls: must be false or a Flowctl::TLS (given #{tls.class})"
+      end
+    end
+
+    def auth_header(token)
+      return nil if token.nil?
+      raise TypeError, "auth_token must be a String (given #{token.class})" unless token.is_a?(String)
+      raise ArgumentError, "auth_token must not be empty" if token.empty?
+
+      "Bearer #{token}".b.freeze
+    end
+
+    def address
+      h = @host.include?(":") && !@host.start_with?("[") ? "[#{@host}]" : @host
+      "#{h}:#{@requested_port}"
+    end
+
+    def address_for_display = @port ? address.sub(/:\d+\z/, ":#{@port}") : address
+
+    def spawn_worker(index)
+      Thread.new do
+        Thread.current.name = "flowctl-server-#{index}"
+        while (ncall = @native.next_call)
+          begin
+            serve(ncall)
+          rescue Exception => e # rubocop:disable Lint/RescueException -- a worker outlives any call
+            warn "flowctl server: #{e.class}: #{e.message}" unless e.is_a?(Flowctl::Error)
+          end
+        end
+      end
+    end
+
+    # After the grace period: cancel every call, give handlers a second to notice, then kill
+    # the workers still busy (their ensure releases the calls). True once the server is done.
+    def force_stop
+      @native.cancel_all
+      limit = Process.clock_gettime(Process::CLOCK_MONOTONIC) + 1.0
+      others.each { |t| t.join([limit - Process.clock_gettime(Process::CLOCK_MONOTONIC), 0].max) }
+      others.each { |t| t.kill if t.alive? }
+      others.each(&:join)
+      @native.wait_shutdown(10)
+    end
+
+    # The workers, less the current thread (a handler may stop its own server).
+    def others = @workers.reject { |t| t.equal?(Thread.current) }
+
+    # One call, start to end. The ensure releases the native call whatever happened.
+    def serve(ncall)
+      route = @routes[ncall.method_path]
+      if route.nil?
+        ncall.finish(UNIMPLEMENTED, "unknown method #{ncall.method_path}", nil)
+      elsif @auth && !authorized?(ncall)
+        ncall.finish(UNAUTHENTICATED, "missing or wrong authorization bearer token", nil)
+      else
+        run(ncall, route)
+      end
+    rescue Flowctl::Error
+      nil # the client went away while we answered; nothing left to tell it
+    ensure
+      ncall.cancel
+    end
+
+    def authorized?(ncall)
+      given = ncall.header("authorization")
+      !given.nil? && given.bytesize == @auth.bytesize && secure_equal(given.b, @auth)
+    end
+
+    def secure_equal(a, b)
+      diff = 0
+      a.each_byte.with_index { |c, i| diff |= c ^ b.getbyte(i) }
+      diff.zero?
+    end
+
+    def run(ncall, route)
+      call = Call.new(ncall, route.rpc)
+      status = begin
+        if route.rpc.unary?
+          [OK, nil, run_unary(ncall, route, call)]
+        else
+          run_bidi(ncall, route, call)
+          [OK, nil]
+        end
+      rescue Cancelled
+        raise if ncall.finished? || ncall.cancelled?
+
+        [Cancelled::CODE, $!.details, nil, $!.metadata]
+      rescue RPCError => e
+        [e.code, e.details, nil, e.metadata]
+      rescue InvalidRequest, BadReply => e
+        [INTERNAL, e.message]
+      rescue StandardError, ScriptError => e
+        [UNKNOWN, "#{e.class}: #{e.message}"]
+      end
+      finish(ncall, call, *status)
+    end
+
+    def finish(ncall, call, code, details, bytes = nil, metadata = nil)
+      trailing = metadata.nil? || metadata.empty? ? call.trailing_metadata : call.trailing_metadata.merge(metadata)
+      ncall.finish(code, details, trailing, bytes)
+    rescue ArgumentError, TypeError => e # bad trailing metadata from the handler
+      ncall.finish(INTERNAL, "bad trailing metadata: #{e.message}", nil)
+    end
+
+    def run_unary(ncall, route, call)
+      rpc = route.rpc
+      bytes = ncall.recv
+      raise InvalidRequest, "#{rpc.name}: the client sent no request message" if bytes.nil?
+
+      request = begin
+        rpc.request_class.decode(bytes)
+      rescue DecodeError => e
+        raise InvalidRequest, "cannot decode #{rpc.request_class.descriptor_name}: #{e.message}"
+      end
+      reply = if route.request_only
+                route.handler.public_send(rpc.method_name, request)
+              else
+                route.handler.public_send(rpc.method_name, request, call)
+              end
+      Server.encode_reply(rpc, reply)
+    end
+
+    def run_bidi(ncall, route, call)
+      requests = Requests.new(ncall, route.rpc.request_class)
+      args = route.request_only ? [requests] : [requests, call]
+      result = route.handler.public_send(route.rpc.method_name, *args) { |reply| call.write(reply) }
+      return unless result.is_a?(Enumerable)
+      return if result.equal?(requests) || result.is_a?(Hash) || result.is_a?(Struct)
+
+      result.each { |reply| call.write(reply) }
+    end
+  end
+end

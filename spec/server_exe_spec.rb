@@ -1,0 +1,69 @@
+# frozen_string_literal: true
+
+require "spec_helper"
+require "open3"
+require "rbconfig"
+
+# exe/flowctl-controlplane: serves the embedded control plane, prints the component table,
+# exits cleanly on SIGINT.
+RSpec.describe "exe/flowctl-controlplane" do
+  before(:all) { Official.load! }
+
+  exe = File.expand_path("../exe/flowctl-controlplane", __dir__)
+  lib = File.expand_path("../lib", __dir__)
+  define_method(:run_exe) { |*args| Open3.popen3(RbConfig.ruby, "-I#{lib}", exe, *args) }
+
+  # Reads stdout lines until one matches (or the process ends / time runs out).
+  def read_until(out, pattern, seen, limit: 10)
+    deadline = Time.now + limit
+    while Time.now < deadline
+      break unless IO.select([out], nil, nil, deadline - Time.now)
+
+      line = out.gets or break
+      seen << line
+      return line if line.match?(pattern)
+    end
+    nil
+  end
+
+  it "serves the control plane, shows registered components, and stops on SIGINT" do
+    stdin, out, err, wait = run_exe("--port", "0", "--interval", "0.2", "--ttl", "60", "--token", "T")
+    seen = []
+    banner = read_until(out, /listening on/, seen)
+    expect(banner).to match(/listening on 127\.0\.0\.1:\d+ \(plaintext, bearer token required, ttl 60.0s\)/), seen.join
+    port = Integer(banner[/127\.0\.0\.1:(\d+)/, 1])
+    cp = Obsrvr::Flow::Controlplane
+    stub = cp::ControlPlane::Stub.new("127.0.0.1:#{port}", :this_channel_is_insecure, timeout: 5)
+    expect { stub.register_source(cp::RegisterSourceRequest.new(source_id: "s1")) }.to raise_error(GRPC::Unauthenticated)
+    auth = { metadata: { "authorization" => "Bearer T" } }
+    stub.register_source(cp::RegisterSourceRequest.new(source_id: "ledger-source", endpoint: "127.0.0.1:7001"), **auth)
+    stub.source_heartbeat(cp::SourceHeartbeatRequest.new(source_id: "ledger-source", status: "HEALTHY",
+                                                         metrics: { "ledgers" => 12.0 }), **auth)
+    row = read_until(out, /ledger-source/, seen)
+    expect(row.split.values_at(0, 1, 2, 3)).to eq(%w[source ledger-source 127.0.0.1:7001 HEALTHY])
+    expect(row).to include("ledgers=12")
+    Process.kill("INT", wait.pid)
+    expect(read_until(out, /stopping/, seen)).not_to be_nil
+    rest = out.read
+    expect(wait.value.success?).to be(true), err.read
+    expect(rest).to include("ledger-source")
+  ensure
+    [stdin, out, err].each { |io| io&.close unless io&.closed? }
+    if wait&.alive?
+      Process.kill("KILL", wait.pid)
+      wait.join
+    end
+  end
+
+  it "refuses plaintext on a non-loopback host unless asked, and bad options" do
+    _, err, status = Open3.capture3(RbConfig.ruby, "-I#{lib}", exe, "--host", "0.0.0.0", "--port", "0")
+    expect(status.success?).to be(false)
+    expect(err).to include("0.0.0.0 is not a loopback address: pass --plaintext, or --tls-cert and --tls-key")
+    _, err, status = Open3.capture3(RbConfig.ruby, "-I#{lib}", exe, "--port", "x")
+    expect(status.success?).to be(false)
+    expect(err).to include("invalid argument: --port x")
+    out, _, status = Open3.capture3(RbConfig.ruby, "-I#{lib}", exe, "--help")
+    expect(status.success?).to be(true)
+    expect(out).to include("usage: flowctl-controlplane")
+  end
+end
