@@ -445,9 +445,13 @@ stream_check_writable(stream_t *s)
 static void
 stream_write_failed(stream_t *s)
 {
-    stream_fetch_status(s);
+    /*
+     * The call is over, but its status is not waited for here: gRPC delivers it only
+     * after every reply has been read, and replies may be left unread (a hang, not an
+     * error, if this waited). The reader gets the status; so does a write after it.
+     */
     stream_raise_error(s);
-    rb_raise(rb_eIOError, "stream finished by the server before this write");
+    rb_raise(rb_eIOError, "stream finished by the server before this write (read the replies for its status)");
 }
 
 /*
