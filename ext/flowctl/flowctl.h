@@ -52,6 +52,7 @@ typedef struct flowctl_field {
     bool presence;                        /* proto3 `optional` scalar: nil means unset */
     bool timestamp;                       /* elem is google.protobuf.Timestamp (Ruby Time) */
     uint8_t tag[5], tag_len;              /* the field's key as written (number and wire type) */
+    int ts_slot;                          /* singular Timestamp: its cached seconds/nanos, else -1 */
     ID id;
     VALUE sym;                            /* static Symbol: never moves, never collected */
     const char *name;
@@ -65,14 +66,26 @@ struct flowctl_class {
     unsigned n_fields;
     flowctl_field *fields;    /* same order as desc->fields */
     unsigned *order;          /* field indexes by field number: the wire order */
+    unsigned n_ts;            /* singular Timestamp fields (each has a cached timespec) */
     st_table *by_name;        /* ID of name -> index */
 };
 
-/* A message object: its class and one VALUE per field (Qnil: an empty map/list not yet built). */
+/*
+ * A message object: its class and one VALUE per field (Qnil: an empty map/list not yet
+ * built), then, for each singular Timestamp field, the seconds and nanos of its Time as
+ * they were when set or decoded (a Time never changes its instant), so encoding needs
+ * no call into Ruby's Time.
+ */
 typedef struct flowctl_msg {
     const flowctl_class *ci;
     VALUE vals[];
 } flowctl_msg;
+
+static inline struct timespec *
+flowctl_msg_ts(flowctl_msg *m, const flowctl_field *f)
+{
+    return (struct timespec *)(m->vals + m->ci->n_fields) + f->ts_slot;
+}
 
 void init_flowctl_message(void);
 void init_flowctl_convert(void);

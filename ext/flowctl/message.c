@@ -32,10 +32,15 @@ msg_compact(void *p)
 }
 
 static size_t
+msg_size(const flowctl_class *ci)
+{
+    return sizeof(flowctl_msg) + ci->n_fields * sizeof(VALUE) + ci->n_ts * sizeof(struct timespec);
+}
+
+static size_t
 msg_memsize(const void *p)
 {
-    const flowctl_msg *m = p;
-    return sizeof(*m) + m->ci->n_fields * sizeof(VALUE);
+    return msg_size(((const flowctl_msg *)p)->ci);
 }
 
 static const rb_data_type_t msg_type = {
@@ -68,8 +73,7 @@ flowctl_field_default(const flowctl_field *f)
 static VALUE
 msg_alloc_ci(VALUE klass, const flowctl_class *ci)
 {
-    size_t size = sizeof(flowctl_msg) + ci->n_fields * sizeof(VALUE);
-    VALUE obj = rb_data_typed_object_zalloc(klass, size, &msg_type);
+    VALUE obj = rb_data_typed_object_zalloc(klass, msg_size(ci), &msg_type);
     flowctl_msg *m = RTYPEDDATA_DATA(obj);
     m->ci = ci;
     for (unsigned i = 0; i < ci->n_fields; i++) m->vals[i] = flowctl_field_default(&ci->fields[i]);
@@ -153,7 +157,9 @@ field_set(VALUE self, unsigned i, VALUE v)
 {
     rb_check_frozen(self);
     flowctl_msg *m = flowctl_msg_get(self);
-    v = flowctl_convert_field(m->ci, &m->ci->fields[i], v);
+    const flowctl_field *f = &m->ci->fields[i];
+    v = flowctl_convert_field(m->ci, f, v);
+    if (f->ts_slot >= 0 && !NIL_P(v)) *flowctl_msg_ts(m, f) = rb_time_timespec(v);
     RB_OBJ_WRITE(self, &m->vals[i], v);
     return v;
 }
@@ -466,6 +472,7 @@ msg_initialize_copy(VALUE self, VALUE orig)
         }
         RB_OBJ_WRITE(self, &dst->vals[i], v);
     }
+    memcpy(dst->vals + dst->ci->n_fields, src->vals + src->ci->n_fields, src->ci->n_ts * sizeof(struct timespec));
     return self;
 }
 
@@ -534,6 +541,7 @@ build_field(flowctl_field *f, const ProtobufCFieldDescriptor *fd)
     f->name = fd->name;
     f->id = rb_intern(fd->name);
     f->sym = ID2SYM(f->id);
+    f->ts_slot = -1;
     flowctl_field_tag(f);
 }
 
@@ -557,6 +565,7 @@ build_class(const ProtobufCMessageDescriptor *desc, VALUE klass)
     ci->by_name = st_init_numtable();
     for (unsigned i = 0; i < desc->n_fields; i++) {
         build_field(&ci->fields[i], &desc->fields[i]);
+        if (ci->fields[i].timestamp && ci->fields[i].kind == FK_SINGULAR) ci->fields[i].ts_slot = (int)ci->n_ts++;
         ci->order[i] = i;
         st_insert(ci->by_name, (st_data_t)ci->fields[i].id, i);
     }
