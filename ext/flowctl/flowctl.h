@@ -89,10 +89,6 @@ flowctl_msg_ts(flowctl_msg *m, const flowctl_field *f)
 
 void init_flowctl_message(void);
 void init_flowctl_convert(void);
-/* The Ruby class of a message descriptor (Qnil when it has none). */
-VALUE flowctl_message_class(const ProtobufCMessageDescriptor *desc);
-/* Descriptor of a message class (raises TypeError when klass is not one). */
-const ProtobufCMessageDescriptor *flowctl_message_class_descriptor(VALUE klass);
 /* msg.to_proto: a binary String (raises naming the field on bad values). */
 VALUE flowctl_message_encode(VALUE msg);
 /* Klass.decode: raises Flowctl::DecodeError on garbage. */

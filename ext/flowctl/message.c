@@ -123,19 +123,6 @@ flowctl_class_of_desc(const ProtobufCMessageDescriptor *desc)
     return st_lookup(class_by_desc, (st_data_t)desc, &ci) ? (const flowctl_class *)ci : NULL;
 }
 
-VALUE
-flowctl_message_class(const ProtobufCMessageDescriptor *desc)
-{
-    const flowctl_class *ci = flowctl_class_of_desc(desc);
-    return ci ? ci->klass : Qnil;
-}
-
-const ProtobufCMessageDescriptor *
-flowctl_message_class_descriptor(VALUE klass)
-{
-    return class_of_checked(klass)->desc;
-}
-
 /* ---- field access ------------------------------------------------------- */
 
 static VALUE
