@@ -1,6 +1,8 @@
 # frozen_string_literal: true
 
-$LOAD_PATH.unshift File.expand_path("../lib", __dir__)
+# The gem's lib directory, for the specs that run Ruby in a child process.
+FLOWCTL_LIB = File.expand_path("../lib", __dir__)
+$LOAD_PATH.unshift FLOWCTL_LIB
 require "flowctl"
 
 # GC safety is part of the normal suite: every object the extension keeps must survive

@@ -257,12 +257,18 @@ typedef struct {
     bool write_closed, read_done, status_done, got_initial;
     grpc_status_code status;
     VALUE initial_md, trailing_md, details, error; /* Ruby values once known */
+    pid_t pid;                  /* in a forked child the call is the parent's: leave it */
 } stream_t;
 
 static void
 stream_release(stream_t *s)
 {
     if (!s->call) return;
+    if (s->pid != getpid()) {
+        s->call = NULL;
+        s->cq = NULL;
+        return;
+    }
     if (!s->status_done) grpc_call_cancel(s->call, NULL);
     grpc_call_unref(s->call);
     s->call = NULL;
@@ -333,6 +339,17 @@ static stream_t *
 stream_get(VALUE self)
 {
     return rb_check_typeddata(self, &stream_type);
+}
+
+/* The stream, for an operation on its call: IOError in a forked child. */
+static stream_t *
+stream_live(VALUE self)
+{
+    stream_t *s = stream_get(self);
+    if (s->call && s->pid != getpid())
+        rb_raise(rb_eIOError, "stream was opened before fork (in process %d): open a new one in this process",
+                 (int)s->pid);
+    return s;
 }
 
 /* Another thread is busy with this kind of op: wait for it with the GVL released now
@@ -419,6 +436,7 @@ stream_initialize(VALUE self, VALUE channel, VALUE path, VALUE timeout, VALUE he
     flowctl_metadata_from_hash(headers, &md);
     s->cq = grpc_completion_queue_create_for_pluck(NULL);
     s->call = create_call(channel, path, s->cq, deadline);
+    s->pid = getpid();
     grpc_op op = {.op = GRPC_OP_SEND_INITIAL_METADATA};
     op.data.send_initial_metadata.count = md.count;
     op.data.send_initial_metadata.metadata = md.md;
@@ -463,7 +481,7 @@ stream_write_failed(stream_t *s)
 static VALUE
 stream_write(VALUE self, VALUE bytes)
 {
-    stream_t *s = stream_get(self);
+    stream_t *s = stream_live(self);
     StringValue(bytes);
     stream_check_writable(s);
     grpc_op op = {.op = GRPC_OP_SEND_MESSAGE};
@@ -488,7 +506,7 @@ stream_write(VALUE self, VALUE bytes)
 static VALUE
 stream_close_write(VALUE self)
 {
-    stream_t *s = stream_get(self);
+    stream_t *s = stream_live(self);
     if (s->write_closed || s->status_done || !s->call) {
         s->write_closed = true;
         return Qnil;
@@ -557,7 +575,7 @@ read_cleanup(VALUE arg)
 static VALUE
 stream_read(VALUE self)
 {
-    stream_t *s = stream_get(self);
+    stream_t *s = stream_live(self);
     if (s->reading) rb_raise(eFlowctlError, "another thread is reading from this stream");
     if (s->read_done || !s->call) {
         stream_fetch_status(s);
@@ -585,7 +603,7 @@ stream_read(VALUE self)
 static VALUE
 stream_cancel(VALUE self)
 {
-    stream_t *s = stream_get(self);
+    stream_t *s = stream_live(self);
     if (s->call && !s->status_done) grpc_call_cancel(s->call, NULL);
     return Qnil;
 }
@@ -598,7 +616,7 @@ stream_cancel(VALUE self)
 static VALUE
 stream_initial_metadata(VALUE self)
 {
-    stream_t *s = stream_get(self);
+    stream_t *s = stream_live(self);
     if (s->reading && !s->got_initial) stream_wait_flag(&s->reading);
     if (s->got_initial || !s->call || s->read_done) return NIL_P(s->initial_md) ? rb_hash_new() : s->initial_md;
     grpc_metadata_array md;
@@ -655,7 +673,7 @@ stream_error(VALUE self)
 static VALUE
 stream_finish(VALUE self)
 {
-    stream_t *s = stream_get(self);
+    stream_t *s = stream_live(self);
     stream_fetch_status(s);
     stream_raise_error(s);
     return Qnil;

@@ -2,7 +2,7 @@
  * flowctl.h — the one internal header of the flowctl extension.
  *
  * Reading order: flowctl.c (Init) -> message.c/convert.c (messages) -> status.c
- * -> metadata.c -> wait.c -> channel.c -> call.c -> server.c -> heartbeat.c.
+ * -> metadata.c -> wait.c -> channel.c -> call.c -> server.c -> heartbeat.c -> fork.c.
  *
  * Mechanism files return codes where they can; the Ruby-facing functions raise.
  */
@@ -166,14 +166,25 @@ void flowctl_channel_unref(flowctl_channel *ch);     /* destroys the channel at 
 void init_flowctl_call(void);
 void init_flowctl_server(void);
 void init_flowctl_heartbeat(void);
-/* Around fork (fork.c): keeps heartbeat threads out of gRPC; true when none is inside. */
-bool flowctl_heartbeat_before_fork(double seconds);
-void flowctl_heartbeat_after_fork_parent(void);
+/* Before a fork (fork.c): cancels the beats still inside gRPC so they leave it. */
+void flowctl_heartbeat_cancel_calls(void);
 
-/* ---- fork.c: gRPC fork support around Process._fork -------------------- */
+/* ---- fork.c: fork handlers (pthread_atfork) and the gate ---------------- */
 void flowctl_fork_env(void);
 void init_flowctl_fork(void);
 /* Raises Flowctl::Error in a forked child where gRPC core could not be prepared. */
 void flowctl_fork_check(void);
+/*
+ * The gate: every stretch a thread of ours spends inside gRPC core without the GVL
+ * (a wait on a queue, a heartbeat's call, the server's acceptor) is bracketed by
+ * enter/leave, and each such stretch is bounded (waits poll every few ms). Before a
+ * fork the gate closes: threads leave gRPC and wait at the gate, so that gRPC core's
+ * fork handlers find nobody inside and can prepare (fork.c). Threads holding the GVL
+ * need no gate: the forking thread holds it.
+ */
+void flowctl_gate_enter(void);
+/* As enter, but gives up (false) when *woken becomes true while the gate is closed. */
+bool flowctl_gate_enter_unless(const atomic_bool *woken);
+void flowctl_gate_leave(void);
 
 #endif /* FLOWCTL_H */

@@ -134,30 +134,8 @@ typedef struct heartbeat {
 
 static unsigned fork_generation;
 static pthread_mutex_t live_lock = PTHREAD_MUTEX_INITIALIZER;
-static pthread_cond_t live_cond;  /* (live_lock) a thread left the list or gRPC, or a fork is over */
+static pthread_cond_t live_cond;  /* (live_lock) a thread left the list */
 static heartbeat *live_head;      /* (live_lock) */
-static bool fork_pending;         /* (live_lock) no thread may enter gRPC until the fork is done */
-static unsigned in_grpc;          /* (live_lock) threads inside gRPC calls right now */
-
-/* gRPC core's fork handlers refuse to run while another thread is inside gRPC, so every
- * stretch of gRPC use by a heartbeat thread is bracketed by these. */
-static void
-grpc_gate_enter(void)
-{
-    pthread_mutex_lock(&live_lock);
-    while (fork_pending) pthread_cond_wait(&live_cond, &live_lock);
-    in_grpc++;
-    pthread_mutex_unlock(&live_lock);
-}
-
-static void
-grpc_gate_leave(void)
-{
-    pthread_mutex_lock(&live_lock);
-    in_grpc--;
-    pthread_cond_broadcast(&live_cond);
-    pthread_mutex_unlock(&live_lock);
-}
 
 static bool
 hb_dead(const heartbeat *hb)
@@ -570,11 +548,11 @@ beat_loop(heartbeat *hb, grpc_completion_queue *cq)
         /* After a failure our own backoff paces the retries: without this the channel
          * would wait out gRPC's reconnect backoff (1s growing to 120s) before it even
          * tries, and a control plane that comes back would not hear from us for minutes. */
-        grpc_gate_enter();
+        flowctl_gate_enter();
         if (failures > 0) grpc_channel_reset_connect_backoff(hb->ch->channel);
         if (need_register) {
             r = do_register(hb, cq, &out);
-            grpc_gate_leave();
+            flowctl_gate_leave();
             record(hb, r, true, &out);
             if (r == HB_OK) {
                 need_register = false;
@@ -582,7 +560,7 @@ beat_loop(heartbeat *hb, grpc_completion_queue *cq)
             }
         } else {
             r = do_beat(hb, cq, NULL, hb->call_timeout, &out);
-            grpc_gate_leave();
+            flowctl_gate_leave();
             record(hb, r, false, &out);
             if (r == HB_REJECTED) need_register = true; /* it forgot us: register again */
         }
@@ -608,9 +586,9 @@ final_beat(heartbeat *hb, grpc_completion_queue *cq)
     pthread_mutex_unlock(&hb->lock);
     if (timeout <= 0) return;
     call_out out = {0};
-    grpc_gate_enter();
+    flowctl_gate_enter();
     hb_result r = do_beat(hb, cq, status_stopping, timeout, &out);
-    grpc_gate_leave();
+    flowctl_gate_leave();
     record(hb, r, false, &out);
 }
 
@@ -618,15 +596,15 @@ static void *
 hb_main(void *p)
 {
     heartbeat *hb = p;
-    grpc_gate_enter();
+    flowctl_gate_enter();
     grpc_completion_queue *cq = grpc_completion_queue_create_for_pluck(NULL);
-    grpc_gate_leave();
+    flowctl_gate_leave();
     beat_loop(hb, cq);
     final_beat(hb, cq);
-    grpc_gate_enter();
+    flowctl_gate_enter();
     flowctl_cq_destroy(cq);
     flowctl_channel_unref(hb->ch); /* the thread's reference */
-    grpc_gate_leave();
+    flowctl_gate_leave();
     pthread_mutex_lock(&hb->lock);
     hb->finished = true;
     pthread_cond_broadcast(&hb->cond);
@@ -673,54 +651,17 @@ request_stop_locked(heartbeat *hb, double final_timeout)
     pthread_cond_broadcast(&hb->cond);
 }
 
-struct quiesce_arg {
-    double seconds;
-    bool quiet;
-};
-
-static bool
-wait_out_of_grpc(struct timespec until)
-{
-    while (in_grpc > 0) {
-        if (pthread_cond_timedwait(&live_cond, &live_lock, &until) == ETIMEDOUT) break;
-    }
-    return in_grpc == 0;
-}
-
-static void *
-quiesce_nogvl(void *p)
-{
-    struct quiesce_arg *a = p;
-    pthread_mutex_lock(&live_lock);
-    fork_pending = true;
-    /* a beat takes about a millisecond: let it finish; cancel what still runs after that */
-    if (!wait_out_of_grpc(mono_after(0.2))) {
-        for (heartbeat *hb = live_head; hb; hb = hb->next) {
-            pthread_mutex_lock(&hb->lock);
-            if (hb->current) grpc_call_cancel(hb->current, NULL);
-            pthread_mutex_unlock(&hb->lock);
-        }
-        wait_out_of_grpc(mono_after(a->seconds));
-    }
-    a->quiet = in_grpc == 0;
-    pthread_mutex_unlock(&live_lock);
-    return NULL;
-}
-
-bool
-flowctl_heartbeat_before_fork(double seconds)
-{
-    struct quiesce_arg a = {seconds, false};
-    rb_nogvl(quiesce_nogvl, &a, NULL, NULL, 0);
-    return a.quiet;
-}
-
+/* Before a fork (fork.c): a beat that is still inside gRPC after a moment is cancelled,
+ * so that it leaves gRPC at once. */
 void
-flowctl_heartbeat_after_fork_parent(void)
+flowctl_heartbeat_cancel_calls(void)
 {
     pthread_mutex_lock(&live_lock);
-    fork_pending = false;
-    pthread_cond_broadcast(&live_cond);
+    for (heartbeat *hb = live_head; hb; hb = hb->next) {
+        pthread_mutex_lock(&hb->lock);
+        if (hb->current) grpc_call_cancel(hb->current, NULL);
+        pthread_mutex_unlock(&hb->lock);
+    }
     pthread_mutex_unlock(&live_lock);
 }
 
@@ -732,8 +673,6 @@ hb_atfork_child(void)
     fork_generation++;
     pthread_mutex_init(&live_lock, NULL);
     live_head = NULL;
-    fork_pending = false;
-    in_grpc = 0;
     pthread_condattr_t a;
     pthread_condattr_init(&a);
     pthread_condattr_setclock(&a, CLOCK_MONOTONIC);

@@ -21,6 +21,7 @@
 #include <pthread.h>
 #include <errno.h>
 #include <time.h>
+#include <unistd.h>
 
 #define OUTSTANDING_REQUESTS 8
 
@@ -93,6 +94,7 @@ typedef struct {
     long accepted, rejected;
     bool started, shutting_down, shutdown_done, acceptor_done, closed, orphaned;
     char shutdown_tag;                /* its address is the shutdown tag */
+    pid_t pid;                        /* in a forked child the server is the parent's: leave it */
 } server_t;
 
 static void server_destroy_grpc(server_t *s);
@@ -187,13 +189,17 @@ on_request(server_t *s, call_slot *slot, bool success)
     else slot_free(reject);
 }
 
-/* When the acceptor must wake up to reject a waiting call (inf future when none waits). */
+/* The acceptor wakes up to reject a call that waited too long, and at least every
+ * ACCEPTOR_POLL_MS so that it steps out of gRPC when a fork is being prepared (fork.c). */
+#define ACCEPTOR_POLL_MS 50
+
 static gpr_timespec
 next_expiry(server_t *s)
 {
+    gpr_timespec t = gpr_time_add(gpr_now(GPR_CLOCK_MONOTONIC), gpr_time_from_millis(ACCEPTOR_POLL_MS, GPR_TIMESPAN));
     pthread_mutex_lock(&s->mu);
-    gpr_timespec t = s->queued > s->idle && s->queue_head ? s->queue_head->wait_until
-                                                          : gpr_inf_future(GPR_CLOCK_MONOTONIC);
+    if (s->queued > s->idle && s->queue_head && gpr_time_cmp(s->queue_head->wait_until, t) < 0)
+        t = s->queue_head->wait_until;
     pthread_mutex_unlock(&s->mu);
     return t;
 }
@@ -224,29 +230,39 @@ reject_expired(server_t *s)
     }
 }
 
+/* One turn of the acceptor, inside the fork gate; true once the server is done. */
+static bool
+acceptor_step(server_t *s)
+{
+    grpc_event ev = grpc_completion_queue_next(s->notify_cq, next_expiry(s), NULL);
+    if (ev.type == GRPC_QUEUE_TIMEOUT) {
+        reject_expired(s);
+        return false;
+    }
+    if (ev.type != GRPC_OP_COMPLETE) return true;
+    if (ev.tag == &s->shutdown_tag) {
+        pthread_mutex_lock(&s->mu);
+        s->shutdown_done = true;
+        pthread_cond_broadcast(&s->cond);
+        pthread_mutex_unlock(&s->mu);
+    } else {
+        on_request(s, ev.tag, ev.success);
+    }
+    pthread_mutex_lock(&s->mu);
+    bool done = s->shutdown_done && s->outstanding == 0;
+    pthread_mutex_unlock(&s->mu);
+    return done;
+}
+
 static void *
 acceptor_main(void *p)
 {
     server_t *s = p;
-    for (;;) {
-        grpc_event ev = grpc_completion_queue_next(s->notify_cq, next_expiry(s), NULL);
-        if (ev.type == GRPC_QUEUE_TIMEOUT) {
-            reject_expired(s);
-            continue;
-        }
-        if (ev.type != GRPC_OP_COMPLETE) break;
-        if (ev.tag == &s->shutdown_tag) {
-            pthread_mutex_lock(&s->mu);
-            s->shutdown_done = true;
-            pthread_cond_broadcast(&s->cond);
-            pthread_mutex_unlock(&s->mu);
-        } else {
-            on_request(s, ev.tag, ev.success);
-        }
-        pthread_mutex_lock(&s->mu);
-        bool done = s->shutdown_done && s->outstanding == 0;
-        pthread_mutex_unlock(&s->mu);
-        if (done) break;
+    bool done = false;
+    while (!done) {
+        flowctl_gate_enter();
+        done = acceptor_step(s);
+        flowctl_gate_leave();
     }
     pthread_mutex_lock(&s->mu);
     s->acceptor_done = true;
@@ -256,7 +272,9 @@ acceptor_main(void *p)
     if (orphaned) {
         /* The Ruby object was collected while serving: nobody joins us, clean up here. */
         pthread_detach(pthread_self());
+        flowctl_gate_enter();
         server_destroy_grpc(s);
+        flowctl_gate_leave();
         pthread_mutex_destroy(&s->mu);
         pthread_cond_destroy(&s->cond);
         pthread_cond_destroy(&s->work);
@@ -308,6 +326,11 @@ static void
 server_free(void *p)
 {
     server_t *s = p;
+    if (s->pid != getpid()) {
+        /* a forked child's copy: no acceptor thread, sockets closed by gRPC's fork handler */
+        free(s);
+        return;
+    }
     if (s->started && !s->closed) {
         /* Never block in dfree: start the shutdown, let the acceptor thread free everything. */
         pthread_mutex_lock(&s->mu);
@@ -354,13 +377,26 @@ server_alloc(VALUE klass)
     pthread_mutex_init(&s->mu, NULL);
     pthread_cond_init(&s->cond, NULL);
     pthread_cond_init(&s->work, NULL);
+    s->pid = getpid();
     return TypedData_Wrap_Struct(klass, &server_type, s);
 }
 
+/* The server; IOError in a forked child (its threads and sockets are the parent's). */
+static server_t *
+server_of(VALUE self)
+{
+    server_t *s = rb_check_typeddata(self, &server_type);
+    if (s->pid != getpid())
+        rb_raise(rb_eIOError, "server was created before fork (in process %d): start a new one in this process",
+                 (int)s->pid);
+    return s;
+}
+
+/* As server_of, and IOError once closed. */
 static server_t *
 server_get(VALUE self)
 {
-    server_t *s = rb_check_typeddata(self, &server_type);
+    server_t *s = server_of(self);
     if (!s->server) rb_raise(rb_eIOError, "server is closed");
     return s;
 }
@@ -575,7 +611,7 @@ static VALUE
 server_close(VALUE self)
 {
     server_t *s = rb_check_typeddata(self, &server_type);
-    if (s->closed) return Qnil;
+    if (s->closed || s->pid != getpid()) return Qnil; /* a forked child's copy is the parent's */
     if (s->started) {
         if (!s->shutdown_done) rb_raise(rb_eRuntimeError, "server still has calls in flight: shut it down first");
         wait_cond(s, acceptor_ready, -1.0);
@@ -592,7 +628,7 @@ server_close(VALUE self)
 static VALUE
 server_stats(VALUE self)
 {
-    server_t *s = rb_check_typeddata(self, &server_type);
+    server_t *s = server_of(self);
     pthread_mutex_lock(&s->mu);
     long acc = s->accepted, rej = s->rejected;
     int idle = s->idle, queued = s->queued;
@@ -625,6 +661,7 @@ typedef struct {
     bool send_pending;     /* send_ops in flight */
     size_t send_count;
     grpc_op send_ops[2];
+    pid_t pid;
 } server_call_t;
 
 static void
@@ -661,8 +698,9 @@ server_call_free(void *p)
 {
     server_call_t *c = p;
     /* No thread waits here (each wait holds the object); read-ahead and write-behind
-     * batches are cancelled and complete at once. */
-    if (c->slot) call_release(c);
+     * batches are cancelled and complete at once. A forked child's copy of a call is
+     * the parent's: left alone. */
+    if (c->slot && c->pid == getpid()) call_release(c);
     ruby_xfree(c);
 }
 
@@ -684,6 +722,7 @@ static server_call_t *
 call_get(VALUE self)
 {
     server_call_t *c = rb_check_typeddata(self, &server_call_type);
+    if (c->pid != getpid()) rb_raise(rb_eIOError, "the call belongs to the process that forked this one");
     if (!c->slot || c->finished) rb_raise(eCancelledCall, "the call has already finished");
     return c;
 }
@@ -729,6 +768,7 @@ wrap_slot(call_slot *slot)
     server_call_t *c;
     VALUE obj = TypedData_Make_Struct(cServerCall, server_call_t, &server_call_type, c);
     c->slot = slot;
+    c->pid = getpid();
     return obj;
 }
 
@@ -991,7 +1031,7 @@ static VALUE
 server_call_cancel(VALUE self)
 {
     server_call_t *c = rb_check_typeddata(self, &server_call_type);
-    if (!c->slot || c->finished) return Qnil;
+    if (!c->slot || c->finished || c->pid != getpid()) return Qnil;
     c->cancelled = true;
     end_call(c);
     return Qnil;

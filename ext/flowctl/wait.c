@@ -28,13 +28,16 @@ struct pluck_arg {
 /* The tag raised by a pending interrupt of this thread, kept for flowctl_wait_finish. */
 static __thread int pending_state;
 
+/* Each pluck is a stretch inside gRPC of at most POLL_MS, through the fork gate. */
 static void *
 pluck_polling(void *p)
 {
     struct pluck_arg *a = p;
     do {
+        if (!flowctl_gate_enter_unless(&a->woken)) return NULL; /* woken while a fork was prepared */
         gpr_timespec d = gpr_time_add(gpr_now(GPR_CLOCK_MONOTONIC), gpr_time_from_millis(POLL_MS, GPR_TIMESPAN));
         a->ev = grpc_completion_queue_pluck(a->cq, a->tag, d, NULL);
+        flowctl_gate_leave();
     } while (a->ev.type == GRPC_QUEUE_TIMEOUT && !atomic_load(&a->woken));
     return NULL;
 }
@@ -43,7 +46,9 @@ static void *
 pluck_until_done(void *p)
 {
     struct pluck_arg *a = p;
+    flowctl_gate_enter();
     a->ev = grpc_completion_queue_pluck(a->cq, a->tag, gpr_inf_future(GPR_CLOCK_REALTIME), NULL);
+    flowctl_gate_leave();
     return NULL;
 }
 

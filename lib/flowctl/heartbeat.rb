@@ -243,24 +243,6 @@ module Flowctl
       include Heartbeat::Starter
     end
   end
-
-  # Around Process.fork: heartbeat threads stay out of gRPC while gRPC core prepares for
-  # the fork; the child starts with no heartbeat thread and a fresh gRPC state (see
-  # ext/flowctl/fork.c). Heartbeats and channels from before the fork are dead in the
-  # child: create a new client and start a new heartbeat there.
-  module ForkHooks
-    def _fork
-      Native.before_fork
-      pid = super
-    ensure
-      if pid&.zero?
-        Native.after_fork_child
-      else
-        Native.after_fork_parent
-      end
-    end
-  end
-  Process.singleton_class.prepend(ForkHooks)
 end
 
 at_exit { Flowctl::Heartbeat.stop_all(0.5) }

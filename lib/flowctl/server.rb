@@ -106,6 +106,7 @@ module Flowctl
           raise
         end
         @routes.freeze
+        @pid = Process.pid
         @workers = Array.new(@pool_size) { |i| spawn_worker(i) } # they wait for calls before any arrive
         begin
           @native.start(@max_waiting, @max_wait)
@@ -119,7 +120,7 @@ module Flowctl
       @port
     end
 
-    def running? = @state == :running
+    def running? = @state == :running && !forked?
 
     # call-seq: server.stop(grace: 5) -> nil
     #
@@ -129,8 +130,9 @@ module Flowctl
       @lock.synchronize do
         return nil unless @state == :running
 
-        @state = :stopping
+        @state = forked? ? :stopped : :stopping
       end
+      return nil if forked? # the parent's server: nothing of it runs in this process
       @native.shutdown
       done = @native.wait_shutdown(Float(grace)) || force_stop
       others.each(&:join)
@@ -311,6 +313,9 @@ module Flowctl
       others.each(&:join)
       @native.wait_shutdown(10)
     end
+
+    # In a child forked while this server ran: the server, its threads and its calls are the parent's.
+    def forked? = @pid && @pid != Process.pid
 
     # The workers, less the current thread (a handler may stop its own server).
     def others = @workers.reject { |t| t.equal?(Thread.current) }
