@@ -128,9 +128,9 @@ static pid_t cq_pid; /* a forked child never touches its parent's queues */
 static grpc_completion_queue *
 cq_take(void)
 {
-    if (cq_pid != getpid()) {
+    if (cq_pid != flowctl_pid) {
         pthread_setspecific(cq_key, NULL);
-        cq_pid = getpid();
+        cq_pid = flowctl_pid;
     }
     grpc_completion_queue *cq = pthread_getspecific(cq_key);
     if (!cq) return grpc_completion_queue_create_for_pluck(NULL);
@@ -264,7 +264,7 @@ static void
 stream_release(stream_t *s)
 {
     if (!s->call) return;
-    if (s->pid != getpid()) {
+    if (s->pid != flowctl_pid) {
         s->call = NULL;
         s->cq = NULL;
         return;
@@ -346,7 +346,7 @@ static stream_t *
 stream_live(VALUE self)
 {
     stream_t *s = stream_get(self);
-    if (s->call && s->pid != getpid())
+    if (s->call && s->pid != flowctl_pid)
         rb_raise(rb_eIOError, "stream was opened before fork (in process %d): open a new one in this process",
                  (int)s->pid);
     return s;
@@ -436,7 +436,7 @@ stream_initialize(VALUE self, VALUE channel, VALUE path, VALUE timeout, VALUE he
     flowctl_metadata_from_hash(headers, &md);
     s->cq = grpc_completion_queue_create_for_pluck(NULL);
     s->call = create_call(channel, path, s->cq, deadline);
-    s->pid = getpid();
+    s->pid = flowctl_pid;
     grpc_op op = {.op = GRPC_OP_SEND_INITIAL_METADATA};
     op.data.send_initial_metadata.count = md.count;
     op.data.send_initial_metadata.metadata = md.md;

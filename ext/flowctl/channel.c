@@ -22,7 +22,7 @@ flowctl_channel_unref(flowctl_channel *ch)
 {
     if (atomic_fetch_sub(&ch->refs, 1) != 1) return;
     /* in a forked child its sockets are gone and their numbers may be reused: leave it */
-    if (ch->channel && ch->pid == getpid()) grpc_channel_destroy(ch->channel);
+    if (ch->channel && ch->pid == flowctl_pid) grpc_channel_destroy(ch->channel);
     free(ch->target);
     free(ch);
 }
@@ -61,7 +61,7 @@ flowctl_channel_get(VALUE self)
 {
     channel_wrapper *w = rb_check_typeddata(self, &channel_type);
     if (!w->ch) rb_raise(rb_eIOError, "channel is closed");
-    if (w->ch->pid != getpid())
+    if (w->ch->pid != flowctl_pid)
         rb_raise(rb_eIOError, "channel to %s was created before fork (in process %d): create a new client in this process",
                  w->ch->target, (int)w->ch->pid);
     return w->ch;
@@ -144,7 +144,7 @@ channel_initialize(VALUE self, VALUE target, VALUE tls, VALUE args)
     if (n) rb_hash_foreach(args, arg_each, (VALUE)&l);
     /* The process id as a channel arg: a forked child's channels never share a pooled
      * subchannel (a connection) with the parent's. */
-    l.args[l.count++] = (grpc_arg){.type = GRPC_ARG_INTEGER, .key = "flowctl.pid", .value.integer = (int)getpid()};
+    l.args[l.count++] = (grpc_arg){.type = GRPC_ARG_INTEGER, .key = "flowctl.pid", .value.integer = (int)flowctl_pid};
     grpc_channel_args cargs = {.num_args = l.count, .args = l.args};
 
     grpc_channel_credentials *creds = make_creds(tls);
@@ -156,7 +156,7 @@ channel_initialize(VALUE self, VALUE target, VALUE tls, VALUE args)
     if (!ch) { grpc_channel_destroy(c); rb_raise(rb_eNoMemError, "flowctl: out of memory"); }
     ch->channel = c;
     ch->target = strdup(t);
-    ch->pid = getpid();
+    ch->pid = flowctl_pid;
     atomic_init(&ch->refs, 1);
     atomic_init(&ch->closed, false);
     w->ch = ch;

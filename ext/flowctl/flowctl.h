@@ -170,6 +170,9 @@ void init_flowctl_heartbeat(void);
 void flowctl_heartbeat_cancel_calls(void);
 
 /* ---- fork.c: fork handlers (pthread_atfork) and the gate ---------------- */
+/* This process's id, kept by the fork handlers (getpid() is a system call). Objects
+ * record it; in a forked child, those of the parent are left alone. */
+extern pid_t flowctl_pid;
 void flowctl_fork_env(void);
 void init_flowctl_fork(void);
 /* Raises Flowctl::Error in a forked child where gRPC core could not be prepared. */

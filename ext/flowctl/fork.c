@@ -39,6 +39,7 @@
 #include <string.h>
 #include <strings.h>
 #include <time.h>
+#include <unistd.h>
 
 #include <grpc/support/log.h>
 
@@ -49,6 +50,7 @@ void flowctl_grpc_postfork_parent(void) __asm__("_Z20grpc_postfork_parentv");
 void flowctl_grpc_postfork_child(void) __asm__("_Z19grpc_postfork_childv");
 void flowctl_gpr_default_log(gpr_log_func_args *args) __asm__("_Z15gpr_default_logP17gpr_log_func_args");
 
+pid_t flowctl_pid;
 static bool fork_support; /* GRPC_ENABLE_FORK_SUPPORT was on when grpc_init ran */
 static bool prepared;     /* fork_prepare ran grpc_prefork for the fork under way */
 static atomic_bool skipped; /* ... and gRPC core said it skipped its handlers */
@@ -292,6 +294,7 @@ default_env(const char *name, const char *value)
 void
 flowctl_fork_env(void)
 {
+    flowctl_pid = getpid();
     default_env("GRPC_ENABLE_FORK_SUPPORT", "1");
     default_env("GRPC_POLL_STRATEGY", "poll");
     const char *v = getenv("GRPC_ENABLE_FORK_SUPPORT");
@@ -326,6 +329,7 @@ fork_parent(void)
 static void
 fork_child(void)
 {
+    flowctl_pid = getpid();
     gate_atfork_child();
     if (child_broken) {
         /* a child of a child that could not use gRPC: nor can this one */

@@ -21,7 +21,6 @@
 #include <pthread.h>
 #include <errno.h>
 #include <time.h>
-#include <unistd.h>
 
 #define OUTSTANDING_REQUESTS 8
 
@@ -326,7 +325,7 @@ static void
 server_free(void *p)
 {
     server_t *s = p;
-    if (s->pid != getpid()) {
+    if (s->pid != flowctl_pid) {
         /* a forked child's copy: no acceptor thread, sockets closed by gRPC's fork handler */
         free(s);
         return;
@@ -377,7 +376,7 @@ server_alloc(VALUE klass)
     pthread_mutex_init(&s->mu, NULL);
     pthread_cond_init(&s->cond, NULL);
     pthread_cond_init(&s->work, NULL);
-    s->pid = getpid();
+    s->pid = flowctl_pid;
     return TypedData_Wrap_Struct(klass, &server_type, s);
 }
 
@@ -386,7 +385,7 @@ static server_t *
 server_of(VALUE self)
 {
     server_t *s = rb_check_typeddata(self, &server_type);
-    if (s->pid != getpid())
+    if (s->pid != flowctl_pid)
         rb_raise(rb_eIOError, "server was created before fork (in process %d): start a new one in this process",
                  (int)s->pid);
     return s;
@@ -611,7 +610,7 @@ static VALUE
 server_close(VALUE self)
 {
     server_t *s = rb_check_typeddata(self, &server_type);
-    if (s->closed || s->pid != getpid()) return Qnil; /* a forked child's copy is the parent's */
+    if (s->closed || s->pid != flowctl_pid) return Qnil; /* a forked child's copy is the parent's */
     if (s->started) {
         if (!s->shutdown_done) rb_raise(rb_eRuntimeError, "server still has calls in flight: shut it down first");
         wait_cond(s, acceptor_ready, -1.0);
@@ -700,7 +699,7 @@ server_call_free(void *p)
     /* No thread waits here (each wait holds the object); read-ahead and write-behind
      * batches are cancelled and complete at once. A forked child's copy of a call is
      * the parent's: left alone. */
-    if (c->slot && c->pid == getpid()) call_release(c);
+    if (c->slot && c->pid == flowctl_pid) call_release(c);
     ruby_xfree(c);
 }
 
@@ -722,7 +721,7 @@ static server_call_t *
 call_get(VALUE self)
 {
     server_call_t *c = rb_check_typeddata(self, &server_call_type);
-    if (c->pid != getpid()) rb_raise(rb_eIOError, "the call belongs to the process that forked this one");
+    if (c->pid != flowctl_pid) rb_raise(rb_eIOError, "the call belongs to the process that forked this one");
     if (!c->slot || c->finished) rb_raise(eCancelledCall, "the call has already finished");
     return c;
 }
@@ -768,7 +767,7 @@ wrap_slot(call_slot *slot)
     server_call_t *c;
     VALUE obj = TypedData_Make_Struct(cServerCall, server_call_t, &server_call_type, c);
     c->slot = slot;
-    c->pid = getpid();
+    c->pid = flowctl_pid;
     return obj;
 }
 
@@ -1031,7 +1030,7 @@ static VALUE
 server_call_cancel(VALUE self)
 {
     server_call_t *c = rb_check_typeddata(self, &server_call_type);
-    if (!c->slot || c->finished || c->pid != getpid()) return Qnil;
+    if (!c->slot || c->finished || c->pid != flowctl_pid) return Qnil;
     c->cancelled = true;
     end_call(c);
     return Qnil;
