@@ -21,7 +21,8 @@
 #include <sys/prctl.h>
 
 /* A bidi call keeps one receive in flight while it sends (gRPC allows one of each),
- * with up to QCAP received messages waiting to be echoed. */
+ * with up to QCAP received messages waiting to be echoed; a reply with more queued
+ * behind it is sent with GRPC_WRITE_BUFFER_HINT, as a fast peer would. */
 #define QCAP 64
 
 enum kind { K_NEW, K_RECV, K_SEND, K_DONE };
@@ -119,6 +120,8 @@ start_send(ctx *c)
     c->qlen--;
     op.op = GRPC_OP_SEND_MESSAGE;
     op.data.send_message.send_message = c->sending;
+    /* more replies queued: let the transport send them together (the last one flushes) */
+    if (c->qlen > 0) op.flags = GRPC_WRITE_BUFFER_HINT;
     c->send_pending = true;
     batch(c, &op, 1, &c->t_send);
 }

@@ -7,16 +7,15 @@
  * through flowctl_wait_tag) -> unary -> stream.
  *
  * Why this shape (measured with bench/rpc.rb): a unary call is one batch of all six
- * ops and one wait on a pluck queue kept per thread; a stream op first looks for its
- * completion with the GVL held and releases the GVL only when it must wait. Messages
- * are encoded and decoded in Ruby (msg.to_proto, Klass.decode): that costs about
- * 1 us of the 18 us a unary call costs, so moving it into C would not show.
+ * ops and one wait on a pluck queue kept per thread; a stream runs on the pump
+ * (pump.c): queued writes, read-ahead, one poller. Messages are encoded and decoded in
+ * Ruby (msg.to_proto, Klass.decode): that costs about 1 us of the 18 us a unary call
+ * costs, so moving it into C would not show.
  *
  * Every wait runs without the GVL and can be interrupted: an interrupt that raises
  * cancels the call and the wait goes on until the batch's tag has completed, so a
- * call never has a batch in flight once the Ruby method that started it returns.
- * That invariant is what lets the stream's dfree be non-blocking: an object that
- * is collected has nobody waiting on it, so cancel + unref is all it needs.
+ * unary call never has a batch in flight once the Ruby method that started it
+ * returns; a stream has only its read-ahead and queued sends, which its dfree cancels.
  */
 #include "flowctl.h"
 #include <math.h>
@@ -64,21 +63,6 @@ run_batch(grpc_completion_queue *cq, grpc_call *call, const grpc_op *ops, size_t
 {
     start_batch(call, ops, n, interrupted);
     grpc_event ev = flowctl_wait_tag(cq, (void *)ops, call, interrupted);
-    return ev.type == GRPC_OP_COMPLETE && ev.success;
-}
-
-/*
- * For stream ops, which often complete at once (a message already received, a send
- * the transport takes right away): look for the tag without blocking, GVL held, and
- * release the GVL only when the op really has to wait. Saves two GVL hand-offs per
- * message when a reader and a writer thread share the stream.
- */
-static bool
-run_stream_batch(grpc_completion_queue *cq, grpc_call *call, const grpc_op *ops, size_t n, int *interrupted)
-{
-    start_batch(call, ops, n, interrupted);
-    grpc_event ev = grpc_completion_queue_pluck(cq, (void *)ops, gpr_inf_past(GPR_CLOCK_MONOTONIC), NULL);
-    if (ev.type == GRPC_QUEUE_TIMEOUT) ev = flowctl_wait_tag(cq, (void *)ops, call, interrupted);
     return ev.type == GRPC_OP_COMPLETE && ev.success;
 }
 
@@ -246,13 +230,13 @@ call_unary(VALUE mod, VALUE channel, VALUE path, VALUE request, VALUE timeout, V
 /* ---- stream ------------------------------------------------------------- */
 
 /*
- * A bidi call. Reads and writes are separate batches (gRPC allows one send and one
- * receive batch in flight at once), so one thread can block in read while another
- * writes. The flags below are only read and written with the GVL held.
+ * A bidi call on the pump (pump.c): writes go to its send queue, reads come off its
+ * read-ahead, so one thread can block in read while another writes, and neither waits
+ * for the wire message by message. The flags below are only read and written with the
+ * GVL held.
  */
 typedef struct {
-    grpc_call *call;            /* NULL once released (after the status, or by dfree) */
-    grpc_completion_queue *cq;
+    flowctl_pump pump;          /* pump.cq is NULL once released */
     bool writing, reading, fetching_status;
     bool write_closed, read_done, status_done, got_initial;
     grpc_status_code status;
@@ -260,23 +244,26 @@ typedef struct {
     pid_t pid;                  /* in a forked child the call is the parent's: leave it */
 } stream_t;
 
+static bool
+stream_open(const stream_t *s)
+{
+    return s->pump.cq != NULL;
+}
+
 static void
 stream_release(stream_t *s)
 {
-    if (!s->call) return;
+    if (!stream_open(s)) return;
     if (s->pid != flowctl_pid) {
-        s->call = NULL;
-        s->cq = NULL;
+        s->pump.cq = NULL;
         return;
     }
-    if (!s->status_done) grpc_call_cancel(s->call, NULL);
-    grpc_call_unref(s->call);
-    s->call = NULL;
-    flowctl_cq_destroy(s->cq);
-    s->cq = NULL;
+    flowctl_pump_destroy(&s->pump, !s->status_done);
+    grpc_call_unref(s->pump.call);
+    s->pump.call = NULL;
 }
 
-/* Releases the call as soon as its status is known and no batch of it is in flight. */
+/* Releases the call as soon as its status is known and no thread is using it. */
 static void
 stream_maybe_release(stream_t *s)
 {
@@ -303,8 +290,9 @@ stream_compact(void *p)
     s->error = rb_gc_location(s->error);
 }
 
-/* Nobody can be waiting on a stream that is collected (a waiting thread holds it), so
- * there is no batch in flight: cancel + unref never block. */
+/* Nobody can be waiting on a stream that is collected (a waiting thread holds it); its
+ * read-ahead and queued sends are cancelled, and cancelled batches complete without
+ * waiting for the network. */
 static void
 stream_free(void *p)
 {
@@ -316,13 +304,14 @@ static size_t
 stream_memsize(const void *p)
 {
     const stream_t *s = p;
-    return sizeof(*s) + (s->call ? 4096 : 0); /* a rough figure for the core's call arena */
+    return sizeof(*s) + (stream_open(s) ? 4096 + s->pump.recv_bytes : 0); /* 4096: the core's call arena */
 }
 
 static const rb_data_type_t stream_type = {
     .wrap_struct_name = "Flowctl::Native::Stream",
     .function = {.dmark = stream_mark, .dfree = stream_free, .dsize = stream_memsize, .dcompact = stream_compact},
-    /* dfree calls into gRPC core but never blocks and never calls Ruby. */
+    /* dfree calls into gRPC core and waits for cancelled batches, never for the network;
+     * it never calls Ruby. */
     .flags = RUBY_TYPED_FREE_IMMEDIATELY,
 };
 
@@ -346,7 +335,7 @@ static stream_t *
 stream_live(VALUE self)
 {
     stream_t *s = stream_get(self);
-    if (s->call && s->pid != flowctl_pid)
+    if (stream_open(s) && s->pid != flowctl_pid)
         rb_raise(rb_eIOError, "stream was opened before fork (in process %d): open a new one in this process",
                  (int)s->pid);
     return s;
@@ -376,8 +365,8 @@ status_body(VALUE arg)
     op.data.recv_status_on_client.status = &c->status;
     op.data.recv_status_on_client.status_details = &c->details;
     op.data.recv_status_on_client.trailing_metadata = &c->trailing;
-    int interrupted = 0;
-    run_batch(s->cq, s->call, &op, 1, &interrupted);
+    bool ok;
+    int interrupted = flowctl_pump_run(&s->pump, &op, 1, &ok);
     s->status = c->status;
     s->status_done = true;
     s->fetching_status = false;
@@ -403,7 +392,7 @@ static void
 stream_fetch_status(stream_t *s)
 {
     if (s->fetching_status) stream_wait_flag(&s->fetching_status);
-    if (s->status_done || !s->call) return;
+    if (s->status_done || !stream_open(s)) return;
     struct status_ctx c = {.s = s, .details = grpc_empty_slice()};
     grpc_metadata_array_init(&c.trailing);
     s->fetching_status = true;
@@ -422,29 +411,30 @@ stream_raise_error(stream_t *s)
  * call-seq:
  *   Flowctl::Native::Stream.new(channel, path, timeout, headers) -> stream
  *
- * Starts a bidi call and sends its initial metadata (headers).
+ * Starts a bidi call, sends its initial metadata (headers) and starts reading ahead.
  */
 static VALUE
 stream_initialize(VALUE self, VALUE channel, VALUE path, VALUE timeout, VALUE headers)
 {
     stream_t *s = stream_get(self);
-    if (s->call || s->status_done) rb_raise(rb_eRuntimeError, "stream already started");
+    if (stream_open(s) || s->status_done) rb_raise(rb_eRuntimeError, "stream already started");
     check_path(path);
     flowctl_channel_get(channel);
     gpr_timespec deadline = deadline_from(timeout);
     flowctl_metadata md;
     flowctl_metadata_from_hash(headers, &md);
-    s->cq = grpc_completion_queue_create_for_pluck(NULL);
-    s->call = create_call(channel, path, s->cq, deadline);
+    grpc_completion_queue *cq = grpc_completion_queue_create_for_next(NULL);
+    flowctl_pump_init(&s->pump, create_call(channel, path, cq, deadline), cq);
     s->pid = flowctl_pid;
     grpc_op op = {.op = GRPC_OP_SEND_INITIAL_METADATA};
     op.data.send_initial_metadata.count = md.count;
     op.data.send_initial_metadata.metadata = md.md;
-    int interrupted = 0;
+    bool ok;
     s->writing = true;
-    run_batch(s->cq, s->call, &op, 1, &interrupted);
+    int interrupted = flowctl_pump_run(&s->pump, &op, 1, &ok);
     s->writing = false;
     flowctl_metadata_free(&md);
+    if (!interrupted) flowctl_pump_start_reading(&s->pump, true);
     flowctl_wait_finish(interrupted);
     RB_GC_GUARD(channel);
     return self;
@@ -456,7 +446,7 @@ stream_check_writable(stream_t *s)
     if (s->writing) rb_raise(eFlowctlError, "another thread is writing to this stream");
     if (s->write_closed) rb_raise(rb_eIOError, "stream closed for writing (close_write was called)");
     stream_raise_error(s);
-    if (s->status_done || !s->call) rb_raise(rb_eIOError, "stream already finished");
+    if (s->status_done || !stream_open(s)) rb_raise(rb_eIOError, "stream already finished");
 }
 
 /* A send failed: the call is over; its status says why. */
@@ -475,8 +465,9 @@ stream_write_failed(stream_t *s)
 /*
  * call-seq: stream.write(bytes) -> stream
  *
- * Sends one message; returns once gRPC has taken it (flow control may make that
- * wait for the server to read). Raises the call's RPCError when the call has ended.
+ * Queues one message for sending; waits only while PUMP_SENDQ messages are queued
+ * (flow control: the server reads slowly). Raises IOError once the call has ended (a
+ * message queued just before that is lost with the call, as one in gRPC's buffers).
  */
 static VALUE
 stream_write(VALUE self, VALUE bytes)
@@ -484,16 +475,13 @@ stream_write(VALUE self, VALUE bytes)
     stream_t *s = stream_live(self);
     StringValue(bytes);
     stream_check_writable(s);
-    grpc_op op = {.op = GRPC_OP_SEND_MESSAGE};
-    op.data.send_message.send_message = flowctl_buffer_from_str(bytes);
-    int interrupted = 0;
+    bool failed = false;
     s->writing = true;
-    bool ok = run_stream_batch(s->cq, s->call, &op, 1, &interrupted);
+    int interrupted = flowctl_pump_write(&s->pump, bytes, &failed);
     s->writing = false;
-    grpc_byte_buffer_destroy(op.data.send_message.send_message);
     stream_maybe_release(s);
     flowctl_wait_finish(interrupted);
-    if (!ok) stream_write_failed(s);
+    if (failed) stream_write_failed(s);
     RB_GC_GUARD(bytes);
     return self;
 }
@@ -501,21 +489,20 @@ stream_write(VALUE self, VALUE bytes)
 /*
  * call-seq: stream.close_write -> nil
  *
- * Half-closes: tells the server no more messages follow. Idempotent.
+ * Half-closes: tells the server no more messages follow, once the queued ones have
+ * gone to gRPC. Idempotent.
  */
 static VALUE
 stream_close_write(VALUE self)
 {
     stream_t *s = stream_live(self);
-    if (s->write_closed || s->status_done || !s->call) {
+    if (s->write_closed || s->status_done || !stream_open(s)) {
         s->write_closed = true;
         return Qnil;
     }
     if (s->writing) rb_raise(eFlowctlError, "another thread is writing to this stream");
-    grpc_op op = {.op = GRPC_OP_SEND_CLOSE_FROM_CLIENT};
-    int interrupted = 0;
     s->writing = true;
-    run_batch(s->cq, s->call, &op, 1, &interrupted);
+    int interrupted = flowctl_pump_close_write(&s->pump);
     s->writing = false;
     s->write_closed = true;
     stream_maybe_release(s);
@@ -523,47 +510,13 @@ stream_close_write(VALUE self)
     return Qnil;
 }
 
-struct read_ctx {
-    stream_t *s;
-    grpc_metadata_array initial;
-    grpc_byte_buffer *buf;
-    bool want_initial;
-    int interrupted;
-};
-
-static VALUE
-read_body(VALUE arg)
+/* Builds the initial metadata Hash once it has arrived. */
+static void
+stream_take_initial(stream_t *s)
 {
-    struct read_ctx *c = (struct read_ctx *)arg;
-    stream_t *s = c->s;
-    grpc_op ops[2];
-    size_t n = 0;
-    memset(ops, 0, sizeof(ops));
-    if (c->want_initial) {
-        ops[n].op = GRPC_OP_RECV_INITIAL_METADATA;
-        ops[n++].data.recv_initial_metadata.recv_initial_metadata = &c->initial;
-    }
-    ops[n].op = GRPC_OP_RECV_MESSAGE;
-    ops[n++].data.recv_message.recv_message = &c->buf;
-    run_stream_batch(s->cq, s->call, ops, n, &c->interrupted);
-    s->reading = false;
-    if (c->want_initial) {
-        s->got_initial = true;
-        s->initial_md = flowctl_metadata_to_hash(c->initial.metadata, c->initial.count);
-    }
-    if (!c->buf) s->read_done = true;
-    return c->buf ? flowctl_str_from_buffer(c->buf) : Qnil;
-}
-
-static VALUE
-read_cleanup(VALUE arg)
-{
-    struct read_ctx *c = (struct read_ctx *)arg;
-    c->s->reading = false;
-    if (c->buf) grpc_byte_buffer_destroy(c->buf);
-    grpc_metadata_array_destroy(&c->initial);
-    stream_maybe_release(c->s);
-    return Qnil;
+    if (s->got_initial || !s->pump.initial_done) return;
+    s->got_initial = true;
+    s->initial_md = flowctl_metadata_to_hash(s->pump.initial_md.metadata, s->pump.initial_md.count);
 }
 
 /*
@@ -577,16 +530,24 @@ stream_read(VALUE self)
 {
     stream_t *s = stream_live(self);
     if (s->reading) rb_raise(eFlowctlError, "another thread is reading from this stream");
-    if (s->read_done || !s->call) {
+    if (s->read_done || !stream_open(s)) {
         stream_fetch_status(s);
         stream_raise_error(s);
         return Qnil;
     }
-    struct read_ctx c = {.s = s, .want_initial = !s->got_initial};
-    grpc_metadata_array_init(&c.initial);
+    grpc_byte_buffer *bb;
     s->reading = true;
-    VALUE msg = rb_ensure(read_body, (VALUE)&c, read_cleanup, (VALUE)&c);
-    flowctl_wait_finish(c.interrupted);
+    int interrupted = flowctl_pump_read(&s->pump, &bb);
+    s->reading = false;
+    stream_take_initial(s);
+    VALUE msg = Qnil;
+    if (bb) {
+        msg = flowctl_str_from_buffer(bb);
+        grpc_byte_buffer_destroy(bb);
+    } else if (!interrupted) {
+        s->read_done = true;
+    }
+    flowctl_wait_finish(interrupted);
     if (NIL_P(msg)) {
         stream_fetch_status(s);
         stream_raise_error(s);
@@ -604,7 +565,7 @@ static VALUE
 stream_cancel(VALUE self)
 {
     stream_t *s = stream_live(self);
-    if (s->call && !s->status_done) grpc_call_cancel(s->call, NULL);
+    if (stream_open(s) && !s->status_done) grpc_call_cancel(s->pump.call, NULL);
     return Qnil;
 }
 
@@ -617,22 +578,15 @@ static VALUE
 stream_initial_metadata(VALUE self)
 {
     stream_t *s = stream_live(self);
-    if (s->reading && !s->got_initial) stream_wait_flag(&s->reading);
-    if (s->got_initial || !s->call || s->read_done) return NIL_P(s->initial_md) ? rb_hash_new() : s->initial_md;
-    grpc_metadata_array md;
-    grpc_metadata_array_init(&md);
-    grpc_op op = {.op = GRPC_OP_RECV_INITIAL_METADATA};
-    op.data.recv_initial_metadata.recv_initial_metadata = &md;
-    int interrupted = 0;
-    s->reading = true;
-    run_batch(s->cq, s->call, &op, 1, &interrupted);
-    s->reading = false;
-    s->got_initial = true;
-    s->initial_md = flowctl_metadata_to_hash(md.metadata, md.count);
-    grpc_metadata_array_destroy(&md);
-    stream_maybe_release(s);
-    flowctl_wait_finish(interrupted);
-    return s->initial_md;
+    if (!s->got_initial && stream_open(s)) {
+        s->reading = true;
+        int interrupted = flowctl_pump_wait_initial(&s->pump);
+        s->reading = false;
+        stream_take_initial(s);
+        stream_maybe_release(s);
+        flowctl_wait_finish(interrupted);
+    }
+    return NIL_P(s->initial_md) ? rb_hash_new() : s->initial_md;
 }
 
 /* call-seq: stream.trailing_metadata -> Hash or nil (nil until the call has ended) */

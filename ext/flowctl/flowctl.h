@@ -12,6 +12,7 @@
 #include <ruby.h>
 #include <ruby/encoding.h>
 #include <ruby/thread.h>
+#include <pthread.h>
 #include <stdatomic.h>
 #include <stdbool.h>
 #include <stdint.h>
@@ -141,6 +142,12 @@ void init_flowctl_wait(void);
 grpc_event flowctl_wait_tag(grpc_completion_queue *cq, void *tag, grpc_call *call, int *interrupted);
 /* Raises the pending interrupt (or Flowctl::Cancelled when there is none left to raise). */
 void flowctl_wait_finish(int interrupted);
+/* Back with the GVL after an unblocked wait: runs this thread's pending interrupts.
+ * true when one raises; it is kept for flowctl_wait_finish (the caller first makes sure
+ * nothing is in flight). false: nothing to raise, go on waiting. */
+bool flowctl_wait_interrupted(void);
+/* A condition variable whose timed waits use CLOCK_MONOTONIC. */
+void flowctl_cond_init(pthread_cond_t *cond);
 /* Shuts down and destroys a pluck queue that has nothing in flight. */
 void flowctl_cq_destroy(grpc_completion_queue *cq);
 /* Ruby String <-> grpc_byte_buffer. */
@@ -161,6 +168,62 @@ void init_flowctl_channel(void);
 flowctl_channel *flowctl_channel_get(VALUE rb_channel);
 void flowctl_channel_ref(flowctl_channel *ch);
 void flowctl_channel_unref(flowctl_channel *ch);     /* destroys the channel at zero; never blocks long */
+
+/* ---- pump.c: the engine of a bidi stream ------------------------------------ */
+#define PUMP_SENDQ 64             /* messages written and not yet taken by gRPC */
+#define PUMP_RECVQ 64             /* messages read ahead ... */
+#define PUMP_RECV_BYTES (4 << 20) /* ... or this many bytes of them */
+
+/* An extra batch someone waits for (on that waiter's stack). */
+typedef struct flowctl_pump_extra {
+    void *tag;
+    bool done, ok;
+    struct flowctl_pump_extra *next;
+} flowctl_pump_extra;
+
+typedef struct flowctl_pump {
+    grpc_call *call;
+    grpc_completion_queue *cq;   /* for next; NULL once destroyed */
+    pthread_mutex_t mu;          /* guards everything below */
+    pthread_cond_t cond;         /* the poller handled an event or stepped out */
+    bool polling;                /* a thread is inside grpc_completion_queue_next */
+    int waiters;
+    grpc_byte_buffer *sendq[PUMP_SENDQ];
+    unsigned send_head, send_len;
+    grpc_op send_op;             /* SEND_MESSAGE, or SEND_CLOSE_FROM_CLIENT once the queue is empty */
+    bool send_inflight, send_failed, close_wanted, close_done;
+    grpc_byte_buffer *recvq[PUMP_RECVQ];
+    unsigned recv_head, recv_len;
+    size_t recv_bytes;
+    grpc_op recv_op;
+    grpc_byte_buffer *recv_buf;
+    bool reading, recv_inflight, recv_eof, recv_failed;
+    grpc_op initial_op;
+    grpc_metadata_array initial_md;
+    bool initial_inflight, initial_done;
+    flowctl_pump_extra *extras;
+    int extras_inflight;
+} flowctl_pump;
+
+/* The int-returning calls wait without the GVL and return 1 when an interrupt that
+ * raises came (the call is cancelled, nothing in flight): let go of what you hold,
+ * then flowctl_wait_finish(1). */
+void flowctl_pump_init(flowctl_pump *p, grpc_call *call, grpc_completion_queue *cq);
+/* Starts the read-ahead (and, for a client, receiving the initial metadata). */
+void flowctl_pump_start_reading(flowctl_pump *p, bool initial_metadata);
+/* Queues a message (waits while the queue is full); *failed: the call is over. */
+int flowctl_pump_write(flowctl_pump *p, VALUE bytes, bool *failed);
+/* Half-closes after the queued messages; waits until gRPC has taken them all. */
+int flowctl_pump_close_write(flowctl_pump *p);
+/* The next message (the caller destroys it), or NULL at the end of the stream. */
+int flowctl_pump_read(flowctl_pump *p, grpc_byte_buffer **out);
+int flowctl_pump_wait_initial(flowctl_pump *p);
+/* Runs another batch and waits for it; *ok its success. Raises if gRPC refuses it. */
+int flowctl_pump_run(flowctl_pump *p, const grpc_op *ops, size_t n, bool *ok);
+bool flowctl_pump_send_failed(flowctl_pump *p);
+bool flowctl_pump_recv_failed(flowctl_pump *p);
+/* Cancels (when asked), drains, frees the queues and the completion queue. */
+void flowctl_pump_destroy(flowctl_pump *p, bool cancel_call);
 
 /* ---- call.c, server.c, heartbeat.c --------------------------------------- */
 void init_flowctl_call(void);

@@ -145,11 +145,7 @@ gate_open(void)
 static void
 gate_init(void)
 {
-    pthread_condattr_t a;
-    pthread_condattr_init(&a);
-    pthread_condattr_setclock(&a, CLOCK_MONOTONIC);
-    pthread_cond_init(&gate_cond, &a);
-    pthread_condattr_destroy(&a);
+    flowctl_cond_init(&gate_cond);
 }
 
 /* In the child: the parent's threads do not exist here, whatever state they left. */

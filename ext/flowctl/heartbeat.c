@@ -673,11 +673,7 @@ hb_atfork_child(void)
     fork_generation++;
     pthread_mutex_init(&live_lock, NULL);
     live_head = NULL;
-    pthread_condattr_t a;
-    pthread_condattr_init(&a);
-    pthread_condattr_setclock(&a, CLOCK_MONOTONIC);
-    pthread_cond_init(&live_cond, &a);
-    pthread_condattr_destroy(&a);
+    flowctl_cond_init(&live_cond);
 }
 
 /* ---- 7. Ruby binding ------------------------------------------------------- */
@@ -939,11 +935,7 @@ hb_new(void)
     atomic_init(&hb->refs, 1);
     hb->generation = fork_generation;
     pthread_mutex_init(&hb->lock, NULL);
-    pthread_condattr_t a;
-    pthread_condattr_init(&a);
-    pthread_condattr_setclock(&a, CLOCK_MONOTONIC);
-    pthread_cond_init(&hb->cond, &a);
-    pthread_condattr_destroy(&a);
+    flowctl_cond_init(&hb->cond);
     hb->final_timeout = -1;
     return hb;
 }
@@ -1348,11 +1340,7 @@ init_flowctl_heartbeat(void)
     check_kinds();
     status_stopping = enum_name(&obsrvr__flow__common__health_status__descriptor,
                                 OBSRVR__FLOW__COMMON__HEALTH_STATUS__STOPPING);
-    pthread_condattr_t a;
-    pthread_condattr_init(&a);
-    pthread_condattr_setclock(&a, CLOCK_MONOTONIC);
-    pthread_cond_init(&live_cond, &a);
-    pthread_condattr_destroy(&a);
+    flowctl_cond_init(&live_cond);
     pthread_atfork(NULL, NULL, hb_atfork_child);
 
     cHeartbeat = rb_define_class_under(mFlowctl, "Heartbeat", rb_cObject);

@@ -66,6 +66,16 @@ check_ints(VALUE unused)
     return Qnil;
 }
 
+bool
+flowctl_wait_interrupted(void)
+{
+    int state = 0;
+    rb_protect(check_ints, Qnil, &state);
+    if (!state) return false;
+    pending_state = state;
+    return true;
+}
+
 grpc_event
 flowctl_wait_tag(grpc_completion_queue *cq, void *tag, grpc_call *call, int *interrupted)
 {
@@ -76,13 +86,10 @@ flowctl_wait_tag(grpc_completion_queue *cq, void *tag, grpc_call *call, int *int
         a.ev.type = GRPC_QUEUE_TIMEOUT;
         rb_nogvl(pluck_polling, &a, pluck_ubf, &a, RB_NOGVL_INTR_FAIL | RB_NOGVL_UBF_ASYNC_SAFE);
         if (a.ev.type != GRPC_QUEUE_TIMEOUT) return a.ev;
-        int state = 0;
-        rb_protect(check_ints, Qnil, &state);
-        if (!state) continue; /* nothing to raise: keep waiting */
+        if (!flowctl_wait_interrupted()) continue; /* nothing to raise: keep waiting */
         if (call) grpc_call_cancel(call, NULL);
         /* cancelled: the tag completes promptly; no unblock function, it must complete */
         rb_nogvl(pluck_until_done, &a, NULL, NULL, 0);
-        pending_state = state;
         *interrupted = 1;
         return a.ev;
     }
@@ -96,6 +103,16 @@ flowctl_wait_finish(int interrupted)
     pending_state = 0;
     if (state) rb_jump_tag(state);
     rb_raise(eCancelled, "call cancelled by an interrupt");
+}
+
+void
+flowctl_cond_init(pthread_cond_t *cond)
+{
+    pthread_condattr_t a;
+    pthread_condattr_init(&a);
+    pthread_condattr_setclock(&a, CLOCK_MONOTONIC);
+    pthread_cond_init(cond, &a);
+    pthread_condattr_destroy(&a);
 }
 
 void

@@ -1,0 +1,415 @@
+/*
+ * pump.c — the engine of a bidi stream: a send queue, a receive queue, one poller.
+ *
+ * gRPC lets a call have one send and one receive in flight. Done naively (start a batch,
+ * wait for it, per message) every message costs a trip through the GVL and a system
+ * call or two. Here a stream's batches complete on its own `next` queue, and:
+ *   - Ruby threads (GVL held) put messages on the send queue and take replies off the
+ *     receive queue; they wait (without the GVL) only when the send queue is full or
+ *     the receive queue empty;
+ *   - whichever thread waits is the poller: as batches complete it starts the next
+ *     send from the queue and the next receive (read-ahead, up to PUMP_RECVQ messages
+ *     or PUMP_RECV_BYTES), so the wire keeps moving between Ruby calls;
+ *   - a message with another one queued behind it is sent with GRPC_WRITE_BUFFER_HINT,
+ *     so a burst of writes leaves in a few system calls (the last one flushes).
+ * Other batches (initial metadata, status, a server's finish) are "extras": the caller
+ * starts one and waits for its tag through the same poller.
+ *
+ * Locking: p->mu guards the struct. A poller holds no lock while inside
+ * grpc_completion_queue_next, and handles an event with mu held, inside the fork gate.
+ * Nothing releases the GVL while holding mu.
+ *
+ * Interrupts: as in wait.c, an interrupt that raises cancels the call, the waiter drains
+ * every batch in flight, and the caller raises it (flowctl_wait_finish) once it has let
+ * go of what it holds. Nothing is ever left in flight when a Ruby method returns,
+ * except the read-ahead and queued sends, which flowctl_pump_destroy cancels and drains.
+ */
+#include "flowctl.h"
+#include <pthread.h>
+#include <time.h>
+
+#define POLL_MS 20
+
+typedef bool (*pump_pred)(flowctl_pump *p, void *arg); /* called with mu held */
+
+static bool
+nothing_in_flight(flowctl_pump *p, void *unused)
+{
+    return !p->send_inflight && !p->recv_inflight && !p->initial_inflight && p->extras_inflight == 0;
+}
+
+/* ---- starting batches (mu held) -------------------------------------------- */
+
+static void
+start_send_locked(flowctl_pump *p)
+{
+    if (p->send_inflight || p->send_failed) return;
+    if (p->send_len > 0) {
+        grpc_byte_buffer *bb = p->sendq[p->send_head];
+        p->sendq[p->send_head] = NULL;
+        p->send_head = (p->send_head + 1) % PUMP_SENDQ;
+        p->send_len--;
+        memset(&p->send_op, 0, sizeof(p->send_op));
+        p->send_op.op = GRPC_OP_SEND_MESSAGE;
+        p->send_op.data.send_message.send_message = bb;
+        /* another message follows at once: let the transport hold this one for it */
+        if (p->send_len > 0) p->send_op.flags = GRPC_WRITE_BUFFER_HINT;
+        p->send_inflight = grpc_call_start_batch(p->call, &p->send_op, 1, &p->send_op, NULL) == GRPC_CALL_OK;
+        if (!p->send_inflight) {
+            grpc_byte_buffer_destroy(bb);
+            p->send_failed = true;
+        }
+    } else if (p->close_wanted && !p->close_done) {
+        memset(&p->send_op, 0, sizeof(p->send_op));
+        p->send_op.op = GRPC_OP_SEND_CLOSE_FROM_CLIENT;
+        p->send_inflight = grpc_call_start_batch(p->call, &p->send_op, 1, &p->send_op, NULL) == GRPC_CALL_OK;
+        if (!p->send_inflight) p->close_done = true;
+    }
+}
+
+static void
+start_recv_locked(flowctl_pump *p)
+{
+    if (!p->reading || p->recv_inflight || p->recv_eof || p->recv_len >= PUMP_RECVQ ||
+        p->recv_bytes >= PUMP_RECV_BYTES)
+        return;
+    memset(&p->recv_op, 0, sizeof(p->recv_op));
+    p->recv_op.op = GRPC_OP_RECV_MESSAGE;
+    p->recv_op.data.recv_message.recv_message = &p->recv_buf;
+    p->recv_buf = NULL;
+    p->recv_inflight = grpc_call_start_batch(p->call, &p->recv_op, 1, &p->recv_op, NULL) == GRPC_CALL_OK;
+    if (!p->recv_inflight) p->recv_eof = p->recv_failed = true;
+}
+
+/* ---- completions (mu held) --------------------------------------------------- */
+
+static void
+on_send(flowctl_pump *p, bool ok)
+{
+    p->send_inflight = false;
+    if (p->send_op.op == GRPC_OP_SEND_MESSAGE) {
+        grpc_byte_buffer_destroy(p->send_op.data.send_message.send_message);
+        p->send_op.data.send_message.send_message = NULL;
+    } else {
+        p->close_done = true;
+    }
+    if (!ok) p->send_failed = true;
+    start_send_locked(p);
+}
+
+static void
+on_recv(flowctl_pump *p, bool ok)
+{
+    p->recv_inflight = false;
+    grpc_byte_buffer *bb = p->recv_buf;
+    p->recv_buf = NULL;
+    if (!bb) {
+        p->recv_eof = true;
+        p->recv_failed = !ok;
+        return;
+    }
+    p->recvq[(p->recv_head + p->recv_len) % PUMP_RECVQ] = bb;
+    p->recv_len++;
+    p->recv_bytes += grpc_byte_buffer_length(bb);
+    start_recv_locked(p);
+}
+
+static void
+on_event(flowctl_pump *p, const grpc_event *ev)
+{
+    if (ev->tag == &p->send_op) {
+        on_send(p, ev->success);
+    } else if (ev->tag == &p->recv_op) {
+        on_recv(p, ev->success);
+    } else if (ev->tag == &p->initial_op) {
+        p->initial_inflight = false;
+        p->initial_done = true;
+    } else {
+        for (flowctl_pump_extra *x = p->extras; x; x = x->next) {
+            if (x->tag != ev->tag) continue;
+            x->done = true;
+            x->ok = ev->success;
+            p->extras_inflight--;
+            break;
+        }
+    }
+}
+
+/* ---- polling -------------------------------------------------------------- */
+
+/* One turn as the poller: mu held on entry and on return, released inside gRPC. A
+ * woken waiter (woken != NULL) does not wait at a closed fork gate. */
+static void
+poll_once(flowctl_pump *p, const atomic_bool *woken)
+{
+    p->polling = true;
+    pthread_mutex_unlock(&p->mu);
+    bool in = true;
+    if (woken) in = flowctl_gate_enter_unless(woken);
+    else flowctl_gate_enter();
+    if (in) {
+        gpr_timespec d = gpr_time_add(gpr_now(GPR_CLOCK_MONOTONIC), gpr_time_from_millis(POLL_MS, GPR_TIMESPAN));
+        grpc_event ev = grpc_completion_queue_next(p->cq, d, NULL);
+        pthread_mutex_lock(&p->mu);
+        if (ev.type == GRPC_OP_COMPLETE) on_event(p, &ev);
+        pthread_mutex_unlock(&p->mu);
+        flowctl_gate_leave();
+    }
+    pthread_mutex_lock(&p->mu);
+    p->polling = false;
+    if (p->waiters > 0) pthread_cond_broadcast(&p->cond);
+}
+
+static void
+cond_wait_ms(flowctl_pump *p, int ms)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    t.tv_nsec += ms * 1000000L;
+    if (t.tv_nsec >= 1000000000L) {
+        t.tv_sec++;
+        t.tv_nsec -= 1000000000L;
+    }
+    pthread_cond_timedwait(&p->cond, &p->mu, &t);
+}
+
+struct wait_arg {
+    flowctl_pump *p;
+    pump_pred pred;
+    void *arg;
+    atomic_bool woken;
+    bool done;
+};
+
+/* Polls (or waits for the poller) until pred holds or the thread is woken. */
+static void *
+wait_nogvl(void *a)
+{
+    struct wait_arg *w = a;
+    flowctl_pump *p = w->p;
+    pthread_mutex_lock(&p->mu);
+    p->waiters++;
+    while (!(w->done = w->pred(p, w->arg)) && !atomic_load(&w->woken)) {
+        if (p->polling) cond_wait_ms(p, POLL_MS);
+        else poll_once(p, &w->woken);
+    }
+    p->waiters--;
+    pthread_mutex_unlock(&p->mu);
+    return NULL;
+}
+
+static void
+wait_ubf(void *a)
+{
+    struct wait_arg *w = a;
+    atomic_store(&w->woken, true);
+}
+
+/* After cancel: polls until every batch has completed (they do, promptly). */
+static void *
+drain_nogvl(void *a)
+{
+    flowctl_pump *p = a;
+    pthread_mutex_lock(&p->mu);
+    p->waiters++;
+    while (!nothing_in_flight(p, NULL)) {
+        if (p->polling) cond_wait_ms(p, POLL_MS);
+        else poll_once(p, NULL);
+    }
+    p->waiters--;
+    pthread_mutex_unlock(&p->mu);
+    return NULL;
+}
+
+/*
+ * Waits without the GVL until pred holds. Returns 0, or 1 when an interrupt that raises
+ * came: the call is cancelled and nothing is in flight any more; the caller lets go of
+ * what it holds and calls flowctl_wait_finish(1).
+ */
+static int
+pump_wait(flowctl_pump *p, pump_pred pred, void *arg)
+{
+    pthread_mutex_lock(&p->mu);
+    bool done = pred(p, arg);
+    pthread_mutex_unlock(&p->mu);
+    while (!done) {
+        struct wait_arg w = {.p = p, .pred = pred, .arg = arg};
+        rb_nogvl(wait_nogvl, &w, wait_ubf, &w, RB_NOGVL_INTR_FAIL | RB_NOGVL_UBF_ASYNC_SAFE);
+        if (w.done) break;
+        if (!flowctl_wait_interrupted()) continue;
+        grpc_call_cancel(p->call, NULL);
+        rb_nogvl(drain_nogvl, p, NULL, NULL, 0);
+        return 1;
+    }
+    return 0;
+}
+
+/* ---- the API (GVL held) ------------------------------------------------------ */
+
+void
+flowctl_pump_init(flowctl_pump *p, grpc_call *call, grpc_completion_queue *cq)
+{
+    memset(p, 0, sizeof(*p));
+    p->call = call;
+    p->cq = cq;
+    pthread_mutex_init(&p->mu, NULL);
+    flowctl_cond_init(&p->cond);
+    grpc_metadata_array_init(&p->initial_md);
+}
+
+void
+flowctl_pump_start_reading(flowctl_pump *p, bool initial_metadata)
+{
+    pthread_mutex_lock(&p->mu);
+    p->reading = true;
+    if (initial_metadata && !p->initial_inflight && !p->initial_done) {
+        memset(&p->initial_op, 0, sizeof(p->initial_op));
+        p->initial_op.op = GRPC_OP_RECV_INITIAL_METADATA;
+        p->initial_op.data.recv_initial_metadata.recv_initial_metadata = &p->initial_md;
+        p->initial_inflight = grpc_call_start_batch(p->call, &p->initial_op, 1, &p->initial_op, NULL) == GRPC_CALL_OK;
+        if (!p->initial_inflight) p->initial_done = true;
+    }
+    start_recv_locked(p);
+    pthread_mutex_unlock(&p->mu);
+}
+
+static bool
+send_room(flowctl_pump *p, void *unused)
+{
+    return p->send_len < PUMP_SENDQ || p->send_failed;
+}
+
+int
+flowctl_pump_write(flowctl_pump *p, VALUE bytes, bool *failed)
+{
+    int interrupted = pump_wait(p, send_room, NULL);
+    if (interrupted) return 1;
+    pthread_mutex_lock(&p->mu);
+    *failed = p->send_failed;
+    if (!*failed) {
+        p->sendq[(p->send_head + p->send_len) % PUMP_SENDQ] = flowctl_buffer_from_str(bytes);
+        p->send_len++;
+        start_send_locked(p);
+    }
+    pthread_mutex_unlock(&p->mu);
+    return 0;
+}
+
+static bool
+closed(flowctl_pump *p, void *unused)
+{
+    return p->close_done || (p->send_failed && !p->send_inflight);
+}
+
+int
+flowctl_pump_close_write(flowctl_pump *p)
+{
+    pthread_mutex_lock(&p->mu);
+    p->close_wanted = true;
+    start_send_locked(p);
+    pthread_mutex_unlock(&p->mu);
+    return pump_wait(p, closed, NULL);
+}
+
+static bool
+readable(flowctl_pump *p, void *unused)
+{
+    return p->recv_len > 0 || p->recv_eof;
+}
+
+int
+flowctl_pump_read(flowctl_pump *p, grpc_byte_buffer **out)
+{
+    *out = NULL;
+    int interrupted = pump_wait(p, readable, NULL);
+    if (interrupted) return 1;
+    pthread_mutex_lock(&p->mu);
+    if (p->recv_len > 0) {
+        *out = p->recvq[p->recv_head];
+        p->recvq[p->recv_head] = NULL;
+        p->recv_head = (p->recv_head + 1) % PUMP_RECVQ;
+        p->recv_len--;
+        p->recv_bytes -= grpc_byte_buffer_length(*out);
+        start_recv_locked(p);
+    }
+    pthread_mutex_unlock(&p->mu);
+    return 0;
+}
+
+static bool
+initial_arrived(flowctl_pump *p, void *unused)
+{
+    return p->initial_done;
+}
+
+int
+flowctl_pump_wait_initial(flowctl_pump *p)
+{
+    return pump_wait(p, initial_arrived, NULL);
+}
+
+static bool
+extra_done(flowctl_pump *p, void *x)
+{
+    return ((flowctl_pump_extra *)x)->done;
+}
+
+int
+flowctl_pump_run(flowctl_pump *p, const grpc_op *ops, size_t n, bool *ok)
+{
+    flowctl_pump_extra x = {.tag = (void *)ops};
+    pthread_mutex_lock(&p->mu);
+    grpc_call_error err = grpc_call_start_batch(p->call, ops, n, x.tag, NULL);
+    if (err == GRPC_CALL_OK) {
+        x.next = p->extras;
+        p->extras = &x;
+        p->extras_inflight++;
+    }
+    pthread_mutex_unlock(&p->mu);
+    if (err != GRPC_CALL_OK) rb_raise(eFlowctlError, "gRPC refused the batch: %s", grpc_call_error_to_string(err));
+    int interrupted = pump_wait(p, extra_done, &x);
+    pthread_mutex_lock(&p->mu);
+    for (flowctl_pump_extra **l = &p->extras; *l; l = &(*l)->next) {
+        if (*l == &x) {
+            *l = x.next;
+            break;
+        }
+    }
+    pthread_mutex_unlock(&p->mu);
+    *ok = x.done && x.ok;
+    return interrupted;
+}
+
+bool
+flowctl_pump_send_failed(flowctl_pump *p)
+{
+    pthread_mutex_lock(&p->mu);
+    bool f = p->send_failed;
+    pthread_mutex_unlock(&p->mu);
+    return f;
+}
+
+bool
+flowctl_pump_recv_failed(flowctl_pump *p)
+{
+    return p->recv_failed;
+}
+
+/* Cancels (unless the call is over: cancel_call false), drains what is in flight,
+ * frees what the queues hold and the queue itself. Blocks only for cancelled batches,
+ * which complete without waiting for the network. */
+void
+flowctl_pump_destroy(flowctl_pump *p, bool cancel_call)
+{
+    if (!p->cq) return;
+    if (cancel_call) grpc_call_cancel(p->call, NULL);
+    if (!nothing_in_flight(p, NULL)) drain_nogvl(p);
+    for (unsigned i = 0; i < p->send_len; i++) grpc_byte_buffer_destroy(p->sendq[(p->send_head + i) % PUMP_SENDQ]);
+    for (unsigned i = 0; i < p->recv_len; i++) grpc_byte_buffer_destroy(p->recvq[(p->recv_head + i) % PUMP_RECVQ]);
+    p->send_len = p->recv_len = 0;
+    grpc_metadata_array_destroy(&p->initial_md);
+    flowctl_cq_destroy(p->cq);
+    p->cq = NULL;
+    pthread_mutex_destroy(&p->mu);
+    pthread_cond_destroy(&p->cond);
+}
