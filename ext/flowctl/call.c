@@ -434,7 +434,7 @@ stream_initialize(VALUE self, VALUE channel, VALUE path, VALUE timeout, VALUE he
     int interrupted = flowctl_pump_run(&s->pump, &op, 1, &ok);
     s->writing = false;
     flowctl_metadata_free(&md);
-    if (!interrupted) flowctl_pump_start_reading(&s->pump, true);
+    if (!interrupted) flowctl_pump_start_reading(&s->pump, true, PUMP_UNLIMITED);
     flowctl_wait_finish(interrupted);
     RB_GC_GUARD(channel);
     return self;

@@ -16,6 +16,7 @@
 #include <stdatomic.h>
 #include <stdbool.h>
 #include <stdint.h>
+#include <limits.h>
 
 #include <grpc/grpc.h>
 #include <grpc/grpc_security.h>
@@ -173,6 +174,7 @@ void flowctl_channel_unref(flowctl_channel *ch);     /* destroys the channel at 
 #define PUMP_SENDQ 64             /* messages written and not yet taken by gRPC */
 #define PUMP_RECVQ 64             /* messages read ahead ... */
 #define PUMP_RECV_BYTES (4 << 20) /* ... or this many bytes of them */
+#define PUMP_UNLIMITED UINT_MAX   /* a read budget: read ahead for as long as the stream lasts */
 
 /* An extra batch someone waits for (on that waiter's stack). */
 typedef struct flowctl_pump_extra {
@@ -190,14 +192,17 @@ typedef struct flowctl_pump {
     int waiters;
     grpc_byte_buffer *sendq[PUMP_SENDQ];
     unsigned send_head, send_len;
-    grpc_op send_op;             /* SEND_MESSAGE, or SEND_CLOSE_FROM_CLIENT once the queue is empty */
+    grpc_op send_ops[2];         /* [SEND_INITIAL_METADATA,] SEND_MESSAGE, or SEND_CLOSE_FROM_CLIENT */
+    grpc_byte_buffer *send_msg;  /* the message in flight (NULL: the close) */
     bool send_inflight, send_failed, close_wanted, close_done;
+    bool send_initial_md;        /* a server's: the first send batch carries the initial metadata */
     grpc_byte_buffer *recvq[PUMP_RECVQ];
     unsigned recv_head, recv_len;
     size_t recv_bytes;
     grpc_op recv_op;
     grpc_byte_buffer *recv_buf;
-    bool reading, recv_inflight, recv_eof, recv_failed;
+    unsigned recv_budget;        /* receives that may still start (PUMP_UNLIMITED: any) */
+    bool recv_inflight, recv_eof, recv_failed;
     grpc_op initial_op;
     grpc_metadata_array initial_md;
     bool initial_inflight, initial_done;
@@ -209,8 +214,19 @@ typedef struct flowctl_pump {
  * raises came (the call is cancelled, nothing in flight): let go of what you hold,
  * then flowctl_wait_finish(1). */
 void flowctl_pump_init(flowctl_pump *p, grpc_call *call, grpc_completion_queue *cq);
-/* Starts the read-ahead (and, for a client, receiving the initial metadata). */
-void flowctl_pump_start_reading(flowctl_pump *p, bool initial_metadata);
+/* Starts reading: up to `budget` messages ahead of the reader (PUMP_UNLIMITED for a
+ * stream), and for a client the initial metadata. Any thread (no GVL needed). */
+void flowctl_pump_start_reading(flowctl_pump *p, bool initial_metadata, unsigned budget);
+/* Raises the budget (PUMP_UNLIMITED: read ahead from now on). */
+void flowctl_pump_read_more(flowctl_pump *p, unsigned budget);
+/* Waits until every queued message has gone to gRPC. */
+int flowctl_pump_flush(flowctl_pump *p);
+/* true (once) when the initial metadata still has to be sent: the caller sends it. */
+bool flowctl_pump_take_initial_md(flowctl_pump *p);
+/* For native threads: starts a batch nobody waits for by tag, and drains (waits until
+ * nothing is in flight) until a monotonic deadline; false when that passed first. */
+bool flowctl_pump_start(flowctl_pump *p, const grpc_op *ops, size_t n);
+bool flowctl_pump_drain(flowctl_pump *p, gpr_timespec until);
 /* Queues a message (waits while the queue is full); *failed: the call is over. */
 int flowctl_pump_write(flowctl_pump *p, VALUE bytes, bool *failed);
 /* Half-closes after the queued messages; waits until gRPC has taken them all. */

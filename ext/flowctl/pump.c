@@ -49,20 +49,27 @@ start_send_locked(flowctl_pump *p)
         p->sendq[p->send_head] = NULL;
         p->send_head = (p->send_head + 1) % PUMP_SENDQ;
         p->send_len--;
-        memset(&p->send_op, 0, sizeof(p->send_op));
-        p->send_op.op = GRPC_OP_SEND_MESSAGE;
-        p->send_op.data.send_message.send_message = bb;
+        memset(p->send_ops, 0, sizeof(p->send_ops));
+        size_t n = 0;
+        if (p->send_initial_md) { /* a server's first reply carries its initial metadata */
+            p->send_ops[n++].op = GRPC_OP_SEND_INITIAL_METADATA;
+            p->send_initial_md = false;
+        }
+        p->send_ops[n].op = GRPC_OP_SEND_MESSAGE;
+        p->send_ops[n].data.send_message.send_message = bb;
         /* another message follows at once: let the transport hold this one for it */
-        if (p->send_len > 0) p->send_op.flags = GRPC_WRITE_BUFFER_HINT;
-        p->send_inflight = grpc_call_start_batch(p->call, &p->send_op, 1, &p->send_op, NULL) == GRPC_CALL_OK;
+        if (p->send_len > 0) p->send_ops[n].flags = GRPC_WRITE_BUFFER_HINT;
+        p->send_msg = bb;
+        p->send_inflight = grpc_call_start_batch(p->call, p->send_ops, n + 1, p->send_ops, NULL) == GRPC_CALL_OK;
         if (!p->send_inflight) {
             grpc_byte_buffer_destroy(bb);
+            p->send_msg = NULL;
             p->send_failed = true;
         }
     } else if (p->close_wanted && !p->close_done) {
-        memset(&p->send_op, 0, sizeof(p->send_op));
-        p->send_op.op = GRPC_OP_SEND_CLOSE_FROM_CLIENT;
-        p->send_inflight = grpc_call_start_batch(p->call, &p->send_op, 1, &p->send_op, NULL) == GRPC_CALL_OK;
+        memset(p->send_ops, 0, sizeof(p->send_ops));
+        p->send_ops[0].op = GRPC_OP_SEND_CLOSE_FROM_CLIENT;
+        p->send_inflight = grpc_call_start_batch(p->call, p->send_ops, 1, p->send_ops, NULL) == GRPC_CALL_OK;
         if (!p->send_inflight) p->close_done = true;
     }
 }
@@ -70,9 +77,10 @@ start_send_locked(flowctl_pump *p)
 static void
 start_recv_locked(flowctl_pump *p)
 {
-    if (!p->reading || p->recv_inflight || p->recv_eof || p->recv_len >= PUMP_RECVQ ||
+    if (p->recv_budget == 0 || p->recv_inflight || p->recv_eof || p->recv_len >= PUMP_RECVQ ||
         p->recv_bytes >= PUMP_RECV_BYTES)
         return;
+    if (p->recv_budget != PUMP_UNLIMITED) p->recv_budget--;
     memset(&p->recv_op, 0, sizeof(p->recv_op));
     p->recv_op.op = GRPC_OP_RECV_MESSAGE;
     p->recv_op.data.recv_message.recv_message = &p->recv_buf;
@@ -87,9 +95,9 @@ static void
 on_send(flowctl_pump *p, bool ok)
 {
     p->send_inflight = false;
-    if (p->send_op.op == GRPC_OP_SEND_MESSAGE) {
-        grpc_byte_buffer_destroy(p->send_op.data.send_message.send_message);
-        p->send_op.data.send_message.send_message = NULL;
+    if (p->send_msg) {
+        grpc_byte_buffer_destroy(p->send_msg);
+        p->send_msg = NULL;
     } else {
         p->close_done = true;
     }
@@ -117,19 +125,19 @@ on_recv(flowctl_pump *p, bool ok)
 static void
 on_event(flowctl_pump *p, const grpc_event *ev)
 {
-    if (ev->tag == &p->send_op) {
+    if (ev->tag == p->send_ops) {
         on_send(p, ev->success);
     } else if (ev->tag == &p->recv_op) {
         on_recv(p, ev->success);
     } else if (ev->tag == &p->initial_op) {
         p->initial_inflight = false;
         p->initial_done = true;
-    } else {
+    } else { /* an extra batch: a waiter's, or one started by flowctl_pump_start */
+        p->extras_inflight--;
         for (flowctl_pump_extra *x = p->extras; x; x = x->next) {
             if (x->tag != ev->tag) continue;
             x->done = true;
             x->ok = ev->success;
-            p->extras_inflight--;
             break;
         }
     }
@@ -205,19 +213,27 @@ wait_ubf(void *a)
     atomic_store(&w->woken, true);
 }
 
-/* After cancel: polls until every batch has completed (they do, promptly). */
-static void *
-drain_nogvl(void *a)
+/* Polls until every batch has completed or `until` (monotonic) has passed. */
+static bool
+drain_until(flowctl_pump *p, gpr_timespec until)
 {
-    flowctl_pump *p = a;
     pthread_mutex_lock(&p->mu);
     p->waiters++;
-    while (!nothing_in_flight(p, NULL)) {
+    while (!nothing_in_flight(p, NULL) && gpr_time_cmp(gpr_now(GPR_CLOCK_MONOTONIC), until) < 0) {
         if (p->polling) cond_wait_ms(p, POLL_MS);
         else poll_once(p, NULL);
     }
     p->waiters--;
+    bool drained = nothing_in_flight(p, NULL);
     pthread_mutex_unlock(&p->mu);
+    return drained;
+}
+
+/* After cancel: polls until every batch has completed (they do, promptly). */
+static void *
+drain_nogvl(void *a)
+{
+    drain_until(a, gpr_inf_future(GPR_CLOCK_MONOTONIC));
     return NULL;
 }
 
@@ -258,10 +274,10 @@ flowctl_pump_init(flowctl_pump *p, grpc_call *call, grpc_completion_queue *cq)
 }
 
 void
-flowctl_pump_start_reading(flowctl_pump *p, bool initial_metadata)
+flowctl_pump_start_reading(flowctl_pump *p, bool initial_metadata, unsigned budget)
 {
     pthread_mutex_lock(&p->mu);
-    p->reading = true;
+    p->recv_budget = budget;
     if (initial_metadata && !p->initial_inflight && !p->initial_done) {
         memset(&p->initial_op, 0, sizeof(p->initial_op));
         p->initial_op.op = GRPC_OP_RECV_INITIAL_METADATA;
@@ -380,6 +396,54 @@ flowctl_pump_run(flowctl_pump *p, const grpc_op *ops, size_t n, bool *ok)
     return interrupted;
 }
 
+void
+flowctl_pump_read_more(flowctl_pump *p, unsigned budget)
+{
+    pthread_mutex_lock(&p->mu);
+    if (budget == PUMP_UNLIMITED || p->recv_budget == PUMP_UNLIMITED) p->recv_budget = PUMP_UNLIMITED;
+    else if (!p->recv_inflight && p->recv_len == 0 && p->recv_budget < budget) p->recv_budget = budget;
+    start_recv_locked(p);
+    pthread_mutex_unlock(&p->mu);
+}
+
+static bool
+sends_done(flowctl_pump *p, void *unused)
+{
+    return (p->send_len == 0 && !p->send_inflight) || p->send_failed;
+}
+
+int
+flowctl_pump_flush(flowctl_pump *p)
+{
+    return pump_wait(p, sends_done, NULL);
+}
+
+bool
+flowctl_pump_take_initial_md(flowctl_pump *p)
+{
+    pthread_mutex_lock(&p->mu);
+    bool pending = p->send_initial_md;
+    p->send_initial_md = false;
+    pthread_mutex_unlock(&p->mu);
+    return pending;
+}
+
+bool
+flowctl_pump_start(flowctl_pump *p, const grpc_op *ops, size_t n)
+{
+    pthread_mutex_lock(&p->mu);
+    bool ok = grpc_call_start_batch(p->call, ops, n, (void *)ops, NULL) == GRPC_CALL_OK;
+    if (ok) p->extras_inflight++;
+    pthread_mutex_unlock(&p->mu);
+    return ok;
+}
+
+bool
+flowctl_pump_drain(flowctl_pump *p, gpr_timespec until)
+{
+    return drain_until(p, until);
+}
+
 bool
 flowctl_pump_send_failed(flowctl_pump *p)
 {
@@ -402,7 +466,7 @@ void
 flowctl_pump_destroy(flowctl_pump *p, bool cancel_call)
 {
     if (!p->cq) return;
-    if (cancel_call) grpc_call_cancel(p->call, NULL);
+    if (cancel_call && p->call) grpc_call_cancel(p->call, NULL);
     if (!nothing_in_flight(p, NULL)) drain_nogvl(p);
     for (unsigned i = 0; i < p->send_len; i++) grpc_byte_buffer_destroy(p->sendq[(p->send_head + i) % PUMP_SENDQ]);
     for (unsigned i = 0; i < p->recv_len; i++) grpc_byte_buffer_destroy(p->recvq[(p->recv_head + i) % PUMP_RECVQ]);

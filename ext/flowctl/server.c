@@ -4,17 +4,17 @@
  * builds handlers on.
  *
  * Reading order:
- *   1. slots: one outstanding grpc_server_request_call each, with its own pluck queue
- *      that the accepted call's batches complete on.
+ *   1. slots: one outstanding grpc_server_request_call each, with its own pump (pump.c)
+ *      whose queue the accepted call's batches complete on.
  *   2. the acceptor: a native thread (no GVL, no Ruby) that takes new calls off the
  *      server's notification queue and hands them to Ruby workers waiting in
  *      Server#next_call. When none is idle, a few calls (max_waiting) may wait a moment
  *      (max_wait) for one; any other call gets RESOURCE_EXHAUSTED from the acceptor
  *      itself, so nothing queues without bound.
  *   3. Native::Server: ports, start, shutdown, cancel_all, close.
- *   4. Native::ServerCall: recv / send_message / finish, each one batch waited on without
- *      the GVL (wait.c: an interrupt cancels the call and the wait goes on until the tag
- *      completes); streams read ahead and write behind.
+ *   4. Native::ServerCall: recv / send_message / finish on the pump, waiting without the
+ *      GVL (an interrupt cancels the call and the wait goes on until nothing is in
+ *      flight); streams read ahead and write behind.
  */
 #include "flowctl.h"
 #include <grpc/support/alloc.h>
@@ -32,11 +32,8 @@ typedef struct call_slot {
     grpc_call *call;
     grpc_call_details details;
     grpc_metadata_array md;
-    grpc_completion_queue *cq;  /* bound to the call: its batches complete here */
+    flowctl_pump pump;          /* the call's batches complete on pump.cq (pump.c) */
     bool status_sent;           /* the status batch completed: never cancel after that */
-    bool recv_pending;          /* recv_op in flight (read-ahead) */
-    grpc_op recv_op;
-    grpc_byte_buffer *recv_buf;
     struct call_slot *next;     /* handoff queue link */
     gpr_timespec wait_until;    /* queued with no idle worker: rejected after this */
 } call_slot;
@@ -48,30 +45,25 @@ slot_new(void)
     if (!s) return NULL;
     grpc_call_details_init(&s->details);
     grpc_metadata_array_init(&s->md);
-    s->cq = grpc_completion_queue_create_for_pluck(NULL);
+    flowctl_pump_init(&s->pump, NULL, grpc_completion_queue_create_for_next(NULL));
+    s->pump.send_initial_md = true;
     return s;
 }
 
 /*
- * Frees a slot whose call has no batch in flight, cancelling the call when it never got its
- * status. (A cancel after the status batch completed could still reset the stream before the
- * status frames are flushed, and the client would see CANCELLED.)
+ * Frees a slot, cancelling the call when it never got its status and waiting for what
+ * is in flight (a cancelled batch completes at once). (A cancel after the status batch
+ * completed could still reset the stream before the status frames are flushed, and the
+ * client would see CANCELLED.)
  */
 static void
 slot_free(call_slot *s)
 {
     if (!s) return;
-    if (s->call) {
-        if (!s->status_sent) grpc_call_cancel(s->call, NULL);
-        if (s->recv_pending) {
-            grpc_completion_queue_pluck(s->cq, &s->recv_op, gpr_inf_future(GPR_CLOCK_MONOTONIC), NULL);
-            if (s->recv_buf) grpc_byte_buffer_destroy(s->recv_buf);
-        }
-        grpc_call_unref(s->call);
-    }
+    flowctl_pump_destroy(&s->pump, s->call && !s->status_sent);
+    if (s->call) grpc_call_unref(s->call);
     grpc_call_details_destroy(&s->details);
     grpc_metadata_array_destroy(&s->md);
-    flowctl_cq_destroy(s->cq);
     free(s);
 }
 
@@ -104,7 +96,7 @@ arm_request(server_t *s)
     call_slot *slot = slot_new();
     if (!slot) return false;
     grpc_call_error err = grpc_server_request_call(s->server, &slot->call, &slot->details, &slot->md,
-                                                   slot->cq, s->notify_cq, slot);
+                                                   slot->pump.cq, s->notify_cq, slot);
     if (err != GRPC_CALL_OK) {
         slot_free(slot);
         return false;
@@ -127,28 +119,13 @@ reject_call(call_slot *slot, grpc_status_code code, const char *msg)
     ops[1].data.send_status_from_server.status_details = &details;
     ops[2].op = GRPC_OP_RECV_CLOSE_ON_SERVER;
     ops[2].data.recv_close_on_server.cancelled = &cancelled;
-    if (grpc_call_start_batch(slot->call, ops, 3, slot, NULL) == GRPC_CALL_OK) {
+    if (flowctl_pump_start(&slot->pump, ops, 3)) {
         gpr_timespec limit = gpr_time_add(gpr_now(GPR_CLOCK_MONOTONIC), gpr_time_from_seconds(2, GPR_TIMESPAN));
-        grpc_event ev = grpc_completion_queue_pluck(slot->cq, slot, limit, NULL);
-        if (ev.type == GRPC_QUEUE_TIMEOUT) {
-            grpc_call_cancel(slot->call, NULL);
-            ev = grpc_completion_queue_pluck(slot->cq, slot, gpr_inf_future(GPR_CLOCK_MONOTONIC), NULL);
-        }
-        slot->status_sent = ev.success != 0;
+        slot->status_sent = flowctl_pump_drain(&slot->pump, limit);
+        if (!slot->status_sent) grpc_call_cancel(slot->call, NULL);
+        flowctl_pump_drain(&slot->pump, gpr_inf_future(GPR_CLOCK_MONOTONIC)); /* ops live until done */
     }
     slot_free(slot);
-}
-
-/* Starts reading the next request message; the call's owner waits for slot->recv_op. */
-static bool
-start_recv(call_slot *slot)
-{
-    memset(&slot->recv_op, 0, sizeof(slot->recv_op));
-    slot->recv_op.op = GRPC_OP_RECV_MESSAGE;
-    slot->recv_op.data.recv_message.recv_message = &slot->recv_buf;
-    slot->recv_buf = NULL;
-    slot->recv_pending = grpc_call_start_batch(slot->call, &slot->recv_op, 1, &slot->recv_op, NULL) == GRPC_CALL_OK;
-    return slot->recv_pending;
 }
 
 /*
@@ -166,7 +143,8 @@ dispatch_locked(server_t *s, call_slot *slot)
     s->queue_tail = slot;
     s->queued++;
     s->accepted++;
-    start_recv(slot); /* the first request message is read while the call waits for its worker */
+    /* the first request message is read while the call waits for its worker */
+    flowctl_pump_start_reading(&slot->pump, false, 1);
     pthread_cond_signal(&s->work); /* one call, one worker */
     return NULL;
 }
@@ -176,6 +154,7 @@ dispatch_locked(server_t *s, call_slot *slot)
 static void
 on_request(server_t *s, call_slot *slot, bool success)
 {
+    if (success) slot->pump.call = slot->call;
     pthread_mutex_lock(&s->mu);
     s->outstanding--;
     bool stopping = s->shutting_down;
@@ -643,51 +622,24 @@ server_stats(VALUE self)
 /* ---- 4. Native::ServerCall -------------------------------------------------- */
 
 /*
- * A stream reads ahead and writes behind: after a message arrives the next RECV_MESSAGE
- * batch starts at once, and send_message returns once its batch has started (the next
- * send, or finish, waits for it). So the wire keeps moving while Ruby runs the handler.
- * Those batches may be in flight with no thread waiting; drain_pending waits for them
- * before the call is released.
+ * A call runs on its slot's pump (pump.c): the first request message is read while the
+ * call waits for a worker; a stream reads ahead (recv(true)) and writes behind
+ * (send_message queues), so the wire keeps moving while Ruby runs the handler. finish
+ * waits for the queued replies, then sends the status.
  */
 typedef struct {
     call_slot *slot;       /* NULL once released */
-    int busy;              /* threads waiting on a batch of this call (changed with the GVL held) */
-    bool release_pending;  /* finished while another thread still waits on a batch */
-    bool sent_initial_md;
+    int busy;              /* threads waiting on this call (changed with the GVL held) */
+    bool release_pending;  /* finished while another thread still waits on it */
     bool finished;
     bool cancelled;
     bool read_done;        /* the client half-closed */
-    bool send_pending;     /* send_ops in flight */
-    size_t send_count;
-    grpc_op send_ops[2];
     pid_t pid;
 } server_call_t;
 
 static void
-pluck_quietly(server_call_t *c, void *tag)
-{
-    grpc_event ev = grpc_completion_queue_pluck(c->slot->cq, tag, gpr_inf_future(GPR_CLOCK_MONOTONIC), NULL);
-    if (!ev.success) c->cancelled = true;
-}
-
-/* Waits (briefly: the call is cancelled first unless its status went out) for read-ahead
- * and write-behind batches nobody waits for. */
-static void
-drain_pending(server_call_t *c)
-{
-    if (!c->send_pending) return; /* slot_free drains a read-ahead */
-    if (!c->slot->status_sent) grpc_call_cancel(c->slot->call, NULL);
-    if (c->send_pending) {
-        pluck_quietly(c, c->send_ops);
-        c->send_pending = false;
-        grpc_byte_buffer_destroy(c->send_ops[c->send_count - 1].data.send_message.send_message);
-    }
-}
-
-static void
 call_release(server_call_t *c)
 {
-    drain_pending(c);
     slot_free(c->slot);
     c->slot = NULL;
 }
@@ -696,9 +648,9 @@ static void
 server_call_free(void *p)
 {
     server_call_t *c = p;
-    /* No thread waits here (each wait holds the object); read-ahead and write-behind
-     * batches are cancelled and complete at once. A forked child's copy of a call is
-     * the parent's: left alone. */
+    /* No thread waits here (each wait holds the object); read-ahead and queued replies
+     * are cancelled and complete at once. A forked child's copy of a call is the
+     * parent's: left alone. */
     if (c->slot && c->pid == flowctl_pid) call_release(c);
     ruby_xfree(c);
 }
@@ -707,7 +659,7 @@ static size_t
 server_call_memsize(const void *p)
 {
     const server_call_t *c = p;
-    return sizeof(*c) + (c->slot ? sizeof(call_slot) : 0);
+    return sizeof(*c) + (c->slot ? sizeof(call_slot) + c->slot->pump.recv_bytes : 0);
 }
 
 static const rb_data_type_t server_call_type = {
@@ -799,49 +751,16 @@ server_next_call(VALUE self)
     }
 }
 
-/* Waits for a batch already started; returns its success. */
-static bool
-wait_batch(VALUE self, server_call_t *c, void *tag, int *interrupted)
-{
-    /* often done already (read-ahead, inline writes): then keep the GVL */
-    grpc_event ev = grpc_completion_queue_pluck(c->slot->cq, tag, gpr_inf_past(GPR_CLOCK_MONOTONIC), NULL);
-    *interrupted = 0;
-    if (ev.type != GRPC_OP_COMPLETE) {
-        c->busy++;
-        ev = flowctl_wait_tag(c->slot->cq, tag, c->slot->call, interrupted);
-        c->busy--;
-    }
-    RB_GC_GUARD(self);
-    if (!ev.success) c->cancelled = true;
-    return ev.success != 0;
-}
-
-/* Runs one batch on the call and waits for it; returns the event's success. */
-static bool
-run_batch(VALUE self, server_call_t *c, grpc_op *ops, size_t n, int *interrupted)
-{
-    *interrupted = 0;
-    if (grpc_call_start_batch(c->slot->call, ops, n, ops, NULL) != GRPC_CALL_OK) return false;
-    return wait_batch(self, c, ops, interrupted);
-}
-
 /* After a wait: release the call when finish ran meanwhile on another thread. */
 static void
-after_batch(server_call_t *c)
+after_wait(server_call_t *c, VALUE self)
 {
+    c->busy--;
     if (c->release_pending && c->busy == 0) {
         c->release_pending = false;
         call_release(c);
     }
-}
-
-static void
-add_initial_md(server_call_t *c, grpc_op *ops, size_t *n)
-{
-    if (c->sent_initial_md) return;
-    c->sent_initial_md = true;
-    memset(&ops[*n], 0, sizeof(grpc_op));
-    ops[(*n)++].op = GRPC_OP_SEND_INITIAL_METADATA;
+    RB_GC_GUARD(self);
 }
 
 /*
@@ -849,8 +768,8 @@ add_initial_md(server_call_t *c, grpc_op *ops, size_t *n)
  *   call.recv(read_ahead = false) -> String or nil
  *
  * The next request message (binary String), or nil when the client has half-closed.
- * read_ahead starts reading the following message at once (streams). Raises
- * Flowctl::Cancelled when the client went away.
+ * read_ahead keeps reading the following messages while the handler runs (streams).
+ * Raises Flowctl::Cancelled when the client went away.
  */
 static VALUE
 server_call_recv(int argc, VALUE *argv, VALUE self)
@@ -859,74 +778,49 @@ server_call_recv(int argc, VALUE *argv, VALUE self)
     rb_scan_args(argc, argv, "01", &ahead);
     server_call_t *c = call_get(self);
     if (c->read_done) return Qnil;
-    call_slot *slot = c->slot;
-    if (!slot->recv_pending && !start_recv(slot)) rb_raise(eCancelledCall, "the call can no longer read");
-    int interrupted;
-    bool ok = wait_batch(self, c, &slot->recv_op, &interrupted);
-    slot->recv_pending = false;
-    grpc_byte_buffer *buf = slot->recv_buf;
-    slot->recv_buf = NULL;
+    flowctl_pump *p = &c->slot->pump;
+    flowctl_pump_read_more(p, RTEST(ahead) ? PUMP_UNLIMITED : 1);
+    grpc_byte_buffer *buf;
+    c->busy++;
+    int interrupted = flowctl_pump_read(p, &buf);
+    bool ok = true;
     VALUE str = Qnil;
     if (buf) {
         str = flowctl_str_from_buffer(buf);
         grpc_byte_buffer_destroy(buf);
-    } else if (ok && grpc_call_failed_before_recv_message(slot->call)) {
-        ok = false; /* no message because the client cancelled, not a half-close */
-        c->cancelled = true;
-    } else if (ok) {
-        c->read_done = true;
+    } else if (!interrupted) {
+        /* no message: a half-close, unless the client cancelled or went away */
+        ok = !flowctl_pump_recv_failed(p) && !grpc_call_failed_before_recv_message(c->slot->call);
+        if (ok) c->read_done = true;
+        else c->cancelled = true;
     }
-    if (ok && buf && RTEST(ahead) && !interrupted && !c->finished && c->slot) start_recv(c->slot);
-    after_batch(c);
+    after_wait(c, self);
     flowctl_wait_finish(interrupted);
     if (!ok) rb_raise(eCancelledCall, "the client cancelled the call or went away");
     return str;
-}
-
-/* Waits for the previous write-behind batch; false when it failed. */
-static bool
-wait_send(VALUE self, server_call_t *c, int *interrupted)
-{
-    *interrupted = 0;
-    if (!c->send_pending) return true;
-    bool ok = wait_batch(self, c, c->send_ops, interrupted);
-    c->send_pending = false;
-    grpc_byte_buffer_destroy(c->send_ops[c->send_count - 1].data.send_message.send_message);
-    return ok;
 }
 
 /*
  * call-seq:
  *   call.send_message(bytes) -> self
  *
- * Sends one reply message (and the initial metadata first, when not yet sent). Returns
- * once the batch has started: the next send or finish waits for it. Raises
- * Flowctl::Cancelled when the client went away.
+ * Queues one reply message (the first one carries the initial metadata); waits only
+ * while many are queued (the client reads slowly). Raises Flowctl::Cancelled when the
+ * client went away.
  */
 static VALUE
 server_call_send(VALUE self, VALUE bytes)
 {
     server_call_t *c = call_get(self);
     StringValue(bytes);
-    int interrupted;
-    bool ok = wait_send(self, c, &interrupted);
-    if (ok && !interrupted && !c->finished && c->slot) {
-        size_t n = 0;
-        add_initial_md(c, c->send_ops, &n);
-        memset(&c->send_ops[n], 0, sizeof(grpc_op));
-        c->send_ops[n].op = GRPC_OP_SEND_MESSAGE;
-        c->send_ops[n++].data.send_message.send_message = flowctl_buffer_from_str(bytes);
-        c->send_count = n;
-        if (grpc_call_start_batch(c->slot->call, c->send_ops, n, c->send_ops, NULL) == GRPC_CALL_OK) {
-            c->send_pending = true;
-        } else {
-            grpc_byte_buffer_destroy(c->send_ops[n - 1].data.send_message.send_message);
-            ok = false;
-        }
-    }
-    after_batch(c);
+    bool failed = false;
+    c->busy++;
+    int interrupted = flowctl_pump_write(&c->slot->pump, bytes, &failed);
+    if (failed) c->cancelled = true;
+    after_wait(c, self);
     flowctl_wait_finish(interrupted);
-    if (!ok) rb_raise(eCancelledCall, "the client cancelled the call or went away");
+    if (failed) rb_raise(eCancelledCall, "the client cancelled the call or went away");
+    RB_GC_GUARD(bytes);
     return self;
 }
 
@@ -938,17 +832,46 @@ struct finish_arg {
     flowctl_metadata md;
     grpc_slice details;
     grpc_byte_buffer *msg;
+    grpc_status_code code;
     int cancelled;
     int interrupted;
     bool ok;
 };
 
+static void
+finish_ops(struct finish_arg *a)
+{
+    if (flowctl_pump_take_initial_md(&a->c->slot->pump)) {
+        memset(&a->ops[a->n], 0, sizeof(grpc_op));
+        a->ops[a->n++].op = GRPC_OP_SEND_INITIAL_METADATA;
+    }
+    if (a->msg) {
+        memset(&a->ops[a->n], 0, sizeof(grpc_op));
+        a->ops[a->n].op = GRPC_OP_SEND_MESSAGE;
+        a->ops[a->n++].data.send_message.send_message = a->msg;
+    }
+    memset(&a->ops[a->n], 0, sizeof(grpc_op));
+    a->ops[a->n].op = GRPC_OP_SEND_STATUS_FROM_SERVER;
+    a->ops[a->n].data.send_status_from_server.status = a->code;
+    a->ops[a->n].data.send_status_from_server.status_details = &a->details;
+    a->ops[a->n].data.send_status_from_server.trailing_metadata = a->md.md;
+    a->ops[a->n++].data.send_status_from_server.trailing_metadata_count = a->md.count;
+    memset(&a->ops[a->n], 0, sizeof(grpc_op));
+    a->ops[a->n].op = GRPC_OP_RECV_CLOSE_ON_SERVER;
+    a->ops[a->n++].data.recv_close_on_server.cancelled = &a->cancelled;
+}
+
+/* The queued replies first, then the status (ops built only now: the first reply may
+ * have carried the initial metadata). */
 static VALUE
 finish_body(VALUE p)
 {
     struct finish_arg *a = (struct finish_arg *)p;
-    if (!wait_send(a->self, a->c, &a->interrupted) || a->interrupted) return Qnil;
-    a->ok = run_batch(a->self, a->c, a->ops, a->n, &a->interrupted);
+    flowctl_pump *pump = &a->c->slot->pump;
+    a->interrupted = flowctl_pump_flush(pump);
+    if (a->interrupted || flowctl_pump_send_failed(pump)) return Qnil;
+    finish_ops(a);
+    a->interrupted = flowctl_pump_run(pump, a->ops, a->n, &a->ok);
     return Qnil;
 }
 
@@ -971,36 +894,19 @@ finish_cleanup(VALUE p)
     flowctl_metadata_free(&a->md);
     grpc_slice_unref(a->details);
     if (a->msg) grpc_byte_buffer_destroy(a->msg);
+    a->c->busy--;
     a->c->slot->status_sent = a->ok;
     end_call(a->c);
     return Qnil;
-}
-static void
-finish_ops(struct finish_arg *a, grpc_status_code code)
-{
-    add_initial_md(a->c, a->ops, &a->n);
-    if (a->msg) {
-        memset(&a->ops[a->n], 0, sizeof(grpc_op));
-        a->ops[a->n].op = GRPC_OP_SEND_MESSAGE;
-        a->ops[a->n++].data.send_message.send_message = a->msg;
-    }
-    memset(&a->ops[a->n], 0, sizeof(grpc_op));
-    a->ops[a->n].op = GRPC_OP_SEND_STATUS_FROM_SERVER;
-    a->ops[a->n].data.send_status_from_server.status = code;
-    a->ops[a->n].data.send_status_from_server.status_details = &a->details;
-    a->ops[a->n].data.send_status_from_server.trailing_metadata = a->md.md;
-    a->ops[a->n++].data.send_status_from_server.trailing_metadata_count = a->md.count;
-    memset(&a->ops[a->n], 0, sizeof(grpc_op));
-    a->ops[a->n].op = GRPC_OP_RECV_CLOSE_ON_SERVER;
-    a->ops[a->n++].data.recv_close_on_server.cancelled = &a->cancelled;
 }
 
 /*
  * call-seq:
  *   call.finish(code, details, trailing_metadata, last_message = nil) -> true or false
  *
- * Sends the last message (if any) and the status, and ends the call; true when the
- * client got it, false when the call was cancelled. The call is released afterwards.
+ * Sends the queued replies, the last message (if any) and the status, and ends the
+ * call; true when the client got it, false when the call was cancelled. The call is
+ * released afterwards.
  */
 static VALUE
 server_call_finish(int argc, VALUE *argv, VALUE self)
@@ -1013,12 +919,12 @@ server_call_finish(int argc, VALUE *argv, VALUE self)
     if (!NIL_P(details)) StringValue(details);
     if (!NIL_P(last)) StringValue(last);
 
-    struct finish_arg a = {.self = self, .c = c};
+    struct finish_arg a = {.self = self, .c = c, .code = (grpc_status_code)status};
     flowctl_metadata_from_hash(trailing, &a.md); /* validates; raises before anything is owned */
     a.details = NIL_P(details) ? grpc_empty_slice()
                                : grpc_slice_from_copied_buffer(RSTRING_PTR(details), (size_t)RSTRING_LEN(details));
     a.msg = NIL_P(last) ? NULL : flowctl_buffer_from_str(last);
-    finish_ops(&a, (grpc_status_code)status);
+    c->busy++;
     rb_ensure(finish_body, (VALUE)&a, finish_cleanup, (VALUE)&a);
     flowctl_wait_finish(a.interrupted);
     if (!a.ok || a.cancelled) c->cancelled = true;
