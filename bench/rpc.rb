@@ -9,7 +9,8 @@
 #   official  the official grpc gem server (spec/support/official_server.rb): the peer the
 #             targets name; a Ruby server, it caps what any client can reach.
 #   native    bench/echo_server.c on gRPC C core (built here with cc): shows what the
-#             clients themselves can do.
+#             clients themselves can do. bench/core_client.c, the same calls on gRPC C
+#             core without Ruby, is run against it too: the ceiling of any binding.
 # BENCH_SERVERS=official,native (default both). Measurements alternate between
 # the two clients and each is the best of BENCH_ROUNDS (default 2) rounds, to damp the
 # noise of a shared machine. Client CPU is the CPU time of this process per call (gRPC
@@ -67,17 +68,31 @@ def threaded(threads)
   [n / (clock - t0), (cpu - c0) / n * 1e6]
 end
 
-# bench/echo_server.c, built into tmp/bench when missing or older than its source.
-def start_native_server(delay_us: 0)
-  src = File.expand_path("echo_server.c", __dir__)
-  bin = File.expand_path("../tmp/bench/echo_server", __dir__)
+# bench/<name>.c built into tmp/bench when missing or older than its source; returns the binary.
+def native_program(name)
+  src = File.expand_path("#{name}.c", __dir__)
+  bin = File.expand_path("../tmp/bench/#{name}", __dir__)
   unless File.exist?(bin) && File.mtime(bin) >= File.mtime(src)
     require "fileutils"
     FileUtils.mkdir_p(File.dirname(bin))
     flags = `pkg-config --cflags --libs grpc`.split
     system("cc", "-O2", src, *flags, "-o", bin, exception: true)
   end
-  io = IO.popen({"ECHO_DELAY_US" => delay_us.to_s}, [bin])
+  bin
+end
+
+# bench/core_client.c: the same work on gRPC C core alone, the ceiling of any binding.
+def core_client(mode, target)
+  out = IO.popen([native_program("core_client"), mode, target, SECONDS.to_s], &:read)
+  rate, cpu = out[/^RESULT (\S+ \S+)/, 1]&.split&.map(&:to_f)
+  raise "core_client #{mode} failed: #{out}" unless rate
+
+  printf("  C core    %9.0f %s  (client CPU %6.1f us/op)  the ceiling: no Ruby at all\n", rate,
+         mode == "unary" ? "calls/s" : "msgs/s ", cpu)
+end
+
+def start_native_server(delay_us: 0)
+  io = IO.popen({"ECHO_DELAY_US" => delay_us.to_s}, [native_program("echo_server")])
   port = Integer(io.gets[/PORT (\d+)/, 1])
   [port, -> { Process.kill(:TERM, io.pid); Process.wait(io.pid); io.close }]
 end
@@ -89,7 +104,7 @@ def start_official_server
   [port, -> { server.stop }]
 end
 
-def run_suite(target)
+def run_suite(target, native)
 
   cp = Flowctl::ControlPlane::Client.new(target, tls: false)
   stub = OCP::ControlPlane::Stub.new(target, :this_channel_is_insecure)
@@ -107,6 +122,7 @@ def run_suite(target)
       measure { stub.processor_heartbeat(obeat, deadline: Time.now + 5) && 1 }
     end
   end
+  core_client("unary", target) if native
 
   puts "\n2. Bidi Process stream of 1 KiB DataMessages (messages/s, echoed)"
   batch = Integer(ENV.fetch("BENCH_STREAM_BATCH", "2000"))
@@ -134,6 +150,7 @@ def run_suite(target)
       end
     end
   end
+  core_client("bidi", target) if native
 
   puts "\n3. Eight Ruby threads sharing one client vs one thread (ProcessorHeartbeat calls/s)"
   one = nil
@@ -167,7 +184,7 @@ ENV.fetch("BENCH_SERVERS", "official,native").split(",").each do |kind|
   port, stop = kind == "native" ? start_native_server : start_official_server
   puts "\n=== server: #{kind == 'native' ? 'bench/echo_server.c (gRPC C core)' : 'official grpc gem'} " \
        "(subprocess) at 127.0.0.1:#{port}"
-  run_suite("127.0.0.1:#{port}")
+  run_suite("127.0.0.1:#{port}", kind == "native")
 ensure
   stop&.call
 end

@@ -2,7 +2,7 @@
  * flowctl.h — the one internal header of the flowctl extension.
  *
  * Reading order: flowctl.c (Init) -> message.c/convert.c (messages) -> status.c
- * -> metadata.c -> wait.c -> channel.c -> call.c -> server.c -> heartbeat.c -> fork.c.
+ * -> metadata.c -> wait.c -> channel.c -> call.c -> pump.c -> server.c -> heartbeat.c -> fork.c.
  *
  * Mechanism files return codes where they can; the Ruby-facing functions raise.
  */
