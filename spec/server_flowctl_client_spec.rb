@@ -1,6 +1,7 @@
 # frozen_string_literal: true
 
 require "spec_helper"
+require "timeout"
 
 # Flowctl::Server driven by this gem's own clients: the embedded control plane end to end,
 # streams in both directions, statuses, deadlines, cancellation, TLS and tokens.
@@ -153,5 +154,51 @@ RSpec.describe "Flowctl::Server with Flowctl clients" do
     deadline = Time.now + 5
     sleep 0.01 until server.stats[:idle] == 4 || Time.now > deadline
     expect(server.stats).to include(idle: 4, queued: 0)
+  end
+
+  # Writes are queued (pump.c): a message written while the send before it is still in
+  # flight must not wait for the program's next move on the stream.
+  describe "messages written with nothing else happening on the stream" do
+    def clock = Process.clock_gettime(Process::CLOCK_MONOTONIC)
+
+    it "a server pushing a reply now and then: each reaches the client at once" do
+      pusher = Class.new do
+        def process(requests, call)
+          requests.first # the client's hello
+          4.times do |i|
+            call.write(payload: "push#{i}")
+            sleep 0.3 # the handler does other work, leaving the stream alone
+          end
+        end
+      end
+      pc = client(Flowctl::Processor::Client, start(Flowctl::Processor::Service => pusher.new))
+      t0 = clock
+      arrivals = pc.process([msg("hello")]).map { |r| [r.payload, clock - t0] }
+      expect(arrivals.map(&:first)).to eq(%w[push0 push1 push2 push3])
+      arrivals.each_with_index do |(payload, at), i|
+        expect(at).to be < time_limit(0.3 * i + 0.2), "#{payload} arrived after #{at.round(3)} s"
+      end
+    end
+
+    it "a client writing twice and then reading later: the server gets both at once" do
+      seen = Queue.new
+      recorder = Class.new do
+        define_method(:process) do |requests, _call|
+          requests.each { |m| seen << [m.payload, Process.clock_gettime(Process::CLOCK_MONOTONIC)] }
+          [{ payload: "done" }]
+        end
+      end
+      pc = client(Flowctl::Processor::Client, start(Flowctl::Processor::Service => recorder.new))
+      call = pc.process_stream
+      t0 = clock
+      call.write(msg("a"))
+      call.write(msg("b"))
+      sleep 0.5 # not touching the stream
+      got = Timeout.timeout(time_limit(2)) { [seen.pop, seen.pop] }
+      call.close_write
+      expect(call.read.payload).to eq("done")
+      expect(got.map(&:first)).to eq(%w[a b])
+      got.each { |payload, at| expect(at - t0).to be < time_limit(0.2), "#{payload} reached the server after #{(at - t0).round(3)} s" }
+    end
   end
 end

@@ -208,7 +208,12 @@ typedef struct flowctl_pump {
     bool initial_inflight, initial_done;
     flowctl_pump_extra *extras;
     int extras_inflight;
+    struct flowctl_pump *drive_next; /* the driver's list (pump.c: drive_mu) */
+    bool drive_listed, drive_gone;
 } flowctl_pump;
+
+void init_flowctl_pump(void);
+void flowctl_pump_atfork_child(void);
 
 /* The int-returning calls wait without the GVL and return 1 when an interrupt that
  * raises came (the call is cancelled, nothing in flight): let go of what you hold,

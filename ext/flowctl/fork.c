@@ -327,6 +327,7 @@ fork_child(void)
 {
     flowctl_pid = getpid();
     gate_atfork_child();
+    flowctl_pump_atfork_child();
     if (child_broken) {
         /* a child of a child that could not use gRPC: nor can this one */
     } else if (!fork_support) {

@@ -9,7 +9,8 @@
  *     the receive queue empty;
  *   - whichever thread waits is the poller: as batches complete it starts the next
  *     send from the queue and the next receive (read-ahead, up to PUMP_RECVQ messages
- *     or PUMP_RECV_BYTES), so the wire keeps moving between Ruby calls;
+ *     or PUMP_RECV_BYTES), so the wire keeps moving between Ruby calls; when nobody
+ *     waits while messages are queued, the driver (a native thread) starts them;
  *   - a message with another one queued behind it is sent with GRPC_WRITE_BUFFER_HINT,
  *     so a burst of writes leaves in a few system calls (the last one flushes).
  * Other batches (initial metadata, status, a server's finish) are "extras": the caller
@@ -168,6 +169,147 @@ poll_once(flowctl_pump *p, const atomic_bool *woken)
     if (p->waiters > 0) pthread_cond_broadcast(&p->cond);
 }
 
+/* ---- the driver ---------------------------------------------------------------- */
+
+/*
+ * gRPC takes one send at a time, and only a thread that polls the stream's queue sees a
+ * send complete and starts the next. Queued messages behind a send in flight are
+ * "stranded" when no thread is polling: normally someone soon is (the reader, the next
+ * write, close_write, finish), but a program may write and then leave the stream alone
+ * (a server pushing an event every few seconds, a writer whose reader is busy). So a
+ * stranded pump is listed here, and one native thread, awake only while the list is not
+ * empty, polls each listed pump that is still stranded every DRIVE_MS: a message is never
+ * held back longer than that. No Ruby, no GVL; it passes the fork gate.
+ */
+#define DRIVE_MS 2
+
+static pthread_mutex_t drive_mu = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t drive_cond;  /* (drive_mu) a pump was listed, or the driver let go of one */
+static flowctl_pump *drive_head;   /* (drive_mu) listed pumps, through p->drive_next */
+static flowctl_pump *driving;      /* (drive_mu) the pump the driver is polling now */
+static bool driver_running;        /* (drive_mu) */
+
+static bool
+sends_stranded(flowctl_pump *p)
+{
+    return p->send_inflight && (p->send_len > 0 || (p->close_wanted && !p->close_done)) && !p->polling &&
+           p->waiters == 0;
+}
+
+/* One look at a listed pump (mu held): collects what has completed when it is still
+ * stranded, without waiting; true when it stays stranded (a send held by flow control). */
+static bool
+drive_once(flowctl_pump *p)
+{
+    if (!sends_stranded(p)) return false;
+    p->polling = true;
+    for (;;) {
+        pthread_mutex_unlock(&p->mu);
+        flowctl_gate_enter();
+        grpc_event ev = grpc_completion_queue_next(p->cq, gpr_inf_past(GPR_CLOCK_MONOTONIC), NULL);
+        pthread_mutex_lock(&p->mu);
+        if (ev.type == GRPC_OP_COMPLETE) on_event(p, &ev);
+        if (p->waiters > 0) pthread_cond_broadcast(&p->cond);
+        pthread_mutex_unlock(&p->mu);
+        flowctl_gate_leave();
+        pthread_mutex_lock(&p->mu);
+        if (ev.type != GRPC_OP_COMPLETE) break;
+    }
+    p->polling = false;
+    if (p->waiters > 0) pthread_cond_broadcast(&p->cond);
+    return sends_stranded(p);
+}
+
+static void *
+driver_main(void *unused)
+{
+    struct timespec pause = {0, DRIVE_MS * 1000000L};
+    pthread_mutex_lock(&drive_mu);
+    for (;;) {
+        while (!drive_head) pthread_cond_wait(&drive_cond, &drive_mu);
+        pthread_mutex_unlock(&drive_mu);
+        nanosleep(&pause, NULL); /* let the stream's own threads get there first */
+        pthread_mutex_lock(&drive_mu);
+        flowctl_pump *list = drive_head;
+        drive_head = NULL;
+        while (list) {
+            flowctl_pump *p = list;
+            list = p->drive_next;
+            p->drive_listed = false;
+            driving = p;
+            pthread_mutex_unlock(&drive_mu);
+            pthread_mutex_lock(&p->mu);
+            bool still = drive_once(p);
+            pthread_mutex_unlock(&p->mu);
+            pthread_mutex_lock(&drive_mu);
+            driving = NULL;
+            pthread_cond_broadcast(&drive_cond);
+            if (still && !p->drive_listed && !p->drive_gone) {
+                p->drive_listed = true;
+                p->drive_next = drive_head;
+                drive_head = p;
+            }
+        }
+    }
+    return NULL;
+}
+
+/* Lists a stranded pump (p->mu held; lock order: p->mu, then drive_mu). */
+static void
+drive_later(flowctl_pump *p)
+{
+    pthread_mutex_lock(&drive_mu);
+    if (!p->drive_listed) {
+        p->drive_listed = true;
+        p->drive_next = drive_head;
+        drive_head = p;
+        if (!driver_running) {
+            pthread_t t;
+            pthread_attr_t a;
+            pthread_attr_init(&a);
+            pthread_attr_setdetachstate(&a, PTHREAD_CREATE_DETACHED);
+            driver_running = pthread_create(&t, &a, driver_main, NULL) == 0;
+            pthread_attr_destroy(&a);
+        }
+        pthread_cond_broadcast(&drive_cond);
+    }
+    pthread_mutex_unlock(&drive_mu);
+}
+
+/* Before a pump is destroyed: off the list, and out of the driver's hands. */
+static void
+drive_forget(flowctl_pump *p)
+{
+    pthread_mutex_lock(&drive_mu);
+    p->drive_gone = true;
+    for (flowctl_pump **l = &drive_head; *l; l = &(*l)->drive_next) {
+        if (*l == p) {
+            *l = p->drive_next;
+            break;
+        }
+    }
+    p->drive_listed = false;
+    while (driving == p) pthread_cond_wait(&drive_cond, &drive_mu);
+    pthread_mutex_unlock(&drive_mu);
+}
+
+/* In a forked child: the driver thread is the parent's; start afresh. */
+void
+flowctl_pump_atfork_child(void)
+{
+    pthread_mutex_init(&drive_mu, NULL);
+    flowctl_cond_init(&drive_cond);
+    drive_head = NULL;
+    driving = NULL;
+    driver_running = false;
+}
+
+void
+init_flowctl_pump(void)
+{
+    flowctl_cond_init(&drive_cond);
+}
+
 static void
 cond_wait_ms(flowctl_pump *p, int ms)
 {
@@ -257,6 +399,10 @@ pump_wait(flowctl_pump *p, pump_pred pred, void *arg)
         rb_nogvl(drain_nogvl, p, NULL, NULL, 0);
         return 1;
     }
+    /* leaving: someone must start what stays queued */
+    pthread_mutex_lock(&p->mu);
+    if (sends_stranded(p)) drive_later(p);
+    pthread_mutex_unlock(&p->mu);
     return 0;
 }
 
@@ -295,6 +441,8 @@ send_room(flowctl_pump *p, void *unused)
     return p->send_len < PUMP_SENDQ || p->send_failed;
 }
 
+/* Queues the message and returns at once: the thread that polls the stream starts the
+ * queued sends, or the driver when none does. */
 int
 flowctl_pump_write(flowctl_pump *p, VALUE bytes, bool *failed)
 {
@@ -306,6 +454,7 @@ flowctl_pump_write(flowctl_pump *p, VALUE bytes, bool *failed)
         p->sendq[(p->send_head + p->send_len) % PUMP_SENDQ] = flowctl_buffer_from_str(bytes);
         p->send_len++;
         start_send_locked(p);
+        if (sends_stranded(p)) drive_later(p);
     }
     pthread_mutex_unlock(&p->mu);
     return 0;
@@ -466,6 +615,7 @@ void
 flowctl_pump_destroy(flowctl_pump *p, bool cancel_call)
 {
     if (!p->cq) return;
+    drive_forget(p);
     if (cancel_call && p->call) grpc_call_cancel(p->call, NULL);
     if (!nothing_in_flight(p, NULL)) drain_nogvl(p);
     for (unsigned i = 0; i < p->send_len; i++) grpc_byte_buffer_destroy(p->sendq[(p->send_head + i) % PUMP_SENDQ]);
