@@ -267,7 +267,7 @@ void flowctl_fork_check(void);
  * enter/leave, and each such stretch is bounded (waits poll every few ms). Before a
  * fork the gate closes: threads leave gRPC and wait at the gate, so that gRPC core's
  * fork handlers find nobody inside and can prepare (fork.c). Threads holding the GVL
- * need no gate: the forking thread holds it.
+ * need no gate: the forking thread holds it. Nested stretches of one thread count once.
  */
 void flowctl_gate_enter(void);
 /* As enter, but gives up (false) when *woken becomes true while the gate is closed. */

@@ -62,6 +62,7 @@ static const char *child_broken; /* in a child whose gRPC core was not prepared:
 static pthread_mutex_t gate_lock = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t gate_cond;  /* (gate_lock) the gate opened, or a thread left gRPC */
 static bool gate_closed;          /* (gate_lock) a fork is being prepared */
+static __thread unsigned gate_depth; /* this thread's nested stretches (the outermost one counts) */
 static unsigned gate_inside;      /* (gate_lock) threads of ours inside gRPC now */
 
 static struct timespec
@@ -78,6 +79,7 @@ mono_in(double seconds)
 void
 flowctl_gate_enter(void)
 {
+    if (gate_depth++ > 0) return; /* already inside: a fork waits for the outermost stretch */
     pthread_mutex_lock(&gate_lock);
     while (gate_closed) pthread_cond_wait(&gate_cond, &gate_lock);
     gate_inside++;
@@ -87,13 +89,20 @@ flowctl_gate_enter(void)
 bool
 flowctl_gate_enter_unless(const atomic_bool *woken)
 {
+    if (gate_depth > 0) {
+        gate_depth++;
+        return true;
+    }
     pthread_mutex_lock(&gate_lock);
     while (gate_closed && !atomic_load(woken)) {
         struct timespec t = mono_in(0.02);
         pthread_cond_timedwait(&gate_cond, &gate_lock, &t);
     }
     bool in = !gate_closed;
-    if (in) gate_inside++;
+    if (in) {
+        gate_inside++;
+        gate_depth = 1;
+    }
     pthread_mutex_unlock(&gate_lock);
     return in;
 }
@@ -101,6 +110,7 @@ flowctl_gate_enter_unless(const atomic_bool *woken)
 void
 flowctl_gate_leave(void)
 {
+    if (--gate_depth > 0) return;
     pthread_mutex_lock(&gate_lock);
     gate_inside--;
     if (gate_closed) pthread_cond_broadcast(&gate_cond);
