@@ -118,6 +118,13 @@ RSpec.describe "Flowctl messages under the GC" do
     # A leak of 200 bytes per round over 10_000 rounds is 2 MB.
     LIMIT_KIB = 2048
 
+    # Under valgrind (rake memcheck) RSS says nothing: its malloc keeps up to 20 MB of freed
+    # blocks aside and malloc_trim is not its own; valgrind's leak check is the test there.
+    def expect_flat(rss, slots)
+      expect(rss).to be < LIMIT_KIB, "memory grew #{rss} KiB" unless ENV["FLOWCTL_MEMCHECK"]
+      expect(slots).to be < 5_000, "live slots grew by #{slots}"
+    end
+
     let(:big_payload) { "p".b * 16_384 }
     let(:t) { Time.at(1_700_000_000, 123, :nsec) }
 
@@ -128,8 +135,7 @@ RSpec.describe "Flowctl messages under the GC" do
         hb.decode(m.to_proto).metrics.each { |_k, v| v }
         data.decode(data.new(payload: big_payload, metadata: { "k" => "v" }).to_proto).payload
       end
-      expect(rss).to be < LIMIT_KIB, "memory grew #{rss} KiB"
-      expect(slots).to be < 5_000, "live slots grew by #{slots}"
+      expect_flat(rss, slots)
     end
 
     it "stays flat when decode fails deep inside a large message" do
@@ -148,8 +154,7 @@ RSpec.describe "Flowctl messages under the GC" do
           nil
         end
       end
-      expect(rss).to be < LIMIT_KIB, "memory grew #{rss} KiB"
-      expect(slots).to be < 5_000, "live slots grew by #{slots}"
+      expect_flat(rss, slots)
     end
 
     it "stays flat when construction or encoding fails after large fields were converted" do
@@ -169,8 +174,7 @@ RSpec.describe "Flowctl messages under the GC" do
           nil
         end
       end
-      expect(rss).to be < LIMIT_KIB, "memory grew #{rss} KiB"
-      expect(slots).to be < 5_000, "live slots grew by #{slots}"
+      expect_flat(rss, slots)
     end
   end
 end
