@@ -90,19 +90,24 @@ typedef struct {
 
 static void server_destroy_grpc(server_t *s);
 
+/* Asks gRPC for the next call (s->mu not held: creating a slot takes a while). */
 static bool
 arm_request(server_t *s)
 {
-    call_slot *slot = slot_new();
-    if (!slot) return false;
-    grpc_call_error err = grpc_server_request_call(s->server, &slot->call, &slot->details, &slot->md,
-                                                   slot->pump.cq, s->notify_cq, slot);
-    if (err != GRPC_CALL_OK) {
-        slot_free(slot);
-        return false;
-    }
+    pthread_mutex_lock(&s->mu);
     s->outstanding++;
-    return true;
+    pthread_mutex_unlock(&s->mu);
+    call_slot *slot = slot_new();
+    grpc_call_error err = GRPC_CALL_ERROR;
+    if (slot)
+        err = grpc_server_request_call(s->server, &slot->call, &slot->details, &slot->md, slot->pump.cq,
+                                       s->notify_cq, slot);
+    if (err == GRPC_CALL_OK) return true;
+    slot_free(slot);
+    pthread_mutex_lock(&s->mu);
+    s->outstanding--;
+    pthread_mutex_unlock(&s->mu);
+    return false;
 }
 
 /* Answers a call no worker can take; runs on the acceptor thread. */
@@ -143,26 +148,36 @@ dispatch_locked(server_t *s, call_slot *slot)
     s->queue_tail = slot;
     s->queued++;
     s->accepted++;
-    /* the first request message is read while the call waits for its worker */
-    flowctl_pump_start_reading(&slot->pump, false, 1);
-    pthread_cond_signal(&s->work); /* one call, one worker */
     return NULL;
 }
 
 #define BUSY_MESSAGE "server busy: every worker is serving a call"
 
+/*
+ * A new call: the next one is asked for, the first request message is read while the call
+ * waits for its worker, and a worker is woken. s->mu is held only to queue the call, so
+ * the worker that wakes does not wait for the acceptor's lock.
+ */
 static void
 on_request(server_t *s, call_slot *slot, bool success)
 {
-    if (success) slot->pump.call = slot->call;
     pthread_mutex_lock(&s->mu);
     s->outstanding--;
     bool stopping = s->shutting_down;
-    if (success && !stopping) arm_request(s);
-    call_slot *reject = success && !stopping ? dispatch_locked(s, slot) : slot;
+    pthread_mutex_unlock(&s->mu);
+    if (success) {
+        slot->pump.call = slot->call;
+        if (!stopping) arm_request(s);
+        flowctl_pump_start_reading(&slot->pump, false, 1); /* a rejected call drains it */
+    }
+    pthread_mutex_lock(&s->mu);
+    call_slot *reject = success && !s->shutting_down ? dispatch_locked(s, slot) : slot;
     if (reject && success) s->rejected++;
     pthread_mutex_unlock(&s->mu);
-    if (!reject) return;
+    if (!reject) {
+        pthread_cond_signal(&s->work); /* one call, one worker */
+        return;
+    }
     if (success) reject_call(reject, GRPC_STATUS_RESOURCE_EXHAUSTED, BUSY_MESSAGE);
     else slot_free(reject);
 }
@@ -480,9 +495,7 @@ server_start(VALUE self, VALUE max_waiting, VALUE max_wait)
     s->max_wait = gpr_time_from_micros((int64_t)(wait * 1e6), GPR_TIMESPAN);
     grpc_server_start(s->server);
     s->started = true;
-    pthread_mutex_lock(&s->mu);
     for (int i = 0; i < OUTSTANDING_REQUESTS; i++) arm_request(s);
-    pthread_mutex_unlock(&s->mu);
     int err = pthread_create(&s->acceptor, NULL, acceptor_main, s);
     if (err) {
         s->started = false;
