@@ -15,6 +15,10 @@
 # the two clients and each is the best of BENCH_ROUNDS (default 2) rounds, to damp the
 # noise of a shared machine. Client CPU is the CPU time of this process per call (gRPC
 # core's own threads included): the cost of the client itself, whatever the server.
+# flowctl's unary calls spin briefly before they sleep when the channel answers fast
+# (Flowctl.unary_spin_us, default 100 us): their client CPU includes that spinning, and
+# part 3 also shows one thread with spinning off. Part 5 runs the unary calls with this
+# process and the echo server on one CPU, where nothing spins.
 
 $LOAD_PATH.unshift File.expand_path("../lib", __dir__)
 require "flowctl"
@@ -82,8 +86,8 @@ def native_program(name)
 end
 
 # bench/core_client.c: the same work on gRPC C core alone, the ceiling of any binding.
-def core_client(mode, target)
-  out = IO.popen([native_program("core_client"), mode, target, SECONDS.to_s], &:read)
+def core_client(mode, target, cpu: nil)
+  out = IO.popen([*pin_prefix(cpu), native_program("core_client"), mode, target, SECONDS.to_s], &:read)
   rate, cpu = out[/^RESULT (\S+ \S+)/, 1]&.split&.map(&:to_f)
   raise "core_client #{mode} failed: #{out}" unless rate
 
@@ -91,8 +95,11 @@ def core_client(mode, target)
          mode == "unary" ? "calls/s" : "msgs/s ", cpu)
 end
 
-def start_native_server(delay_us: 0)
-  io = IO.popen({"ECHO_DELAY_US" => delay_us.to_s}, [native_program("echo_server")])
+# Runs a program on the given CPU only (taskset, util-linux), or anywhere when cpu is nil.
+def pin_prefix(cpu) = cpu ? ["taskset", "-c", cpu.to_s] : []
+
+def start_native_server(delay_us: 0, cpu: nil)
+  io = IO.popen({"ECHO_DELAY_US" => delay_us.to_s}, [*pin_prefix(cpu), native_program("echo_server")])
   port = Integer(io.gets[/PORT (\d+)/, 1])
   [port, -> { Process.kill(:TERM, io.pid); Process.wait(io.pid); io.close }]
 end
@@ -104,17 +111,18 @@ def start_official_server
   [port, -> { server.stop }]
 end
 
-def run_suite(target, native)
-
+# Both clients on target, warmed up (connection, TCP, code paths), and the same request for each.
+def unary_clients(target)
   cp = Flowctl::ControlPlane::Client.new(target, tls: false)
   stub = OCP::ControlPlane::Stub.new(target, :this_channel_is_insecure)
   beat = Flowctl::ControlPlane::ProcessorHeartbeatRequest.new(processor_id: "bench", timestamp: Time.now,
                                                               metrics: {"cpu" => 0.5, "lag" => 12.0}, status: "HEALTHY")
   obeat = OCP::ProcessorHeartbeatRequest.decode(beat.to_proto)
-  # warm up both (connection, TCP, code paths)
   200.times { cp.processor_heartbeat(beat) && stub.processor_heartbeat(obeat, deadline: Time.now + 5) }
+  [cp, stub, beat, obeat]
+end
 
-  puts "\n1. Sequential unary ProcessorHeartbeat (calls/s)"
+def sequential_unary(cp, stub, beat, obeat)
   best("flowctl", "grpc", "calls/s") do |who|
     if who == :flowctl
       measure { cp.processor_heartbeat(beat, timeout: 5) && 1 }
@@ -122,6 +130,12 @@ def run_suite(target, native)
       measure { stub.processor_heartbeat(obeat, deadline: Time.now + 5) && 1 }
     end
   end
+end
+
+def run_suite(target, native)
+  cp, stub, beat, obeat = unary_clients(target)
+  puts "\n1. Sequential unary ProcessorHeartbeat (calls/s)"
+  sequential_unary(cp, stub, beat, obeat)
   core_client("unary", target) if native
 
   puts "\n2. Bidi Process stream of 1 KiB DataMessages (messages/s, echoed)"
@@ -156,8 +170,14 @@ def run_suite(target, native)
   one = nil
   eight = nil
   ograte = {}
+  still = nil # one thread with spinning off (Flowctl.unary_spin_us = 0): every wait sleeps
   ROUNDS.times do
     r1 = threaded(1) { cp.processor_heartbeat(beat) && 1 }
+    spin = Flowctl.unary_spin_us
+    Flowctl.unary_spin_us = 0
+    r0 = threaded(1) { cp.processor_heartbeat(beat) && 1 }
+    Flowctl.unary_spin_us = spin
+    still = r0 if still.nil? || r0[0] > still[0]
     r8 = threaded(8) { cp.processor_heartbeat(beat) && 1 }
     g1 = threaded(1) { stub.processor_heartbeat(obeat, deadline: Time.now + 5) && 1 }
     g8 = threaded(8) { stub.processor_heartbeat(obeat, deadline: Time.now + 5) && 1 }
@@ -167,7 +187,9 @@ def run_suite(target, native)
     ograte[8] = g8 if ograte[8].nil? || g8[0] > ograte[8][0]
   end
   printf("  flowctl  1 thread  %9.0f calls/s\n", one[0])
-  printf("  flowctl  8 threads %9.0f calls/s   ratio %.2fx\n", eight[0], eight[0] / one[0])
+  printf("  flowctl  1 thread  %9.0f calls/s   with Flowctl.unary_spin_us = 0\n", still[0])
+  printf("  flowctl  8 threads %9.0f calls/s   ratio %.2fx (%.2fx over the thread that does not spin)\n",
+         eight[0], eight[0] / one[0], eight[0] / still[0])
   printf("  grpc     1 thread  %9.0f calls/s\n", ograte[1][0])
   printf("  grpc     8 threads %9.0f calls/s   ratio %.2fx\n", ograte[8][0], ograte[8][0] / ograte[1][0])
   printf("  flowctl 8 threads vs grpc 8 threads: %.2fx\n", eight[0] / ograte[8][0])
@@ -210,4 +232,27 @@ begin
   cp.close
 ensure
   stop.call
+end
+
+# 5. Sequential unary calls with this process (all its threads) and the echo server on one
+# CPU. On two idle CPUs (virtual ones here) a loopback ping-pong waits mostly for cross-CPU
+# wake-ups, which no binding controls: gRPC C core itself gets about 1.4x the grpc gem
+# there. On one CPU the rate is what the client and the server spend per call, which is
+# what a binding does control. BENCH_ONE_CPU=0 skips this part.
+if ENV["BENCH_ONE_CPU"] != "0" && system("taskset", "-p", Process.pid.to_s, out: File::NULL, err: File::NULL)
+  mask = `taskset -p #{Process.pid}`[/:\s*(\h+)\s*\z/, 1]
+  port, stop = start_native_server(cpu: 0)
+  begin
+    system("taskset", "-a", "-p", "-c", "0", Process.pid.to_s, out: File::NULL, exception: true)
+    puts "\n=== server: bench/echo_server.c at 127.0.0.1:#{port}, it and this process on CPU 0 only"
+    puts "5. Sequential unary ProcessorHeartbeat on one CPU (calls/s)"
+    target = "127.0.0.1:#{port}"
+    cp, stub, beat, obeat = unary_clients(target)
+    sequential_unary(cp, stub, beat, obeat)
+    core_client("unary", target, cpu: 0)
+    cp.close
+  ensure
+    system("taskset", "-a", "-p", mask, Process.pid.to_s, out: File::NULL) if mask
+    stop.call
+  end
 end

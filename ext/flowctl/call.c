@@ -59,11 +59,37 @@ start_batch(grpc_call *call, const grpc_op *ops, size_t n, int *interrupted)
 }
 
 static bool
-run_batch(grpc_completion_queue *cq, grpc_call *call, const grpc_op *ops, size_t n, int *interrupted)
+run_batch(grpc_completion_queue *cq, grpc_call *call, const grpc_op *ops, size_t n, int *interrupted,
+          unsigned spin_us)
 {
     start_batch(call, ops, n, interrupted);
-    grpc_event ev = flowctl_wait_tag(cq, (void *)ops, call, interrupted);
+    grpc_event ev = flowctl_wait_tag_spin(cq, (void *)ops, call, interrupted, spin_us);
     return ev.type == GRPC_OP_COMPLETE && ev.success;
+}
+
+/* How long a unary call on ch may spin before it sleeps (wait.c): about 1.5 times the
+ * channel's recent round trip (at most the limit) when that round trip is within the limit
+ * and no other unary call waits on the channel. */
+static unsigned
+unary_spin_us(flowctl_channel *ch)
+{
+    unsigned recent = atomic_load(&ch->unary_us);
+    if (recent == 0 || recent > flowctl_spin_max_us || atomic_load(&ch->unary_inflight) > 1) return 0;
+    unsigned spin = recent + recent / 2;
+    return spin < flowctl_spin_max_us ? spin : flowctl_spin_max_us;
+}
+
+/* A moving average over about eight calls; a slow call (a server that took its time) counts
+ * as the limit only, so one outlier does not turn spinning off for long. */
+static void
+unary_note_round_trip(flowctl_channel *ch, gpr_timespec started)
+{
+    gpr_timespec took = gpr_time_sub(gpr_now(GPR_CLOCK_MONOTONIC), started);
+    int64_t us = took.tv_sec * 1000000 + took.tv_nsec / 1000;
+    unsigned cap = 4 * (flowctl_spin_max_us + 1);
+    unsigned sample = us < 1 ? 1 : (us > cap ? cap : (unsigned)us);
+    unsigned recent = atomic_load(&ch->unary_us);
+    atomic_store(&ch->unary_us, recent == 0 ? sample : (recent * 7 + sample) / 8);
 }
 
 static grpc_call *
@@ -140,6 +166,8 @@ typedef struct {
     grpc_status_code status;
     grpc_slice details;
     int interrupted;
+    flowctl_channel *ch; /* referenced while the call runs (a close meanwhile must not free it) */
+    bool waiting;        /* counted in ch->unary_inflight */
 } unary_ctx;
 
 static void
@@ -171,8 +199,14 @@ unary_body(VALUE arg)
     u->call = create_call(u->channel, u->path, u->cq, u->deadline);
     u->send_buf = flowctl_buffer_from_str(u->request);
     unary_ops(u, ops);
-    run_batch(u->cq, u->call, ops, 6, &u->interrupted);
+    u->ch = flowctl_channel_get(u->channel);
+    flowctl_channel_ref(u->ch);
+    atomic_fetch_add(&u->ch->unary_inflight, 1);
+    u->waiting = true;
+    gpr_timespec started = gpr_now(GPR_CLOCK_MONOTONIC);
+    run_batch(u->cq, u->call, ops, 6, &u->interrupted, unary_spin_us(u->ch));
     if (u->interrupted) return Qnil; /* flowctl_wait_finish raises once everything is released */
+    if (u->status == GRPC_STATUS_OK) unary_note_round_trip(u->ch, started);
 
     VALUE trailing = flowctl_metadata_to_hash(u->recv_trailing.metadata, u->recv_trailing.count);
     if (u->status != GRPC_STATUS_OK) flowctl_raise_status(u->status, details_str(u->details), trailing);
@@ -188,6 +222,10 @@ unary_cleanup(VALUE arg)
 {
     unary_ctx *u = (unary_ctx *)arg;
     if (u->call) grpc_call_unref(u->call);
+    if (u->ch) {
+        if (u->waiting) atomic_fetch_sub(&u->ch->unary_inflight, 1);
+        flowctl_channel_unref(u->ch);
+    }
     if (u->cq) cq_give_back(u->cq); /* nothing in flight: the batch has completed */
     if (u->send_buf) grpc_byte_buffer_destroy(u->send_buf);
     if (u->recv_buf) grpc_byte_buffer_destroy(u->recv_buf);

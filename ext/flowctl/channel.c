@@ -159,6 +159,8 @@ channel_initialize(VALUE self, VALUE target, VALUE tls, VALUE args)
     ch->pid = flowctl_pid;
     atomic_init(&ch->refs, 1);
     atomic_init(&ch->closed, false);
+    atomic_init(&ch->unary_us, 0);
+    atomic_init(&ch->unary_inflight, 0);
     w->ch = ch;
     return self;
 }

@@ -141,6 +141,12 @@ void init_flowctl_wait(void);
  * flowctl_wait_finish(interrupted), which raises that interrupt.
  */
 grpc_event flowctl_wait_tag(grpc_completion_queue *cq, void *tag, grpc_call *call, int *interrupted);
+/* As flowctl_wait_tag, first looking for the completion without sleeping for up to spin_us
+ * microseconds (a reply that comes that fast then costs no wake-up; see wait.c). */
+grpc_event flowctl_wait_tag_spin(grpc_completion_queue *cq, void *tag, grpc_call *call, int *interrupted,
+                                 unsigned spin_us);
+/* The spin limit: FLOWCTL_SPIN_US, default 100; 0 turns spinning off. */
+extern unsigned flowctl_spin_max_us;
 /* Raises the pending interrupt (or Flowctl::Cancelled when there is none left to raise). */
 void flowctl_wait_finish(int interrupted);
 /* Back with the GVL after an unblocked wait: runs this thread's pending interrupts.
@@ -162,6 +168,8 @@ typedef struct flowctl_channel {
     atomic_int refs;            /* the Ruby object holds one; each heartbeat thread one more */
     atomic_bool closed;
     pid_t pid;                  /* creator: in a forked child the channel is dead (fork.c) */
+    atomic_uint unary_us;       /* recent unary round trips, microseconds (moving average; 0: none yet) */
+    atomic_int unary_inflight;  /* unary calls waiting on this channel now */
 } flowctl_channel;
 
 void init_flowctl_channel(void);
