@@ -231,7 +231,9 @@ RSpec.describe "Flowctl::Heartbeat against the official grpc gem" do
 
   it "stops the thread of a Heartbeat that is garbage collected" do
     baseline = Flowctl::Heartbeat.live_count
-    1.times { Flowctl::Heartbeat.new(channel, :processor, id: "gc-me", interval: 0.1) }
+    # made in a thread that ends: no reference is left on this thread's stack, which Ruby's
+    # GC scans conservatively (a stale one there kept it alive in some suite orders)
+    Thread.new { Flowctl::Heartbeat.new(channel, :processor, id: "gc-me", interval: 0.1) && nil }.join
     expect(wait_beats(1)).to be(true)
     deadline = Time.now + 5
     until Flowctl::Heartbeat.live_count == baseline || Time.now > deadline
