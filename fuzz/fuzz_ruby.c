@@ -136,17 +136,19 @@ fuzz_same_message(VALUE a, VALUE b)
     return RTEST(rb_funcall(mCanon, rb_intern("same?"), 2, a, b));
 }
 
-/* GC.compact every FUZZ_COMPACT_EVERY executions (default 20000), a full GC every 2000. */
+/* GC.compact every FUZZ_COMPACT_EVERY executions (default 20000; 0: never), a full GC every 2000. */
 void
 fuzz_gc_tick(void)
 {
-    static unsigned long n, every;
-    if (!every) {
+    static unsigned long n;
+    static long every = -1;
+    if (every < 0) {
         const char *e = getenv("FUZZ_COMPACT_EVERY");
-        every = e && atol(e) > 0 ? (unsigned long)atol(e) : 20000;
+        every = e && *e ? atol(e) : 20000;
+        if (every < 0) every = 20000;
     }
     n++;
-    if (n % every == 0) rb_funcall(rb_mGC, rb_intern("compact"), 0);
+    if (every > 0 && n % (unsigned long)every == 0) rb_funcall(rb_mGC, rb_intern("compact"), 0);
     else if (n % 2000 == 0) rb_gc_start();
     fuzz_lsan_roots();
 }
