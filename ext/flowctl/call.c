@@ -93,9 +93,8 @@ unary_note_round_trip(flowctl_channel *ch, gpr_timespec started)
 }
 
 static grpc_call *
-create_call(VALUE channel, VALUE path, grpc_completion_queue *cq, gpr_timespec deadline)
+create_call(flowctl_channel *ch, VALUE path, grpc_completion_queue *cq, gpr_timespec deadline)
 {
-    flowctl_channel *ch = flowctl_channel_get(channel);
     grpc_slice method = grpc_slice_from_copied_buffer(RSTRING_PTR(path), (size_t)RSTRING_LEN(path));
     grpc_call *call = grpc_channel_create_call(ch->channel, NULL, GRPC_PROPAGATE_DEFAULTS, cq, method, NULL,
                                                deadline, NULL);
@@ -196,11 +195,11 @@ unary_body(VALUE arg)
     unary_ctx *u = (unary_ctx *)arg;
     grpc_op ops[6];
     u->cq = cq_take();
-    u->call = create_call(u->channel, u->path, u->cq, u->deadline);
-    u->send_buf = flowctl_buffer_from_str(u->request);
-    unary_ops(u, ops);
     u->ch = flowctl_channel_get(u->channel);
     flowctl_channel_ref(u->ch);
+    u->call = create_call(u->ch, u->path, u->cq, u->deadline);
+    u->send_buf = flowctl_buffer_from_str(u->request);
+    unary_ops(u, ops);
     atomic_fetch_add(&u->ch->unary_inflight, 1);
     u->waiting = true;
     gpr_timespec started = gpr_now(GPR_CLOCK_MONOTONIC);
@@ -457,12 +456,12 @@ stream_initialize(VALUE self, VALUE channel, VALUE path, VALUE timeout, VALUE he
     stream_t *s = stream_get(self);
     if (stream_open(s) || s->status_done) rb_raise(rb_eRuntimeError, "stream already started");
     check_path(path);
-    flowctl_channel_get(channel);
+    flowctl_channel *ch = flowctl_channel_get(channel); /* raises IOError when closed, before anything is allocated */
     gpr_timespec deadline = deadline_from(timeout);
     flowctl_metadata md;
     flowctl_metadata_from_hash(headers, &md);
     grpc_completion_queue *cq = grpc_completion_queue_create_for_next(NULL);
-    flowctl_pump_init(&s->pump, create_call(channel, path, cq, deadline), cq);
+    flowctl_pump_init(&s->pump, create_call(ch, path, cq, deadline), cq);
     s->pid = flowctl_pid;
     grpc_op op = {.op = GRPC_OP_SEND_INITIAL_METADATA};
     op.data.send_initial_metadata.count = md.count;

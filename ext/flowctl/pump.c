@@ -26,6 +26,7 @@
  * except the read-ahead and queued sends, which flowctl_pump_destroy cancels and drains.
  */
 #include "flowctl.h"
+#include <limits.h>
 #include <pthread.h>
 #include <time.h>
 
@@ -196,27 +197,43 @@ sends_stranded(flowctl_pump *p)
            p->waiters == 0;
 }
 
+/*
+ * Takes what has completed off the pump's queue without waiting, as the poller (mu held,
+ * released around each look): until the queue is empty, max looks, or pred holds (when
+ * given; returns it). A native thread passes the fork gate (gated); a Ruby thread holding
+ * the GVL needs no gate.
+ */
+static bool
+take_completed(flowctl_pump *p, bool gated, int max, pump_pred pred, void *arg)
+{
+    p->polling = true;
+    bool done = false;
+    for (int i = 0; i < max && !done; i++) {
+        pthread_mutex_unlock(&p->mu);
+        if (gated) flowctl_gate_enter();
+        grpc_event ev = grpc_completion_queue_next(p->cq, gpr_inf_past(GPR_CLOCK_MONOTONIC), NULL);
+        pthread_mutex_lock(&p->mu);
+        if (ev.type == GRPC_OP_COMPLETE) on_event(p, &ev);
+        if (gated) { /* mu is never held across the gate */
+            pthread_mutex_unlock(&p->mu);
+            flowctl_gate_leave();
+            pthread_mutex_lock(&p->mu);
+        }
+        if (ev.type != GRPC_OP_COMPLETE) break;
+        if (pred) done = pred(p, arg);
+    }
+    p->polling = false;
+    if (p->waiters > 0) pthread_cond_broadcast(&p->cond);
+    return done;
+}
+
 /* One look at a listed pump (mu held): collects what has completed when it is still
  * stranded, without waiting; true when it stays stranded (a send held by flow control). */
 static bool
 drive_once(flowctl_pump *p)
 {
     if (!sends_stranded(p)) return false;
-    p->polling = true;
-    for (;;) {
-        pthread_mutex_unlock(&p->mu);
-        flowctl_gate_enter();
-        grpc_event ev = grpc_completion_queue_next(p->cq, gpr_inf_past(GPR_CLOCK_MONOTONIC), NULL);
-        pthread_mutex_lock(&p->mu);
-        if (ev.type == GRPC_OP_COMPLETE) on_event(p, &ev);
-        if (p->waiters > 0) pthread_cond_broadcast(&p->cond);
-        pthread_mutex_unlock(&p->mu);
-        flowctl_gate_leave();
-        pthread_mutex_lock(&p->mu);
-        if (ev.type != GRPC_OP_COMPLETE) break;
-    }
-    p->polling = false;
-    if (p->waiters > 0) pthread_cond_broadcast(&p->cond);
+    take_completed(p, true, INT_MAX, NULL, NULL);
     return sends_stranded(p);
 }
 
@@ -394,20 +411,7 @@ drain_nogvl(void *a)
 static bool
 collect_now(flowctl_pump *p, pump_pred pred, void *arg)
 {
-    if (p->polling) return false;
-    p->polling = true;
-    bool done = false;
-    for (int i = 0; i < PUMP_SENDQ && !done; i++) {
-        pthread_mutex_unlock(&p->mu);
-        grpc_event ev = grpc_completion_queue_next(p->cq, gpr_inf_past(GPR_CLOCK_MONOTONIC), NULL);
-        pthread_mutex_lock(&p->mu);
-        if (ev.type != GRPC_OP_COMPLETE) break;
-        on_event(p, &ev);
-        done = pred(p, arg);
-    }
-    p->polling = false;
-    if (p->waiters > 0) pthread_cond_broadcast(&p->cond);
-    return done;
+    return !p->polling && take_completed(p, false, PUMP_SENDQ, pred, arg);
 }
 
 static int

@@ -244,7 +244,7 @@ spin_set(VALUE mod, VALUE us)
     if (!RB_INTEGER_TYPE_P(us))
         rb_raise(rb_eTypeError, "Flowctl.unary_spin_us must be an Integer number of microseconds (given %"PRIsVALUE")",
                  rb_obj_class(us));
-    long v = rb_num2long_inline(us);
+    long v = NUM2LONG(us);
     if (v < 0 || v > 10000)
         rb_raise(rb_eArgError, "Flowctl.unary_spin_us must be from 0 to 10000 microseconds (given %ld)", v);
     flowctl_spin_max_us = (unsigned)v;
