@@ -19,8 +19,10 @@ module FlowctlFuzz
   SANITIZE = "-fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined"
 
   # ASan + Ruby: Ruby's conservative GC scans the machine stack, so locals must stay
-  # on it (no fake stacks); Ruby installs its own SIGSEGV handler, ASan keeps its own.
-  ASAN_OPTIONS = %w[detect_stack_use_after_return=0 allow_user_segv_handler=0 detect_leaks=1
+  # on it (no fake stacks). GC.compact protects the pages it has emptied with
+  # mprotect and needs its own SIGSEGV handler (a read barrier) while it runs, so ASan
+  # lets a program install one; fuzz_ruby.c puts ASan's handler back after Ruby starts.
+  ASAN_OPTIONS = %w[detect_stack_use_after_return=0 allow_user_segv_handler=1 detect_leaks=1
                     abort_on_error=1 symbolize=1 strict_string_checks=1].join(":")
   UBSAN_OPTIONS = "print_stacktrace=1:halt_on_error=1"
 
