@@ -140,11 +140,12 @@ channel_initialize(VALUE self, VALUE target, VALUE tls, VALUE args)
     if (!NIL_P(args)) Check_Type(args, T_HASH);
 
     long n = NIL_P(args) ? 0 : RHASH_SIZE(args);
-    arg_list l = {.args = ALLOCA_N(grpc_arg, n + 1), .count = 0};
+    arg_list l = {.args = ALLOCA_N(grpc_arg, n + 2), .count = 0};
     if (n) rb_hash_foreach(args, arg_each, (VALUE)&l);
     /* The process id as a channel arg: a forked child's channels never share a pooled
      * subchannel (a connection) with the parent's. */
     l.args[l.count++] = (grpc_arg){.type = GRPC_ARG_INTEGER, .key = "flowctl.pid", .value.integer = (int)flowctl_pid};
+    l.args[l.count++] = flowctl_fork_socket_arg();
     grpc_channel_args cargs = {.num_args = l.count, .args = l.args};
 
     grpc_channel_credentials *creds = make_creds(tls);

@@ -269,6 +269,9 @@ void flowctl_fork_env(void);
 void init_flowctl_fork(void);
 /* Raises Flowctl::Error in a forked child where gRPC core could not be prepared. */
 void flowctl_fork_check(void);
+/* The channel arg every channel and server of ours carries: it tells fork.c which
+ * sockets gRPC core made, so that a forked child can let go of its parent's. */
+grpc_arg flowctl_fork_socket_arg(void);
 /*
  * The gate: every stretch a thread of ours spends inside gRPC core without the GVL
  * (a wait on a queue, a heartbeat's call, the server's acceptor) is bracketed by

@@ -23,8 +23,9 @@
  *   wait, so gRPC core's handlers can run whatever the program is doing; after the
  *   fork they carry on in the parent. All of it runs in pthread_atfork handlers.
  * - in the child, objects from before the fork (channels, streams, servers) are left
- *   alone: their sockets are closed, using them raises IOError, freeing them frees
- *   memory only.
+ *   alone: using them raises IOError, freeing them frees memory only, and every socket
+ *   gRPC core made for them is pointed at a dead socket before gRPC's threads start
+ *   there, so the child can never read or write its parent's connections (below).
  * gRPC core still skips its handlers when a thread that is not ours is inside gRPC
  * (the official grpc gem): the child is then told so by a Flowctl::Error from
  * flowctl_fork_check() (new channels, new heartbeats) instead of hanging.
@@ -33,11 +34,15 @@
 
 #include <dirent.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -249,6 +254,162 @@ settle_grpc_threads(void)
     } while (now.tv_sec < limit.tv_sec || (now.tv_sec == limit.tv_sec && now.tv_nsec < limit.tv_nsec));
 }
 
+/* ---- the parent's sockets in a child ------------------------------------------- */
+
+/*
+ * A child inherits every socket of its parent, and gRPC core 1.51's poll poller closes
+ * only some of them in the child (measured: a channel's TCP connection stayed open
+ * there). The parent's transports live on in the child's copy of memory, and gRPC's
+ * timers restart there: the client channel's backup poller (every 5 s) polls them. When
+ * a reply to the parent was waiting in the socket at the fork, the child read it: the
+ * parent's call never saw its reply and ended at its deadline (about once in 5,000
+ * forks with calls in flight; spec/faults_fork_spec.rb).
+ *
+ * So every channel and server of ours carries a socket mutator (a gRPC core channel
+ * arg; it changes nothing on the socket) whose only job is to note each socket gRPC
+ * core makes: its number and inode. In the child, each noted number that still holds
+ * that socket is pointed at a dead socket instead (dup3 of one end of a socketpair
+ * whose other end is closed): the child can no longer read or write the parent's
+ * connections, its stale copies of them see end-of-file, and the numbers stay taken so
+ * that a stale copy never reaches a socket the child opens later.
+ */
+
+/* libgrpc 1.51's grpc_socket_mutator and its vtable (src/core/lib/iomgr/socket_mutator.h,
+ * not installed); grpc_types.h declares the struct without its members. */
+typedef struct {
+    bool (*mutate_fd)(int fd, grpc_socket_mutator *m);
+    int (*compare)(grpc_socket_mutator *a, grpc_socket_mutator *b);
+    void (*destroy)(grpc_socket_mutator *m);
+    bool (*mutate_fd_2)(const void *info, grpc_socket_mutator *m);
+} socket_mutator_vtable;
+
+struct grpc_socket_mutator {
+    const socket_mutator_vtable *vtable;
+    gpr_refcount refcount;
+};
+
+void flowctl_grpc_socket_mutator_init(grpc_socket_mutator *m, const socket_mutator_vtable *v)
+    __asm__("_Z24grpc_socket_mutator_initP19grpc_socket_mutatorPK26grpc_socket_mutator_vtable");
+grpc_arg flowctl_grpc_socket_mutator_to_arg(grpc_socket_mutator *m)
+    __asm__("_Z26grpc_socket_mutator_to_argP19grpc_socket_mutator");
+
+static pthread_mutex_t sockets_lock = PTHREAD_MUTEX_INITIALIZER;
+static ino_t *socket_inode; /* (sockets_lock) by fd number: the socket gRPC made there, 0: none */
+static size_t socket_slots;  /* (sockets_lock) */
+
+static bool
+note_socket(int fd, grpc_socket_mutator *m)
+{
+    (void)m;
+    struct stat st;
+    if (fd < 0 || fstat(fd, &st) != 0 || !S_ISSOCK(st.st_mode)) return true;
+    pthread_mutex_lock(&sockets_lock);
+    if ((size_t)fd >= socket_slots) {
+        size_t n = socket_slots ? socket_slots : 64;
+        while (n <= (size_t)fd) n *= 2;
+        ino_t *grown = realloc(socket_inode, n * sizeof(ino_t));
+        if (grown) {
+            memset(grown + socket_slots, 0, (n - socket_slots) * sizeof(ino_t));
+            socket_inode = grown;
+            socket_slots = n;
+        }
+    }
+    if ((size_t)fd < socket_slots) socket_inode[fd] = st.st_ino;
+    pthread_mutex_unlock(&sockets_lock);
+    return true; /* false would fail the connection */
+}
+
+static int
+same_mutator(grpc_socket_mutator *a, grpc_socket_mutator *b)
+{
+    return a == b ? 0 : (a < b ? -1 : 1);
+}
+
+static void
+keep_mutator(grpc_socket_mutator *m)
+{
+    (void)m; /* static: never freed */
+}
+
+static const socket_mutator_vtable noting_vtable = {note_socket, same_mutator, keep_mutator, NULL};
+static grpc_socket_mutator noting_mutator;
+static pthread_once_t noting_once = PTHREAD_ONCE_INIT;
+
+static void
+noting_init(void)
+{
+    flowctl_grpc_socket_mutator_init(&noting_mutator, &noting_vtable);
+}
+
+grpc_arg
+flowctl_fork_socket_arg(void)
+{
+    pthread_once(&noting_once, noting_init);
+    return flowctl_grpc_socket_mutator_to_arg(&noting_mutator);
+}
+
+/* The local port of a TCP socket, 0 when fd is something else. */
+static int
+tcp_port(int fd, struct sockaddr_storage *addr)
+{
+    socklen_t len = sizeof(*addr);
+    if (getsockname(fd, (struct sockaddr *)addr, &len) != 0) return 0;
+    if (addr->ss_family == AF_INET) return ntohs(((struct sockaddr_in *)addr)->sin_port);
+    if (addr->ss_family == AF_INET6) return ntohs(((struct sockaddr_in6 *)addr)->sin6_port);
+    return 0;
+}
+
+static bool
+accepting(int fd)
+{
+    int on = 0;
+    socklen_t len = sizeof(on);
+    return getsockopt(fd, SOL_SOCKET, SO_ACCEPTCONN, &on, &len) == 0 && on;
+}
+
+#define MAX_LISTENERS 64
+
+/*
+ * In the child (single-threaded, inside fork()): the parent's gRPC sockets go dead here.
+ * gRPC core 1.51 gives a server's listening sockets to the mutator but not the
+ * connections it accepts on them: those are found as the TCP sockets whose local port
+ * is a noted listener's (no other socket can have it).
+ */
+static void
+disown_parent_sockets(void)
+{
+    int dead[2];
+    if (!socket_slots || socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, dead) != 0) return;
+    close(dead[1]);
+    int ports[MAX_LISTENERS], n_ports = 0;
+    for (size_t fd = 0; fd < socket_slots; fd++) {
+        ino_t ino = socket_inode[fd];
+        socket_inode[fd] = 0;
+        struct stat st;
+        if (!ino || (int)fd == dead[0] || fstat((int)fd, &st) != 0 || !S_ISSOCK(st.st_mode) || st.st_ino != ino)
+            continue;
+        struct sockaddr_storage addr;
+        int port;
+        if (n_ports < MAX_LISTENERS && accepting((int)fd) && (port = tcp_port((int)fd, &addr)) > 0)
+            ports[n_ports++] = port;
+        while (dup3(dead[0], (int)fd, O_CLOEXEC) < 0 && errno == EINTR) {}
+    }
+    DIR *d = n_ports ? opendir("/proc/self/fd") : NULL;
+    for (struct dirent *e; d && (e = readdir(d));) {
+        int fd = atoi(e->d_name);
+        if (e->d_name[0] == '.' || fd == dirfd(d) || fd == dead[0] || accepting(fd)) continue;
+        struct sockaddr_storage addr;
+        int port = tcp_port(fd, &addr);
+        for (int i = 0; port && i < n_ports; i++) {
+            if (ports[i] != port) continue;
+            while (dup3(dead[0], fd, O_CLOEXEC) < 0 && errno == EINTR) {}
+            break;
+        }
+    }
+    if (d) closedir(d);
+    close(dead[0]);
+}
+
 /* ---- gRPC core's fork handlers ------------------------------------------------ */
 
 /* grpc_prefork() returns nothing; the only sign that it refused (another thread was
@@ -319,14 +480,17 @@ fork_prepare(void)
 {
     gate_close(2.0);
     prepared = fork_support && !child_broken;
-    if (!prepared) return;
-    settle_grpc_threads();
-    prefork_watched();
+    if (prepared) {
+        settle_grpc_threads();
+        prefork_watched();
+    }
+    pthread_mutex_lock(&sockets_lock); /* no socket is noted halfway through the fork */
 }
 
 static void
 fork_parent(void)
 {
+    pthread_mutex_unlock(&sockets_lock);
     if (prepared) flowctl_grpc_postfork_parent();
     prepared = false;
     gate_open();
@@ -336,6 +500,8 @@ static void
 fork_child(void)
 {
     flowctl_pid = getpid();
+    pthread_mutex_unlock(&sockets_lock);
+    disown_parent_sockets(); /* before gRPC core's threads start again in this child */
     gate_atfork_child();
     flowctl_pump_atfork_child();
     if (child_broken) {

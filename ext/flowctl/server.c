@@ -426,6 +426,7 @@ server_initialize(VALUE self, VALUE args)
     Check_Type(args, T_HASH);
     grpc_channel_args cargs = {.num_args = 0, .args = ALLOCA_N(grpc_arg, RHASH_SIZE(args) + 1)};
     rb_hash_foreach(args, server_arg_each, (VALUE)&cargs);
+    cargs.args[cargs.num_args++] = flowctl_fork_socket_arg();
     s->server = grpc_server_create(&cargs, NULL);
     RB_GC_GUARD(args);
     s->notify_cq = grpc_completion_queue_create_for_next(NULL);
