@@ -24,6 +24,22 @@ have_func("rb_gc_mark_movable", "ruby.h")
 have_func("pthread_atfork", "pthread.h")
 have_func("rb_hash_stlike_foreach") # exported by libruby though not in its headers
 
+# fork.c calls gRPC core functions that libgrpc exports with C++ linkage (Debian's 1.51):
+# its fork handlers and the socket mutator. Without them the extension could not load.
+GRPC_CXX_SYMBOLS = %w[_Z12grpc_preforkv _Z20grpc_postfork_parentv _Z19grpc_postfork_childv
+                      _Z15gpr_default_logP17gpr_log_func_args
+                      _Z24grpc_socket_mutator_initP19grpc_socket_mutatorPK26grpc_socket_mutator_vtable
+                      _Z26grpc_socket_mutator_to_argP19grpc_socket_mutator].freeze
+GRPC_CXX_SYMBOLS.each do |sym|
+  checking_for("#{sym} in libgrpc") do
+    try_link("void f(void) __asm__(\"#{sym}\");\nint main(void) { f(); return 0; }\n")
+  end or abort <<~MSG
+    flowctl: libgrpc does not export #{sym}, which flowctl's fork support uses
+    (gRPC C core 1.51 as Debian 12 ships it). Install it with:
+      sudo #{APT}
+  MSG
+end
+
 # The protoc-c output lives in generated/ (one folder per proto package).
 gen_dirs = Dir.glob(File.join(__dir__, "generated", "**", "")).map { |d| d.chomp("/") }
 $VPATH.concat(gen_dirs.map { |d| d.sub(__dir__, "$(srcdir)") })
