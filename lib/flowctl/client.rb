@@ -292,7 +292,7 @@ module Flowctl
     # cancels the call). A write failing because the call ended is not its error: the
     # reader gets the status.
     def start_writer(requests)
-      Thread.new do
+      writer = Thread.new do
         Thread.current.report_on_exception = false
         requests.each { |r| write(r) }
         close_write
@@ -303,6 +303,8 @@ module Flowctl
         cancel
         e
       end
+      writer.name = "flowctl-writer"
+      writer
     end
 
     # The reader is done (or left early): a writer still busy has nothing left to do.
