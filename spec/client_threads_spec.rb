@@ -11,6 +11,7 @@ RSpec.describe "Flowctl clients: threads" do
   before(:all) do
     @gate = {mutex: Mutex.new, cond: ConditionVariable.new, arrived: 0}
     gate = @gate
+    wait_s = time_limit(5) # under valgrind the eight calls take longer to arrive
     handler = OfficialServer::Handler.new(
       register_processor: ->(req, _call) { cp::RegisterProcessorResponse.new(processor_id: req.processor_id, success: true) },
       processor_heartbeat: ->(req, _call) { sleep Float(req.status); cp::ProcessorHeartbeatResponse.new(success: true) },
@@ -20,7 +21,7 @@ RSpec.describe "Flowctl clients: threads" do
         all_in = gate[:mutex].synchronize do
           gate[:arrived] += 1
           gate[:cond].broadcast
-          limit = Time.now + 5
+          limit = Time.now + wait_s
           gate[:cond].wait(gate[:mutex], 0.05) while gate[:arrived] < want && Time.now < limit
           gate[:arrived] >= want
         end
@@ -33,7 +34,7 @@ RSpec.describe "Flowctl clients: threads" do
 
   after(:all) { @server&.stop }
 
-  let(:client) { Flowctl::ControlPlane::Client.new("127.0.0.1:#{@port}", tls: false) }
+  let(:client) { Flowctl::ControlPlane::Client.new("127.0.0.1:#{@port}", tls: false, timeout: time_limit(5)) }
 
   after { client.close }
 

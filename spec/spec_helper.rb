@@ -14,10 +14,11 @@ if GC.respond_to?(:verify_compaction_references) && ENV["FLOWCTL_NO_COMPACTION"]
   end
 end
 
-# Elapsed-time limits: GC.stress makes every allocation a full GC, so under GC_STRESS=1
-# what must happen "at once" gets twenty times as long (the specs check memory safety then).
+# Elapsed-time limits: GC.stress makes every allocation a full GC, and valgrind (rake
+# memcheck) slows everything as much, so there what must happen "at once" gets twenty
+# times as long (the specs check memory safety then).
 module FlowctlTiming
-  def time_limit(seconds) = ENV["GC_STRESS"] == "1" ? seconds * 20 : seconds
+  def time_limit(seconds) = ENV["GC_STRESS"] == "1" || ENV["FLOWCTL_MEMCHECK"] ? seconds * 20 : seconds
 end
 
 RSpec.configure do |c|
