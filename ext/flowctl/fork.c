@@ -350,12 +350,13 @@ flowctl_fork_socket_arg(void)
 
 /* The local port of a TCP socket, 0 when fd is something else. */
 static int
-tcp_port(int fd, struct sockaddr_storage *addr)
+tcp_port(int fd)
 {
-    socklen_t len = sizeof(*addr);
-    if (getsockname(fd, (struct sockaddr *)addr, &len) != 0) return 0;
-    if (addr->ss_family == AF_INET) return ntohs(((struct sockaddr_in *)addr)->sin_port);
-    if (addr->ss_family == AF_INET6) return ntohs(((struct sockaddr_in6 *)addr)->sin6_port);
+    struct sockaddr_storage addr;
+    socklen_t len = sizeof(addr);
+    if (getsockname(fd, (struct sockaddr *)&addr, &len) != 0) return 0;
+    if (addr.ss_family == AF_INET) return ntohs(((struct sockaddr_in *)&addr)->sin_port);
+    if (addr.ss_family == AF_INET6) return ntohs(((struct sockaddr_in6 *)&addr)->sin6_port);
     return 0;
 }
 
@@ -388,9 +389,8 @@ disown_parent_sockets(void)
         struct stat st;
         if (!ino || (int)fd == dead[0] || fstat((int)fd, &st) != 0 || !S_ISSOCK(st.st_mode) || st.st_ino != ino)
             continue;
-        struct sockaddr_storage addr;
         int port;
-        if (n_ports < MAX_LISTENERS && accepting((int)fd) && (port = tcp_port((int)fd, &addr)) > 0)
+        if (n_ports < MAX_LISTENERS && accepting((int)fd) && (port = tcp_port((int)fd)) > 0)
             ports[n_ports++] = port;
         while (dup3(dead[0], (int)fd, O_CLOEXEC) < 0 && errno == EINTR) {}
     }
@@ -398,8 +398,7 @@ disown_parent_sockets(void)
     for (struct dirent *e; d && (e = readdir(d));) {
         int fd = atoi(e->d_name);
         if (e->d_name[0] == '.' || fd == dirfd(d) || fd == dead[0] || accepting(fd)) continue;
-        struct sockaddr_storage addr;
-        int port = tcp_port(fd, &addr);
+        int port = tcp_port(fd);
         for (int i = 0; port && i < n_ports; i++) {
             if (ports[i] != port) continue;
             while (dup3(dead[0], fd, O_CLOEXEC) < 0 && errno == EINTR) {}
