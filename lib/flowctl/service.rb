@@ -12,19 +12,28 @@ module Flowctl
       "obsrvr.flow.processor.ProcessorService/Process" => :bidi
     }.freeze
 
+    # The four call shapes of gRPC.
+    SHAPES = %i[unary server_streaming client_streaming bidi].freeze
+
     # One RPC: name ("RegisterProcessor"), method_name (:register_processor),
     # path ("/obsrvr.flow.controlplane.ControlPlane/RegisterProcessor"), the message
-    # classes, and its shape (:unary or :bidi).
+    # classes, and its shape (one of SHAPES).
     RPC = Struct.new(:name, :method_name, :path, :request_class, :response_class, :shape) do
       def unary? = shape == :unary
       def bidi? = shape == :bidi
+      # the client sends a stream of requests (client streaming or bidi)
+      def client_streaming? = shape == :client_streaming || shape == :bidi
+      # the server sends a stream of replies (server streaming or bidi)
+      def server_streaming? = shape == :server_streaming || shape == :bidi
     end
 
     attr_reader :full_name, :rpcs
 
+    # methods: [[name, input_type, output_type], ...] with full proto type names; a fourth
+    # element gives the shape (one of SHAPES), else STREAMING's entry or :unary.
     def initialize(full_name, methods)
       @full_name = full_name.freeze
-      @rpcs = methods.map { |name, input, output| build_rpc(name, input, output) }.freeze
+      @rpcs = methods.map { |name, input, output, shape| build_rpc(name, input, output, shape) }.freeze
       @by_path = @rpcs.to_h { |r| [r.path, r] }.freeze
       @by_method = @rpcs.to_h { |r| [r.method_name, r] }.freeze
       freeze
@@ -45,11 +54,13 @@ module Flowctl
 
     private
 
-    def build_rpc(name, input, output)
+    def build_rpc(name, input, output, shape)
       key = "#{full_name}/#{name}"
+      shape ||= STREAMING.fetch(key, :unary)
+      raise ArgumentError, "#{key}: shape must be one of #{SHAPES.inspect} (given #{shape.inspect})" unless SHAPES.include?(shape)
+
       RPC.new(name.freeze, Service.underscore(name).to_sym, "/#{key}".freeze,
-              Native.message_class(input), Native.message_class(output),
-              STREAMING.fetch(key, :unary)).freeze
+              Native.message_class(input), Native.message_class(output), shape).freeze
     end
   end
 
