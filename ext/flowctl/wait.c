@@ -178,16 +178,6 @@ flowctl_wait_finish(int interrupted)
 }
 
 void
-flowctl_cond_init(pthread_cond_t *cond)
-{
-    pthread_condattr_t a;
-    pthread_condattr_init(&a);
-    pthread_condattr_setclock(&a, CLOCK_MONOTONIC);
-    pthread_cond_init(cond, &a);
-    pthread_condattr_destroy(&a);
-}
-
-void
 flowctl_cq_destroy(grpc_completion_queue *cq)
 {
     if (!cq) return;
