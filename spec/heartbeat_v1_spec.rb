@@ -190,6 +190,33 @@ RSpec.describe "Flowctl::Heartbeat on flowctl.v1" do
     expect(wait_count("unregister", 1, timeout: 2)).to be(true)
   end
 
+  it "leaves the heartbeat to the parent across fork; a child starts its own" do
+    hb = start
+    expect(wait_count("heartbeat", 1)).to be(true)
+    r, w = IO.pipe
+    pid = fork do
+      r.close
+      child = client.class.new("127.0.0.1:#{cp.port}", tls: false)
+      own = child.start_heartbeat(component: COMPONENT, component_id: "child-1", interval: 0.1, env: {})
+      deadline = Time.now + 5
+      sleep 0.05 until own.stats[:sent] >= 2 || Time.now > deadline
+      w.write Marshal.dump([hb.running?, Flowctl::Heartbeat.live_count, own.stats[:sent] >= 2, hb.stop])
+      own.stop
+      w.close
+      exit!(0)
+    end
+    w.close
+    expect(Marshal.load(r.read)).to eq([false, 1, true, true])
+    Process.wait(pid)
+    expect($?).to be_success
+    expect(events("register").map { |e| e["service_id"] }).to include("sq-1", "child-1")
+    expect(cp.wait_for(2) { |evs| evs.any? { |e| e["rpc"] == "unregister" && e["service_id"] == "child-1" } }).to be(true)
+    n = events("heartbeat").count { |e| e["service_id"] == "sq-1" }
+    expect(cp.wait_for(2) { |evs| evs.count { |e| e["rpc"] == "heartbeat" && e["service_id"] == "sq-1" } > n + 1 }).to be(true)
+    expect(events("unregister").map { |e| e["service_id"] }).not_to include("sq-1") # the child's hb.stop sent nothing
+    expect(hb).to be_running
+  end
+
   describe "arguments" do
     it "takes ids from the env contract" do
       env = {"FLOWCTL_COMPONENT_ID" => "from-env", "FLOWCTL_HEARTBEAT_INTERVAL" => "250ms"}

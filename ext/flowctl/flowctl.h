@@ -357,6 +357,8 @@ int flowctl_hb_start(flowctl_heartbeat *hb, flowctl_channel *ch); /* 0 or an err
 void flowctl_hb_release(flowctl_heartbeat *hb); /* the owner lets go: stop, detach, unref; never blocks */
 bool flowctl_hb_dead(const flowctl_heartbeat *hb); /* made before a fork: only memory here */
 bool flowctl_hb_started(const flowctl_heartbeat *hb);
+bool flowctl_hb_joined(const flowctl_heartbeat *hb); /* a stop joined or detached the thread */
+size_t flowctl_hb_memsize(const flowctl_heartbeat *hb);
 const flowctl_hb_plan *flowctl_hb_plan_of(const flowctl_heartbeat *hb);
 void flowctl_hb_swap_config(flowctl_heartbeat *hb, flowctl_hb_config *c);
 flowctl_hb_config *flowctl_hb_take_config(flowctl_heartbeat *hb, unsigned *status); /* a ref */
@@ -376,9 +378,9 @@ typedef struct flowctl_hb_wait {
 } flowctl_hb_wait;
 void *flowctl_hb_wait_nogvl(void *wait);
 void flowctl_hb_wait_ubf(void *wait);
-/* After a wait for the end: joins the finished thread, or detaches it; false when it
- * had not finished or another caller joined it first. */
-bool flowctl_hb_join(flowctl_heartbeat *hb, bool finished, bool *already);
+/* After a wait for the end: joins the finished thread, or detaches it (false) when it
+ * has not finished. Once only: true when another caller did it first. */
+bool flowctl_hb_join(flowctl_heartbeat *hb, bool finished);
 /* Every heartbeat of this process: stop them all; count them. */
 void flowctl_hb_stop_all_request(double final_timeout);
 typedef struct flowctl_hb_all_wait {

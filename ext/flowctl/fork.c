@@ -26,6 +26,9 @@
  *   alone: using them raises IOError, freeing them frees memory only, and every socket
  *   gRPC core made for them is pointed at a dead socket before gRPC's threads start
  *   there, so the child can never read or write its parent's connections (below).
+ * - files that keep threads or process-wide state (pump.c, heartbeat.c) register their
+ *   own hooks (flowctl_fork_register): this file calls none of them by name, so the
+ *   threading core depends one way: clock.c <- fork.c <- wait.c, pump.c, heartbeat.c.
  * gRPC core still skips its handlers when a thread that is not ours is inside gRPC
  * (the official grpc gem): the child is then told so by a Flowctl::Error from
  * flowctl_fork_check() (new channels, new heartbeats) instead of hanging.

@@ -681,6 +681,19 @@ flowctl_hb_started(const heartbeat *hb)
     return hb->started;
 }
 
+bool
+flowctl_hb_joined(const heartbeat *hb)
+{
+    return hb->joined;
+}
+
+size_t
+flowctl_hb_memsize(const heartbeat *hb)
+{
+    const flowctl_hb_plan *plan = hb->set.plan;
+    return sizeof(*hb) + (plan ? sizeof(*plan) + plan->register_len : 0) + hb->set.n_headers * sizeof(grpc_metadata);
+}
+
 const flowctl_hb_plan *
 flowctl_hb_plan_of(const heartbeat *hb)
 {
@@ -793,9 +806,8 @@ flowctl_hb_wait_ubf(void *p)
 }
 
 bool
-flowctl_hb_join(heartbeat *hb, bool finished, bool *already)
+flowctl_hb_join(heartbeat *hb, bool finished)
 {
-    *already = hb->joined;
     if (hb->joined) return true; /* another Ruby thread joined it meanwhile */
     hb->joined = true;
     if (!finished) {

@@ -27,7 +27,7 @@ static size_t
 hb_wrapper_size(const void *p)
 {
     const hb_wrapper *w = p;
-    return sizeof(*w) + (w->hb ? 512 : 0); /* the engine's struct is its own; about this much */
+    return sizeof(*w) + (w->hb ? flowctl_hb_memsize(w->hb) : 0);
 }
 
 static const rb_data_type_t hb_type = {
@@ -407,10 +407,10 @@ hb_stop(VALUE self, VALUE timeout)
     flowctl_heartbeat *hb = hb_get(self);
     if (flowctl_hb_dead(hb) || !flowctl_hb_started(hb)) return Qtrue;
     flowctl_hb_request_stop(hb, t);
-    bool already;
+    if (flowctl_hb_joined(hb)) return Qtrue;
     struct timespec until = flowctl_mono_in(t + 2.0);
     bool finished = hb_wait(hb, false, &until);
-    return flowctl_hb_join(hb, finished, &already) ? Qtrue : Qfalse;
+    return flowctl_hb_join(hb, finished) ? Qtrue : Qfalse;
 }
 
 /*

@@ -204,6 +204,10 @@ module Flowctl
     end
   end
 
+  # The client of flowctl.v1's ControlPlaneService gets #start_heartbeat wherever it is
+  # defined first (lib/flowctl/v1.rb or here).
+  V1::ControlPlaneClient.include(V1::HeartbeatMethods) if V1.const_defined?(:ControlPlaneClient, false)
+
   class Heartbeat
     class << self
       # The flowctl.v1 heartbeat on a Flowctl::Native::Channel (use
