@@ -25,6 +25,7 @@ module Flowctl
     FLAG_ONEOF = 4
     PACKABLE = (C_TYPE.keys - %i[TYPE_STRING TYPE_BYTES TYPE_MESSAGE]).freeze
     MAP_KEY_TYPES = (PACKABLE - %i[TYPE_FLOAT TYPE_DOUBLE TYPE_ENUM]) + [:TYPE_STRING]
+    TIMESTAMP = "google.protobuf.Timestamp"
     MAX_FIELD_NUMBER = (1 << 29) - 1
     RESERVED_NUMBERS = (19_000..19_999).freeze
     IDENT = /\A[A-Za-z_][A-Za-z0-9_]*\z/
@@ -266,7 +267,7 @@ module Flowctl
       def define_all
         out = {}
         @messages.each do |full, pkg, _fields, outer, entry|
-          next if entry
+          next if entry || full == TIMESTAMP # map entries are Hashes, Timestamps are Times
 
           out[full] = Native.define_message(full, outer ? out.fetch(outer) : package_module(pkg), const_name(full))
         end
