@@ -185,6 +185,13 @@ RSpec.describe "descriptor sets" do
       expect { load(bytes) }.to raise_error(Flowctl::DescriptorError, /field bad.v1.A.b: type bad.v1.Nowhere is not defined/)
     end
 
+    it "names a type name that is not a fully qualified name (a NUL in it, found by fuzzing)" do
+      ["bad.v1.A", ".bad.\u0001\u0000", ".bad..A", ""].each do |name|
+        bytes = set_of(file("bad/q.proto", messages: [message("Q", field("b", 1, type: :TYPE_MESSAGE, type_name: name))]))
+        expect { load(bytes) }.to raise_error(Flowctl::DescriptorError, /field bad.v1.Q.b: type name .* is not a fully qualified name/)
+      end
+    end
+
     it "names a type of the wrong kind" do
       enum = Flowctl::Protobuf::EnumDescriptorProto.new(name: "E", value: [{ name: "E_ZERO", number: 0 }])
       bytes = set_of(file("bad/a.proto", enums: [enum],
