@@ -83,9 +83,7 @@ RSpec.describe "Flowctl::Heartbeat configuration" do
       end
     end
 
-    it "name flowctl.v1's field numbers and enum values as its message classes have them" do
-      skip "Flowctl::V1 message classes are not loaded" unless Flowctl::V1.const_defined?(:HeartbeatRequest, false)
-
+    it "name flowctl.v1's field numbers as its message classes have them" do
       v1 = Flowctl::V1
       plan = v1::HeartbeatProtocol::PLAN
       expect(plan.values_at(:beat_id, :beat_status, :beat_metrics))
@@ -93,8 +91,7 @@ RSpec.describe "Flowctl::Heartbeat configuration" do
                 number(v1::HeartbeatRequest, metrics: {"a" => "1"})])
       expect(plan[:register_service_id]).to eq(number(v1::RegisterResponse, service_id: "x"))
       expect(plan[:unregister_id]).to eq(number(v1::UnregisterRequest, service_id: "x"))
-      expect(v1::HeartbeatProtocol::STATUSES).to eq(v1::HealthStatus.values)
-      expect(v1::HeartbeatProtocol::TYPES).to eq(v1::ComponentType.values)
+      expect(plan[:statuses][plan[:stopping]]).to eq(["HEALTH_STATUS_STOPPING", 5])
     end
   end
 

@@ -7,21 +7,17 @@ module Flowctl
     # its calls send and how their replies read. Field numbers and enum values are those
     # of proto/flowctl/v1/control_plane.proto and common.proto.
     module HeartbeatProtocol
-      SERVICE = "/flowctl.v1.ControlPlaneService/"
-      # HealthStatus: name => number
-      STATUSES = {HEALTH_STATUS_UNKNOWN: 0, HEALTH_STATUS_STARTING: 1, HEALTH_STATUS_HEALTHY: 2,
-                  HEALTH_STATUS_DEGRADED: 3, HEALTH_STATUS_UNHEALTHY: 4, HEALTH_STATUS_STOPPING: 5}.freeze
+      # HealthStatus: name => number, from the enum
+      STATUSES = V1::HealthStatus.values
       STATUS_NAMES = STATUSES.keys.freeze
-      # ComponentType: name => number; a kind (:processor) stands for its COMPONENT_TYPE_ name
-      TYPES = {COMPONENT_TYPE_UNSPECIFIED: 0, COMPONENT_TYPE_SOURCE: 1, COMPONENT_TYPE_PROCESSOR: 2,
-               COMPONENT_TYPE_CONSUMER: 3}.freeze
       # gRPC codes that, with "not found" in the details, mean the control plane forgot
       # the component (upstream answers UNKNOWN "service <id> not found"; NOT_FOUND too).
       FORGOT_CODES = [2, 5].freeze
 
       PLAN = {
-        register_path: "#{SERVICE}RegisterComponent", beat_path: "#{SERVICE}Heartbeat",
-        unregister_path: "#{SERVICE}UnregisterComponent", register_first: true,
+        register_path: V1::ControlPlaneService.rpc(:register_component).path,
+        beat_path: V1::ControlPlaneService.rpc(:heartbeat).path,
+        unregister_path: V1::ControlPlaneService.rpc(:unregister_component).path, register_first: true,
         register_service_id: 1,                        # RegisterResponse{service_id = 1}
         beat_id: 1, beat_status: 2, beat_metrics: 3,   # HeartbeatRequest{service_id, status enum, metrics map<string,string>}
         status_enum: true, metric_strings: true,       # replies are Empty: the status code says it all
@@ -29,12 +25,6 @@ module Flowctl
         forgot_codes: FORGOT_CODES, forgot_details: "not found",
         statuses: STATUSES.map { |name, number| [name.to_s, number] },
         stopping: STATUS_NAMES.index(:HEALTH_STATUS_STOPPING)
-      }.freeze
-
-      # ComponentInfo fields: name => [number, kind]
-      COMPONENT_FIELDS = {
-        id: [1, :string], name: [2, :string], description: [3, :string], version: [4, :string], type: [5, :enum],
-        input_event_types: [6, :strings], output_event_types: [7, :strings], endpoint: [8, :string], metadata: [9, :map]
       }.freeze
 
       module_function
@@ -74,85 +64,35 @@ module Flowctl
         end
       end
 
-      # component: Hash of ComponentInfo fields -> the checked Hash; id: and type: filled in.
-      def component(component, id, kind)
-        raise TypeError, "component: must be a Hash of ComponentInfo fields (given #{component.class})" unless component.is_a?(Hash)
-
-        info = component.transform_keys { |k| k.is_a?(String) ? k.to_sym : k }
-        unknown = info.keys - COMPONENT_FIELDS.keys
-        raise ArgumentError, "component: unknown fields #{unknown.inspect} (ComponentInfo has #{COMPONENT_FIELDS.keys.join(', ')})" if unknown.any?
-
-        info[:id] = id if info[:id].nil? || info[:id].to_s.empty?
-        info[:type] = component_type(info.fetch(:type, kind))
-        COMPONENT_FIELDS.keys.to_h { |name| [name, check_field(name, info[name])] }
+      # component: a Flowctl::V1::ComponentInfo or a Hash of its fields (the message class
+      # checks them) -> a ComponentInfo whose id is `id` unless it has its own; a type
+      # may be given as :source, :processor or :consumer.
+      def component(component, id)
+        info = case component
+               when V1::ComponentInfo then component.dup
+               when Hash then V1::ComponentInfo.new(**component.transform_keys(&:to_sym).merge(type: component_type(component)))
+               else raise TypeError, "component: must be a Hash of ComponentInfo fields or a ComponentInfo (given #{component.class})"
+               end
+        info.id = id if info.id.empty?
+        info
       end
 
-      def component_type(type)
-        return type if type.is_a?(Integer) && TYPES.value?(type)
-
-        if type.is_a?(String) || type.is_a?(Symbol)
-          up = type.to_s.upcase
-          up = "COMPONENT_TYPE_#{up}" unless up.start_with?("COMPONENT_TYPE_")
-          return TYPES[up.to_sym] if TYPES.key?(up.to_sym)
-        end
-        raise ArgumentError, "component: unknown type #{type.inspect} (expected :source, :processor, :consumer or a COMPONENT_TYPE_ name)"
+      # :processor -> :COMPONENT_TYPE_PROCESSOR; anything else as given (the class checks it)
+      def component_type(component)
+        type = component[:type] || component["type"] || 0
+        short = :"COMPONENT_TYPE_#{type.to_s.upcase}"
+        (type.is_a?(Symbol) || type.is_a?(String)) && V1::ComponentType.values.key?(short) ? short : type
       end
 
-      def check_field(name, value)
-        kind = COMPONENT_FIELDS.fetch(name)[1]
-        what = "component #{name}"
-        case kind
-        when :string then Heartbeat.check_text(value.nil? ? "" : value, what).to_s
-        when :enum then value
-        when :strings
-          raise TypeError, "#{what} must be an Array of String (given #{value.class})" unless value.nil? || value.is_a?(Array)
-
-          Array(value).map { |v| Heartbeat.check_text(v, what).to_s }
-        when :map
-          raise TypeError, "#{what} must be a Hash (given #{value.class})" unless value.nil? || value.is_a?(Hash)
-
-          (value || {}).to_h { |k, v| [Heartbeat.check_text(k, "#{what} key").to_s, Heartbeat.check_text(v, "#{what} value").to_s] }
-        end
+      # :source, :processor, :consumer or :unspecified (an unknown number as it is)
+      def kind(info)
+        type = info.type
+        type.is_a?(Symbol) ? type.to_s.delete_prefix("COMPONENT_TYPE_").downcase.to_sym : type
       end
 
-      # RegisterRequest{component = 1 ComponentInfo, component_id = 2}, encoded with the
-      # gem's Flowctl::V1 message classes (or, where they are not loaded, by hand).
+      # RegisterRequest{component = 1 ComponentInfo, component_id = 2}
       def register_request(info, component_id)
-        return encode_register(info, component_id) unless V1.const_defined?(:RegisterRequest, false)
-
-        type = TYPES.key(info[:type])
-        V1::RegisterRequest.new(component: V1::ComponentInfo.new(**info, type: type), component_id: component_id).to_proto
-      end
-
-      # The same bytes as the message classes write (field number order, defaults left out).
-      def encode_register(info, component_id)
-        component = COMPONENT_FIELDS.each_with_object(+"".b) do |(name, (number, kind)), out|
-          value = info[name]
-          case kind
-          when :string then put_bytes(out, number, value)
-          when :enum then put_varint(out, number, value) if value.positive?
-          when :strings then value.each { |v| put_bytes(out, number, v, always: true) }
-          when :map then value.each { |k, v| put_bytes(out, number, put_bytes(put_bytes(+"".b, 1, k), 2, v), always: true) }
-          end
-        end
-        put_bytes(put_bytes(+"".b, 1, component, always: true), 2, component_id)
-      end
-
-      def varint(value)
-        out = +"".b
-        while value >= 0x80
-          out << ((value & 0x7f) | 0x80)
-          value >>= 7
-        end
-        out << value
-      end
-
-      def put_varint(out, number, value) = out << varint(number << 3) << varint(value)
-
-      def put_bytes(out, number, bytes, always: false)
-        return out if bytes.empty? && !always
-
-        out << varint((number << 3) | 2) << varint(bytes.bytesize) << bytes.b
+        V1::RegisterRequest.new(component: info, component_id: component_id).to_proto
       end
     end
 
@@ -223,6 +163,7 @@ module Flowctl
       def v1_component_id(component_id, component, env)
         given = component_id || nonempty(env, "FLOWCTL_COMPONENT_ID") || nonempty(env, "FLOWCTL_SERVICE_ID")
         given ||= component[:id] || component["id"] if component.is_a?(Hash)
+        given ||= component.id if component.is_a?(V1::ComponentInfo)
         if given.nil? || given.to_s.empty?
           raise ArgumentError, "no component id: give component: {id:} or component_id:, or set FLOWCTL_COMPONENT_ID"
         end
@@ -237,10 +178,11 @@ module Flowctl
       protocol = V1::HeartbeatProtocol
       id = Heartbeat.v1_component_id(component_id, component, env)
       interval ||= Heartbeat.parse_interval(env.fetch("FLOWCTL_HEARTBEAT_INTERVAL", "10s"), name: "FLOWCTL_HEARTBEAT_INTERVAL")
-      info = protocol.component(component, id, :unspecified)
-      @kind = protocol::TYPES.key(info[:type]).to_s.delete_prefix("COMPONENT_TYPE_").downcase.to_sym
-      start(channel, protocol, protocol::PLAN, protocol.register_request(info, id), id: id, interval: interval,
-                                                                                   status: status, metrics: metrics, headers: headers, timeout: timeout, on_error: on_error)
+      info = protocol.component(component, id)
+      @kind = protocol.kind(info)
+      start(channel, protocol, protocol::PLAN, protocol.register_request(info, id),
+            id: id, interval: interval, status: status, metrics: metrics, headers: headers, timeout: timeout,
+            on_error: on_error)
     end
   end
 end

@@ -6,25 +6,24 @@ require "rbconfig"
 # A flowctl.v1 control plane built with the OFFICIAL grpc gem that behaves like upstream's
 # Go one (FLOWCTL_V1.md): service_id = component_id, else component.id; an unknown id
 # fails with UNKNOWN "service <id> not found"; Unregister always succeeds; no
-# persistence (a restart forgets everything). It runs in a subprocess (the official
-# gem's generated classes are also Flowctl::V1, which must never replace the gem's
-# own), reports every request as a JSON line on its stdout, and can be killed and
-# started again on the same port.
+# persistence (a restart forgets everything). It runs in a subprocess (spec/gen/official_v1:
+# the official gem's classes as OfficialFlowctl::V1), so that a spec can kill it and start
+# it again on the same port; it reports every request as a JSON line on its stdout.
 #
 #   cp = V1ControlPlane.start                        # or (code: :not_found, prefix: "svc-")
 #   cp.wait_for { |evs| evs.count { |e| e["rpc"] == "heartbeat" } >= 3 }
 #   cp.restart
 class V1ControlPlane < RecordingControlPlane
   SCRIPT = <<~'RUBY'
-    $LOAD_PATH.unshift(ARGV[0])
+    $LOAD_PATH.unshift(File.join(ARGV[0], "official_v1"))
     require "grpc"
     require "json"
-    require "flowctl/v1/control_plane_services_pb"
+    require "official_flowctl/v1/control_plane_services_pb"
     $stdout.sync = true
     port = Integer(ARGV[1])
     code = ARGV[2] == "not_found" ? GRPC::NotFound : GRPC::Unknown
     prefix = ARGV[3].to_s
-    V1 = Flowctl::V1
+    V1 = OfficialFlowctl::V1
 
     class Upstream < V1::ControlPlaneService::Service
       def initialize(code, prefix)
