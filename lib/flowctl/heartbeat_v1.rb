@@ -126,8 +126,8 @@ module Flowctl
         component = (opts.delete(:component) || {}).dup
         component[:type] ||= kind
         if register.is_a?(Hash)
-          component[:endpoint] ||= register[:endpoint]
-          component[:metadata] ||= register[:metadata]
+          component[:endpoint] ||= register[:endpoint] if register[:endpoint]
+          component[:metadata] ||= register[:metadata] if register[:metadata]
         end
         client = control_plane_client(config[:endpoint], client_opts)
         args = {component: component, component_id: config[:id], interval: config[:interval], env: env, **opts}
