@@ -39,7 +39,7 @@ RSpec.describe "Flowctl::Heartbeat on flowctl.v1" do
   def events(rpc) = cp.events(rpc)
 
   def wait_count(rpc, n, timeout: 5)
-    cp.wait_for(timeout) { |evs| evs.count { |e| e["rpc"] == rpc } >= n }
+    cp.wait_for(time_limit(timeout)) { |evs| evs.count { |e| e["rpc"] == rpc } >= n }
   end
 
   # Restarts the control plane (it forgets everything); the block sees only the events
@@ -63,7 +63,7 @@ RSpec.describe "Flowctl::Heartbeat on flowctl.v1" do
     )
     expect(reg["headers"]).to include("x-team" => "ruby")
     beats = events("heartbeat")
-    expect(beats.first["at"] - t0).to be < 0.5 # at once, not after one interval
+    expect(beats.first["at"] - t0).to be < time_limit(0.5) # at once, not after one interval
     expect(beats.first["at"] - reg["at"]).to be < 0.2
     beats.each do |b|
       expect(b).to include("service_id" => "sq-1", "status" => "HEALTH_STATUS_HEALTHY", "ok" => true)
@@ -86,7 +86,7 @@ RSpec.describe "Flowctl::Heartbeat on flowctl.v1" do
     expect(hb.status).to eq(:HEALTH_STATUS_DEGRADED)
     expect(hb.metrics).to eq("big" => "1180591620717411303424", "third" => "0.3333333333333333", "f" => "0.1",
                              "neg" => "-0.0", "s" => "ok")
-    expect(cp.wait_for(3) { |evs| evs.any? { |e| e["status"] == "HEALTH_STATUS_DEGRADED" } }).to be(true)
+    expect(cp.wait_for(time_limit(3)) { |evs| evs.any? { |e| e["status"] == "HEALTH_STATUS_DEGRADED" } }).to be(true)
     beat = events("heartbeat").find { |e| e["status"] == "HEALTH_STATUS_DEGRADED" }
     expect(beat["metrics"]).to eq(hb.metrics)
     hb.status = 4
@@ -162,7 +162,7 @@ RSpec.describe "Flowctl::Heartbeat on flowctl.v1" do
         evs.any? { |e| e["rpc"] == "heartbeat" && !e["ok"] } && evs.any? { |e| e["rpc"] == "register" }
       end
       expect(back).to be(true)
-      expect(cp.wait_for(2) { hb.stats[:registrations] >= 2 }).to be(true)
+      expect(cp.wait_for(time_limit(2)) { hb.stats[:registrations] >= 2 }).to be(true)
     end
   end
 
@@ -210,9 +210,9 @@ RSpec.describe "Flowctl::Heartbeat on flowctl.v1" do
     Process.wait(pid)
     expect($?).to be_success
     expect(events("register").map { |e| e["service_id"] }).to include("sq-1", "child-1")
-    expect(cp.wait_for(2) { |evs| evs.any? { |e| e["rpc"] == "unregister" && e["service_id"] == "child-1" } }).to be(true)
+    expect(cp.wait_for(time_limit(2)) { |evs| evs.any? { |e| e["rpc"] == "unregister" && e["service_id"] == "child-1" } }).to be(true)
     n = events("heartbeat").count { |e| e["service_id"] == "sq-1" }
-    expect(cp.wait_for(2) { |evs| evs.count { |e| e["rpc"] == "heartbeat" && e["service_id"] == "sq-1" } > n + 1 }).to be(true)
+    expect(cp.wait_for(time_limit(2)) { |evs| evs.count { |e| e["rpc"] == "heartbeat" && e["service_id"] == "sq-1" } > n + 1 }).to be(true)
     expect(events("unregister").map { |e| e["service_id"] }).not_to include("sq-1") # the child's hb.stop sent nothing
     expect(hb).to be_running
   end

@@ -20,7 +20,6 @@
 
 static int utf8_index;
 
-
 static const char *const type_names[] = {
     [PROTOBUF_C_TYPE_INT32] = "int32", [PROTOBUF_C_TYPE_SINT32] = "sint32",
     [PROTOBUF_C_TYPE_SFIXED32] = "sfixed32", [PROTOBUF_C_TYPE_INT64] = "int64",
