@@ -53,21 +53,26 @@ module Flowctl
       private
 
       # timeout: and headers: are the per-call options; a message field of either name
-      # could not be passed as a keyword, so refuse such a service up front.
+      # could not be passed as a keyword, so refuse such a service up front. So is an RPC
+      # whose method would replace one a client needs (close, inspect, hash, ...).
       def check_option_names(rpc)
         clash = rpc.request_class.fields.map(&:to_sym) & %i[timeout headers]
         raise ArgumentError, "#{rpc.request_class} has field(s) #{clash.inspect}, which clash with call options" if clash.any?
+
+        names = [rpc.method_name, :"#{rpc.method_name}_stream"]
+        taken = names.find { |n| Client.method_defined?(n) || Client.private_method_defined?(n, false) }
+        raise ArgumentError, "#{rpc.path}: a client method #{taken} exists already: the RPC would replace it" if taken
       end
 
       def define_unary(rpc)
         define_method(rpc.method_name) do |request = nil, timeout: UNSET, headers: nil, **fields|
-          unary(rpc, request, fields, timeout, headers).first
+          call_unary(rpc, request, fields, timeout, headers).first
         end
       end
 
       def define_server_streaming(rpc)
         define_method(rpc.method_name) do |request = nil, timeout: UNSET, headers: nil, **fields, &block|
-          server_stream(rpc, request, fields, timeout, headers, &block)
+          call_server_streaming(rpc, request, fields, timeout, headers, &block)
         end
         define_method(:"#{rpc.method_name}_stream") do |request = nil, timeout: UNSET, headers: nil, **fields, &block|
           bytes = build_request(rpc, request, fields).to_proto
@@ -87,7 +92,7 @@ module Flowctl
 
       def define_bidi(rpc)
         define_method(rpc.method_name) do |requests, timeout: UNSET, headers: nil, &block|
-          bidi(rpc, requests, timeout, headers, &block)
+          call_bidi(rpc, requests, timeout, headers, &block)
         end
         define_method(:"#{rpc.method_name}_stream") do |timeout: UNSET, headers: nil, &block|
           open_call(BidiCall.new(rpc, new_stream(rpc, timeout, headers)), &block)
@@ -119,7 +124,7 @@ module Flowctl
       rpc = self.class.service.rpc(method_name.to_sym)
       raise ArgumentError, "#{self.class} has no unary RPC #{method_name.inspect}" unless rpc&.unary?
 
-      Reply.new(*unary(rpc, request, fields, timeout, headers))
+      Reply.new(*call_unary(rpc, request, fields, timeout, headers))
     end
 
     # Closes the channel; calls in flight fail, later calls raise IOError. Idempotent.
@@ -136,34 +141,34 @@ module Flowctl
 
     private
 
-    def unary(rpc, request, fields, timeout, headers)
+    def call_unary(rpc, request, fields, timeout, headers)
       bytes = build_request(rpc, request, fields).to_proto
       body, initial, trailing = Native::Call.unary(@channel, rpc.path, bytes, call_timeout(timeout),
                                                    call_headers(headers))
       [rpc.response_class.decode(body), initial, trailing]
     end
 
-    def bidi(rpc, requests, timeout, headers, &block)
+    def call_bidi(rpc, requests, timeout, headers, &block)
       check_requests(rpc, requests)
       # checked now, not when the Enumerator runs
       timeout = stream_timeout(timeout)
       headers = call_headers(headers)
-      return enum_for(:bidi, rpc, requests, timeout, headers) unless block
+      return enum_for(:call_bidi, rpc, requests, timeout, headers) unless block
 
       BidiCall.new(rpc, Native::Stream.new(@channel, rpc.path, timeout, headers)).run(requests, &block)
     end
 
     # The request is built and checked now, the call starts when replies are asked for.
-    def server_stream(rpc, request, fields, timeout, headers, &block)
+    def call_server_streaming(rpc, request, fields, timeout, headers, &block)
       bytes = build_request(rpc, request, fields).to_proto
       timeout = stream_timeout(timeout)
       headers = call_headers(headers)
-      return enum_for(:server_stream_bytes, rpc, bytes, timeout, headers) unless block
+      return enum_for(:server_streaming_bytes, rpc, bytes, timeout, headers) unless block
 
-      server_stream_bytes(rpc, bytes, timeout, headers, &block)
+      server_streaming_bytes(rpc, bytes, timeout, headers, &block)
     end
 
-    def server_stream_bytes(rpc, bytes, timeout, headers, &block)
+    def server_streaming_bytes(rpc, bytes, timeout, headers, &block)
       call = ServerStreamCall.new(rpc, Native::Stream.new(@channel, rpc.path, timeout, headers, bytes))
       begin
         call.each(&block)
