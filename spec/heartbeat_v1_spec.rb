@@ -9,13 +9,15 @@ RSpec.describe "Flowctl::Heartbeat on flowctl.v1" do
   COMPONENT = {name: "square", version: "1.0.0", type: :processor, endpoint: "127.0.0.1:9555",
                input_event_types: ["raw"], output_event_types: ["squared"], metadata: {"zone" => "a"}}.freeze
 
-  # V1::ControlPlaneClient once the shapes work lands; until then any client with a
-  # channel and headers that includes the module.
+  # V1::ControlPlaneClient once lib/flowctl/v1.rb defines it; until then the same thing.
   CLIENT_CLASS =
     if Flowctl::V1.const_defined?(:ControlPlaneClient, false)
       Flowctl::V1::ControlPlaneClient
     else
-      Class.new(Flowctl::ControlPlane::Client) { include Flowctl::V1::HeartbeatMethods }
+      Class.new(Flowctl::Client) do
+        use_service Flowctl::V1::ControlPlaneService
+        include Flowctl::V1::HeartbeatMethods
+      end
     end
 
   let(:cp_opts) { {} }

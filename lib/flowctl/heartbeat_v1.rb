@@ -130,16 +130,19 @@ module Flowctl
           component[:metadata] ||= register[:metadata] if register[:metadata]
         end
         client = control_plane_client(config[:endpoint], client_opts)
-        args = {component: component, component_id: config[:id], interval: config[:interval], env: env, **opts}
-        return client.start_heartbeat(**args) if client.respond_to?(:start_heartbeat) && client.is_a?(HeartbeatMethods)
-
-        Heartbeat.start_v1(client.channel, headers: client.headers.merge(args.delete(:headers) || {}), **args)
+        client.start_heartbeat(component: component, component_id: config[:id], interval: config[:interval], env: env,
+                               **opts)
       end
 
-      # V1::ControlPlaneClient once it exists; until then any client gives the channel.
+      # V1::ControlPlaneClient once lib/flowctl/v1.rb defines it; until then the same thing.
       def self.control_plane_client(endpoint, opts)
-        klass = V1.const_defined?(:ControlPlaneClient, false) ? V1::ControlPlaneClient : ControlPlane::Client
-        klass.new(endpoint, **opts)
+        return V1::ControlPlaneClient.new(endpoint, **opts) if V1.const_defined?(:ControlPlaneClient, false)
+
+        @client_class ||= Class.new(Client) do
+          use_service V1::ControlPlaneService
+          include HeartbeatMethods
+        end
+        @client_class.new(endpoint, **opts)
       end
     end
   end
