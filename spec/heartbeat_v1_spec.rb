@@ -20,6 +20,10 @@ RSpec.describe "Flowctl::Heartbeat on flowctl.v1" do
       end
     end
 
+  # The interval of most examples. Under GC_STRESS every allocation is a full GC and
+  # the thread that reads the control plane's reports cannot keep up with 5 beats/s.
+  BEAT = ENV["GC_STRESS"] == "1" ? 2.0 : 0.2
+
   let(:cp_opts) { {} }
   let!(:cp) { V1ControlPlane.start(**cp_opts) }
   let(:client) do
@@ -34,7 +38,7 @@ RSpec.describe "Flowctl::Heartbeat on flowctl.v1" do
   end
 
   def start(**opts)
-    opts = {component: COMPONENT, component_id: "sq-1", interval: 0.2, env: {}}.merge(opts)
+    opts = {component: COMPONENT, component_id: "sq-1", interval: BEAT, env: {}}.merge(opts)
     client.start_heartbeat(**opts).tap { |hb| started << hb }
   end
 
@@ -55,7 +59,7 @@ RSpec.describe "Flowctl::Heartbeat on flowctl.v1" do
   it "registers the component, beats at once with an explicit status, then every interval" do
     t0 = Time.now.to_f
     hb = start(metrics: {"events" => 3, "lag_ms" => 1.5, "mode" => "fast"})
-    expect(wait_count("heartbeat", 4)).to be(true)
+    expect(wait_count("heartbeat", 4, timeout: 5 * BEAT / 0.2)).to be(true)
     reg = events("register").first
     expect(reg).to include("service_id" => "sq-1", "component_id" => "sq-1")
     expect(reg["component"]).to eq(
@@ -66,13 +70,13 @@ RSpec.describe "Flowctl::Heartbeat on flowctl.v1" do
     expect(reg["headers"]).to include("x-team" => "ruby")
     beats = events("heartbeat")
     expect(beats.first["at"] - t0).to be < time_limit(0.5) # at once, not after one interval
-    expect(beats.first["at"] - reg["at"]).to be < 0.2
+    expect(beats.first["at"] - reg["at"]).to be < BEAT
     beats.each do |b|
       expect(b).to include("service_id" => "sq-1", "status" => "HEALTH_STATUS_HEALTHY", "ok" => true)
       expect(b["metrics"]).to eq("events" => "3", "lag_ms" => "1.5", "mode" => "fast")
     end
     gaps = beats.first(4).each_cons(2).map { |a, b| b["at"] - a["at"] }
-    expect(gaps).to all(be_between(0.1, 0.6))
+    expect(gaps).to all(be_between(BEAT / 2, BEAT * 3))
     expect(hb.service_id).to eq("sq-1")
     expect(hb.kind).to eq(:processor)
     expect(hb.status).to eq(:HEALTH_STATUS_HEALTHY)
