@@ -43,6 +43,23 @@ module FuzzSeeds
     end
   end
 
+  # json_target reads: one byte picking the class, then JSON text.
+  def self.json_seeds
+    dir = File.join(DIR, "json")
+    classes.each_with_index do |k, i|
+      3.times do |n|
+        fields = k.fields.to_h { |f| [f, SAMPLES.fetch(f).then { |v| v[n % v.size] }] }
+        write(dir, i.chr.b + k.new(**fields).to_json.b)
+        write(dir, i.chr.b + k.encode_json(k.new(**fields), preserve_proto_fieldnames: true, emit_defaults: true).b)
+      end
+      write(dir, "#{i.chr}{}".b)
+    end
+    hand = ['{"timestamp":"2020-01-01T00:00:00.5+01:30","metrics":{"a":"NaN","b":"-Infinity","c":-0,"d":"1e3"}}',
+            '{"payload":"-_8","metadata":{"k":null}}', '{"maxConcurrent":"12","inputEventTypes":["a","\\u00e9\\ud83c\\udf89"]}',
+            '{"payload":"+/8=","bogus":{"x":[1,{"y":null}]}}', '{"processor_id":1e2,"processorId":"x"}']
+    hand.each { |t| classes.size.times { |i| write(dir, i.chr.b + t.b) } }
+  end
+
   # convert_target reads: one byte picking the class, then operations (see convert_target.c).
   def self.convert_seeds
     srand(1)
@@ -52,4 +69,5 @@ end
 
 FuzzSeeds.decode_seeds
 FuzzSeeds.convert_seeds
+FuzzSeeds.json_seeds
 puts "seeds: #{Dir[File.join(FuzzSeeds::DIR, '*', '*')].size} files under #{FuzzSeeds::DIR}"

@@ -47,6 +47,7 @@ module Flowctl
     RFC3339 = /\A(\d{4})-(\d{2})-(\d{2})T(\d{2}):(\d{2}):(\d{2})(?:\.(\d{1,9}))?(?:(Z)|([+-])(\d{2}):(\d{2}))\z/
     DAYS = [0, 31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31].freeze
     MAX_NESTING = 100
+    NEGATIVE_ZERO = /"(?:[^"\\]|\\.)*"|-0(?![.0-9eE])/n
 
     module_function
 
@@ -286,9 +287,18 @@ module Flowctl
     end
 
     def parse(klass, text)
-      ::JSON.parse(text, allow_nan: false, max_nesting: MAX_NESTING, create_additions: false, decimal_class: nil)
+      ::JSON.parse(keep_negative_zero(text), allow_nan: false, max_nesting: MAX_NESTING, create_additions: false,
+                                                decimal_class: nil)
     rescue ::JSON::ParserError, EncodingError, ArgumentError => e
       raise DecodeError, "invalid JSON for #{klass.descriptor_name}: #{e.message[0, 200]}"
+    end
+
+    # JSON.parse reads the number -0 as the Integer 0: outside strings it is made -0.0,
+    # so that a double field keeps its sign (an integer field reads 0 either way).
+    def keep_negative_zero(text)
+      return text unless text.include?("-0")
+
+      text.b.gsub(NEGATIVE_ZERO) { |t| t == "-0" ? "-0.0" : t }.force_encoding(text.encoding)
     end
 
     # Reads a parsed JSON document (Hashes, Arrays, ...) into messages.
@@ -436,8 +446,7 @@ module Flowctl
               Float(v)
             else fail!(path, "expected a number, got #{what(v)}")
             end
-        fail!(path, "#{v} is out of range for #{type}") if d.infinite?
-        fail!(path, "#{v} is out of range for float") if type == :float && [d].pack("e").unpack1("e").infinite?
+        fail!(path, "number out of range for #{type}") if d.infinite? || (type == :float && [d].pack("e").unpack1("e").infinite?)
         d
       end
 
