@@ -21,7 +21,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-static ID id_decode_json, id_to_json, id_encode, id_decode, id_call, id_message;
+static ID id_decode_json, id_to_json, id_encode, id_decode, id_call;
 static VALUE allowed_decode[2];
 static VALUE official[FUZZ_MAX_CLASSES];
 static VALUE ignoring; /* ->(k, t) { k.decode_json(t, ignore_unknown_fields: true) } */
@@ -46,7 +46,6 @@ LLVMFuzzerInitialize(int *argc, char ***argv)
     id_encode = rb_intern("encode");
     id_decode = rb_intern("decode");
     id_call = rb_intern("call");
-    id_message = rb_intern("message");
     allowed_decode[0] = fuzz_eDecodeError;
     ignoring = rb_eval_string("->(k, t) { k.decode_json(t, ignore_unknown_fields: true) }");
     rb_gc_register_mark_object(ignoring);
@@ -58,21 +57,14 @@ LLVMFuzzerInitialize(int *argc, char ***argv)
     return 0;
 }
 
-static const char *
-error_text(VALUE err)
-{
-    VALUE text = rb_funcall(err, id_message, 0);
-    return StringValueCStr(text);
-}
-
 /* What upb's message holds, as a flowctl message (through the binary format). */
 static VALUE
 from_upb(const fuzz_class *c, int i, VALUE upb_msg)
 {
     VALUE err, bytes = fuzz_call(official[i], id_encode, 1, &upb_msg, &err);
-    if (bytes == Qundef) fuzz_bug("%s: google-protobuf cannot encode what it read: %s", c->desc->name, error_text(err));
+    if (bytes == Qundef) fuzz_bug("%s: google-protobuf cannot encode what it read: %s", c->desc->name, fuzz_error_text(err));
     VALUE m = fuzz_call(c->klass, id_decode, 1, &bytes, &err);
-    if (m == Qundef) fuzz_bug("%s: flowctl cannot decode google-protobuf's bytes: %s", c->desc->name, error_text(err));
+    if (m == Qundef) fuzz_bug("%s: flowctl cannot decode google-protobuf's bytes: %s", c->desc->name, fuzz_error_text(err));
     return m;
 }
 
@@ -81,15 +73,15 @@ static void
 check_roundtrip(const fuzz_class *c, int i, VALUE m)
 {
     VALUE err, text = fuzz_call(m, id_to_json, 0, NULL, &err);
-    if (text == Qundef) fuzz_bug("%s: a decoded message does not print: %s", c->desc->name, error_text(err));
+    if (text == Qundef) fuzz_bug("%s: a decoded message does not print: %s", c->desc->name, fuzz_error_text(err));
     VALUE again = fuzz_call(c->klass, id_decode_json, 1, &text, &err);
-    if (again == Qundef) fuzz_bug("%s: its own JSON %+"PRIsVALUE" does not read: %s", c->desc->name, text, error_text(err));
+    if (again == Qundef) fuzz_bug("%s: its own JSON %+"PRIsVALUE" does not read: %s", c->desc->name, text, fuzz_error_text(err));
     if (!fuzz_same_message(m, again)) fuzz_bug("%s: decode_json(to_json(x)) != x for %+"PRIsVALUE, c->desc->name, m);
     VALUE text2 = fuzz_call(again, id_to_json, 0, NULL, &err);
     if (text2 == Qundef || !rb_str_equal(text, text2))
         fuzz_bug("%s: printing the copy changed the text %+"PRIsVALUE, c->desc->name, text);
     VALUE u = fuzz_call(official[i], id_decode_json, 1, &text, &err);
-    if (u == Qundef) fuzz_bug("%s: google-protobuf rejects flowctl's JSON %+"PRIsVALUE": %s", c->desc->name, text, error_text(err));
+    if (u == Qundef) fuzz_bug("%s: google-protobuf rejects flowctl's JSON %+"PRIsVALUE": %s", c->desc->name, text, fuzz_error_text(err));
     if (!fuzz_same_message(m, from_upb(c, i, u)))
         fuzz_bug("%s: google-protobuf reads flowctl's JSON %+"PRIsVALUE" differently", c->desc->name, text);
 }
