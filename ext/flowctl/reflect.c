@@ -55,7 +55,7 @@ kind_name(const flowctl_field *f)
 static VALUE
 field_row(const flowctl_field *f)
 {
-    VALUE row = rb_ary_new_capa(10);
+    VALUE row = rb_ary_new_capa(11);
     rb_ary_push(row, f->sym);
     rb_ary_push(row, UINT2NUM(f->fd->id));
     rb_ary_push(row, type_sym(f->elem));
@@ -66,6 +66,7 @@ field_row(const flowctl_field *f)
     rb_ary_push(row, sub_class(f));
     rb_ary_push(row, enum_values(f->elem));
     rb_ary_push(row, f->packed ? Qtrue : Qfalse);
+    rb_ary_push(row, f->oneof ? UINT2NUM(f->oneof) : Qnil);
     return row;
 }
 
@@ -77,7 +78,8 @@ field_row(const flowctl_field *f)
  *    map the value's type), kind (:singular, :repeated or :map), key type (Symbol, maps
  *    only), presence (true for a proto3 `optional` scalar), type name (full proto name of
  *    a message or enum type, else nil), message class (nil for Timestamp and scalars),
- *    enum values ([[name, number], ...] or nil), packed]
+ *    enum values ([[name, number], ...] or nil), packed, oneof (members of one oneof share
+ *    this number; nil outside oneofs)]
  * TypeError when klass is not a message class.
  */
 static VALUE

@@ -16,10 +16,11 @@ module Flowctl
     # :singular, :repeated or :map; key_type: a map's key type (else nil); type_name:
     # full proto name of a message or enum type (else nil); message_class: the class of
     # a message-typed value (nil for scalars and google.protobuf.Timestamp, which is a Time).
-    attr_reader :name, :json_name, :number, :type, :label, :key_type, :type_name, :message_class
+    # oneof: the members of one oneof share this Integer (nil outside oneofs).
+    attr_reader :name, :json_name, :number, :type, :label, :key_type, :type_name, :message_class, :oneof
 
     def initialize(row)
-      @name, @number, @type, @label, @key_type, @presence, type_name, @message_class, enum_values, @packed = row
+      @name, @number, @type, @label, @key_type, @presence, type_name, @message_class, enum_values, @packed, @oneof = row
       @type_name = type_name&.freeze
       @json_name = FieldDescriptor.json_name_of(@name.to_s).freeze
       @enum_values = enum_values&.to_h { |n, v| [n.to_sym, v] }&.freeze
@@ -31,9 +32,9 @@ module Flowctl
     def packed? = @packed
 
     # Whether an unset field differs from one set to its default: singular message
-    # fields (Timestamp included) and proto3 `optional` scalars. Such a field reads nil
-    # when unset.
-    def has_presence? = @presence || (@label == :singular && @type == :message) # rubocop:disable Naming/PredicateName
+    # fields (Timestamp included), proto3 `optional` scalars and members of a oneof. Such
+    # a field reads nil when unset.
+    def has_presence? = @presence || !@oneof.nil? || (@label == :singular && @type == :message) # rubocop:disable Naming/PredicateName
 
     # A google.protobuf.Timestamp value: a Time in Ruby.
     def timestamp? = @type_name == "google.protobuf.Timestamp"
@@ -49,7 +50,7 @@ module Flowctl
 
     def inspect
       "#<#{self.class} #{@name} = #{@number} #{@label} #{@key_type ? "#{@key_type} => " : ''}" \
-        "#{@type_name || @type}#{@presence ? ' (optional)' : ''}>"
+        "#{@type_name || @type}#{@oneof ? " (oneof #{@oneof})" : ''}#{@presence && !@oneof ? ' (optional)' : ''}>"
     end
 
     # protoc's json_name: underscores dropped, the letter after each one upcased.

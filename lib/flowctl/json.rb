@@ -47,6 +47,9 @@ module Flowctl
     RFC3339 = /\A(\d{4})-(\d{2})-(\d{2})T(\d{2}):(\d{2}):(\d{2})(?:\.(\d{1,9}))?(?:(Z)|([+-])(\d{2}):(\d{2}))\z/
     DAYS = [0, 31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31].freeze
     MAX_NESTING = 100
+    # The smallest double that a float cannot hold: FLT_MAX (2^128 - 2^104) plus half its
+    # unit in the last place; below it a double rounds to a finite float.
+    FLOAT_LIMIT = 2.0**128 - 2.0**103
     NEGATIVE_ZERO = /"(?:[^"\\]|\\.)*"|-0(?![.0-9eE])/n
 
     module_function
@@ -328,6 +331,8 @@ module Flowctl
           seen[f] = key.inspect
           next if v.nil?
 
+          oneof_once(seen, f, key, fpath) if f.oneof
+
           v = field(f, v, fpath)
           set(msg, f, v, fpath) unless v.equal?(SKIP)
         end
@@ -337,6 +342,13 @@ module Flowctl
       private
 
       SKIP = Object.new.freeze # an unknown enum name when unknown names are ignored
+
+      # At most one member of a oneof (null aside), as upb reads it.
+      def oneof_once(seen, f, key, path)
+        other = seen[f.oneof]
+        fail!(path, "#{other} and #{key.inspect} are members of one oneof: give one of them") if other
+        seen[f.oneof] = key.inspect
+      end
 
       def set(msg, f, v, path)
         msg[f.name] = v
@@ -446,7 +458,7 @@ module Flowctl
               Float(v)
             else fail!(path, "expected a number, got #{what(v)}")
             end
-        fail!(path, "number out of range for #{type}") if d.infinite? || (type == :float && [d].pack("e").unpack1("e").infinite?)
+        fail!(path, "number out of range for #{type}") if d.infinite? || (type == :float && d.abs >= FLOAT_LIMIT)
         d
       end
 
