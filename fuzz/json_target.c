@@ -16,7 +16,10 @@
  *     Where they differ on accepting the input it is counted and printed at exit: upb
  *     is laxer on some inputs (a field given twice, dates past the end of a month, hour
  *     24, a string that is no number in a double...) and stricter on others (numbers
- *     in exponent form inside strings for integers).
+ *     in exponent form inside strings for integers). google-protobuf 3.21.12 itself
+ *     crashes (stack overflow, SEGV in protobuf_c.so) on a bytes field whose JSON string
+ *     holds bytes above 0x7f, so a text flowctl rejected is given to upb only when it is
+ *     all ASCII (the rest is counted as not compared).
  */
 #include "fuzz_ruby.h"
 #include <stdio.h>
@@ -28,7 +31,7 @@ static VALUE allowed_decode[2];
 static VALUE classes[FUZZ_MAX_CLASSES], official[FUZZ_MAX_CLASSES];
 static int n_classes;
 static VALUE ignoring; /* ->(k, t) { k.decode_json(t, ignore_unknown_fields: true) } */
-static unsigned long inputs, accepted, rejected, ignoring_accepted, upb_both, upb_only, flowctl_only;
+static unsigned long inputs, accepted, rejected, ignoring_accepted, upb_both, upb_only, flowctl_only, upb_skipped;
 
 static void
 print_stats(void)
@@ -36,7 +39,8 @@ print_stats(void)
     fprintf(stderr, "json_target: %lu inputs, %lu accepted, %lu rejected (DecodeError), "
                     "%lu accepted with ignore_unknown_fields\n", inputs, accepted, rejected, ignoring_accepted);
     fprintf(stderr, "json_target: google-protobuf: both accepted %lu (same message), only upb accepted %lu, "
-                    "only flowctl accepted %lu\n", upb_both, upb_only, flowctl_only);
+                    "only flowctl accepted %lu, not given to upb (rejected, not ASCII) %lu\n",
+            upb_both, upb_only, flowctl_only, upb_skipped);
 }
 
 int
@@ -100,6 +104,14 @@ check_roundtrip(int i, VALUE m)
         fuzz_bug("%s: google-protobuf reads flowctl's JSON %+"PRIsVALUE" differently", name_of(i), text);
 }
 
+static int
+all_ascii(const uint8_t *p, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        if (p[i] > 0x7f) return 0;
+    return 1;
+}
+
 int
 LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
@@ -129,6 +141,11 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             fuzz_bug("%s: ignore_unknown_fields read another message from a text without unknown fields", name_of(i));
     }
 
+    if (m == Qundef && !all_ascii(data + 1, size - 1)) {
+        upb_skipped++;
+        fuzz_gc_tick();
+        return 0;
+    }
     VALUE u = fuzz_call(official[i], id_decode_json, 1, &text, &err);
     if (u == Qundef) {
         if (m != Qundef) flowctl_only++;
