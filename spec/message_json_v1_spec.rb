@@ -191,7 +191,7 @@ RSpec.describe "proto3 JSON of flowctl.v1 and of every field type" do
   end
 
   describe "every field type (spec/fixtures/json/alltypes.proto)" do
-    %w[Scalars Optionals Repeats Maps OneOf Nested].each do |name|
+    %w[Scalars Optionals Repeats Maps OneOf Nested Declared].each do |name|
       it "#{name}: random messages agree with google-protobuf both ways" do
         klass = jt(name)
         rng = Random.new(name.sum)
@@ -206,6 +206,18 @@ RSpec.describe "proto3 JSON of flowctl.v1 and of every field type" do
       expect(jt("OneOf").new(number: 0).to_json).to eq('{"number":"0"}')
       expect(jt("Scalars").new(weird_Name_2x: "w", nothing: {}).to_json).to eq('{"nothing":{},"weirdName2x":"w"}')
       check(jt("Optionals"), jt("Optionals").new(i32: 0, db: -0.0, fl: 0.0, u64: 0), "defaults")
+    end
+
+    it "prints fields in declaration order, by their json_name option" do
+      d = jt("Declared").new(alpha: 1, zeta: "z", renamed_field: "r")
+      expect(d.to_json).to eq('{"zeta":"z","alpha":1,"customName":"r"}')
+      expect(d.to_json).to eq(official(jt("Declared")).encode_json(official(jt("Declared")).decode(d.to_proto)))
+      expect(jt("Declared").decode_json('{"customName":"a"}').renamed_field).to eq("a")
+      expect(jt("Declared").decode_json('{"renamed_field":"b"}').renamed_field).to eq("b")
+      expect { jt("Declared").decode_json('{"customName":"a","renamed_field":"b"}') }
+        .to raise_error(Flowctl::DecodeError, /renamed_field: field given twice/) { |e| expect(e.cause).to be_nil }
+      expect(jt("Declared").descriptor.map(&:name)).to eq(%i[zeta alpha renamed_field])
+      expect(jt("Declared").field_info("customName").name).to eq(:renamed_field)
     end
 
     it "prints every map key type as a string" do

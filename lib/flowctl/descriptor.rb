@@ -19,10 +19,12 @@ module Flowctl
     # oneof: the members of one oneof share this Integer (nil outside oneofs).
     attr_reader :name, :json_name, :number, :type, :label, :key_type, :type_name, :message_class, :oneof
 
-    def initialize(row)
+    # row: one of Flowctl::Native.message_fields; json_name: the descriptor's (nil: as
+    # protoc makes it from the name).
+    def initialize(row, json_name = nil)
       @name, @number, @type, @label, @key_type, @presence, type_name, @message_class, enum_values, @packed, @oneof = row
       @type_name = type_name&.freeze
-      @json_name = FieldDescriptor.json_name_of(@name.to_s).freeze
+      @json_name = (json_name.nil? || json_name.empty? ? FieldDescriptor.json_name_of(@name.to_s) : json_name).freeze
       @enum_values = enum_values&.to_h { |n, v| [n.to_sym, v] }&.freeze
       freeze
     end
@@ -73,7 +75,7 @@ module Flowctl
   #
   #   d = Flowctl::Processor::DataMessage.descriptor
   #   d.name                 # => "obsrvr.flow.processor.DataMessage"
-  #   d.fields.map(&:name)   # => [:payload, :metadata]
+  #   d.fields.map(&:name)   # => [:payload, :metadata]   (as declared)
   #   d.field("metadata")    # => #<Flowctl::FieldDescriptor metadata = 2 map string => string>
   class MessageDescriptor
     include Enumerable
@@ -83,13 +85,25 @@ module Flowctl
     def initialize(klass)
       @message_class = klass
       @name = klass.descriptor_name.freeze
-      @fields = Native.message_fields(klass).map { |row| FieldDescriptor.new(row) }.freeze
+      @fields = build_fields(klass).freeze
       @by_name = {}
       @fields.each { |f| @by_name[f.name.to_s] = f }
       @fields.each { |f| @by_name[f.json_name] ||= f }
       @by_name.freeze
       freeze
     end
+
+    # In declaration order with the descriptor's JSON names when a descriptor set gave
+    # them (Descriptors.declared_fields), else in field number order.
+    def build_fields(klass)
+      rows = Native.message_fields(klass)
+      declared = Descriptors.declared_fields(@name)
+      return rows.map { |row| FieldDescriptor.new(row) } unless declared && declared.size == rows.size
+
+      by_name = rows.to_h { |row| [row[0], row] }
+      declared.map { |name, json| FieldDescriptor.new(by_name.fetch(name), json) }
+    end
+    private :build_fields
 
     # The field of that name (Symbol or String; the .proto name or the JSON name), or nil.
     def field(name)

@@ -20,7 +20,7 @@ module Flowctl
         path = e.path
         err = DecodeError.new("invalid JSON for #{@root.descriptor_name}#{path ? " at #{path}" : ''}: #{e.text}")
         err.instance_variable_set(:@path, path)
-        raise err
+        raise err, cause: nil
       end
 
       private

@@ -31,7 +31,7 @@ module Flowctl
         message(msg, msg.class.descriptor, out)
         out.force_encoding(Encoding::UTF_8)
       rescue Problem => e
-        raise e.error_class, "#{e.path}: #{e.text}"
+        raise e.error_class, "#{e.path}: #{e.text}", cause: nil
       end
 
       private
