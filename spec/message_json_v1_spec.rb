@@ -31,14 +31,30 @@ RSpec.describe "proto3 JSON of flowctl.v1 and of every field type" do
     @alltypes ||= Flowctl.load_descriptor_set(alltypes_set, root: JSONTEST)
   end
 
+  def self.wkt_set
+    @wkt_set ||= begin
+      out = File.join(Dir.mktmpdir("flowctl-json"), "wkt.pb")
+      system("protoc", "-I#{FIXTURES}", "-I/usr/include", "--include_imports", "--descriptor_set_out=#{out}",
+             File.join(FIXTURES, "json/wkt.proto")) or raise "protoc failed on json/wkt.proto"
+      File.binread(out)
+    end
+  end
+
+  def self.known
+    @known ||= Flowctl.load_descriptor_set(wkt_set, root: JSONTEST).fetch("jsontest.wkt.v1.Known")
+  end
+
   before(:all) do
     Official.load!
     $LOAD_PATH.unshift(OFFICIAL_V1) unless $LOAD_PATH.include?(OFFICIAL_V1)
     %w[common control_plane source processor consumer].each { |f| require "official_flowctl/v1/#{f}_pb" }
     require "google/protobuf/empty_pb"
     pool = Google::Protobuf::DescriptorPool.generated_pool
-    unless pool.lookup("jsontest.v1.Scalars")
-      Flowctl::Protobuf::FileDescriptorSet.decode(self.class.alltypes_set).file.each do |f|
+    %w[any duration field_mask struct wrappers].each { |f| require "google/protobuf/#{f}_pb" }
+    { "jsontest.v1.Scalars" => self.class.alltypes_set, "jsontest.wkt.v1.Known" => self.class.wkt_set }.each do |name, set|
+      next if pool.lookup(name)
+
+      Flowctl::Protobuf::FileDescriptorSet.decode(set).file.each do |f|
         pool.add_serialized_file(f.to_proto) unless f.name.start_with?("google/protobuf/")
       end
     end
@@ -187,6 +203,67 @@ RSpec.describe "proto3 JSON of flowctl.v1 and of every field type" do
         .to raise_error(Flowctl::DecodeError, /stellar_cursor\.ledger_sequence: -1 is out of range for uint64/)
       expect { Flowctl::V1::ComponentStatusResponse.decode_json('{"lastHeartbeat":"yesterday"}') }
         .to raise_error(Flowctl::DecodeError, /at last_heartbeat: invalid timestamp/)
+    end
+  end
+
+  describe "well-known types (spec/fixtures/json/wkt.proto)" do
+    let(:known) { self.class.known }
+
+    [
+      '{"duration":"1.5s","durations":["0s","-1.000001s","315576000000s","-315576000000.999999999s","0.000000001s"]}',
+      '{"i64":"5","text":"","dbl":"NaN","flag":false,"data":"AP8=","u32":4294967295}',
+      '{"i64":null,"text":null}',
+      '{"object":{"b":[true,null,"x",{"c":{}},-0.5]}}',
+      '{"value":null}', '{"value":1.5}', '{"value":"s"}', '{"value":[]}', '{"value":{"a":[{"b":null}]}}',
+      '{"list":[1,"a",null,false]}', '{"values":{"k":null}}',
+      '{"mask":"a.bC,d"}', '{"mask":""}',
+      '{"any":{"@type":"type.googleapis.com/google.protobuf.Duration","value":"1s"}}',
+      '{"any":{"@type":"type.googleapis.com/jsontest.wkt.v1.Known","duration":"2s","value":{"x":1}}}',
+      '{"any":{"@type":"type.googleapis.com/google.protobuf.Struct","value":{"y":"z"}}}',
+      '{"at":"2020-01-01T00:00:00Z","duration":"3s"}'
+    ].each do |text|
+      it "reads and prints #{text} as google-protobuf does" do
+        ours = known.decode_json(text)
+        theirs = official(known).decode_json(text)
+        expect(ours.to_json).to eq(official(known).encode_json(theirs))
+        expect(canon(known.decode(official(known).encode(theirs)))).to eq(canon(ours))
+        expect(canon(known.decode_json(ours.to_json))).to eq(canon(ours))
+      end
+    end
+
+    it "prints the negative Durations upb 3.21 refuses to print (-0.5s, -3s), and reads -0.5s with its sign" do
+      { "-0.5s" => [0, -500_000_000], "-3s" => [-3, 0] }.each do |text, (sec, ns)|
+        d = known.decode_json(%({"duration":"#{text}"}))
+        expect([d.duration.seconds, d.duration.nanos]).to eq([sec, ns])
+        expect(d.to_json).to eq(%({"duration":"#{text == '-0.5s' ? '-0.500s' : text}"}))
+        expect { official(known).encode_json(official(known).decode(d.to_proto)) }.to raise_error(Google::Protobuf::ParseError, /bad duration/)
+      end
+      expect(official(known).decode_json('{"duration":"-0.5s"}').duration.nanos).to eq(500_000_000) # upb drops the sign
+    end
+
+    {
+      '{"duration":"315576000001s"}' => ["duration", /out of range/],
+      '{"duration":"1s2"}' => ["duration", /invalid duration/],
+      '{"duration":1}' => ["duration", /duration string/],
+      '{"durations":["1s",null]}' => ["durations[1]", /null/],
+      '{"i64":"x"}' => ["i64", /expected an integer/],
+      '{"mask":"a_b"}' => ["mask", /invalid FieldMask path/],
+      '{"any":{"@type":"type.googleapis.com/nope.X"}}' => ["any", /not a loaded type/],
+      '{"any":{"@type":"type.googleapis.com/google.protobuf.Duration","seconds":1}}' => ["any", /takes "value"/],
+      '{"value":{"a":1e400}}' => ['value["a"]', /out of range/]
+    }.each do |text, (path, message)|
+      it "raises DecodeError at #{path} for #{text}" do
+        expect { known.decode_json(text) }.to raise_error(Flowctl::DecodeError, message) { |e| expect(e.path).to eq(path) }
+        expect { official(known).decode_json(text) }.to raise_error(Google::Protobuf::ParseError)
+      end
+    end
+
+    it "refuses to print what JSON cannot hold" do
+      dur = known.field_info(:duration).message_class
+      expect { known.new(duration: dur.new(seconds: 1, nanos: -1)).to_json }.to raise_error(RangeError, /duration: invalid/)
+      val = known.field_info(:value).message_class
+      expect { known.new(value: val.new).to_json }.to raise_error(ArgumentError, /value: .*no kind/)
+      expect { known.new(value: val.new(number_value: Float::NAN)).to_json }.to raise_error(ArgumentError, /cannot hold NaN/)
     end
   end
 

@@ -3,6 +3,7 @@
 require "json"
 require_relative "json/encoder"
 require_relative "json/decoder"
+require_relative "json/well_known"
 
 module Flowctl
   # DecodeError#path: where in a JSON document the problem is (`metrics.values["x"]`,
@@ -129,12 +130,15 @@ module Flowctl
       sec = t.to_i
       return nil unless TIMESTAMP_SECONDS.cover?(sec)
 
-      s = Time.at(sec).utc.strftime("%Y-%m-%dT%H:%M:%S")
-      ns = t.nsec
-      if ns.zero? then s << "Z"
-      elsif (ns % 1_000_000).zero? then s << format(".%03dZ", ns / 1_000_000)
-      elsif (ns % 1000).zero? then s << format(".%06dZ", ns / 1000)
-      else s << format(".%09dZ", ns)
+      Time.at(sec).utc.strftime("%Y-%m-%dT%H:%M:%S") << fraction(t.nsec) << "Z"
+    end
+
+    # Nanoseconds as upb prints them: nothing, or 3, 6 or 9 digits after a dot.
+    def fraction(ns)
+      if ns.zero? then ""
+      elsif (ns % 1_000_000).zero? then format(".%03d", ns / 1_000_000)
+      elsif (ns % 1000).zero? then format(".%06d", ns / 1000)
+      else format(".%09d", ns)
       end
     end
 

@@ -28,6 +28,9 @@ module Flowctl
       def fail!(text) = raise(Problem.new(DecodeError, text))
 
       def message(klass, tree)
+        kind = WELL_KNOWN[klass.descriptor_name]
+        return well_known(kind, klass, tree) if kind
+
         fail!("expected an object for #{klass.descriptor_name}, got #{what(tree)}") unless tree.is_a?(Hash)
 
         desc = klass.descriptor
@@ -37,7 +40,7 @@ module Flowctl
           f = desc.field(key) or next(unknown(klass, key))
           begin
             once(seen, f, key)
-            next if v.nil?
+            next if v.nil? && f.type_name != VALUE_TYPE # null: the default, but a Value holds it
 
             oneof_once(seen, f, key) if f.oneof
             v = field(f, v)
@@ -124,7 +127,7 @@ module Flowctl
       end
 
       def element(f, v)
-        fail!("null is not allowed in a #{f.label == :map ? 'map' : 'list'}") if v.nil?
+        fail!("null is not allowed in a #{f.label == :map ? 'map' : 'list'}") if v.nil? && f.type_name != VALUE_TYPE
 
         value(f, v)
       end

@@ -37,6 +37,9 @@ module Flowctl
       private
 
       def message(msg, desc, out)
+        kind = WELL_KNOWN[desc.name]
+        return well_known(kind, msg, desc, out) if kind
+
         out << "{"
         first = true
         desc.fields.each do |f|
