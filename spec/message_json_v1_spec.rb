@@ -347,7 +347,9 @@ RSpec.describe "proto3 JSON of flowctl.v1 and of every field type" do
       f = jt("Maps").field_info(:s32_sub)
       expect([f.label, f.key_type, f.type, f.type_name, f.message_class]).to eq([:map, :sint32, :message, "jsontest.v1.Scalars", jt("Scalars")])
       c = jt("Scalars").field_info("color")
-      expect([c.enum_values, c.enum_module]).to eq([{ COLOR_UNSPECIFIED: 0, COLOR_RED: 1, COLOR_BLUE: 2, COLOR_NEGATIVE: -1 }, nil])
+      expect([c.enum_values, c.enum_module]).to eq([{ COLOR_UNSPECIFIED: 0, COLOR_RED: 1, COLOR_BLUE: 2, COLOR_NEGATIVE: -1 },
+                                                   self.class.alltypes.fetch("jsontest.v1.Color")])
+      expect(Flowctl::V1::HeartbeatRequest.field_info(:status).enum_module).to equal(Flowctl::V1::HealthStatus)
       expect(jt("OneOf").descriptor.map(&:oneof).uniq.size).to eq(1)
       expect(jt("OneOf").descriptor.all?(&:has_presence?)).to be(true)
       expect(jt("Optionals").field_info(:i32).has_presence?).to be(true)

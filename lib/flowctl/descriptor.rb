@@ -133,14 +133,9 @@ module Flowctl
   end
 
   # The enum module of a full proto enum name ("obsrvr.flow.common.HealthStatus"), or
-  # nil when none was defined.
+  # nil when no descriptor set defined one.
   def self.enum_module(full_name)
-    pkg = PACKAGES.keys.select { |p| full_name.start_with?("#{p}.") }.max_by(&:size) or return nil
-    path = full_name.delete_prefix("#{pkg}.").split(".")
-    [path, [path.last]].each do |names|
-      mod = names.reduce(PACKAGES[pkg]) { |m, n| m&.const_defined?(n, false) ? m.const_get(n, false) : nil }
-      return mod if mod.is_a?(Module) && mod.singleton_class.include?(Enum)
-    end
-    nil
+    mod = Descriptors.defined_type(full_name)
+    mod.is_a?(Module) && mod.singleton_class.include?(Enum) ? mod : nil
   end
 end

@@ -63,6 +63,12 @@ module Flowctl
       # nil for a message no descriptor set defined.
       def declared_fields(full_name) = @declared[full_name]
 
+      # The class, enum module or Service a loaded descriptor set defined for a full proto
+      # name, or nil.
+      def defined_type(full_name)
+        @lock.synchronize { @defined.each_value.find { |types| types.key?(full_name) }&.fetch(full_name) }
+      end
+
       # Marks google/protobuf/descriptor.proto as loaded: its classes come from protoc-c's
       # descriptors (Native.define_bootstrap), and a set that includes it uses those.
       def bootstrap
