@@ -2,7 +2,8 @@
  * json_target.c — libFuzzer target: the input read as proto3 JSON of every message type.
  *
  * The first byte of an input picks the message class (fuzz/json_classes.rb: the seed's
- * protocol, flowctl.v1 and google.protobuf.Empty), the rest is the JSON text.
+ * protocol, flowctl.v1, and the specs' JSON fixtures: every field type, oneofs, the
+ * well-known types), the rest is the JSON text.
  * Checks:
  *   - Klass.decode_json(text) returns a message or raises Flowctl::DecodeError, with
  *     and without ignore_unknown_fields: true (which accepts at least as much); any
@@ -10,7 +11,7 @@
  *   - an accepted message prints (to_json), its text reads back to the same message
  *     and prints the same text again;
  *   - the reference, google-protobuf (upb) with the classes protoc generated from the same
- *     protos (spec/gen, spec/gen/official_v1),
+ *     protos (spec/gen, spec/gen/official_v1, the fixtures' descriptor sets),
  *     reads that text to the same message (compared through the binary format), and
  *     where upb and flowctl both accept the input, they read the same message.
  *     Where they differ on accepting the input it is counted and printed at exit: upb
