@@ -249,6 +249,7 @@ RSpec.describe "proto3 JSON of flowctl.v1 and of every field type" do
       '{"i64":"x"}' => ["i64", /expected an integer/],
       '{"mask":"a_b"}' => ["mask", /invalid FieldMask path/],
       '{"any":{"@type":"type.googleapis.com/nope.X"}}' => ["any", /not a loaded type/],
+      '{"any":{}}' => ["any", /needs a string "@type"/],
       '{"any":{"@type":"type.googleapis.com/google.protobuf.Duration","seconds":1}}' => ["any", /takes "value"/],
       '{"value":{"a":1e400}}' => ['value["a"]', /out of range/]
     }.each do |text, (path, message)|
@@ -264,6 +265,9 @@ RSpec.describe "proto3 JSON of flowctl.v1 and of every field type" do
       val = known.field_info(:value).message_class
       expect { known.new(value: val.new).to_json }.to raise_error(ArgumentError, /value: .*no kind/)
       expect { known.new(value: val.new(number_value: Float::NAN)).to_json }.to raise_error(ArgumentError, /cannot hold NaN/)
+      any = known.field_info(:any).message_class
+      expect { known.new(any: any.new).to_json }.to raise_error(ArgumentError, /any: .*without a type_url/)
+      expect { official(known).encode_json(official(known).new(any: Google::Protobuf::Any.new)) }.to raise_error(Google::Protobuf::ParseError)
     end
   end
 

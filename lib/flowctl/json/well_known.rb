@@ -75,7 +75,7 @@ module Flowctl
 
       def wk_any(msg, _desc, out)
         url = msg[:type_url]
-        return out << "{}" if url.empty? && msg[:value].empty?
+        raise Problem.new(ArgumentError, "google.protobuf.Any without a type_url has no JSON") if url.empty?
 
         klass = ProtoJSON.class_named(url.split("/").last.to_s)
         raise Problem.new(ArgumentError, "google.protobuf.Any holds #{url.inspect}, a type not loaded") unless klass
@@ -151,7 +151,6 @@ module Flowctl
 
       def wk_any(klass, tree)
         fail!("expected an object for google.protobuf.Any, got #{what(tree)}") unless tree.is_a?(Hash)
-        return klass.new if tree.empty?
 
         url = tree["@type"]
         fail!("google.protobuf.Any needs a string \"@type\"") unless url.is_a?(String)
