@@ -98,8 +98,13 @@ module Flowctl
     class Decoder
       private
 
+      # (what a setter refuses is a DecodeError too, as for plain fields)
       def well_known(kind, klass, tree)
+        fail!("invalid UTF-8 in a string") if tree.is_a?(String) && !tree.valid_encoding?
+
         send(:"wk_#{kind}", klass, tree)
+      rescue TypeError, ArgumentError, RangeError => e
+        fail!(e.message)
       end
 
       def wk_wrapper(klass, tree)
