@@ -249,6 +249,13 @@ RSpec.describe "Flowctl client: server streaming and client streaming against th
       behave(:client_stream) { |reqs, _call| om.new(payload: reqs.first.payload) }
       endless = Enumerator.new { |y| i = 0; loop { y << msg(i += 1, "q") } }
       expect(within(3) { client.client_stream(endless) }).to eq(dm.new(payload: "q"))
+      # before the first request went out (the official gem's own client waits for its deadline there)
+      behave(:client_stream) { |_reqs, _call| om.new(payload: "early") }
+      late = Enumerator.new do |y|
+        sleep 0.2
+        y << msg(1)
+      end
+      expect(within(3) { client.client_stream(late, timeout: 5) }).to eq(dm.new(payload: "early"))
     end
 
     it "cancels the call and raises what the Enumerable raises (any exception, IOError too)" do
