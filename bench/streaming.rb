@@ -19,6 +19,7 @@
 $LOAD_PATH.unshift File.expand_path("../lib", __dir__)
 require "flowctl"
 require_relative "../spec/support/official"
+require_relative "support"
 require_relative "../spec/support/shapes"
 require "etc"
 Official.load!
@@ -63,14 +64,7 @@ def serve(kind)
   end
 end
 
-if ARGV[0] == "--serve"
-  port, stop = serve(ARGV[1])
-  $stdout.puts port
-  $stdout.flush
-  $stdin.read # until the driver closes our stdin
-  stop.call
-  exit 0
-end
+Bench.serve_until_stdin_closes(*serve(ARGV[1])) if ARGV[0] == "--serve"
 
 # --- driver -------------------------------------------------------------------------
 
