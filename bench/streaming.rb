@@ -15,6 +15,8 @@
 # this gem end to end against the official gem end to end. Client CPU is the CPU time of
 # this process per message (gRPC core's threads included); server CPU that of the server
 # process (from /proc). Measurements alternate between the pairings, the best round counts.
+# On a shared machine the rates swing with other load; the CPU per message is the steadier
+# measure of what each side costs.
 
 $LOAD_PATH.unshift File.expand_path("../lib", __dir__)
 require "flowctl"
@@ -51,6 +53,9 @@ class BenchShapes
     reqs.each { n += 1 }
     @klass.new(metadata: {"count" => n.to_s})
   end
+
+  # (not measured here: bench/rpc.rb and bench/server.rb measure bidi; a reference for a quick look)
+  def bidi(reqs, _call = nil) = reqs.lazy.map { |r| r }
 end
 
 def serve(kind)
@@ -158,4 +163,7 @@ end
   printf("  clients against the flowctl server, flowctl / grpc:      %5.2fx\n", r.(:flowctl, :flowctl) / r.(:grpc, :flowctl))
   printf("  servers for the grpc client, flowctl / grpc:             %5.2fx\n", r.(:grpc, :flowctl) / r.(:grpc, :grpc))
   printf("  servers for the flowctl client, flowctl / grpc:          %5.2fx\n", r.(:flowctl, :flowctl) / r.(:flowctl, :grpc))
+  cpu = ->(c, s) { results[[shape, c, s]][1] + results[[shape, c, s]][2] }
+  printf("  CPU per message (client + server), grpc end to end / flowctl end to end: %5.2fx less\n",
+         cpu.(:grpc, :grpc) / cpu.(:flowctl, :flowctl))
 end
