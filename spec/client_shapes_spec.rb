@@ -156,6 +156,31 @@ RSpec.describe "Flowctl client: server streaming and client streaming against th
       expect(client.server_stream(payload: "ok", metadata: {"count" => "1"}).to_a.size).to eq(1)
     end
 
+    it "releases the GVL while it waits (server streaming read, client streaming response)" do
+      arrived = Queue.new
+      behave(:server_stream) do |req, _call, &y|
+        arrived << true
+        sleep 1.5
+        y.call(req)
+      end
+      behave(:client_stream) do |reqs, _call|
+        reqs.each { nil }
+        arrived << true
+        sleep 1.5
+        om.new(payload: "late")
+      end
+      [-> { client.server_stream(msg(1)).to_a.size }, -> { client.client_stream([msg(1)]).payload }].each do |waiting|
+        t = Thread.new(&waiting)
+        expect(pop(arrived)).to be(true)
+        t0 = now
+        spins = 0
+        spins += 1 while now - t0 < 0.3 # Ruby runs here while t waits for its reply
+        expect(t).to be_alive
+        expect(spins).to be > 1000
+        expect(t.value).to eq(1).or eq("late")
+      end
+    end
+
     it "reads ahead a bounded amount for a slow reader: the server's writes wait (flow control)", skip: stressed do
       sent = Queue.new
       behave(:server_stream) do |_req, _call, &y|
