@@ -1,16 +1,17 @@
 # frozen_string_literal: true
 
-# Server streaming and client streaming of 1 KiB messages: this gem vs the official grpc gem,
-# clients and servers, in one run.
+# Server streaming and client streaming of 1 KiB flowctl.v1 Events: this gem vs the official
+# grpc gem, clients and servers, in one run.
 #
 #   ruby bench/streaming.rb                  # ~1 s per measurement, best of 2 rounds
 #   BENCH_SECONDS=3 BENCH_ROUNDS=3 ruby bench/streaming.rb
 #
-# The service is spec/support/shapes.rb's (flowctl.test.Shapes on the seed's DataMessage, one
-# RPC per call shape), served by each gem in its own subprocess:
-#   ServerStream: the request's metadata "count" says how many replies (each a 1 KiB payload);
-#   ClientStream: counts the requests (1 KiB payloads each) and answers with the count.
-# Every client calls every server (BENCH_STREAM_BATCH messages per call, default 2000), so the
+# The services are flowctl.v1's SourceService#StreamEvents (server streaming: the request's
+# params["count"] says how many Events come back) and ConsumerService#Consume (client
+# streaming: the Events are counted, events_consumed answers), served by each gem in its own
+# subprocess (the official gem's classes are OfficialFlowctl::V1, spec/gen/official_v1).
+# Each Event has a 1 KiB payload, an id, a type, a content type and a timestamp.
+# Every client calls every server (BENCH_STREAM_BATCH Events per call, default 2000), so the
 # table shows each client against the same server, each server against the same client, and
 # this gem end to end against the official gem end to end. Client CPU is the CPU time of
 # this process per message (gRPC core's threads included); server CPU that of the server
@@ -19,53 +20,70 @@
 # measure of what each side costs.
 
 $LOAD_PATH.unshift File.expand_path("../lib", __dir__)
+$LOAD_PATH.unshift File.expand_path("../spec/gen/official_v1", __dir__)
 require "flowctl"
-require_relative "../spec/support/official"
+require "grpc"
+require "official_flowctl/v1/source_services_pb"
+require "official_flowctl/v1/consumer_services_pb"
 require_relative "support"
-require_relative "../spec/support/shapes"
 require "etc"
-Official.load!
 
 SECONDS = Float(ENV.fetch("BENCH_SECONDS", "1"))
 ROUNDS = Integer(ENV.fetch("BENCH_ROUNDS", "2"))
 BATCH = Integer(ENV.fetch("BENCH_STREAM_BATCH", "2000"))
 PAYLOAD = ("x" * 1024).b.freeze
-OM = Obsrvr::Flow::Processor::DataMessage
-FM = Flowctl::Processor::DataMessage
+OV = OfficialFlowctl::V1
+FV = Flowctl::V1
+STAMP = Time.at(1_700_000_000, 123_456_789, :nsec)
+
+def event(klass, i)
+  ts = klass == FV::Event ? STAMP : Google::Protobuf::Timestamp.new(seconds: STAMP.to_i, nanos: STAMP.nsec)
+  klass.new(id: "evt-#{i}", type: "bench.v1", payload: PAYLOAD, content_type: "application/octet-stream", timestamp: ts)
+end
 
 # --- servers (in the subprocess) --------------------------------------------------
 
-# The handler of either gem: klass is its DataMessage class.
-class BenchShapes
-  def initialize(klass)
-    @klass = klass
-    @reply = klass.new(payload: PAYLOAD)
-  end
+# The handlers of either gem, on its Event and ConsumeResponse classes.
+class BenchSource
+  def initialize(klass) = @event = event(klass, 0)
 
-  def server_stream(req, _call = nil)
-    reply = @reply
-    Integer(req.metadata["count"]).times { yield reply }
+  def stream_events(req, _call = nil)
+    e = @event
+    Integer(req.params["count"]).times { yield e }
     nil
   end
+end
 
-  def client_stream(reqs, _call = nil)
+class BenchConsumer
+  def initialize(response) = @response = response
+
+  def consume(events, _call = nil)
     n = 0
-    reqs.each { n += 1 }
-    @klass.new(metadata: {"count" => n.to_s})
+    events.each { n += 1 }
+    @response.new(events_consumed: n)
   end
-
-  # (not measured here: bench/rpc.rb and bench/server.rb measure bidi; a reference for a quick look)
-  def bidi(reqs, _call = nil) = reqs.lazy.map { |r| r }
 end
 
 def serve(kind)
   if kind == "flowctl"
     server = Flowctl::Server.new(port: 0, tls: false, pool_size: 8)
-    server.handle(Shapes.service, BenchShapes.new(FM))
+    server.handle(FV::SourceService, BenchSource.new(FV::Event))
+    server.handle(FV::ConsumerService, BenchConsumer.new(FV::ConsumeResponse))
     [server.start, -> { server.stop(grace: 1) }]
   else
-    server = Shapes::OfficialServer.new(BenchShapes.new(OM), pool_size: 8)
-    [server.start, -> { server.stop }]
+    source = BenchSource.new(OV::Event)
+    consumer = BenchConsumer.new(OV::ConsumeResponse)
+    src = Class.new(OV::SourceService::Service) do
+      define_method(:stream_events) { |req, call| Enumerator.new { |y| source.stream_events(req, call) { |e| y << e } } }
+    end
+    con = Class.new(OV::ConsumerService::Service) { define_method(:consume) { |call| consumer.consume(call.each_remote_read) } }
+    server = GRPC::RpcServer.new(pool_size: 8)
+    port = server.add_http2_port("127.0.0.1:0", :this_port_is_insecure)
+    server.handle(src.new)
+    server.handle(con.new)
+    Thread.new { server.run }
+    server.wait_till_running
+    [port, -> { server.stop }]
   end
 end
 
@@ -109,22 +127,24 @@ end
 # The calls of both clients for one server: {[client, shape] => block returning messages}.
 def calls(server)
   target = "127.0.0.1:#{server.port}"
-  client = Shapes.client(target)
-  stub = Shapes.official_stub(server.port)
-  freq = FM.new(payload: "go", metadata: {"count" => BATCH.to_s})
-  oreq = OM.new(payload: "go", metadata: {"count" => BATCH.to_s})
-  fmsgs = Array.new(BATCH) { FM.new(payload: PAYLOAD) }
-  omsgs = Array.new(BATCH) { OM.new(payload: PAYLOAD) }
+  source = FV::SourceClient.new(target, tls: false)
+  consumer = FV::ConsumerClient.new(target, tls: false)
+  osource = OV::SourceService::Stub.new(target, :this_channel_is_insecure)
+  oconsumer = OV::ConsumerService::Stub.new(target, :this_channel_is_insecure)
+  freq = FV::StreamRequest.new(params: {"count" => BATCH.to_s})
+  oreq = OV::StreamRequest.new(params: {"count" => BATCH.to_s})
+  fevents = Array.new(BATCH) { |i| event(FV::Event, i) }
+  oevents = Array.new(BATCH) { |i| event(OV::Event, i) }
   check = ->(n) { n == BATCH ? n : raise("got #{n} of #{BATCH} messages") }
   {
-    %i[flowctl server_stream] => -> { n = 0; client.server_stream(freq) { n += 1 }; check.(n) },
-    %i[grpc server_stream] => -> { n = 0; stub.server_stream(oreq).each { n += 1 }; check.(n) },
-    %i[flowctl client_stream] => -> { check.(Integer(client.client_stream(fmsgs).metadata["count"])) },
-    %i[grpc client_stream] => -> { check.(Integer(stub.client_stream(omsgs).metadata["count"])) }
+    %i[flowctl server_stream] => -> { n = 0; source.stream_events(freq) { n += 1 }; check.(n) },
+    %i[grpc server_stream] => -> { n = 0; osource.stream_events(oreq).each { n += 1 }; check.(n) },
+    %i[flowctl client_stream] => -> { check.(consumer.consume(fevents).events_consumed) },
+    %i[grpc client_stream] => -> { check.(oconsumer.consume(oevents).events_consumed) }
   }
 end
 
-puts "flowctl #{Flowctl::VERSION} vs grpc #{GRPC::VERSION}: 1 KiB messages, #{BATCH} per call; #{SECONDS} s per " \
+puts "flowctl #{Flowctl::VERSION} vs grpc #{GRPC::VERSION}: flowctl.v1 Events of 1 KiB, #{BATCH} per call; #{SECONDS} s per " \
      "measurement, best of #{ROUNDS}; ruby #{RUBY_VERSION}, #{Etc.nprocessors} CPUs, load " \
      "#{File.read('/proc/loadavg').split.first(3).join(' ')}"
 
@@ -149,7 +169,7 @@ ensure
 end
 
 %i[server_stream client_stream].each do |shape|
-  puts "\n#{shape == :server_stream ? 'Server streaming' : 'Client streaming'} (messages/s; CPU us per message)"
+  puts "\n#{shape == :server_stream ? 'Server streaming: StreamEvents' : 'Client streaming: Consume'} (messages/s; CPU us per message)"
   printf("  %-8s %-8s %10s %12s %12s\n", "client", "server", "msgs/s", "client CPU", "server CPU")
   %i[flowctl grpc].each do |ckind|
     %i[flowctl grpc].each do |skind|
