@@ -51,6 +51,8 @@ RSpec.describe "proto3 JSON of flowctl.v1 and of every field type" do
     require "google/protobuf/empty_pb"
     pool = Google::Protobuf::DescriptorPool.generated_pool
     %w[any duration field_mask struct wrappers].each { |f| require "google/protobuf/#{f}_pb" }
+    self.class.alltypes # loaded here, not inside an example (GC_STRESS=1 runs examples under GC.stress)
+    self.class.known
     { "jsontest.v1.Scalars" => self.class.alltypes_set, "jsontest.wkt.v1.Known" => self.class.wkt_set }.each do |name, set|
       next if pool.lookup(name)
 
