@@ -3,6 +3,8 @@
 require_relative "flowctl/version"
 require_relative "flowctl/flowctl"
 require_relative "flowctl/messages"
+require_relative "flowctl/descriptor"
+require_relative "flowctl/json"
 require_relative "flowctl/service"
 require_relative "flowctl/tls"
 require_relative "flowctl/channel_args"
