@@ -9,16 +9,7 @@ RSpec.describe "Flowctl::Heartbeat on flowctl.v1" do
   COMPONENT = {name: "square", version: "1.0.0", type: :processor, endpoint: "127.0.0.1:9555",
                input_event_types: ["raw"], output_event_types: ["squared"], metadata: {"zone" => "a"}}.freeze
 
-  # V1::ControlPlaneClient once lib/flowctl/v1.rb defines it; until then the same thing.
-  CLIENT_CLASS =
-    if Flowctl::V1.const_defined?(:ControlPlaneClient, false)
-      Flowctl::V1::ControlPlaneClient
-    else
-      Class.new(Flowctl::Client) do
-        use_service Flowctl::V1::ControlPlaneService
-        include Flowctl::V1::HeartbeatMethods
-      end
-    end
+  CLIENT_CLASS = Flowctl::V1::ControlPlaneClient
 
   # The interval of most examples. Under GC_STRESS every allocation is a full GC and
   # the thread that reads the control plane's reports cannot keep up with 5 beats/s.

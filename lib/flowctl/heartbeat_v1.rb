@@ -129,27 +129,15 @@ module Flowctl
           component[:endpoint] ||= register[:endpoint] if register[:endpoint]
           component[:metadata] ||= register[:metadata] if register[:metadata]
         end
-        client = control_plane_client(config[:endpoint], client_opts)
+        client = V1::ControlPlaneClient.new(config[:endpoint], **client_opts)
         client.start_heartbeat(component: component, component_id: config[:id], interval: config[:interval], env: env,
                                **opts)
-      end
-
-      # V1::ControlPlaneClient once lib/flowctl/v1.rb defines it; until then the same thing.
-      def self.control_plane_client(endpoint, opts)
-        return V1::ControlPlaneClient.new(endpoint, **opts) if V1.const_defined?(:ControlPlaneClient, false)
-
-        @client_class ||= Class.new(Client) do
-          use_service V1::ControlPlaneService
-          include HeartbeatMethods
-        end
-        @client_class.new(endpoint, **opts)
       end
     end
   end
 
-  # The client of flowctl.v1's ControlPlaneService gets #start_heartbeat wherever it is
-  # defined first (lib/flowctl/v1.rb or here).
-  V1::ControlPlaneClient.include(V1::HeartbeatMethods) if V1.const_defined?(:ControlPlaneClient, false)
+  # As Heartbeat::Starter is to ControlPlane::Client (lib/flowctl/heartbeat.rb).
+  V1::ControlPlaneClient.include(V1::HeartbeatMethods)
 
   class Heartbeat
     class << self
