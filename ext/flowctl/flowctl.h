@@ -216,6 +216,9 @@ typedef struct flowctl_pump {
     bool initial_inflight, initial_done;
     flowctl_pump_extra *extras;
     int extras_inflight;
+    int64_t send_timeout_ms;     /* a wait on sends the peer does not take gives up after it (0: never) */
+    int64_t send_progress_ms;    /* CLOCK_MONOTONIC: when a send last completed */
+    bool send_timed_out;         /* a wait on sends gave up: the call was cancelled */
     struct flowctl_pump *drive_next; /* the driver's list (pump.c: drive_mu) */
     bool drive_listed, drive_gone;
 } flowctl_pump;
@@ -240,6 +243,15 @@ bool flowctl_pump_take_initial_md(flowctl_pump *p);
  * nothing is in flight) until a monotonic deadline; false when that passed first. */
 bool flowctl_pump_start(flowctl_pump *p, const grpc_op *ops, size_t n);
 bool flowctl_pump_drain(flowctl_pump *p, gpr_timespec until);
+/* For native threads: takes what has completed without waiting; true when nothing is
+ * in flight any more. */
+bool flowctl_pump_collect(flowctl_pump *p);
+/* Waits until the batches started with flowctl_pump_start have completed (bounded as sends). */
+int flowctl_pump_wait_extras(flowctl_pump *p);
+/* Waits on sends (write, flush, close_write, run) give up after ms without progress:
+ * the call is cancelled, the send fails and flowctl_pump_send_timed_out tells why. */
+void flowctl_pump_set_send_timeout(flowctl_pump *p, int64_t ms);
+bool flowctl_pump_send_timed_out(flowctl_pump *p);
 /* Queues a message (waits while the queue is full); *failed: the call is over. */
 int flowctl_pump_write(flowctl_pump *p, VALUE bytes, bool *failed);
 /* Half-closes after the queued messages; waits until gRPC has taken them all. */
@@ -260,6 +272,29 @@ void init_flowctl_server(void);
 void init_flowctl_heartbeat(void);
 /* Before a fork (fork.c): cancels the beats still inside gRPC so they leave it. */
 void flowctl_heartbeat_cancel_calls(void);
+
+/* ---- auth.c: the bearer token check of a server --------------------------- */
+/* True when md carries "authorization: Bearer <token>" (scheme in any case, constant time). */
+bool flowctl_bearer_ok(const char *token, size_t len, const grpc_metadata_array *md);
+
+/* ---- conn.c: a server's TCP connections (by local port) ------------------ */
+/* Shuts down (shutdown(2), never close) the connections to ports whose remote address
+ * is peer, written as grpc_call_get_peer writes it; returns how many. */
+int flowctl_conn_shutdown(const char *peer, const int *ports, int n_ports);
+/* The accepted connections on ports (listeners not counted); -1 when unknown. */
+int flowctl_conn_count(const int *ports, int n_ports);
+#define FLOWCTL_OFFENDERS 64
+typedef struct flowctl_offender {
+    uint64_t hash;     /* of the peer string */
+    int64_t since_ms;  /* the one-second window's start */
+    int count;
+} flowctl_offender;
+typedef struct flowctl_offenders {
+    flowctl_offender e[FLOWCTL_OFFENDERS];
+} flowctl_offenders;
+/* Counts one offense of peer; true when that makes more than limit within a second
+ * (the count starts again). One thread at a time. */
+bool flowctl_conn_offend(flowctl_offenders *t, const char *peer, int64_t now_ms, int limit);
 
 /* ---- fork.c: fork handlers (pthread_atfork) and the gate ---------------- */
 /* This process's id, kept by the fork handlers (getpid() is a system call). Objects

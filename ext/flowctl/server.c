@@ -34,8 +34,18 @@ typedef struct call_slot {
     grpc_metadata_array md;
     flowctl_pump pump;          /* the call's batches complete on pump.cq (pump.c) */
     bool status_sent;           /* the status batch completed: never cancel after that */
-    struct call_slot *next;     /* handoff queue link */
+    struct call_slot *next;     /* handoff queue link, then the lingering list's */
     gpr_timespec wait_until;    /* queued with no idle worker: rejected after this */
+    /* The status batch, started and left to complete while the call lingers (section 2b):
+     * gRPC borrows the message and writes `cancelled` until the batch completes. */
+    grpc_op status_ops[4];
+    grpc_byte_buffer *status_msg;
+    grpc_metadata *status_md;   /* the trailing metadata (malloc'd, slices owned) */
+    size_t status_md_count;
+    int close_cancelled;
+    void *owner;                /* its server_t */
+    int64_t linger_until_ms;    /* its peer has not taken the status by then: stuck */
+    char *peer;                 /* grpc_call_get_peer, once lingering */
 } call_slot;
 
 static call_slot *
@@ -61,6 +71,13 @@ slot_free(call_slot *s)
 {
     if (!s) return;
     flowctl_pump_destroy(&s->pump, s->call && !s->status_sent);
+    if (s->status_msg) grpc_byte_buffer_destroy(s->status_msg);
+    for (size_t i = 0; i < s->status_md_count; i++) {
+        grpc_slice_unref(s->status_md[i].key);
+        grpc_slice_unref(s->status_md[i].value);
+    }
+    free(s->status_md);
+    if (s->peer) gpr_free(s->peer);
     if (s->call) grpc_call_unref(s->call);
     grpc_call_details_destroy(&s->details);
     grpc_metadata_array_destroy(&s->md);
@@ -83,6 +100,19 @@ typedef struct {
     gpr_timespec max_wait;            /* how long such a call waits before RESOURCE_EXHAUSTED */
     int outstanding;                  /* grpc_server_request_call in flight */
     long accepted, rejected;
+    /* calls whose status batch is in flight (2b): handed over by workers (linger_in, mu),
+     * kept by the acceptor (lingering, acceptor only); n_lingering counts both (mu) */
+    call_slot *linger_in, *lingering;
+    int n_lingering;
+    int64_t last_sweep_ms;
+    int64_t write_timeout_ms;         /* a peer that takes nothing we send for this long is stuck */
+    long stuck_closed;                /* connections shut down as stuck (mu) */
+    long unauthenticated;             /* calls refused for a missing or wrong token (mu) */
+    flowctl_offenders offenders;      /* peers refused calls, per second (acceptor only) */
+    long abusive_closed;              /* connections shut down for too many refused calls (mu) */
+    char *auth_token;                 /* calls must carry "authorization: Bearer <it>" (NULL: any call) */
+    size_t auth_len;
+    int ports[8], n_ports;            /* the listening ports: a peer's connection is found by them */
     bool started, shutting_down, shutdown_done, acceptor_done, closed, orphaned;
     char shutdown_tag;                /* its address is the shutdown tag */
     pid_t pid;                        /* in a forked child the server is the parent's: leave it */
@@ -99,6 +129,10 @@ arm_request(server_t *s)
     pthread_mutex_unlock(&s->mu);
     call_slot *slot = slot_new();
     grpc_call_error err = GRPC_CALL_ERROR;
+    if (slot) {
+        flowctl_pump_set_send_timeout(&slot->pump, s->write_timeout_ms);
+        slot->owner = s;
+    }
     if (slot)
         err = grpc_server_request_call(s->server, &slot->call, &slot->details, &slot->md, slot->pump.cq,
                                        s->notify_cq, slot);
@@ -110,26 +144,27 @@ arm_request(server_t *s)
     return false;
 }
 
-/* Answers a call no worker can take; runs on the acceptor thread. */
+static void linger(server_t *s, call_slot *slot);
+
+/* Answers a call no worker can take; runs on the acceptor thread, and never waits for
+ * the peer: the status lingers (2b) when it cannot leave at once. */
 static void
-reject_call(call_slot *slot, grpc_status_code code, const char *msg)
+reject_call(server_t *s, call_slot *slot, grpc_status_code code, const char *msg)
 {
-    grpc_op ops[3];
-    memset(ops, 0, sizeof(ops));
-    int cancelled = 0;
+    grpc_op *ops = slot->status_ops;
+    memset(ops, 0, sizeof(slot->status_ops));
     grpc_slice details = grpc_slice_from_static_string(msg);
     ops[0].op = GRPC_OP_SEND_INITIAL_METADATA;
     ops[1].op = GRPC_OP_SEND_STATUS_FROM_SERVER;
     ops[1].data.send_status_from_server.status = code;
     ops[1].data.send_status_from_server.status_details = &details;
     ops[2].op = GRPC_OP_RECV_CLOSE_ON_SERVER;
-    ops[2].data.recv_close_on_server.cancelled = &cancelled;
-    if (flowctl_pump_start(&slot->pump, ops, 3)) {
-        gpr_timespec limit = gpr_time_add(gpr_now(GPR_CLOCK_MONOTONIC), gpr_time_from_seconds(2, GPR_TIMESPAN));
-        slot->status_sent = flowctl_pump_drain(&slot->pump, limit);
-        if (!slot->status_sent) grpc_call_cancel(slot->call, NULL);
-        flowctl_pump_drain(&slot->pump, gpr_inf_future(GPR_CLOCK_MONOTONIC)); /* ops live until done */
+    ops[2].data.recv_close_on_server.cancelled = &slot->close_cancelled;
+    if (flowctl_pump_start(&slot->pump, ops, 3) && !flowctl_pump_collect(&slot->pump)) {
+        linger(s, slot);
+        return;
     }
+    slot->status_sent = true;
     slot_free(slot);
 }
 
@@ -153,6 +188,31 @@ dispatch_locked(server_t *s, call_slot *slot)
 
 #define BUSY_MESSAGE "server busy: every worker is serving a call"
 
+static void close_stuck_peer(server_t *s, const char *peer);
+static int64_t mono_ms(void);
+
+/*
+ * A peer whose calls are refused (no token, or no worker free) more than MAX_REFUSED
+ * times in a second floods the server: gRPC core queues every call it sends ahead of
+ * everyone else's, without bound. Its connection is shut down: the calls it queued die
+ * with it, and a legitimate client that merely retries too fast reconnects.
+ */
+#define MAX_REFUSED 200
+
+static void
+offense(server_t *s, call_slot *slot)
+{
+    char *peer = grpc_call_get_peer(slot->call);
+    if (flowctl_conn_offend(&s->offenders, peer, mono_ms(), MAX_REFUSED)) {
+        int n = flowctl_conn_shutdown(peer, s->ports, s->n_ports);
+        pthread_mutex_lock(&s->mu);
+        s->abusive_closed += n;
+        pthread_mutex_unlock(&s->mu);
+    }
+    gpr_free(peer);
+}
+#define AUTH_MESSAGE "missing or wrong authorization bearer token"
+
 /*
  * A new call: the next one is asked for, the first request message is read while the call
  * waits for its worker, and a worker is woken. s->mu is held only to queue the call, so
@@ -169,6 +229,14 @@ on_request(server_t *s, call_slot *slot, bool success)
         slot->pump.call = slot->call;
         if (!stopping) arm_request(s);
         flowctl_pump_start_reading(&slot->pump, false, 1); /* a rejected call drains it */
+        if (s->auth_token && !flowctl_bearer_ok(s->auth_token, s->auth_len, &slot->md)) {
+            pthread_mutex_lock(&s->mu);
+            s->unauthenticated++;
+            pthread_mutex_unlock(&s->mu);
+            offense(s, slot);
+            reject_call(s, slot, GRPC_STATUS_UNAUTHENTICATED, AUTH_MESSAGE);
+            return;
+        }
     }
     pthread_mutex_lock(&s->mu);
     call_slot *reject = success && !s->shutting_down ? dispatch_locked(s, slot) : slot;
@@ -178,8 +246,128 @@ on_request(server_t *s, call_slot *slot, bool success)
         pthread_cond_signal(&s->work); /* one call, one worker */
         return;
     }
-    if (success) reject_call(reject, GRPC_STATUS_RESOURCE_EXHAUSTED, BUSY_MESSAGE);
+    if (success) offense(s, reject);
+    if (success) reject_call(s, reject, GRPC_STATUS_RESOURCE_EXHAUSTED, BUSY_MESSAGE);
     else slot_free(reject);
+}
+
+/* ---- 2b. lingering calls ----------------------------------------------------
+ *
+ * A call's status leaves when its peer reads. A worker (or the acceptor rejecting a call)
+ * never waits for that: it starts the status batch and, when the batch has not completed
+ * at once, hands the call over here. The acceptor collects what completed at each turn
+ * (at most every SWEEP_MS) and frees those calls. A peer that has not taken a status
+ * after write_timeout is stuck, and so is the peer holding the most lingering calls once
+ * there are more than MAX_LINGERING: its connection is shut down (conn.c), which ends
+ * every call on it at once. So a peer that sends calls and never reads costs its own
+ * connection, never a worker, and the memory it can pin is bounded.
+ */
+#define SWEEP_MS 20
+#define MAX_LINGERING 1024
+
+static int64_t
+mono_ms(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (int64_t)t.tv_sec * 1000 + t.tv_nsec / 1000000;
+}
+
+/* Any thread: the call's status batch is in flight; the acceptor takes it from here. */
+static void
+linger(server_t *s, call_slot *slot)
+{
+    pthread_mutex_lock(&s->mu);
+    slot->next = s->linger_in;
+    s->linger_in = slot;
+    s->n_lingering++;
+    pthread_mutex_unlock(&s->mu);
+}
+
+static void
+close_stuck_peer(server_t *s, const char *peer)
+{
+    int n = flowctl_conn_shutdown(peer, s->ports, s->n_ports);
+    pthread_mutex_lock(&s->mu);
+    s->stuck_closed += n;
+    pthread_mutex_unlock(&s->mu);
+}
+
+static int
+peer_cmp(const void *a, const void *b)
+{
+    return strcmp(*(char *const *)a, *(char *const *)b);
+}
+
+/* Over MAX_LINGERING: the peer with the most lingering calls is the one not reading. */
+static void
+close_greediest_peer(server_t *s, int n)
+{
+    char **peers = malloc(sizeof(char *) * (size_t)n);
+    if (!peers) return;
+    int k = 0;
+    for (call_slot *slot = s->lingering; slot && k < n; slot = slot->next)
+        if (slot->peer) peers[k++] = slot->peer;
+    qsort(peers, (size_t)k, sizeof(char *), peer_cmp);
+    const char *best = NULL;
+    for (int i = 0, run = 0, most = 0; i < k; i++) {
+        run = i > 0 && strcmp(peers[i], peers[i - 1]) == 0 ? run + 1 : 1;
+        if (run > most) most = run, best = peers[i];
+    }
+    if (best) close_stuck_peer(s, best);
+    free(peers);
+}
+
+/* Takes over what workers handed in; the deadline runs from now. */
+static void
+adopt_lingering(server_t *s, int64_t now)
+{
+    pthread_mutex_lock(&s->mu);
+    call_slot *in = s->linger_in;
+    s->linger_in = NULL;
+    pthread_mutex_unlock(&s->mu);
+    while (in) {
+        call_slot *slot = in;
+        in = slot->next;
+        slot->peer = grpc_call_get_peer(slot->call);
+        slot->linger_until_ms = s->write_timeout_ms > 0 ? now + s->write_timeout_ms : INT64_MAX;
+        slot->next = s->lingering;
+        s->lingering = slot;
+    }
+}
+
+/* One look at every lingering call: frees those done, unsticks those past their time. */
+static void
+sweep_lingering(server_t *s, bool force)
+{
+    int64_t now = mono_ms();
+    if (!force && now - s->last_sweep_ms < SWEEP_MS) return;
+    s->last_sweep_ms = now;
+    adopt_lingering(s, now);
+    int left = 0, freed = 0;
+    for (call_slot **l = &s->lingering; *l;) {
+        call_slot *slot = *l;
+        bool idle = flowctl_pump_collect(&slot->pump);
+        if (!idle && now > slot->linger_until_ms) {
+            close_stuck_peer(s, slot->peer);
+            grpc_call_cancel(slot->call, NULL);
+            idle = flowctl_pump_drain(&slot->pump, gpr_inf_future(GPR_CLOCK_MONOTONIC)); /* cancelled: at once */
+        }
+        if (!idle) {
+            left++;
+            l = &slot->next;
+            continue;
+        }
+        *l = slot->next;
+        slot->status_sent = true;
+        slot_free(slot);
+        freed++;
+    }
+    pthread_mutex_lock(&s->mu);
+    s->n_lingering -= freed;
+    if (freed && s->n_lingering == 0) pthread_cond_broadcast(&s->cond); /* wait_shutdown */
+    pthread_mutex_unlock(&s->mu);
+    if (left > MAX_LINGERING) close_greediest_peer(s, left);
 }
 
 /* The acceptor wakes up to reject a call that waited too long, and at least every
@@ -219,7 +407,7 @@ reject_expired(server_t *s)
     while (expired) {
         call_slot *slot = expired;
         expired = slot->next;
-        reject_call(slot, GRPC_STATUS_RESOURCE_EXHAUSTED, BUSY_MESSAGE);
+        reject_call(s, slot, GRPC_STATUS_RESOURCE_EXHAUSTED, BUSY_MESSAGE);
     }
 }
 
@@ -228,9 +416,13 @@ static bool
 acceptor_step(server_t *s)
 {
     grpc_event ev = grpc_completion_queue_next(s->notify_cq, next_expiry(s), NULL);
+    sweep_lingering(s, ev.type == GRPC_QUEUE_TIMEOUT);
     if (ev.type == GRPC_QUEUE_TIMEOUT) {
         reject_expired(s);
-        return false;
+        pthread_mutex_lock(&s->mu);
+        bool done = s->shutdown_done && s->outstanding == 0 && s->n_lingering == 0;
+        pthread_mutex_unlock(&s->mu);
+        return done;
     }
     if (ev.type != GRPC_OP_COMPLETE) return true;
     if (ev.tag == &s->shutdown_tag) {
@@ -242,7 +434,7 @@ acceptor_step(server_t *s)
         on_request(s, ev.tag, ev.success);
     }
     pthread_mutex_lock(&s->mu);
-    bool done = s->shutdown_done && s->outstanding == 0;
+    bool done = s->shutdown_done && s->outstanding == 0 && s->n_lingering == 0;
     pthread_mutex_unlock(&s->mu);
     return done;
 }
@@ -271,6 +463,7 @@ acceptor_main(void *p)
         pthread_mutex_destroy(&s->mu);
         pthread_cond_destroy(&s->cond);
         pthread_cond_destroy(&s->work);
+        free(s->auth_token);
         free(s);
     }
     return NULL;
@@ -281,6 +474,13 @@ acceptor_main(void *p)
 static void
 server_destroy_grpc(server_t *s)
 {
+    for (call_slot **list = &s->linger_in; list; list = list == &s->linger_in ? &s->lingering : NULL) {
+        while (*list) { /* none after the acceptor ended; a server that never started has none */
+            call_slot *slot = *list;
+            *list = slot->next;
+            slot_free(slot);
+        }
+    }
     while (s->queue_head) {
         call_slot *slot = s->queue_head;
         s->queue_head = slot->next;
@@ -321,6 +521,7 @@ server_free(void *p)
     server_t *s = p;
     if (s->pid != flowctl_pid) {
         /* a forked child's copy: no acceptor thread, sockets closed by gRPC's fork handler */
+        free(s->auth_token);
         free(s);
         return;
     }
@@ -345,6 +546,7 @@ server_free(void *p)
     pthread_mutex_destroy(&s->mu);
     pthread_cond_destroy(&s->cond);
     pthread_cond_destroy(&s->work);
+    free(s->auth_token);
     free(s);
 }
 
@@ -475,19 +677,37 @@ server_add_port(VALUE self, VALUE addr, VALUE tls)
     int port = grpc_server_add_http2_port(s->server, a, creds);
     grpc_server_credentials_release(creds);
     if (port <= 0) rb_raise(rb_eArgError, "cannot listen on %s (address in use, bad address or bad TLS keys)", a);
+    if (s->n_ports < (int)(sizeof(s->ports) / sizeof(s->ports[0]))) s->ports[s->n_ports++] = port;
     return INT2FIX(port);
 }
 
 /*
- * call-seq: server.start(max_waiting, max_wait) -> self
+ * call-seq: server.start(max_waiting, max_wait, write_timeout = 0, auth_token = nil) -> self
  *
  * Starts the native acceptor thread. When no worker is idle, up to max_waiting calls wait
- * up to max_wait seconds each for one; other calls get RESOURCE_EXHAUSTED at once.
+ * up to max_wait seconds each for one; other calls get RESOURCE_EXHAUSTED at once. A
+ * peer that takes nothing the server sends for write_timeout seconds (0: no limit) has
+ * its call cancelled, and its connection shut down when a status could not leave. With
+ * auth_token, the acceptor answers calls without "authorization: Bearer <auth_token>"
+ * (auth.c) with UNAUTHENTICATED itself.
  */
 static VALUE
-server_start(VALUE self, VALUE max_waiting, VALUE max_wait)
+server_start(int argc, VALUE *argv, VALUE self)
 {
+    VALUE max_waiting, max_wait, write_timeout, auth;
+    rb_scan_args(argc, argv, "22", &max_waiting, &max_wait, &write_timeout, &auth);
     server_t *s = server_get(self);
+    double wt = NIL_P(write_timeout) ? 0.0 : NUM2DBL(write_timeout);
+    if (wt < 0 || wt > 1e9) rb_raise(rb_eArgError, "write_timeout must be between 0 and 1e9 seconds");
+    s->write_timeout_ms = (int64_t)(wt * 1000);
+    if (!NIL_P(auth)) {
+        StringValue(auth);
+        free(s->auth_token);
+        s->auth_len = (size_t)RSTRING_LEN(auth);
+        s->auth_token = malloc(s->auth_len + 1);
+        if (!s->auth_token) rb_raise(rb_eNoMemError, "flowctl: out of memory");
+        memcpy(s->auth_token, RSTRING_PTR(auth), s->auth_len);
+    }
     if (s->started) rb_raise(rb_eRuntimeError, "server already started");
     int waiting = NUM2INT(max_waiting);
     double wait = NUM2DBL(max_wait);
@@ -567,7 +787,7 @@ cond_wait_ubf(void *p)
     pthread_mutex_unlock(&a->s->mu);
 }
 
-static bool shutdown_ready(server_t *s) { return s->shutdown_done; }
+static bool shutdown_ready(server_t *s) { return s->shutdown_done && s->n_lingering == 0; }
 static bool acceptor_ready(server_t *s) { return s->acceptor_done; }
 
 static bool
@@ -622,14 +842,19 @@ server_stats(VALUE self)
 {
     server_t *s = server_of(self);
     pthread_mutex_lock(&s->mu);
-    long acc = s->accepted, rej = s->rejected;
-    int idle = s->idle, queued = s->queued;
+    long acc = s->accepted, rej = s->rejected, stuck = s->stuck_closed, unauth = s->unauthenticated;
+    long abusive = s->abusive_closed;
+    int idle = s->idle, queued = s->queued, lingering = s->n_lingering;
     pthread_mutex_unlock(&s->mu);
     VALUE h = rb_hash_new();
     rb_hash_aset(h, ID2SYM(rb_intern("accepted")), LONG2NUM(acc));
     rb_hash_aset(h, ID2SYM(rb_intern("rejected")), LONG2NUM(rej));
     rb_hash_aset(h, ID2SYM(rb_intern("idle")), INT2FIX(idle));
     rb_hash_aset(h, ID2SYM(rb_intern("queued")), INT2FIX(queued));
+    rb_hash_aset(h, ID2SYM(rb_intern("lingering")), INT2FIX(lingering));
+    rb_hash_aset(h, ID2SYM(rb_intern("stuck_closed")), LONG2NUM(stuck));
+    rb_hash_aset(h, ID2SYM(rb_intern("unauthenticated")), LONG2NUM(unauth));
+    rb_hash_aset(h, ID2SYM(rb_intern("abusive_closed")), LONG2NUM(abusive));
     return h;
 }
 
@@ -830,9 +1055,11 @@ server_call_send(VALUE self, VALUE bytes)
     bool failed = false;
     c->busy++;
     int interrupted = flowctl_pump_write(&c->slot->pump, bytes, &failed);
+    bool stalled = failed && flowctl_pump_send_timed_out(&c->slot->pump);
     if (failed) c->cancelled = true;
     after_wait(c, self);
     flowctl_wait_finish(interrupted);
+    if (stalled) rb_raise(eCancelledCall, "the client read nothing for the write timeout: call cancelled");
     if (failed) rb_raise(eCancelledCall, "the client cancelled the call or went away");
     RB_GC_GUARD(bytes);
     return self;
@@ -841,42 +1068,61 @@ server_call_send(VALUE self, VALUE bytes)
 struct finish_arg {
     VALUE self;
     server_call_t *c;
-    grpc_op ops[4];
     size_t n;
     flowctl_metadata md;
     grpc_slice details;
     grpc_byte_buffer *msg;
     grpc_status_code code;
-    int cancelled;
     int interrupted;
-    bool ok;
+    bool ok;      /* the status left (its batch completed) */
+    bool linger;  /* the status batch is in flight and nobody else waits on the call: hand it over */
 };
 
+/* The trailing metadata, copied for the slot: gRPC may read it until the batch completes. */
+static bool
+keep_trailing(call_slot *slot, const flowctl_metadata *md)
+{
+    if (md->count == 0) return true;
+    slot->status_md = calloc(md->count, sizeof(grpc_metadata));
+    if (!slot->status_md) return false;
+    for (size_t i = 0; i < md->count; i++) {
+        slot->status_md[i].key = grpc_slice_ref(md->md[i].key);
+        slot->status_md[i].value = grpc_slice_ref(md->md[i].value);
+    }
+    slot->status_md_count = md->count;
+    return true;
+}
+
+/* The status batch, in the slot (it may outlive this call of finish): initial metadata
+ * when no reply carried it, the last message, the status, and the close. */
 static void
 finish_ops(struct finish_arg *a)
 {
-    if (flowctl_pump_take_initial_md(&a->c->slot->pump)) {
-        memset(&a->ops[a->n], 0, sizeof(grpc_op));
-        a->ops[a->n++].op = GRPC_OP_SEND_INITIAL_METADATA;
-    }
+    call_slot *slot = a->c->slot;
+    grpc_op *ops = slot->status_ops;
+    memset(ops, 0, sizeof(slot->status_ops));
+    if (flowctl_pump_take_initial_md(&slot->pump)) ops[a->n++].op = GRPC_OP_SEND_INITIAL_METADATA;
     if (a->msg) {
-        memset(&a->ops[a->n], 0, sizeof(grpc_op));
-        a->ops[a->n].op = GRPC_OP_SEND_MESSAGE;
-        a->ops[a->n++].data.send_message.send_message = a->msg;
+        slot->status_msg = a->msg;
+        a->msg = NULL;
+        ops[a->n].op = GRPC_OP_SEND_MESSAGE;
+        ops[a->n++].data.send_message.send_message = slot->status_msg;
     }
-    memset(&a->ops[a->n], 0, sizeof(grpc_op));
-    a->ops[a->n].op = GRPC_OP_SEND_STATUS_FROM_SERVER;
-    a->ops[a->n].data.send_status_from_server.status = a->code;
-    a->ops[a->n].data.send_status_from_server.status_details = &a->details;
-    a->ops[a->n].data.send_status_from_server.trailing_metadata = a->md.md;
-    a->ops[a->n++].data.send_status_from_server.trailing_metadata_count = a->md.count;
-    memset(&a->ops[a->n], 0, sizeof(grpc_op));
-    a->ops[a->n].op = GRPC_OP_RECV_CLOSE_ON_SERVER;
-    a->ops[a->n++].data.recv_close_on_server.cancelled = &a->cancelled;
+    ops[a->n].op = GRPC_OP_SEND_STATUS_FROM_SERVER;
+    ops[a->n].data.send_status_from_server.status = a->code;
+    ops[a->n].data.send_status_from_server.status_details = &a->details;
+    ops[a->n].data.send_status_from_server.trailing_metadata = slot->status_md;
+    ops[a->n++].data.send_status_from_server.trailing_metadata_count = slot->status_md_count;
+    ops[a->n].op = GRPC_OP_RECV_CLOSE_ON_SERVER;
+    ops[a->n++].data.recv_close_on_server.cancelled = &slot->close_cancelled;
 }
 
-/* The queued replies first, then the status (ops built only now: the first reply may
- * have carried the initial metadata). */
+/*
+ * The queued replies first (a peer that takes none of them for write_timeout gets the
+ * call cancelled), then the status batch. The worker waits for the status only when
+ * another thread still waits on the call; otherwise a status that did not leave at once
+ * lingers (2b) and the worker is free.
+ */
 static VALUE
 finish_body(VALUE p)
 {
@@ -884,8 +1130,18 @@ finish_body(VALUE p)
     flowctl_pump *pump = &a->c->slot->pump;
     a->interrupted = flowctl_pump_flush(pump);
     if (a->interrupted || flowctl_pump_send_failed(pump)) return Qnil;
+    if (!keep_trailing(a->c->slot, &a->md)) rb_raise(rb_eNoMemError, "flowctl: out of memory");
     finish_ops(a);
-    a->interrupted = flowctl_pump_run(pump, a->ops, a->n, &a->ok);
+    if (!flowctl_pump_start(pump, a->c->slot->status_ops, a->n))
+        rb_raise(eFlowctlError, "gRPC refused the status batch");
+    if (flowctl_pump_collect(pump)) {
+        a->ok = true;
+    } else if (a->c->busy > 1) {
+        a->interrupted = flowctl_pump_wait_extras(pump);
+        a->ok = !a->interrupted && !flowctl_pump_send_failed(pump);
+    } else {
+        a->linger = true;
+    }
     return Qnil;
 }
 
@@ -905,22 +1161,31 @@ static VALUE
 finish_cleanup(VALUE p)
 {
     struct finish_arg *a = (struct finish_arg *)p;
+    server_call_t *c = a->c;
     flowctl_metadata_free(&a->md);
     grpc_slice_unref(a->details);
     if (a->msg) grpc_byte_buffer_destroy(a->msg);
-    a->c->busy--;
-    a->c->slot->status_sent = a->ok;
-    end_call(a->c);
+    c->busy--;
+    if (a->linger && c->busy == 0) {
+        call_slot *slot = c->slot;
+        c->slot = NULL;
+        c->finished = true;
+        linger(slot->owner, slot);
+        return Qnil;
+    }
+    c->slot->status_sent = a->ok;
+    end_call(c);
     return Qnil;
 }
 
 /*
  * call-seq:
- *   call.finish(code, details, trailing_metadata, last_message = nil) -> true or false
+ *   call.finish(code, details, trailing_metadata, last_message = nil) -> true, nil or false
  *
  * Sends the queued replies, the last message (if any) and the status, and ends the
- * call; true when the client got it, false when the call was cancelled. The call is
- * released afterwards.
+ * call: true when the status left, nil when it is still on its way (the server sees to
+ * it; the worker goes on), false when the call failed (cancelled, or the client took
+ * nothing for write_timeout). The call is released afterwards.
  */
 static VALUE
 server_call_finish(int argc, VALUE *argv, VALUE self)
@@ -941,8 +1206,9 @@ server_call_finish(int argc, VALUE *argv, VALUE self)
     c->busy++;
     rb_ensure(finish_body, (VALUE)&a, finish_cleanup, (VALUE)&a);
     flowctl_wait_finish(a.interrupted);
-    if (!a.ok || a.cancelled) c->cancelled = true;
-    return a.ok && !a.cancelled ? Qtrue : Qfalse;
+    if (a.linger) return Qnil;
+    if (!a.ok) c->cancelled = true;
+    return a.ok ? Qtrue : Qfalse;
 }
 
 /* call-seq: call.cancel -> nil (ends the call with CANCELLED when not finished; idempotent) */
@@ -1041,7 +1307,7 @@ init_flowctl_server(void)
     rb_define_alloc_func(cServer, server_alloc);
     rb_define_method(cServer, "initialize", server_initialize, 1);
     rb_define_method(cServer, "add_port", server_add_port, 2);
-    rb_define_method(cServer, "start", server_start, 2);
+    rb_define_method(cServer, "start", server_start, -1);
     rb_define_method(cServer, "next_call", server_next_call, 0);
     rb_define_method(cServer, "shutdown", server_shutdown, 0);
     rb_define_method(cServer, "wait_shutdown", server_wait_shutdown, -1);

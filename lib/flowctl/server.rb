@@ -28,32 +28,48 @@ module Flowctl
   # client_auth: :require for mTLS) serves TLS; tls: nil (the default) serves plaintext on a loopback
   # host only and raises ArgumentError for any other host, so nothing is exposed in clear by accident.
   #
-  # auth_token: "s3cret" makes every call carry "authorization: Bearer s3cret" metadata; any other
-  # call ends with UNAUTHENTICATED before a handler runs.
+  # auth_token: "s3cret" makes every call carry "authorization: Bearer s3cret" metadata (the scheme
+  # in any case, RFC 6750; the token compared in constant time); the native acceptor answers any
+  # other call with UNAUTHENTICATED itself, so it never reaches a worker or a handler.
   #
   # pool_size: worker threads serve that many calls at once. A call that arrives while every
   # worker is busy may wait max_wait seconds (default 0.1) for one to finish, if fewer than
   # max_waiting calls (default pool_size) already wait; otherwise, and when the wait runs
   # out, it ends with RESOURCE_EXHAUSTED. Nothing queues without bound. A bidi stream holds
   # its worker for as long as it is open.
+  #
+  # Slow and hostile peers cost their own calls, never the server: a worker never waits for
+  # a status to reach the client (a status that cannot leave at once is sent by the native
+  # acceptor while the worker serves the next call); a peer that takes nothing the server
+  # sends for write_timeout seconds (default 30; nil: no limit) gets that call cancelled
+  # (Flowctl::Cancelled in the handler's write), and its connection is shut down when a status
+  # could not leave, or when it holds the most of more than 1,024 statuses waiting to leave.
+  # Keepalive (KEEPALIVE_ARGS, overridable with channel_args:) pings every connection every
+  # 60 s and drops one that does not answer within 20 s: dead and stuck peers go.
   class Server
     DEFAULT_POOL_SIZE = 32
+    DEFAULT_WRITE_TIMEOUT = 30.0
+    KEEPALIVE_ARGS = {
+      "grpc.keepalive_time_ms" => 60_000,
+      "grpc.keepalive_timeout_ms" => 20_000,
+      "grpc.keepalive_permit_without_calls" => 1, # idle connections are checked too
+      "grpc.http2.max_pings_without_data" => 0    # ... however long they stay idle
+    }.freeze
     LOOPBACK = %w[127.0.0.1 localhost ::1 [::1]].freeze
 
     OK = 0
     UNKNOWN = 2
     INTERNAL = 13
     UNIMPLEMENTED = 12
-    UNAUTHENTICATED = 16
 
     attr_reader :host, :port, :pool_size
 
     def initialize(host: "127.0.0.1", port: 0, tls: nil, auth_token: nil, pool_size: DEFAULT_POOL_SIZE,
-                   max_waiting: nil, max_wait: 0.1, channel_args: {})
+                   max_waiting: nil, max_wait: 0.1, write_timeout: DEFAULT_WRITE_TIMEOUT, channel_args: {})
       @host = String(host)
       @requested_port = Integer(port)
       @tls = check_tls(tls)
-      @auth = auth_header(auth_token)
+      @auth_token = check_token(auth_token)
       @pool_size = Integer(pool_size)
       raise ArgumentError, "pool_size must be at least 1 (given #{pool_size})" if @pool_size < 1
 
@@ -63,8 +79,13 @@ module Flowctl
       raise ArgumentError, "max_wait must not be negative (given #{max_wait})" if @max_wait.negative?
       raise TypeError, "channel_args must be a Hash (given #{channel_args.class})" unless channel_args.is_a?(Hash)
 
+      @write_timeout = write_timeout.nil? ? 0.0 : Float(write_timeout)
+      unless @write_timeout.positive? || write_timeout.nil?
+        raise ArgumentError, "write_timeout must be positive or nil (given #{write_timeout.inspect})"
+      end
+
       # no SO_REUSEPORT unless asked: a second server on a taken port must fail, not share it
-      @channel_args = { "grpc.so_reuseport" => 0 }.merge(channel_args.transform_keys(&:to_s))
+      @channel_args = { "grpc.so_reuseport" => 0 }.merge(KEEPALIVE_ARGS, channel_args.transform_keys(&:to_s))
       @routes = {}
       @state = :new
       @lock = Mutex.new
@@ -109,7 +130,7 @@ module Flowctl
         @pid = Process.pid
         @workers = Array.new(@pool_size) { |i| spawn_worker(i) } # they wait for calls before any arrive
         begin
-          @native.start(@max_waiting, @max_wait)
+          @native.start(@max_waiting, @max_wait, @write_timeout, @auth_token)
         rescue StandardError
           @native.close # never started: ends the workers' wait
           @workers.each(&:join)
@@ -145,9 +166,10 @@ module Flowctl
       nil
     end
 
-    # {accepted:, rejected:, idle:, queued:} as counted by the native acceptor.
+    # {accepted:, rejected:, idle:, queued:, lingering:, stuck_closed:} as counted by the native
+    # acceptor (lingering: statuses still on their way; stuck_closed: connections shut down).
     def stats
-      @native ? @native.stats : { accepted: 0, rejected: 0, idle: 0, queued: 0 }
+      @native ? @native.stats : { accepted: 0, rejected: 0, idle: 0, queued: 0, lingering: 0, stuck_closed: 0 }
     end
 
     def inspect
@@ -275,12 +297,13 @@ module Flowctl
       end
     end
 
-    def auth_header(token)
+    def check_token(token)
       return nil if token.nil?
       raise TypeError, "auth_token must be a String (given #{token.class})" unless token.is_a?(String)
       raise ArgumentError, "auth_token must not be empty" if token.empty?
+      raise ArgumentError, "auth_token must not contain spaces or control characters" if token.match?(/[\x00-\x20\x7f]/n)
 
-      "Bearer #{token}".b.freeze
+      token.b.freeze
     end
 
     def address
@@ -325,8 +348,6 @@ module Flowctl
       route = @routes[ncall.method_path]
       if route.nil?
         ncall.finish(UNIMPLEMENTED, "unknown method #{ncall.method_path}", nil)
-      elsif @auth && !authorized?(ncall)
-        ncall.finish(UNAUTHENTICATED, "missing or wrong authorization bearer token", nil)
       else
         run(ncall, route)
       end
@@ -334,17 +355,6 @@ module Flowctl
       nil # the client went away while we answered; nothing left to tell it
     ensure
       ncall.cancel
-    end
-
-    def authorized?(ncall)
-      given = ncall.header("authorization")
-      !given.nil? && given.bytesize == @auth.bytesize && secure_equal(given.b, @auth)
-    end
-
-    def secure_equal(a, b)
-      diff = 0
-      a.each_byte.with_index { |c, i| diff |= c ^ b.getbyte(i) }
-      diff.zero?
     end
 
     def run(ncall, route)

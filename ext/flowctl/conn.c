@@ -1,0 +1,142 @@
+/*
+ * conn.c — a server's TCP connections, seen from the file descriptor table.
+ *
+ * gRPC core 1.51 gives a server no handle on its connections: a peer that never reads
+ * keeps its connection, and every reply written to it, for as long as it likes. The
+ * server knows a call's peer ("ipv4:127.0.0.1:54321", grpc_call_get_peer) and its own
+ * listening ports; the connection is the TCP socket with that local port and that
+ * remote address. shutdown(2) on it (never close: the descriptor stays gRPC's) makes
+ * gRPC core see the connection end and fail everything on it at once.
+ *
+ * A leaf: no Ruby, no gRPC, no lock; any thread.
+ */
+#include "flowctl.h"
+#include <arpa/inet.h>
+#include <dirent.h>
+#include <netinet/in.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+/* The local port of a TCP socket; 0 for anything else. */
+static int
+local_port(int fd)
+{
+    struct sockaddr_storage a;
+    socklen_t len = sizeof(a);
+    if (getsockname(fd, (struct sockaddr *)&a, &len) != 0) return 0;
+    if (a.ss_family == AF_INET) return ntohs(((struct sockaddr_in *)&a)->sin_port);
+    if (a.ss_family == AF_INET6) return ntohs(((struct sockaddr_in6 *)&a)->sin6_port);
+    return 0;
+}
+
+static bool
+listening(int fd)
+{
+    int on = 0;
+    socklen_t len = sizeof(on);
+    return getsockopt(fd, SOL_SOCKET, SO_ACCEPTCONN, &on, &len) == 0 && on;
+}
+
+/* The remote address of fd written as gRPC core writes a peer (IPv4-mapped as ipv4). */
+static bool
+peer_uri(int fd, char *out, size_t size)
+{
+    struct sockaddr_storage a;
+    socklen_t len = sizeof(a);
+    char host[INET6_ADDRSTRLEN];
+    if (getpeername(fd, (struct sockaddr *)&a, &len) != 0) return false;
+    if (a.ss_family == AF_INET) {
+        struct sockaddr_in *v4 = (struct sockaddr_in *)&a;
+        inet_ntop(AF_INET, &v4->sin_addr, host, sizeof(host));
+        snprintf(out, size, "ipv4:%s:%d", host, ntohs(v4->sin_port));
+        return true;
+    }
+    if (a.ss_family != AF_INET6) return false;
+    struct sockaddr_in6 *v6 = (struct sockaddr_in6 *)&a;
+    if (IN6_IS_ADDR_V4MAPPED(&v6->sin6_addr)) {
+        inet_ntop(AF_INET, &v6->sin6_addr.s6_addr[12], host, sizeof(host));
+        snprintf(out, size, "ipv4:%s:%d", host, ntohs(v6->sin6_port));
+    } else {
+        inet_ntop(AF_INET6, &v6->sin6_addr, host, sizeof(host));
+        snprintf(out, size, "ipv6:[%s]:%d", host, ntohs(v6->sin6_port));
+    }
+    return true;
+}
+
+static bool
+ours(int fd, const int *ports, int n_ports)
+{
+    int port = local_port(fd);
+    for (int i = 0; port && i < n_ports; i++)
+        if (ports[i] == port) return !listening(fd);
+    return false;
+}
+
+int
+flowctl_conn_shutdown(const char *peer, const int *ports, int n_ports)
+{
+    if (!peer || n_ports == 0) return 0;
+    DIR *d = opendir("/proc/self/fd");
+    if (!d) return 0;
+    int done = 0;
+    char uri[96];
+    for (struct dirent *e; (e = readdir(d));) {
+        int fd = atoi(e->d_name);
+        if (e->d_name[0] == '.' || fd == dirfd(d) || !ours(fd, ports, n_ports)) continue;
+        if (peer_uri(fd, uri, sizeof(uri)) && strcmp(uri, peer) == 0 && shutdown(fd, SHUT_RDWR) == 0) done++;
+    }
+    closedir(d);
+    return done;
+}
+
+int
+flowctl_conn_count(const int *ports, int n_ports)
+{
+    DIR *d = opendir("/proc/self/fd");
+    if (!d) return -1;
+    int n = 0;
+    for (struct dirent *e; (e = readdir(d));) {
+        int fd = atoi(e->d_name);
+        if (e->d_name[0] != '.' && fd != dirfd(d) && ours(fd, ports, n_ports)) n++;
+    }
+    closedir(d);
+    return n;
+}
+
+/* ---- offenses: how often each peer misbehaved in the last second ------------------
+ * A small table (OFFENDERS entries, the stalest replaced): a peer with more than `limit`
+ * offenses in one second is abusive. Used by one thread at a time (the acceptor). */
+static uint64_t
+peer_hash(const char *peer)
+{
+    uint64_t h = 1469598103934665603ULL; /* FNV-1a */
+    for (const unsigned char *p = (const unsigned char *)peer; *p; p++) h = (h ^ *p) * 1099511628211ULL;
+    return h;
+}
+
+bool
+flowctl_conn_offend(flowctl_offenders *t, const char *peer, int64_t now_ms, int limit)
+{
+    if (!peer) return false;
+    uint64_t h = peer_hash(peer);
+    flowctl_offender *e = NULL, *stalest = &t->e[0];
+    for (int i = 0; i < FLOWCTL_OFFENDERS && !e; i++) {
+        if (t->e[i].hash == h) e = &t->e[i];
+        else if (t->e[i].since_ms < stalest->since_ms) stalest = &t->e[i];
+    }
+    if (!e) {
+        e = stalest;
+        e->hash = h;
+        e->count = 0;
+        e->since_ms = now_ms;
+    }
+    if (now_ms - e->since_ms > 1000) {
+        e->since_ms = now_ms;
+        e->count = 0;
+    }
+    if (++e->count <= limit) return false;
+    e->count = 0;
+    return true;
+}

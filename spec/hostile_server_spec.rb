@@ -1,0 +1,88 @@
+# frozen_string_literal: true
+
+require "spec_helper"
+require "timeout"
+
+# Issue 17: hostile peers (hand-built HTTP/2 from Ruby sockets, spec/support/hostile_peer.rb)
+# cost their own calls and connections, never the server.
+RSpec.describe "hostile peers against Flowctl::Server" do
+  REGISTER = "/obsrvr.flow.controlplane.ControlPlane/RegisterProcessor"
+  PROCESS = "/obsrvr.flow.processor.ProcessorService/Process"
+
+  let(:servers) { [] }
+  after { servers.each { |s| s.stop(grace: 0.5) } }
+
+  def serve(**opts)
+    server = Flowctl::Server.new(port: 0, **opts)
+    server.handle(Flowctl::ControlPlane::Service, Flowctl::ControlPlane::Registry.new)
+    yield server if block_given?
+    servers << server
+    server.start
+    server
+  end
+
+  def client(server, token = nil, timeout: 2)
+    headers = token ? { "authorization" => "Bearer #{token}" } : {}
+    Flowctl::ControlPlane::Client.new("127.0.0.1:#{server.port}", tls: false, timeout: time_limit(timeout),
+                                                                   headers: headers)
+  end
+
+  def now = Process.clock_gettime(Process::CLOCK_MONOTONIC)
+
+  it "a peer without the token that sends calls and never reads: the token's calls go on, its connection is shut" do
+    server = serve(auth_token: "s3cret")
+    good = client(server, "s3cret")
+    flood = HostilePeer.spawn(<<~RUBY)
+      peer = HostilePeer.new(#{server.port}, rcvbuf: 4096)
+      limit = Process.clock_gettime(Process::CLOCK_MONOTONIC) + 20
+      sent = 0
+      sent += 500 while Process.clock_gettime(Process::CLOCK_MONOTONIC) < limit && peer.calls(500, "#{REGISTER}")
+      puts sent, peer.closed_by_server?
+    RUBY
+    results = Array.new(15) do |i|
+      sleep 0.1
+      good.register_processor(processor_id: "p#{i}").success
+    rescue Flowctl::RPCError => e
+      e
+    end
+    expect(results).to all(be(true))
+    sent, closed = flood.value.split
+    expect(Integer(sent)).to be > 0
+    expect(closed).to eq("true") # the flood ended because the server shut its connection
+    expect(server.stats.values_at(:stuck_closed, :abusive_closed).sum).to be >= 1
+    expect(server.stats[:unauthenticated]).to be < 20_000 # the flood was cut short, not served
+    expect(good.register_processor(processor_id: "after").success).to be(true)
+  ensure
+    good&.close
+  end
+
+  it "a bidi stream whose client never reads: the handler's write raises Cancelled after write_timeout" do
+    outcome = Queue.new
+    writer = Class.new do
+      define_method(:process) do |_requests, call|
+        reply = Flowctl::Processor::DataMessage.new(payload: "x" * 16_384)
+        loop { call.write(reply) }
+      rescue Flowctl::Cancelled => e
+        outcome << e
+        raise
+      end
+    end
+    server = serve(write_timeout: 0.5, pool_size: 1) { |s| s.handle(Flowctl::Processor::Service, writer.new) }
+    peer = HostilePeer.new(server.port, rcvbuf: 4096)
+    peer.write(peer.call_headers(1, PROCESS, end_stream: false))
+    started = now
+    error = Timeout.timeout(time_limit(10)) { outcome.pop }
+    expect(error.message).to match(/read nothing/)
+    expect(now - started).to be < time_limit(5)
+    # the only worker is free again
+    expect(client(server).register_processor(processor_id: "p").success).to be(true)
+  ensure
+    peer&.close
+  end
+
+  it "write_timeout: must be positive or nil" do
+    expect { Flowctl::Server.new(write_timeout: 0) }.to raise_error(ArgumentError, /write_timeout/)
+    expect { Flowctl::Server.new(write_timeout: -1) }.to raise_error(ArgumentError, /write_timeout/)
+    expect(Flowctl::Server.new(write_timeout: nil)).to be_a(Flowctl::Server)
+  end
+end
