@@ -162,7 +162,16 @@ grpc_byte_buffer *flowctl_buffer_from_str(VALUE str);
 VALUE flowctl_str_from_buffer(grpc_byte_buffer *buf); /* binary String; does not destroy buf */
 
 /* ---- channel.c: grpc_channel + credentials + channel args --------------- */
-typedef struct flowctl_channel {
+typedef struct flowctl_channel flowctl_channel;
+
+/* A call in flight on a channel, listed so that closing the channel cancels it. */
+typedef struct flowctl_tracked {
+    grpc_call *call;
+    flowctl_channel *ch;        /* referenced while listed; NULL when not listed */
+    struct flowctl_tracked *prev, *next;
+} flowctl_tracked;
+
+struct flowctl_channel {
     grpc_channel *channel;      /* NULL once closed */
     char *target;
     atomic_int refs;            /* the Ruby object holds one; each heartbeat thread one more */
@@ -170,13 +179,18 @@ typedef struct flowctl_channel {
     pid_t pid;                  /* creator: in a forked child the channel is dead (fork.c) */
     atomic_uint unary_us;       /* recent unary round trips, microseconds (moving average; 0: none yet) */
     atomic_int unary_inflight;  /* unary calls waiting on this channel now */
-} flowctl_channel;
+    pthread_mutex_t calls_mu;   /* guards calls */
+    flowctl_tracked *calls;     /* Ruby's calls in flight (unary and streams) */
+};
 
 void init_flowctl_channel(void);
 /* The channel of a Flowctl::Native::Channel (raises IOError when closed). */
 flowctl_channel *flowctl_channel_get(VALUE rb_channel);
 void flowctl_channel_ref(flowctl_channel *ch);
 void flowctl_channel_unref(flowctl_channel *ch);     /* destroys the channel at zero; never blocks long */
+/* Lists call (referencing ch) until untrack; closing the channel cancels what is listed. */
+void flowctl_channel_track(flowctl_channel *ch, flowctl_tracked *t, grpc_call *call);
+void flowctl_channel_untrack(flowctl_tracked *t); /* before grpc_call_unref; idempotent */
 
 /* ---- pump.c: the engine of a bidi stream ------------------------------------ */
 #define PUMP_SENDQ 64             /* messages written and not yet taken by gRPC */

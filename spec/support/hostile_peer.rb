@@ -121,3 +121,48 @@ class HostilePeer
     id
   end
 end
+
+# An evil gRPC server from Ruby sockets: answers every call on every connection with a
+# trailers-only response carrying the headers given (e.g. "grpc-status" => "42").
+class HostileServer
+  attr_reader :port
+
+  def initialize(trailers)
+    @trailers = trailers
+    @listener = TCPServer.new("127.0.0.1", 0)
+    @port = @listener.addr[1]
+    @conns = []
+    @thread = Thread.new { loop { serve(@listener.accept) } rescue IOError } # rubocop:disable Style/RescueModifier
+  end
+
+  def close
+    @listener.close
+    @conns.each { |c| c.close rescue nil } # rubocop:disable Style/RescueModifier
+    @thread.join
+  end
+
+  private
+
+  def serve(sock)
+    @conns << sock
+    Thread.new do
+      sock.read(HostilePeer::PREFACE.bytesize)
+      sock.write(HostilePeer.frame(HostilePeer::SETTINGS, 0, 0, ""))
+      loop do
+        head = sock.read(9) or break
+        hi, lo, type, flags, stream = head.unpack("CnCCN")
+        sock.read((hi << 16) | lo)
+        stream &= 0x7fff_ffff
+        if type == HostilePeer::SETTINGS && flags.zero?
+          sock.write(HostilePeer.frame(HostilePeer::SETTINGS, 1, 0, ""))
+        elsif type == HostilePeer::HEADERS
+          block = HostilePeer.hpack({ ":status" => "200", "content-type" => "application/grpc" }.merge(@trailers))
+          sock.write(HostilePeer.frame(HostilePeer::HEADERS, HostilePeer::END_HEADERS | HostilePeer::END_STREAM,
+                                       stream, block))
+        end
+      end
+    rescue IOError, SystemCallError
+      nil
+    end
+  end
+end
