@@ -80,6 +80,31 @@ RSpec.describe "hostile peers against Flowctl::Server" do
     peer&.close
   end
 
+  it "auth: the scheme in any case (RFC 6750), the whole token compared; wrong ones refused before any worker" do
+    server = serve(auth_token: "s3cret")
+    call = lambda do |value|
+      c = Flowctl::ControlPlane::Client.new("127.0.0.1:#{server.port}", tls: false, timeout: time_limit(5),
+                                                                         headers: { "authorization" => value })
+      c.register_processor(processor_id: "p").success
+    rescue Flowctl::Unauthenticated
+      :refused
+    ensure
+      c&.close
+    end
+    expect(["Bearer s3cret", "bearer s3cret", "BEARER s3cret", "Bearer  s3cret"].map(&call)).to all(be(true))
+    refused = ["Bearer s3cre", "Bearer s3cretX", "Bearer S3CRET", "Basic s3cret", "Bearer", "Bearers3cret", "s3cret",
+               "Bearer s3cret "]
+    expect(refused.map(&call)).to all(eq(:refused))
+    expect(server.stats[:unauthenticated]).to eq(refused.size)
+    expect(server.stats[:accepted]).to eq(4) # the refused calls never reached a worker
+  end
+
+  it "auth_token: a String without spaces or control characters" do
+    expect { Flowctl::Server.new(auth_token: "a b") }.to raise_error(ArgumentError, /spaces/)
+    expect { Flowctl::Server.new(auth_token: "") }.to raise_error(ArgumentError, /empty/)
+    expect { Flowctl::Server.new(auth_token: :tok) }.to raise_error(TypeError)
+  end
+
   it "write_timeout: must be positive or nil" do
     expect { Flowctl::Server.new(write_timeout: 0) }.to raise_error(ArgumentError, /write_timeout/)
     expect { Flowctl::Server.new(write_timeout: -1) }.to raise_error(ArgumentError, /write_timeout/)
