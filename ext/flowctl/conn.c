@@ -140,3 +140,70 @@ flowctl_conn_offend(flowctl_offenders *t, const char *peer, int64_t now_ms, int 
     e->count = 0;
     return true;
 }
+
+/* ---- the connection that sends the most ------------------------------------------ */
+#include <linux/tcp.h> /* tcp_info with tcpi_bytes_received (glibc's lacks it) */
+#include <sys/stat.h>
+#include <time.h>
+
+#define BUSIEST_MAX 4096
+
+typedef struct {
+    int fd;
+    ino_t ino;
+    uint64_t bytes;
+} conn_sample;
+
+static bool
+received(int fd, uint64_t *bytes, ino_t *ino)
+{
+    struct tcp_info ti;
+    socklen_t len = sizeof(ti);
+    struct stat st;
+    if (fstat(fd, &st) != 0 || getsockopt(fd, IPPROTO_TCP, TCP_INFO, &ti, &len) != 0) return false;
+    *bytes = ti.tcpi_bytes_received;
+    *ino = st.st_ino;
+    return true;
+}
+
+int
+flowctl_conn_shutdown_busiest(const int *ports, int n_ports, int ms)
+{
+    conn_sample *s = malloc(sizeof(conn_sample) * BUSIEST_MAX);
+    DIR *d = s ? opendir("/proc/self/fd") : NULL;
+    if (!d) {
+        free(s);
+        return 0;
+    }
+    int n = 0;
+    for (struct dirent *e; n < BUSIEST_MAX && (e = readdir(d));) {
+        int fd = atoi(e->d_name);
+        if (e->d_name[0] == '.' || fd == dirfd(d) || !ours(fd, ports, n_ports)) continue;
+        if (received(fd, &s[n].bytes, &s[n].ino)) s[n++].fd = fd;
+    }
+    closedir(d);
+    struct timespec pause = {ms / 1000, (long)(ms % 1000) * 1000000L};
+    nanosleep(&pause, NULL);
+    int best = -1;
+    uint64_t most = 0;
+    for (int i = 0; i < n; i++) {
+        uint64_t now;
+        ino_t ino;
+        if (!received(s[i].fd, &now, &ino) || ino != s[i].ino || now - s[i].bytes <= most) continue;
+        most = now - s[i].bytes;
+        best = s[i].fd;
+    }
+    free(s);
+    return best >= 0 && shutdown(best, SHUT_RDWR) == 0 ? 1 : 0;
+}
+
+size_t
+flowctl_rss_bytes(void)
+{
+    FILE *f = fopen("/proc/self/statm", "r");
+    if (!f) return 0;
+    unsigned long size = 0, resident = 0;
+    int got = fscanf(f, "%lu %lu", &size, &resident);
+    fclose(f);
+    return got == 2 ? (size_t)resident * (size_t)sysconf(_SC_PAGESIZE) : 0;
+}

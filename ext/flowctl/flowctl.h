@@ -297,6 +297,11 @@ bool flowctl_bearer_ok(const char *token, size_t len, const grpc_metadata_array 
 int flowctl_conn_shutdown(const char *peer, const int *ports, int n_ports);
 /* The accepted connections on ports (listeners not counted); -1 when unknown. */
 int flowctl_conn_count(const int *ports, int n_ports);
+/* Shuts down the connection on ports that received the most bytes over the next ms
+ * milliseconds (it sleeps that long); 1 when there was one. */
+int flowctl_conn_shutdown_busiest(const int *ports, int n_ports, int ms);
+/* This process's resident memory (0 when unknown). */
+size_t flowctl_rss_bytes(void);
 #define FLOWCTL_OFFENDERS 64
 typedef struct flowctl_offender {
     uint64_t hash;     /* of the peer string */

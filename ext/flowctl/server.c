@@ -108,8 +108,19 @@ typedef struct {
     int64_t write_timeout_ms;         /* a peer that takes nothing we send for this long is stuck */
     long stuck_closed;                /* connections shut down as stuck (mu) */
     long unauthenticated;             /* calls refused for a missing or wrong token (mu) */
-    flowctl_offenders offenders;      /* peers refused calls, per second (acceptor only) */
+    long reset_early;                 /* calls the peer cancelled before a worker got them (mu) */
+    flowctl_offenders offenders;      /* peers' refused or reset calls, per second (mu) */
     long abusive_closed;              /* connections shut down for too many refused calls (mu) */
+    /* memory watch (acceptor only): RSS every WATCH_MS over the last WATCH_SAMPLES */
+    size_t rss[8];
+    int rss_next;
+    int64_t last_watch_ms;
+    size_t memory_burst;              /* RSS growth within the window that sheds a connection (0: off) */
+    pthread_t watchdog;               /* runs watch_memory; the acceptor joins it when it ends */
+    _Atomic int64_t acceptor_beat_ms; /* when the acceptor last came back from gRPC */
+    long stall_closed;                /* connections shut down while the acceptor was held (mu) */
+    bool watchdog_running;
+    long memory_closed;               /* connections shut down for it (mu) */
     char *auth_token;                 /* calls must carry "authorization: Bearer <it>" (NULL: any call) */
     size_t auth_len;
     int ports[8], n_ports;            /* the listening ports: a peer's connection is found by them */
@@ -192,18 +203,22 @@ static void close_stuck_peer(server_t *s, const char *peer);
 static int64_t mono_ms(void);
 
 /*
- * A peer whose calls are refused (no token, or no worker free) more than MAX_REFUSED
- * times in a second floods the server: gRPC core queues every call it sends ahead of
+ * A peer whose calls are refused (no token, or no worker free) or reset before a worker
+ * got them more than MAX_REFUSED times in a second floods the server: gRPC core queues every call it sends ahead of
  * everyone else's, without bound. Its connection is shut down: the calls it queued die
  * with it, and a legitimate client that merely retries too fast reconnects.
  */
 #define MAX_REFUSED 200
 
+/* Any thread (the table is guarded by mu; the connection is looked for outside it). */
 static void
 offense(server_t *s, call_slot *slot)
 {
     char *peer = grpc_call_get_peer(slot->call);
-    if (flowctl_conn_offend(&s->offenders, peer, mono_ms(), MAX_REFUSED)) {
+    pthread_mutex_lock(&s->mu);
+    bool abusive = flowctl_conn_offend(&s->offenders, peer, mono_ms(), MAX_REFUSED);
+    pthread_mutex_unlock(&s->mu);
+    if (abusive) {
         int n = flowctl_conn_shutdown(peer, s->ports, s->n_ports);
         pthread_mutex_lock(&s->mu);
         s->abusive_closed += n;
@@ -229,6 +244,16 @@ on_request(server_t *s, call_slot *slot, bool success)
         slot->pump.call = slot->call;
         if (!stopping) arm_request(s);
         flowctl_pump_start_reading(&slot->pump, false, 1); /* a rejected call drains it */
+        if (flowctl_pump_collect(&slot->pump) && flowctl_pump_recv_failed(&slot->pump)) {
+            /* reset by the peer already (HTTP/2 rapid reset sends HEADERS + RST_STREAM):
+             * no worker for it, and an offense */
+            pthread_mutex_lock(&s->mu);
+            s->reset_early++;
+            pthread_mutex_unlock(&s->mu);
+            offense(s, slot);
+            slot_free(slot);
+            return;
+        }
         if (s->auth_token && !flowctl_bearer_ok(s->auth_token, s->auth_len, &slot->md)) {
             pthread_mutex_lock(&s->mu);
             s->unauthenticated++;
@@ -370,6 +395,73 @@ sweep_lingering(server_t *s, bool force)
     if (left > MAX_LINGERING) close_greediest_peer(s, left);
 }
 
+/* ---- 2c. the memory watch ---------------------------------------------------
+ *
+ * Some floods never reach the acceptor: HTTP/2 rapid reset (CVE-2023-44487: HEADERS then
+ * RST_STREAM, over and over) makes gRPC core 1.51 build and drop calls on its own threads,
+ * and it grew this process by 1.1 GB in ten seconds while other clients timed out. gRPC
+ * 1.51 has no limit for it (MAX_CONCURRENT_STREAMS applies only once the peer acknowledged
+ * our SETTINGS, which an attacker never does). What the server can see is its own memory:
+ * when its RSS grew by more than memory_burst within WATCH_SAMPLES * WATCH_MS, the
+ * connection that sent the most in the next WATCH_PROBE_MS is shut down (conn.c), and the
+ * window starts again. The watch has its own thread, which never enters gRPC: during such
+ * a flood the acceptor's grpc_completion_queue_next does not return (the thread that polls
+ * runs gRPC's work, and the flood is endless work). That is the second sign: the acceptor
+ * comes back at least every ACCEPTOR_POLL_MS, or with each new call; held inside gRPC for
+ * STALL_MS with no call for us, gRPC is busy with work that is no call, and the busiest
+ * connection is shut down (again every STALL_MS while it lasts). This one also catches a
+ * flood that reuses memory freed after the first.
+ */
+#define STALL_MS 600
+#define WATCH_MS 250
+#define WATCH_SAMPLES 8
+#define WATCH_PROBE_MS 50
+
+static void
+watch_memory(server_t *s, int64_t now)
+{
+    if (s->memory_burst == 0 || now - s->last_watch_ms < WATCH_MS) return;
+    s->last_watch_ms = now;
+    size_t rss = flowctl_rss_bytes(), low = rss;
+    for (int i = 0; i < WATCH_SAMPLES; i++)
+        if (s->rss[i] && s->rss[i] < low) low = s->rss[i];
+    s->rss[s->rss_next] = rss;
+    s->rss_next = (s->rss_next + 1) % WATCH_SAMPLES;
+    if (rss - low <= s->memory_burst) return;
+    int n = flowctl_conn_shutdown_busiest(s->ports, s->n_ports, WATCH_PROBE_MS);
+    for (int i = 0; i < WATCH_SAMPLES; i++) s->rss[i] = 0; /* a new window from here */
+    pthread_mutex_lock(&s->mu);
+    s->memory_closed += n;
+    pthread_mutex_unlock(&s->mu);
+}
+
+static void
+watch_stall(server_t *s, int64_t now)
+{
+    if (now - atomic_load(&s->acceptor_beat_ms) < STALL_MS) return;
+    atomic_store(&s->acceptor_beat_ms, now);
+    int n = flowctl_conn_shutdown_busiest(s->ports, s->n_ports, WATCH_PROBE_MS);
+    pthread_mutex_lock(&s->mu);
+    s->stall_closed += n;
+    pthread_mutex_unlock(&s->mu);
+}
+
+static void *
+watchdog_main(void *p)
+{
+    server_t *s = p;
+    struct timespec pause = {0, WATCH_MS * 1000000L};
+    for (;;) {
+        pthread_mutex_lock(&s->mu);
+        bool stop = s->shutting_down;
+        pthread_mutex_unlock(&s->mu);
+        if (stop) return NULL;
+        watch_memory(s, mono_ms());
+        watch_stall(s, mono_ms());
+        nanosleep(&pause, NULL);
+    }
+}
+
 /* The acceptor wakes up to reject a call that waited too long, and at least every
  * ACCEPTOR_POLL_MS so that it steps out of gRPC when a fork is being prepared (fork.c). */
 #define ACCEPTOR_POLL_MS 50
@@ -416,6 +508,7 @@ static bool
 acceptor_step(server_t *s)
 {
     grpc_event ev = grpc_completion_queue_next(s->notify_cq, next_expiry(s), NULL);
+    atomic_store(&s->acceptor_beat_ms, mono_ms());
     sweep_lingering(s, ev.type == GRPC_QUEUE_TIMEOUT);
     if (ev.type == GRPC_QUEUE_TIMEOUT) {
         reject_expired(s);
@@ -446,9 +539,11 @@ acceptor_main(void *p)
     bool done = false;
     while (!done) {
         flowctl_gate_enter();
+        atomic_store(&s->acceptor_beat_ms, mono_ms()); /* a wait at the gate (a fork) is no stall */
         done = acceptor_step(s);
         flowctl_gate_leave();
     }
+    if (s->watchdog_running) pthread_join(s->watchdog, NULL); /* it ends once shutting_down is set */
     pthread_mutex_lock(&s->mu);
     s->acceptor_done = true;
     bool orphaned = s->orphaned;
@@ -682,21 +777,23 @@ server_add_port(VALUE self, VALUE addr, VALUE tls)
 }
 
 /*
- * call-seq: server.start(max_waiting, max_wait, write_timeout = 0, auth_token = nil) -> self
+ * call-seq: server.start(max_waiting, max_wait, write_timeout = 0, auth_token = nil, memory_burst = nil) -> self
  *
  * Starts the native acceptor thread. When no worker is idle, up to max_waiting calls wait
  * up to max_wait seconds each for one; other calls get RESOURCE_EXHAUSTED at once. A
  * peer that takes nothing the server sends for write_timeout seconds (0: no limit) has
  * its call cancelled, and its connection shut down when a status could not leave. With
  * auth_token, the acceptor answers calls without "authorization: Bearer <auth_token>"
- * (auth.c) with UNAUTHENTICATED itself.
+ * (auth.c) with UNAUTHENTICATED itself. memory_burst (bytes): see section 2c.
  */
 static VALUE
 server_start(int argc, VALUE *argv, VALUE self)
 {
-    VALUE max_waiting, max_wait, write_timeout, auth;
-    rb_scan_args(argc, argv, "22", &max_waiting, &max_wait, &write_timeout, &auth);
+    VALUE max_waiting, max_wait, write_timeout, auth, burst;
+    rb_scan_args(argc, argv, "23", &max_waiting, &max_wait, &write_timeout, &auth, &burst);
     server_t *s = server_get(self);
+    if (s->started) rb_raise(rb_eRuntimeError, "server already started");
+    s->memory_burst = NIL_P(burst) ? 0 : NUM2SIZET(burst);
     double wt = NIL_P(write_timeout) ? 0.0 : NUM2DBL(write_timeout);
     if (wt < 0 || wt > 1e9) rb_raise(rb_eArgError, "write_timeout must be between 0 and 1e9 seconds");
     s->write_timeout_ms = (int64_t)(wt * 1000);
@@ -708,7 +805,6 @@ server_start(int argc, VALUE *argv, VALUE self)
         if (!s->auth_token) rb_raise(rb_eNoMemError, "flowctl: out of memory");
         memcpy(s->auth_token, RSTRING_PTR(auth), s->auth_len);
     }
-    if (s->started) rb_raise(rb_eRuntimeError, "server already started");
     int waiting = NUM2INT(max_waiting);
     double wait = NUM2DBL(max_wait);
     if (waiting < 0 || wait < 0) rb_raise(rb_eArgError, "max_waiting and max_wait must not be negative");
@@ -717,6 +813,8 @@ server_start(int argc, VALUE *argv, VALUE self)
     grpc_server_start(s->server);
     s->started = true;
     for (int i = 0; i < OUTSTANDING_REQUESTS; i++) arm_request(s);
+    atomic_store(&s->acceptor_beat_ms, mono_ms());
+    s->watchdog_running = pthread_create(&s->watchdog, NULL, watchdog_main, s) == 0;
     int err = pthread_create(&s->acceptor, NULL, acceptor_main, s);
     if (err) {
         s->started = false;
@@ -843,7 +941,7 @@ server_stats(VALUE self)
     server_t *s = server_of(self);
     pthread_mutex_lock(&s->mu);
     long acc = s->accepted, rej = s->rejected, stuck = s->stuck_closed, unauth = s->unauthenticated;
-    long abusive = s->abusive_closed;
+    long abusive = s->abusive_closed, memory = s->memory_closed, stall = s->stall_closed, reset = s->reset_early;
     int idle = s->idle, queued = s->queued, lingering = s->n_lingering;
     pthread_mutex_unlock(&s->mu);
     VALUE h = rb_hash_new();
@@ -855,6 +953,9 @@ server_stats(VALUE self)
     rb_hash_aset(h, ID2SYM(rb_intern("stuck_closed")), LONG2NUM(stuck));
     rb_hash_aset(h, ID2SYM(rb_intern("unauthenticated")), LONG2NUM(unauth));
     rb_hash_aset(h, ID2SYM(rb_intern("abusive_closed")), LONG2NUM(abusive));
+    rb_hash_aset(h, ID2SYM(rb_intern("memory_closed")), LONG2NUM(memory));
+    rb_hash_aset(h, ID2SYM(rb_intern("stall_closed")), LONG2NUM(stall));
+    rb_hash_aset(h, ID2SYM(rb_intern("reset_early")), LONG2NUM(reset));
     return h;
 }
 
@@ -873,6 +974,7 @@ typedef struct {
     bool finished;
     bool cancelled;
     bool read_done;        /* the client half-closed */
+    bool got_message;      /* a request message came */
     pid_t pid;
 } server_call_t;
 
@@ -1027,11 +1129,13 @@ server_call_recv(int argc, VALUE *argv, VALUE self)
     if (buf) {
         str = flowctl_str_from_buffer(buf);
         grpc_byte_buffer_destroy(buf);
+        c->got_message = true;
     } else if (!interrupted) {
         /* no message: a half-close, unless the client cancelled or went away */
         ok = !flowctl_pump_recv_failed(p) && !grpc_call_failed_before_recv_message(c->slot->call);
         if (ok) c->read_done = true;
         else c->cancelled = true;
+        if (!ok && !c->got_message) offense(c->slot->owner, c->slot); /* reset before its request */
     }
     after_wait(c, self);
     flowctl_wait_finish(interrupted);

@@ -44,11 +44,16 @@ module Flowctl
   # sends for write_timeout seconds (default 30; nil: no limit) gets that call cancelled
   # (Flowctl::Cancelled in the handler's write), and its connection is shut down when a status
   # could not leave, or when it holds the most of more than 1,024 statuses waiting to leave.
+  # Floods that never reach a worker (HTTP/2 rapid reset, CVE-2023-44487, is handled inside gRPC
+  # core 1.51, which has no limit for it) show as memory: when the process grew by more than
+  # memory_burst bytes (default 128 MB; nil: off) within two seconds, or when gRPC core held the
+  # acceptor for a second without a call for it, the connection that sends the most is shut down.
   # Keepalive (KEEPALIVE_ARGS, overridable with channel_args:) pings every connection every
   # 60 s and drops one that does not answer within 20 s: dead and stuck peers go.
   class Server
     DEFAULT_POOL_SIZE = 32
     DEFAULT_WRITE_TIMEOUT = 30.0
+    DEFAULT_MEMORY_BURST = 128 << 20
     KEEPALIVE_ARGS = {
       "grpc.keepalive_time_ms" => 60_000,
       "grpc.keepalive_timeout_ms" => 20_000,
@@ -56,6 +61,10 @@ module Flowctl
       "grpc.http2.max_pings_without_data" => 0    # ... however long they stay idle
     }.freeze
     LOOPBACK = %w[127.0.0.1 localhost ::1 [::1]].freeze
+
+    STATS_BEFORE_START = { accepted: 0, rejected: 0, idle: 0, queued: 0, lingering: 0, stuck_closed: 0,
+                           unauthenticated: 0, abusive_closed: 0, memory_closed: 0, stall_closed: 0,
+                           reset_early: 0 }.freeze
 
     OK = 0
     UNKNOWN = 2
@@ -65,7 +74,8 @@ module Flowctl
     attr_reader :host, :port, :pool_size
 
     def initialize(host: "127.0.0.1", port: 0, tls: nil, auth_token: nil, pool_size: DEFAULT_POOL_SIZE,
-                   max_waiting: nil, max_wait: 0.1, write_timeout: DEFAULT_WRITE_TIMEOUT, channel_args: {})
+                   max_waiting: nil, max_wait: 0.1, write_timeout: DEFAULT_WRITE_TIMEOUT,
+                   memory_burst: DEFAULT_MEMORY_BURST, channel_args: {})
       @host = String(host)
       @requested_port = Integer(port)
       @tls = check_tls(tls)
@@ -82,6 +92,11 @@ module Flowctl
       @write_timeout = write_timeout.nil? ? 0.0 : Float(write_timeout)
       unless @write_timeout.positive? || write_timeout.nil?
         raise ArgumentError, "write_timeout must be positive or nil (given #{write_timeout.inspect})"
+      end
+
+      @memory_burst = memory_burst.nil? ? nil : Integer(memory_burst)
+      if @memory_burst && @memory_burst < (1 << 20)
+        raise ArgumentError, "memory_burst must be at least 1 MB (1048576) or nil (given #{memory_burst.inspect})"
       end
 
       # no SO_REUSEPORT unless asked: a second server on a taken port must fail, not share it
@@ -130,7 +145,7 @@ module Flowctl
         @pid = Process.pid
         @workers = Array.new(@pool_size) { |i| spawn_worker(i) } # they wait for calls before any arrive
         begin
-          @native.start(@max_waiting, @max_wait, @write_timeout, @auth_token)
+          @native.start(@max_waiting, @max_wait, @write_timeout, @auth_token, @memory_burst)
         rescue StandardError
           @native.close # never started: ends the workers' wait
           @workers.each(&:join)
@@ -166,10 +181,14 @@ module Flowctl
       nil
     end
 
-    # {accepted:, rejected:, idle:, queued:, lingering:, stuck_closed:} as counted by the native
-    # acceptor (lingering: statuses still on their way; stuck_closed: connections shut down).
+    # {accepted:, rejected:, idle:, queued:, lingering:, unauthenticated:, stuck_closed:, abusive_closed:,
+    # memory_closed:, stall_closed:, reset_early:} as counted by the native acceptor: lingering, statuses still on their way;
+    # unauthenticated, calls refused for their token; reset_early, calls the peer cancelled before a
+    # worker got them (HTTP/2 rapid reset); *_closed, connections shut down because
+    # their peer did not read (stuck), had more than 200 calls refused or reset in a second (abusive), or
+    # sent the most while memory grew by memory_burst (memory) or gRPC held the acceptor (stall).
     def stats
-      @native ? @native.stats : { accepted: 0, rejected: 0, idle: 0, queued: 0, lingering: 0, stuck_closed: 0 }
+      @native ? @native.stats : STATS_BEFORE_START
     end
 
     def inspect
