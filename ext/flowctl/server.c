@@ -1079,6 +1079,16 @@ server_next_call(VALUE self)
         struct next_arg a = {.s = s};
         /* INTR_FAIL: no interrupt check after the wait, so a popped call is never dropped */
         rb_nogvl(next_nogvl, &a, next_ubf, &a, RB_NOGVL_INTR_FAIL);
+        if (a.slot && flowctl_pump_collect(&a.slot->pump) && flowctl_pump_recv_failed(&a.slot->pump)) {
+            /* the peer reset it while it waited (a flood's calls, or its connection was
+             * shut): not worth a trip into Ruby */
+            offense(s, a.slot);
+            pthread_mutex_lock(&s->mu);
+            s->reset_early++;
+            pthread_mutex_unlock(&s->mu);
+            slot_free(a.slot);
+            continue;
+        }
         if (a.slot) {
             VALUE call = wrap_slot(a.slot); /* owns the slot from here on, even if an interrupt follows */
             rb_thread_check_ints();
