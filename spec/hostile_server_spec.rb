@@ -96,10 +96,10 @@ RSpec.describe "hostile peers against Flowctl::Server" do
       sleep 0.05 until peer.closed_by_server? || Process.clock_gettime(Process::CLOCK_MONOTONIC) > limit
       puts peer.closed_by_server?
     RUBY
-    peak = [peak, rss_mb].max while flood.alive? && !sleep(0.05)
+    peak = [peak, rss_mb].max while flood.alive? && sleep(0.05)
     expect(flood.value).to eq("true\n") # the server shut the connection (the peer kept it open)
     expect(server.stats.values_at(:stall_closed, :memory_closed, :abusive_closed).sum).to be >= 1
-    expect(peak - before).to be < 500 # MB; it was 700 MB and more for 60,000 streams
+    expect(peak - before).to be < 650 # MB; measured 150-550 (what gRPC parsed before the cut); 771 before, never cut
     # serving again by itself: the calls the shut connection had queued in gRPC core still come
     # out for a while (about 2,000 a second here) and others may be refused meanwhile
     # (RESOURCE_EXHAUSTED: shed with a clear status) or wait (measured: 0.3-6 s on this loaded
@@ -108,7 +108,7 @@ RSpec.describe "hostile peers against Flowctl::Server" do
     begin
       expect(client(server, timeout: 1).register_processor(processor_id: "after").success).to be(true)
     rescue Flowctl::ResourceExhausted, Flowctl::DeadlineExceeded
-      retry if now - started < time_limit(15) && !sleep(0.05)
+      retry if now - started < time_limit(15) && sleep(0.05)
       raise
     end
   ensure
