@@ -18,6 +18,37 @@
 #include <stdlib.h>
 #include <sys/socket.h>
 #include <unistd.h>
+#include <errno.h>
+#include <fcntl.h>
+
+/*
+ * The descriptor table is read through /proc/self/fd, which takes a descriptor: when
+ * the process has none left (the case these checks are for), the spare one kept here is
+ * given up for the look and taken again after.
+ */
+static _Atomic int spare_fd = -1;
+
+static DIR *
+fd_dir(void)
+{
+    DIR *d = opendir("/proc/self/fd");
+    if (d || errno != EMFILE) return d;
+    int spare = atomic_exchange(&spare_fd, -1);
+    if (spare < 0) return NULL;
+    close(spare);
+    return opendir("/proc/self/fd");
+}
+
+static void
+fd_dir_close(DIR *d)
+{
+    if (d) closedir(d);
+    if (atomic_load(&spare_fd) < 0) {
+        int fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
+        int none = -1;
+        if (fd >= 0 && !atomic_compare_exchange_strong(&spare_fd, &none, fd)) close(fd);
+    }
+}
 
 /* The local port of a TCP socket; 0 for anything else. */
 static int
@@ -78,7 +109,7 @@ int
 flowctl_conn_shutdown(const char *peer, const int *ports, int n_ports)
 {
     if (!peer || n_ports == 0) return 0;
-    DIR *d = opendir("/proc/self/fd");
+    DIR *d = fd_dir();
     if (!d) return 0;
     int done = 0;
     char uri[96];
@@ -87,21 +118,21 @@ flowctl_conn_shutdown(const char *peer, const int *ports, int n_ports)
         if (e->d_name[0] == '.' || fd == dirfd(d) || !ours(fd, ports, n_ports)) continue;
         if (peer_uri(fd, uri, sizeof(uri)) && strcmp(uri, peer) == 0 && shutdown(fd, SHUT_RDWR) == 0) done++;
     }
-    closedir(d);
+    fd_dir_close(d);
     return done;
 }
 
 int
 flowctl_conn_count(const int *ports, int n_ports)
 {
-    DIR *d = opendir("/proc/self/fd");
+    DIR *d = fd_dir();
     if (!d) return -1;
     int n = 0;
     for (struct dirent *e; (e = readdir(d));) {
         int fd = atoi(e->d_name);
         if (e->d_name[0] != '.' && fd != dirfd(d) && ours(fd, ports, n_ports)) n++;
     }
-    closedir(d);
+    fd_dir_close(d);
     return n;
 }
 
@@ -170,7 +201,7 @@ int
 flowctl_conn_shutdown_busiest(const int *ports, int n_ports, int ms)
 {
     conn_sample *s = malloc(sizeof(conn_sample) * BUSIEST_MAX);
-    DIR *d = s ? opendir("/proc/self/fd") : NULL;
+    DIR *d = s ? fd_dir() : NULL;
     if (!d) {
         free(s);
         return 0;
@@ -181,7 +212,7 @@ flowctl_conn_shutdown_busiest(const int *ports, int n_ports, int ms)
         if (e->d_name[0] == '.' || fd == dirfd(d) || !ours(fd, ports, n_ports)) continue;
         if (received(fd, &s[n].bytes, &s[n].ino)) s[n++].fd = fd;
     }
-    closedir(d);
+    fd_dir_close(d);
     struct timespec pause = {ms / 1000, (long)(ms % 1000) * 1000000L};
     nanosleep(&pause, NULL);
     int best = -1;
@@ -206,4 +237,103 @@ flowctl_rss_bytes(void)
     int got = fscanf(f, "%lu %lu", &size, &resident);
     fclose(f);
     return got == 2 ? (size_t)resident * (size_t)sysconf(_SC_PAGESIZE) : 0;
+}
+
+/* ---- listeners and the descriptor limit -------------------------------------------- */
+#include <poll.h>
+#include <sys/resource.h>
+
+int
+flowctl_conn_listener_pending(const int *ports, int n_ports)
+{
+    DIR *d = fd_dir();
+    if (!d) return -1;
+    int found = -1;
+    for (struct dirent *e; (e = readdir(d));) {
+        int fd = atoi(e->d_name), port = local_port(fd);
+        if (e->d_name[0] == '.' || fd == dirfd(d) || !port || !listening(fd)) continue;
+        for (int i = 0; i < n_ports; i++) {
+            if (ports[i] != port) continue;
+            struct pollfd p = {.fd = fd, .events = POLLIN};
+            int pending = poll(&p, 1, 0) == 1 && (p.revents & POLLIN);
+            if (pending || found < 0) found = pending;
+        }
+    }
+    fd_dir_close(d);
+    return found;
+}
+
+int
+flowctl_conn_close_listeners(const int *ports, int n_ports)
+{
+    DIR *d = fd_dir();
+    if (!d) return 0;
+    int n = 0;
+    for (struct dirent *e; (e = readdir(d));) {
+        int fd = atoi(e->d_name), port = local_port(fd);
+        if (e->d_name[0] == '.' || fd == dirfd(d) || !port || !listening(fd)) continue;
+        for (int i = 0; i < n_ports; i++)
+            if (ports[i] == port && shutdown(fd, SHUT_RDWR) == 0) n++;
+    }
+    fd_dir_close(d);
+    return n;
+}
+
+/* Descriptors open in this process, and its soft limit. */
+static int
+fds_open(void)
+{
+    DIR *d = fd_dir();
+    if (!d) return -1;
+    int n = -1; /* the directory's own */
+    while (readdir(d)) n++;
+    fd_dir_close(d);
+    return n - 2; /* . and .. */
+}
+
+typedef struct {
+    int fd;
+    uint32_t idle_ms;
+} idle_conn;
+
+static int
+by_idle_desc(const void *a, const void *b)
+{
+    uint32_t x = ((const idle_conn *)a)->idle_ms, y = ((const idle_conn *)b)->idle_ms;
+    return x < y ? 1 : x > y ? -1 : 0;
+}
+
+int
+flowctl_conn_shed_idle(const int *ports, int n_ports, int reserve_div)
+{
+    struct rlimit rl;
+    int open_now = fds_open();
+    if (open_now < 0 || getrlimit(RLIMIT_NOFILE, &rl) != 0 || rl.rlim_cur == RLIM_INFINITY) return 0;
+    long limit = (long)rl.rlim_cur, reserve = limit / reserve_div < 16 ? 16 : limit / reserve_div;
+    long excess = open_now - (limit - reserve);
+    if (excess <= 0) return 0;
+    idle_conn *c = malloc(sizeof(idle_conn) * BUSIEST_MAX);
+    DIR *d = c ? fd_dir() : NULL;
+    if (!d) {
+        free(c);
+        return 0;
+    }
+    int n = 0;
+    for (struct dirent *e; n < BUSIEST_MAX && (e = readdir(d));) {
+        int fd = atoi(e->d_name);
+        struct tcp_info ti;
+        socklen_t len = sizeof(ti);
+        if (e->d_name[0] == '.' || fd == dirfd(d) || !ours(fd, ports, n_ports) ||
+            getsockopt(fd, IPPROTO_TCP, TCP_INFO, &ti, &len) != 0)
+            continue;
+        c[n].fd = fd;
+        c[n++].idle_ms = ti.tcpi_last_data_recv;
+    }
+    fd_dir_close(d);
+    qsort(c, (size_t)n, sizeof(idle_conn), by_idle_desc);
+    int shed = 0;
+    for (int i = 0; i < n && shed < excess + reserve / 2; i++)
+        if (shutdown(c[i].fd, SHUT_RDWR) == 0) shed++;
+    free(c);
+    return shed;
 }

@@ -300,6 +300,15 @@ int flowctl_conn_count(const int *ports, int n_ports);
 /* Shuts down the connection on ports that received the most bytes over the next ms
  * milliseconds (it sleeps that long); 1 when there was one. */
 int flowctl_conn_shutdown_busiest(const int *ports, int n_ports, int ms);
+/* 1 when a listener on ports has a connection waiting to be accepted, 0 when none has,
+ * -1 when there is no listener. */
+int flowctl_conn_listener_pending(const int *ports, int n_ports);
+/* shutdown(2) on the listeners on ports: the port is free to listen on again. */
+int flowctl_conn_close_listeners(const int *ports, int n_ports);
+/* When fewer than limit/reserve_div (at least 16) descriptors are left below the soft
+ * RLIMIT_NOFILE, shuts down the connections on ports idle longest (to half the reserve
+ * more); returns how many. */
+int flowctl_conn_shed_idle(const int *ports, int n_ports, int reserve_div);
 /* This process's resident memory (0 when unknown). */
 size_t flowctl_rss_bytes(void);
 #define FLOWCTL_OFFENDERS 64

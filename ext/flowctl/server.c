@@ -119,6 +119,9 @@ typedef struct {
     pthread_t watchdog;               /* runs watch_memory; the acceptor joins it when it ends */
     _Atomic int64_t acceptor_beat_ms; /* when the acceptor last came back from gRPC */
     long stall_closed;                /* connections shut down while the acceptor was held (mu) */
+    long idle_shed;                   /* connections shut down near the descriptor limit (mu) */
+    int pending_ticks;                /* watchdog: checks in a row that found the listener not accepting */
+    bool listener_stopped;            /* (mu) gRPC core stopped accepting on our port: see 2d */
     bool watchdog_running;
     long memory_closed;               /* connections shut down for it (mu) */
     char *auth_token;                 /* calls must carry "authorization: Bearer <it>" (NULL: any call) */
@@ -446,6 +449,32 @@ watch_stall(server_t *s, int64_t now)
     pthread_mutex_unlock(&s->mu);
 }
 
+/* ---- 2d. the listener and the descriptor limit --------------------------------
+ *
+ * gRPC core 1.51 stops accepting for good when accept4 fails with anything but EAGAIN
+ * (EMFILE: 400 idle connections under ulimit -n 256 did it): the port stays bound and
+ * connections queue up, unanswered, forever. Two guards, on the watchdog thread:
+ *   - below the soft RLIMIT_NOFILE (Flowctl::Server raises it to the hard one) a reserve
+ *     of limit/8 descriptors is kept: past it, the connections idle longest are shut down;
+ *   - a listener with a connection waiting for LISTENER_TICKS checks in a row (a second)
+ *     has stopped: listener_stopped is set, and the Ruby layer starts a new listener on
+ *     the same port (lib/flowctl/server.rb, after release_listeners).
+ */
+#define LISTENER_TICKS 4
+#define RESERVE_DIV 8
+
+static void
+watch_listener(server_t *s)
+{
+    int shed = flowctl_conn_shed_idle(s->ports, s->n_ports, RESERVE_DIV);
+    int pending = flowctl_conn_listener_pending(s->ports, s->n_ports);
+    if (pending >= 0) s->pending_ticks = pending ? s->pending_ticks + 1 : 0; /* -1: cannot tell now */
+    pthread_mutex_lock(&s->mu);
+    s->idle_shed += shed;
+    if (s->pending_ticks >= LISTENER_TICKS) s->listener_stopped = true;
+    pthread_mutex_unlock(&s->mu);
+}
+
 static void *
 watchdog_main(void *p)
 {
@@ -458,6 +487,7 @@ watchdog_main(void *p)
         if (stop) return NULL;
         watch_memory(s, mono_ms());
         watch_stall(s, mono_ms());
+        watch_listener(s);
         nanosleep(&pause, NULL);
     }
 }
@@ -838,6 +868,19 @@ server_shutdown(VALUE self)
     return Qnil;
 }
 
+/*
+ * call-seq: server.release_listeners -> Integer
+ *
+ * shutdown(2) on this server's listening sockets, so that another server can listen on
+ * its port (after #shutdown: its connections go on until their calls end). How many.
+ */
+static VALUE
+server_release_listeners(VALUE self)
+{
+    server_t *s = server_get(self);
+    return INT2FIX(flowctl_conn_close_listeners(s->ports, s->n_ports));
+}
+
 /* call-seq: server.cancel_all -> nil (cancels every call in flight) */
 static VALUE
 server_cancel_all(VALUE self)
@@ -942,6 +985,8 @@ server_stats(VALUE self)
     pthread_mutex_lock(&s->mu);
     long acc = s->accepted, rej = s->rejected, stuck = s->stuck_closed, unauth = s->unauthenticated;
     long abusive = s->abusive_closed, memory = s->memory_closed, stall = s->stall_closed, reset = s->reset_early;
+    long idle_shed = s->idle_shed;
+    bool stopped = s->listener_stopped;
     int idle = s->idle, queued = s->queued, lingering = s->n_lingering;
     pthread_mutex_unlock(&s->mu);
     VALUE h = rb_hash_new();
@@ -956,6 +1001,8 @@ server_stats(VALUE self)
     rb_hash_aset(h, ID2SYM(rb_intern("memory_closed")), LONG2NUM(memory));
     rb_hash_aset(h, ID2SYM(rb_intern("stall_closed")), LONG2NUM(stall));
     rb_hash_aset(h, ID2SYM(rb_intern("reset_early")), LONG2NUM(reset));
+    rb_hash_aset(h, ID2SYM(rb_intern("idle_shed")), LONG2NUM(idle_shed));
+    rb_hash_aset(h, ID2SYM(rb_intern("listener_stopped")), stopped ? Qtrue : Qfalse);
     return h;
 }
 
@@ -1426,6 +1473,7 @@ init_flowctl_server(void)
     rb_define_method(cServer, "shutdown", server_shutdown, 0);
     rb_define_method(cServer, "wait_shutdown", server_wait_shutdown, -1);
     rb_define_method(cServer, "cancel_all", server_cancel_all, 0);
+    rb_define_method(cServer, "release_listeners", server_release_listeners, 0);
     rb_define_method(cServer, "close", server_close, 0);
     rb_define_method(cServer, "stats", server_stats, 0);
 

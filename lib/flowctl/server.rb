@@ -134,26 +134,28 @@ module Flowctl
         raise "server already started" unless @state == :new
         raise ArgumentError, "no handlers: call #handle first" if @routes.empty?
 
-        @native = Native::Server.new(@channel_args)
-        begin
-          @port = @native.add_port(address, @tls ? @tls.to_native << @tls.client_auth : false)
-        rescue StandardError
-          @native.close
-          raise
-        end
+        Server.raise_nofile_limit
+        @native, @port = listen(address)
         @routes.freeze
         @pid = Process.pid
-        @workers = Array.new(@pool_size) { |i| spawn_worker(i) } # they wait for calls before any arrive
-        begin
-          @native.start(@max_waiting, @max_wait, @write_timeout, @auth_token, @memory_burst)
-        rescue StandardError
-          @native.close # never started: ends the workers' wait
-          @workers.each(&:join)
-          raise
-        end
+        @workers = start_native(@native)
+        @retired = []
         @state = :running
+        @monitor = spawn_monitor
       end
       @port
+    end
+
+    # The soft limit of open descriptors up to the hard one (gRPC core 1.51 stops accepting for
+    # good when it runs out of them); false when it could not.
+    def self.raise_nofile_limit
+      soft, hard = Process.getrlimit(:NOFILE)
+      return true if soft == hard
+
+      Process.setrlimit(:NOFILE, hard, hard)
+      true
+    rescue SystemCallError, NotImplementedError
+      false
     end
 
     def running? = @state == :running && !forked?
@@ -169,14 +171,9 @@ module Flowctl
         @state = forked? ? :stopped : :stopping
       end
       return nil if forked? # the parent's server: nothing of it runs in this process
-      @native.shutdown
-      done = @native.wait_shutdown(Float(grace)) || force_stop
-      others.each(&:join)
-      if done
-        @native.close
-      else
-        warn "flowctl server: calls still hold the server after stop; leaving it to the garbage collector"
-      end
+      @monitor.join unless @monitor.equal?(Thread.current)
+      stop_native(@native, @workers, grace)
+      @retired.each(&:join) # servers replaced after their listener stopped (restart_listener)
       @state = :stopped
       nil
     end
@@ -332,10 +329,81 @@ module Flowctl
 
     def address_for_display = @port ? address.sub(/:\d+\z/, ":#{@port}") : address
 
-    def spawn_worker(index)
+    # A native server listening on addr: [native, bound port].
+    def listen(addr)
+      native = Native::Server.new(@channel_args)
+      [native, native.add_port(addr, @tls ? @tls.to_native << @tls.client_auth : false)]
+    rescue StandardError
+      native&.close
+      raise
+    end
+
+    # Starts native with a fresh pool of workers; returns them.
+    def start_native(native)
+      workers = Array.new(@pool_size) { |i| spawn_worker(i, native) } # they wait for calls before any arrive
+      native.start(@max_waiting, @max_wait, @write_timeout, @auth_token, @memory_burst)
+      workers
+    rescue StandardError
+      native.close # never started: ends the workers' wait
+      workers&.each(&:join)
+      raise
+    end
+
+    def stop_native(native, workers, grace)
+      native.shutdown
+      done = native.wait_shutdown(Float(grace)) || force_stop(native, workers)
+      workers.each { |t| t.join unless t.equal?(Thread.current) }
+      if done
+        native.close
+      else
+        warn "flowctl server: calls still hold the server after stop; leaving it to the garbage collector"
+      end
+    end
+
+    # Watches the native server for a listener gRPC core gave up on (see server.c, 2d).
+    def spawn_monitor
+      Thread.new do
+        Thread.current.name = "flowctl-server-monitor"
+        Thread.current.report_on_exception = false
+        while @state == :running
+          sleep 0.25
+          restart_listener if @state == :running && @native.stats[:listener_stopped]
+        end
+      end
+    end
+
+    # gRPC core 1.51 stops accepting for good after accept4 fails (EMFILE): the current native
+    # server stops taking connections (those it has go on to the end of their calls, then it is
+    # closed), and a new one listens on the same port, tried every 0.1 s while descriptors are
+    # short.
+    def restart_listener
+      warn "flowctl server: gRPC core stopped accepting connections on port #{@port} (accept4 failed: " \
+           "out of file descriptors?); starting a new listener on it"
+      old, old_workers = @native, @workers
+      old.shutdown
+      old.release_listeners
+      addr = address.sub(/:\d+\z/, ":#{@port}")
+      native = nil
+      while native.nil? && @state == :running
+        native = begin
+          listen(addr).first
+        rescue ArgumentError, SystemCallError
+          sleep 0.1
+          nil
+        end
+      end
+      return native&.close unless @state == :running
+
+      workers = start_native(native)
+      @lock.synchronize { @native, @workers = native, workers }
+      warn "flowctl server: listening again on port #{@port}"
+      @retired << Thread.new { stop_native(old, old_workers, 30) }
+    end
+
+    def spawn_worker(index, native)
       Thread.new do
         Thread.current.name = "flowctl-server-#{index}"
-        while (ncall = @native.next_call)
+        while (ncall = native.next_call)
           begin
             serve(ncall)
           rescue Exception => e # rubocop:disable Lint/RescueException -- a worker outlives any call
@@ -347,20 +415,18 @@ module Flowctl
 
     # After the grace period: cancel every call, give handlers a second to notice, then kill
     # the workers still busy (their ensure releases the calls). True once the server is done.
-    def force_stop
-      @native.cancel_all
+    def force_stop(native, workers)
+      native.cancel_all
+      others = workers.reject { |t| t.equal?(Thread.current) }
       limit = Process.clock_gettime(Process::CLOCK_MONOTONIC) + 1.0
       others.each { |t| t.join([limit - Process.clock_gettime(Process::CLOCK_MONOTONIC), 0].max) }
       others.each { |t| t.kill if t.alive? }
       others.each(&:join)
-      @native.wait_shutdown(10)
+      native.wait_shutdown(10)
     end
 
     # In a child forked while this server ran: the server, its threads and its calls are the parent's.
     def forked? = @pid && @pid != Process.pid
-
-    # The workers, less the current thread (a handler may stop its own server).
-    def others = @workers.reject { |t| t.equal?(Thread.current) }
 
     # One call, start to end. The ensure releases the native call whatever happened.
     def serve(ncall)
