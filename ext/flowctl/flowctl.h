@@ -59,6 +59,7 @@ typedef struct flowctl_field {
     VALUE sym;                            /* static Symbol: never moves, never collected */
     const char *name;
     const ProtobufCMessageDescriptor *sub_desc; /* elem's message type (not Timestamp) */
+    unsigned oneof;                       /* members of one oneof share this number; 0: none */
 } flowctl_field;
 
 /* A generated message class: descriptor, Ruby class and field table. */
@@ -102,6 +103,14 @@ const flowctl_class *flowctl_class_of(VALUE klass);      /* NULL when not a mess
 flowctl_msg *flowctl_msg_get(VALUE msg);                 /* raises TypeError when not a message */
 VALUE flowctl_msg_new(const flowctl_class *ci);          /* all fields at their defaults */
 VALUE flowctl_field_default(const flowctl_field *f);
+/* After field i of a oneof was set: its siblings become unset. */
+void flowctl_msg_clear_oneof(VALUE msg, flowctl_msg *m, unsigned i);
+
+/* ---- descriptor.c: protobuf-c descriptors built at run time from descriptor sets ---- */
+void init_flowctl_descriptor(void);
+/* Every message and enum descriptor by full proto name (protoc-c's and built ones). */
+void flowctl_descriptor_register(const char *full_name, const void *desc);
+const void *flowctl_descriptor_lookup(const char *full_name); /* NULL when unknown */
 
 /* convert.c: the one place where Ruby values meet protobuf fields (setters, encode, decode). */
 VALUE flowctl_convert_field(const flowctl_class *ci, const flowctl_field *f, VALUE v);
@@ -161,7 +170,12 @@ void flowctl_cq_destroy(grpc_completion_queue *cq);
 grpc_byte_buffer *flowctl_buffer_from_str(VALUE str);
 VALUE flowctl_str_from_buffer(grpc_byte_buffer *buf); /* binary String; does not destroy buf */
 
-/* ---- channel.c: grpc_channel + credentials + channel args --------------- */
+/* ---- chanargs.c: channel args (a Hash Flowctl::ChannelArgs.normalize made) ---- */
+/* Fills args (room for RHASH_SIZE(hash) entries; the strings stay the Hash's: keep it
+ * alive while they are used) and returns how many; nil gives none. */
+size_t flowctl_channel_args_fill(VALUE hash, grpc_arg *args);
+
+/* ---- channel.c: grpc_channel + credentials ---------------------------------- */
 typedef struct flowctl_channel flowctl_channel;
 
 /* A call in flight on a channel, listed so that closing the channel cancels it. */
@@ -233,6 +247,10 @@ typedef struct flowctl_pump {
     int64_t send_timeout_ms;     /* a wait on sends the peer does not take gives up after it (0: never) */
     int64_t send_progress_ms;    /* CLOCK_MONOTONIC: when a send last completed */
     bool send_timed_out;         /* a wait on sends gave up: the call was cancelled */
+    flowctl_pump_extra close_extra; /* a server's RECV_CLOSE_ON_SERVER, started early (watch_close) */
+    grpc_op close_op;
+    int close_cancelled;
+    bool close_watching;
     struct flowctl_pump *drive_next; /* the driver's list (pump.c: drive_mu) */
     bool drive_listed, drive_gone;
 } flowctl_pump;
@@ -276,6 +294,15 @@ int flowctl_pump_wait_initial(flowctl_pump *p);
 /* Runs another batch and waits for it; *ok its success. Raises if gRPC refuses it. */
 int flowctl_pump_run(flowctl_pump *p, const grpc_op *ops, size_t n, bool *ok);
 bool flowctl_pump_send_failed(flowctl_pump *p);
+/* A server's: starts RECV_CLOSE_ON_SERVER now (once), so that a client that cancels or
+ * goes away is seen while the handler neither reads nor writes. finish then waits for it
+ * instead of adding the op to the status batch. GVL held. */
+void flowctl_pump_watch_close(flowctl_pump *p);
+/* With the GVL, without waiting: takes what has completed; true when the client has
+ * cancelled or gone away (known only once watch_close was started). */
+bool flowctl_pump_peer_gone(flowctl_pump *p);
+/* After the status was sent (watch_close started): waits for the close; *cancelled. */
+int flowctl_pump_wait_close(flowctl_pump *p, int *cancelled);
 bool flowctl_pump_recv_failed(flowctl_pump *p);
 /* Cancels (when asked), drains, frees the queues and the completion queue. */
 void flowctl_pump_destroy(flowctl_pump *p, bool cancel_call);

@@ -110,6 +110,9 @@ typedef struct {
     long unauthenticated;             /* calls refused for a missing or wrong token (mu) */
     long reset_early;                 /* calls the peer cancelled before a worker got them (mu) */
     flowctl_offenders offenders;      /* peers' refused or reset calls, per second (mu) */
+    char shut_peers[8][64];           /* (mu) the last connections shut down: their queued calls are dropped */
+    int shut_next;                    /* (mu) */
+    long dropped;                     /* (mu) calls of a shut connection, dropped as they came */
     long abusive_closed;              /* connections shut down for too many refused calls (mu) */
     /* memory watch (acceptor only): RSS every WATCH_MS over the last WATCH_SAMPLES */
     size_t rss[8];
@@ -214,6 +217,32 @@ static int64_t mono_ms(void);
 #define MAX_REFUSED 200
 
 /* Any thread (the table is guarded by mu; the connection is looked for outside it). */
+/* A connection was shut down: calls gRPC core still had queued from it are dropped. */
+static void
+remember_shut(server_t *s, const char *peer)
+{
+    if (!peer || strlen(peer) >= sizeof(s->shut_peers[0])) return;
+    pthread_mutex_lock(&s->mu);
+    strcpy(s->shut_peers[s->shut_next], peer);
+    s->shut_next = (s->shut_next + 1) % 8;
+    pthread_mutex_unlock(&s->mu);
+}
+
+/* The acceptor: true (and the call freed) when it comes from a connection we shut down. */
+static bool
+drop_if_shut(server_t *s, call_slot *slot)
+{
+    char *peer = grpc_call_get_peer(slot->call);
+    bool shut = false;
+    pthread_mutex_lock(&s->mu);
+    for (int i = 0; i < 8 && !shut && peer; i++) shut = strcmp(s->shut_peers[i], peer) == 0;
+    if (shut) s->dropped++;
+    pthread_mutex_unlock(&s->mu);
+    gpr_free(peer);
+    if (shut) slot_free(slot);
+    return shut;
+}
+
 static void
 offense(server_t *s, call_slot *slot)
 {
@@ -222,6 +251,7 @@ offense(server_t *s, call_slot *slot)
     bool abusive = flowctl_conn_offend(&s->offenders, peer, mono_ms(), MAX_REFUSED);
     pthread_mutex_unlock(&s->mu);
     if (abusive) {
+        remember_shut(s, peer);
         int n = flowctl_conn_shutdown(peer, s->ports, s->n_ports);
         pthread_mutex_lock(&s->mu);
         s->abusive_closed += n;
@@ -246,6 +276,7 @@ on_request(server_t *s, call_slot *slot, bool success)
     if (success) {
         slot->pump.call = slot->call;
         if (!stopping) arm_request(s);
+        if (drop_if_shut(s, slot)) return;
         flowctl_pump_start_reading(&slot->pump, false, 1); /* a rejected call drains it */
         if (flowctl_pump_collect(&slot->pump) && flowctl_pump_recv_failed(&slot->pump)) {
             /* reset by the peer already (HTTP/2 rapid reset sends HEADERS + RST_STREAM):
@@ -315,6 +346,7 @@ linger(server_t *s, call_slot *slot)
 static void
 close_stuck_peer(server_t *s, const char *peer)
 {
+    remember_shut(s, peer);
     int n = flowctl_conn_shutdown(peer, s->ports, s->n_ports);
     pthread_mutex_lock(&s->mu);
     s->stuck_closed += n;
@@ -721,29 +753,11 @@ server_get(VALUE self)
     return s;
 }
 
-static int
-server_arg_each(VALUE k, VALUE v, VALUE p)
-{
-    grpc_channel_args *a = (grpc_channel_args *)p;
-    grpc_arg *arg = &a->args[a->num_args++];
-    if (SYMBOL_P(k)) k = rb_sym2str(k);
-    arg->key = StringValueCStr(k);
-    if (RB_INTEGER_TYPE_P(v)) {
-        arg->type = GRPC_ARG_INTEGER;
-        arg->value.integer = NUM2INT(v);
-    } else {
-        if (SYMBOL_P(v)) v = rb_sym2str(v);
-        arg->type = GRPC_ARG_STRING;
-        arg->value.string = StringValueCStr(v);
-    }
-    return ST_CONTINUE;
-}
-
 /*
  * call-seq:
  *   Flowctl::Native::Server.new(channel_args) -> server
  *
- * channel_args is a Hash of String => Integer or String (grpc.* server options).
+ * channel_args: grpc.* server options, as Flowctl::ChannelArgs.normalize returns them.
  */
 static VALUE
 server_initialize(VALUE self, VALUE args)
@@ -752,7 +766,7 @@ server_initialize(VALUE self, VALUE args)
     if (s->server || s->closed) rb_raise(rb_eRuntimeError, "server already initialized");
     Check_Type(args, T_HASH);
     grpc_channel_args cargs = {.num_args = 0, .args = ALLOCA_N(grpc_arg, RHASH_SIZE(args) + 1)};
-    rb_hash_foreach(args, server_arg_each, (VALUE)&cargs);
+    cargs.num_args = flowctl_channel_args_fill(args, cargs.args);
     cargs.args[cargs.num_args++] = flowctl_fork_socket_arg();
     s->server = grpc_server_create(&cargs, NULL);
     RB_GC_GUARD(args);
@@ -985,7 +999,7 @@ server_stats(VALUE self)
     pthread_mutex_lock(&s->mu);
     long acc = s->accepted, rej = s->rejected, stuck = s->stuck_closed, unauth = s->unauthenticated;
     long abusive = s->abusive_closed, memory = s->memory_closed, stall = s->stall_closed, reset = s->reset_early;
-    long idle_shed = s->idle_shed;
+    long idle_shed = s->idle_shed, dropped = s->dropped;
     bool stopped = s->listener_stopped;
     int idle = s->idle, queued = s->queued, lingering = s->n_lingering;
     pthread_mutex_unlock(&s->mu);
@@ -1002,6 +1016,7 @@ server_stats(VALUE self)
     rb_hash_aset(h, ID2SYM(rb_intern("stall_closed")), LONG2NUM(stall));
     rb_hash_aset(h, ID2SYM(rb_intern("reset_early")), LONG2NUM(reset));
     rb_hash_aset(h, ID2SYM(rb_intern("idle_shed")), LONG2NUM(idle_shed));
+    rb_hash_aset(h, ID2SYM(rb_intern("dropped")), LONG2NUM(dropped));
     rb_hash_aset(h, ID2SYM(rb_intern("listener_stopped")), stopped ? Qtrue : Qfalse);
     return h;
 }
@@ -1213,6 +1228,13 @@ server_call_send(VALUE self, VALUE bytes)
 {
     server_call_t *c = call_get(self);
     StringValue(bytes);
+    /* a client that left while the handler was busy elsewhere is seen here, not only once
+     * a reply fails to go out (which nobody may poll for) */
+    flowctl_pump_watch_close(&c->slot->pump);
+    if (flowctl_pump_peer_gone(&c->slot->pump)) {
+        c->cancelled = true;
+        rb_raise(eCancelledCall, "the client cancelled the call or went away");
+    }
     bool failed = false;
     c->busy++;
     int interrupted = flowctl_pump_write(&c->slot->pump, bytes, &failed);
@@ -1274,6 +1296,7 @@ finish_ops(struct finish_arg *a)
     ops[a->n].data.send_status_from_server.status_details = &a->details;
     ops[a->n].data.send_status_from_server.trailing_metadata = slot->status_md;
     ops[a->n++].data.send_status_from_server.trailing_metadata_count = slot->status_md_count;
+    if (slot->pump.close_watching) return; /* started before (watch_close): in flight on the pump already */
     ops[a->n].op = GRPC_OP_RECV_CLOSE_ON_SERVER;
     ops[a->n++].data.recv_close_on_server.cancelled = &slot->close_cancelled;
 }
@@ -1443,11 +1466,17 @@ server_call_deadline(VALUE self)
     return DBL2NUM((double)d.tv_sec + (double)d.tv_nsec / 1e9);
 }
 
-/* call-seq: call.cancelled? -> true when a batch failed or the client cancelled */
+/* call-seq: call.cancelled? -> true when a batch failed or the client cancelled or went away
+ * (seen without waiting: a handler that neither reads nor writes can ask) */
 static VALUE
 server_call_cancelled_p(VALUE self)
 {
     server_call_t *c = rb_check_typeddata(self, &server_call_type);
+    if (!c->cancelled && c->slot && !c->finished && c->pid == flowctl_pid) {
+        /* the first look starts watching for the client's cancel; later looks see it */
+        flowctl_pump_watch_close(&c->slot->pump);
+        if (flowctl_pump_peer_gone(&c->slot->pump)) c->cancelled = true;
+    }
     return c->cancelled ? Qtrue : Qfalse;
 }
 
