@@ -140,6 +140,64 @@ RSpec.describe "hostile peers against Flowctl::Server" do
     expect { Flowctl::Server.new(auth_token: :tok) }.to raise_error(TypeError)
   end
 
+  describe "late writes: a handler returns while a thread it started still writes" do
+    DM = Flowctl::Processor::DataMessage
+
+    it "the client sees OK and what was written before the return; a write after it raises Cancelled" do
+      late = Queue.new
+      handler = Class.new do
+        define_method(:process) do |_requests, call|
+          call.write(DM.new(payload: "before"))
+          Thread.new do
+            sleep 0.2
+            call.write(DM.new(payload: "late"))
+            late << :written
+          rescue Flowctl::Cancelled => e
+            late << e
+          end
+          nil
+        end
+      end
+      server = serve { |srv| srv.handle(Flowctl::Processor::Service, handler.new) }
+      processor = Flowctl::Processor::Client.new("127.0.0.1:#{server.port}", tls: false, timeout: time_limit(5))
+      stream = processor.process_stream
+      stream.close_write
+      replies = []
+      while (r = stream.read)
+        replies << r.payload
+      end
+      expect(replies).to eq(["before"])
+      expect(late.pop.message).to match(/already finished/)
+      processor.close
+    end
+
+    it "300 streams whose writer thread is mid-burst at the return: every one ends OK, none hangs" do
+      handler = Class.new do
+        define_method(:process) do |_requests, call|
+          Thread.new do
+            200.times { call.write(DM.new(payload: "x" * 512)) }
+          rescue Flowctl::Cancelled
+            nil
+          end
+          call.write(DM.new(payload: "first"))
+          nil
+        end
+      end
+      server = serve { |srv| srv.handle(Flowctl::Processor::Service, handler.new) }
+      processor = Flowctl::Processor::Client.new("127.0.0.1:#{server.port}", tls: false, timeout: time_limit(10))
+      outcomes = Array.new(300) do
+        stream = processor.process_stream
+        stream.close_write
+        nil while stream.read
+        :ok
+      rescue Flowctl::RPCError => e
+        e.class
+      end
+      expect(outcomes.tally).to eq(ok: 300)
+      processor.close
+    end
+  end
+
   it "write_timeout: must be positive or nil" do
     expect { Flowctl::Server.new(write_timeout: 0) }.to raise_error(ArgumentError, /write_timeout/)
     expect { Flowctl::Server.new(write_timeout: -1) }.to raise_error(ArgumentError, /write_timeout/)

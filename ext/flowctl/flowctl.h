@@ -284,6 +284,9 @@ int flowctl_pump_wait_extras(flowctl_pump *p);
  * the call is cancelled, the send fails and flowctl_pump_send_timed_out tells why. */
 void flowctl_pump_set_send_timeout(flowctl_pump *p, int64_t ms);
 bool flowctl_pump_send_timed_out(flowctl_pump *p);
+/* After a server's status: writes from now on fail (a writer waiting for room wakes and
+ * fails), without cancelling the call (which could reset the stream before the status). */
+void flowctl_pump_close_sends(flowctl_pump *p);
 /* Queues a message (waits while the queue is full); *failed: the call is over. */
 int flowctl_pump_write(flowctl_pump *p, VALUE bytes, bool *failed);
 /* Half-closes after the queued messages; waits until gRPC has taken them all. */

@@ -696,6 +696,15 @@ flowctl_pump_set_send_timeout(flowctl_pump *p, int64_t ms)
     pthread_mutex_unlock(&p->mu);
 }
 
+void
+flowctl_pump_close_sends(flowctl_pump *p)
+{
+    pthread_mutex_lock(&p->mu);
+    p->send_failed = true;
+    pthread_cond_broadcast(&p->cond);
+    pthread_mutex_unlock(&p->mu);
+}
+
 bool
 flowctl_pump_send_timed_out(flowctl_pump *p)
 {

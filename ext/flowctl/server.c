@@ -1329,16 +1329,26 @@ finish_body(VALUE p)
     return Qnil;
 }
 
+/*
+ * Late writes (another thread of the handler still writing when it returned): what was
+ * queued before finish leaves before the status; a write after it, or one waiting for room
+ * in the queue, raises Flowctl::Cancelled ("already finished") in its thread and never
+ * reaches the client, which sees the status the handler meant. The call is cancelled to
+ * wake another waiter only when the status did not leave: a cancel after it could reset
+ * the stream before the status frames are out (the client saw CANCELLED in 2-6 of 20,000
+ * such streams); a reader waiting then wakes as the status closes the stream.
+ */
 static void
 end_call(server_call_t *c)
 {
     c->finished = true;
     if (c->busy == 0) {
         call_release(c);
-    } else {
-        grpc_call_cancel(c->slot->call, NULL); /* wakes the other waiter; it releases */
-        c->release_pending = true;
+        return;
     }
+    if (c->slot->status_sent) flowctl_pump_close_sends(&c->slot->pump); /* wakes a writer; it releases */
+    else grpc_call_cancel(c->slot->call, NULL);                         /* wakes the other waiter; it releases */
+    c->release_pending = true;
 }
 
 static VALUE
