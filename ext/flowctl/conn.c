@@ -50,9 +50,8 @@ fd_dir_close(DIR *d)
     }
 }
 
-/* The local port of a TCP socket; 0 for anything else. */
-static int
-local_port(int fd)
+int
+flowctl_conn_local_port(int fd)
 {
     struct sockaddr_storage a;
     socklen_t len = sizeof(a);
@@ -62,8 +61,8 @@ local_port(int fd)
     return 0;
 }
 
-static bool
-listening(int fd)
+bool
+flowctl_conn_listening(int fd)
 {
     int on = 0;
     socklen_t len = sizeof(on);
@@ -99,9 +98,9 @@ peer_uri(int fd, char *out, size_t size)
 static bool
 ours(int fd, const int *ports, int n_ports)
 {
-    int port = local_port(fd);
+    int port = flowctl_conn_local_port(fd);
     for (int i = 0; port && i < n_ports; i++)
-        if (ports[i] == port) return !listening(fd);
+        if (ports[i] == port) return !flowctl_conn_listening(fd);
     return false;
 }
 
@@ -250,8 +249,8 @@ flowctl_conn_listener_pending(const int *ports, int n_ports)
     if (!d) return -1;
     int found = -1;
     for (struct dirent *e; (e = readdir(d));) {
-        int fd = atoi(e->d_name), port = local_port(fd);
-        if (e->d_name[0] == '.' || fd == dirfd(d) || !port || !listening(fd)) continue;
+        int fd = atoi(e->d_name), port = flowctl_conn_local_port(fd);
+        if (e->d_name[0] == '.' || fd == dirfd(d) || !port || !flowctl_conn_listening(fd)) continue;
         for (int i = 0; i < n_ports; i++) {
             if (ports[i] != port) continue;
             struct pollfd p = {.fd = fd, .events = POLLIN};
@@ -270,8 +269,8 @@ flowctl_conn_close_listeners(const int *ports, int n_ports)
     if (!d) return 0;
     int n = 0;
     for (struct dirent *e; (e = readdir(d));) {
-        int fd = atoi(e->d_name), port = local_port(fd);
-        if (e->d_name[0] == '.' || fd == dirfd(d) || !port || !listening(fd)) continue;
+        int fd = atoi(e->d_name), port = flowctl_conn_local_port(fd);
+        if (e->d_name[0] == '.' || fd == dirfd(d) || !port || !flowctl_conn_listening(fd)) continue;
         for (int i = 0; i < n_ports; i++)
             if (ports[i] == port && shutdown(fd, SHUT_RDWR) == 0) n++;
     }

@@ -162,6 +162,8 @@ void flowctl_wait_finish(int interrupted);
  * true when one raises; it is kept for flowctl_wait_finish (the caller first makes sure
  * nothing is in flight). false: nothing to raise, go on waiting. */
 bool flowctl_wait_interrupted(void);
+/* CLOCK_MONOTONIC in milliseconds. */
+int64_t flowctl_mono_ms(void);
 /* A condition variable whose timed waits use CLOCK_MONOTONIC. */
 void flowctl_cond_init(pthread_cond_t *cond);
 /* Shuts down and destroys a pluck queue that has nothing in flight. */
@@ -330,6 +332,9 @@ int flowctl_conn_count(const int *ports, int n_ports);
 /* Shuts down the connection on ports that received the most bytes over the next ms
  * milliseconds (it sleeps that long); 1 when there was one. */
 int flowctl_conn_shutdown_busiest(const int *ports, int n_ports, int ms);
+/* The local port of a TCP socket (0 for anything else); true for a listening socket. */
+int flowctl_conn_local_port(int fd);
+bool flowctl_conn_listening(int fd);
 /* 1 when a listener on ports has a connection waiting to be accepted, 0 when none has,
  * -1 when there is no listener. */
 int flowctl_conn_listener_pending(const int *ports, int n_ports);

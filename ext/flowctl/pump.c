@@ -32,14 +32,6 @@
 
 #define POLL_MS 20
 
-static int64_t
-now_ms(void)
-{
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return (int64_t)t.tv_sec * 1000 + t.tv_nsec / 1000000;
-}
-
 typedef bool (*pump_pred)(flowctl_pump *p, void *arg); /* called with mu held */
 
 static bool
@@ -112,7 +104,7 @@ on_send(flowctl_pump *p, bool ok)
         p->close_done = true;
     }
     if (!ok) p->send_failed = true;
-    p->send_progress_ms = now_ms();
+    p->send_progress_ms = flowctl_mono_ms();
     start_send_locked(p);
 }
 
@@ -370,7 +362,7 @@ send_stalled(flowctl_pump *p, const struct wait_arg *w)
 {
     if (!w->bounded || p->send_timeout_ms <= 0) return false;
     int64_t since = p->send_progress_ms > w->started_ms ? p->send_progress_ms : w->started_ms;
-    return now_ms() - since > p->send_timeout_ms;
+    return flowctl_mono_ms() - since > p->send_timeout_ms;
 }
 
 /* Polls (or waits for the poller) until pred holds, the thread is woken, or a bounded
@@ -458,7 +450,7 @@ pump_wait(flowctl_pump *p, pump_pred pred, void *arg, bool bounded)
     pthread_mutex_lock(&p->mu);
     bool done = pred(p, arg) || collect_now(p, pred, arg);
     pthread_mutex_unlock(&p->mu);
-    int64_t started = now_ms();
+    int64_t started = flowctl_mono_ms();
     while (!done) {
         struct wait_arg w = {.p = p, .pred = pred, .arg = arg, .bounded = bounded, .started_ms = started};
         rb_nogvl(wait_nogvl, &w, wait_ubf, &w, RB_NOGVL_INTR_FAIL | RB_NOGVL_UBF_ASYNC_SAFE);

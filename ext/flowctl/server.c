@@ -206,7 +206,6 @@ dispatch_locked(server_t *s, call_slot *slot)
 #define BUSY_MESSAGE "server busy: every worker is serving a call"
 
 static void close_stuck_peer(server_t *s, const char *peer);
-static int64_t mono_ms(void);
 
 /*
  * A peer whose calls are refused (no token, or no worker free) or reset before a worker
@@ -248,7 +247,7 @@ offense(server_t *s, call_slot *slot)
 {
     char *peer = grpc_call_get_peer(slot->call);
     pthread_mutex_lock(&s->mu);
-    bool abusive = flowctl_conn_offend(&s->offenders, peer, mono_ms(), MAX_REFUSED);
+    bool abusive = flowctl_conn_offend(&s->offenders, peer, flowctl_mono_ms(), MAX_REFUSED);
     pthread_mutex_unlock(&s->mu);
     if (abusive) {
         remember_shut(s, peer);
@@ -324,13 +323,6 @@ on_request(server_t *s, call_slot *slot, bool success)
 #define SWEEP_MS 20
 #define MAX_LINGERING 1024
 
-static int64_t
-mono_ms(void)
-{
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return (int64_t)t.tv_sec * 1000 + t.tv_nsec / 1000000;
-}
 
 /* Any thread: the call's status batch is in flight; the acceptor takes it from here. */
 static void
@@ -400,7 +392,7 @@ adopt_lingering(server_t *s, int64_t now)
 static void
 sweep_lingering(server_t *s, bool force)
 {
-    int64_t now = mono_ms();
+    int64_t now = flowctl_mono_ms();
     if (!force && now - s->last_sweep_ms < SWEEP_MS) return;
     s->last_sweep_ms = now;
     adopt_lingering(s, now);
@@ -517,8 +509,8 @@ watchdog_main(void *p)
         bool stop = s->shutting_down;
         pthread_mutex_unlock(&s->mu);
         if (stop) return NULL;
-        watch_memory(s, mono_ms());
-        watch_stall(s, mono_ms());
+        watch_memory(s, flowctl_mono_ms());
+        watch_stall(s, flowctl_mono_ms());
         watch_listener(s);
         nanosleep(&pause, NULL);
     }
@@ -570,7 +562,7 @@ static bool
 acceptor_step(server_t *s)
 {
     grpc_event ev = grpc_completion_queue_next(s->notify_cq, next_expiry(s), NULL);
-    atomic_store(&s->acceptor_beat_ms, mono_ms());
+    atomic_store(&s->acceptor_beat_ms, flowctl_mono_ms());
     sweep_lingering(s, ev.type == GRPC_QUEUE_TIMEOUT);
     if (ev.type == GRPC_QUEUE_TIMEOUT) {
         reject_expired(s);
@@ -601,7 +593,7 @@ acceptor_main(void *p)
     bool done = false;
     while (!done) {
         flowctl_gate_enter();
-        atomic_store(&s->acceptor_beat_ms, mono_ms()); /* a wait at the gate (a fork) is no stall */
+        atomic_store(&s->acceptor_beat_ms, flowctl_mono_ms()); /* a wait at the gate (a fork) is no stall */
         done = acceptor_step(s);
         flowctl_gate_leave();
     }
@@ -857,7 +849,7 @@ server_start(int argc, VALUE *argv, VALUE self)
     grpc_server_start(s->server);
     s->started = true;
     for (int i = 0; i < OUTSTANDING_REQUESTS; i++) arm_request(s);
-    atomic_store(&s->acceptor_beat_ms, mono_ms());
+    atomic_store(&s->acceptor_beat_ms, flowctl_mono_ms());
     s->watchdog_running = pthread_create(&s->watchdog, NULL, watchdog_main, s) == 0;
     int err = pthread_create(&s->acceptor, NULL, acceptor_main, s);
     if (err) {
