@@ -290,6 +290,15 @@ fds_open(void)
     return n - 2; /* . and .. */
 }
 
+int
+flowctl_conn_fds_left(void)
+{
+    struct rlimit rl;
+    if (getrlimit(RLIMIT_NOFILE, &rl) != 0 || rl.rlim_cur == RLIM_INFINITY) return INT_MAX;
+    int open_now = fds_open();
+    return open_now < 0 ? 0 : (int)((long)rl.rlim_cur - open_now); /* none left to look */
+}
+
 typedef struct {
     int fd;
     uint32_t idle_ms;

@@ -344,6 +344,8 @@ int flowctl_conn_close_listeners(const int *ports, int n_ports);
  * RLIMIT_NOFILE, shuts down the connections on ports idle longest (to half the reserve
  * more); returns how many. */
 int flowctl_conn_shed_idle(const int *ports, int n_ports, int reserve_div);
+/* Descriptors left below the soft RLIMIT_NOFILE (0 when none is left to count them). */
+int flowctl_conn_fds_left(void);
 /* This process's resident memory (0 when unknown). */
 size_t flowctl_rss_bytes(void);
 #define FLOWCTL_OFFENDERS 64

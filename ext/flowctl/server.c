@@ -124,6 +124,7 @@ typedef struct {
     long stall_closed;                /* connections shut down while the acceptor was held (mu) */
     long idle_shed;                   /* connections shut down near the descriptor limit (mu) */
     int pending_ticks;                /* watchdog: checks in a row that found the listener not accepting */
+    int64_t exhausted_ms;             /* watchdog: when descriptors last ran out (or nearly) */
     bool listener_stopped;            /* (mu) gRPC core stopped accepting on our port: see 2d */
     bool watchdog_running;
     long memory_closed;               /* connections shut down for it (mu) */
@@ -481,21 +482,30 @@ watch_stall(server_t *s, int64_t now)
  *   - below the soft RLIMIT_NOFILE (Flowctl::Server raises it to the hard one) a reserve
  *     of limit/8 descriptors is kept: past it, the connections idle longest are shut down;
  *   - a listener with a connection waiting for LISTENER_TICKS checks in a row (a second)
- *     has stopped: listener_stopped is set, and the Ruby layer starts a new listener on
- *     the same port (lib/flowctl/server.rb, after release_listeners).
+ *     while descriptors ran out in the last EXHAUSTED_MS, or for LISTENER_TICKS_ANYWAY (ten
+ *     seconds) whatever the cause, has stopped: listener_stopped is set, and the Ruby layer
+ *     starts a new listener on the same port (lib/flowctl/server.rb, after
+ *     release_listeners). (A busy gRPC core can leave connections waiting for a second:
+ *     rapid reset does; that alone is no reason to start again.)
  */
 #define LISTENER_TICKS 4
+#define LISTENER_TICKS_ANYWAY 40
+#define EXHAUSTED_MS 30000
 #define RESERVE_DIV 8
 
 static void
 watch_listener(server_t *s)
 {
+    int64_t now = flowctl_mono_ms();
+    if (flowctl_conn_fds_left() <= 8) s->exhausted_ms = now;
     int shed = flowctl_conn_shed_idle(s->ports, s->n_ports, RESERVE_DIV);
     int pending = flowctl_conn_listener_pending(s->ports, s->n_ports);
     if (pending >= 0) s->pending_ticks = pending ? s->pending_ticks + 1 : 0; /* -1: cannot tell now */
+    bool exhausted = s->exhausted_ms && now - s->exhausted_ms < EXHAUSTED_MS;
     pthread_mutex_lock(&s->mu);
     s->idle_shed += shed;
-    if (s->pending_ticks >= LISTENER_TICKS) s->listener_stopped = true;
+    if ((s->pending_ticks >= LISTENER_TICKS && exhausted) || s->pending_ticks >= LISTENER_TICKS_ANYWAY)
+        s->listener_stopped = true;
     pthread_mutex_unlock(&s->mu);
 }
 
