@@ -18,6 +18,14 @@ flowctl_cond_init(pthread_cond_t *cond)
     pthread_condattr_destroy(&a);
 }
 
+int64_t
+flowctl_mono_ms(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (int64_t)t.tv_sec * 1000 + t.tv_nsec / 1000000;
+}
+
 struct timespec
 flowctl_ts_add(struct timespec t, double seconds)
 {
