@@ -57,11 +57,14 @@ RSpec.describe Flowctl::ControlPlane::Registry do
       expect(registry.size).to eq(1)
     end
 
-    it "keeps ids of different kinds apart" do
+    it "keeps one namespace of ids: registering an id as another kind replaces it, and a heartbeat of the wrong kind is refused" do
       registry.register_processor(CPM::RegisterProcessorRequest.new(processor_id: "same"))
       registry.register_source(CPM::RegisterSourceRequest.new(source_id: "same"))
-      expect(registry.components.map(&:kind)).to eq(%i[processor source])
+      expect(registry.components.map { |c| [c.kind, c.id] }).to eq([%i[source] + ["same"]])
       expect(registry.consumer_heartbeat(CPM::ConsumerHeartbeatRequest.new(consumer_id: "same")).success).to be(false)
+      expect(registry.source_heartbeat(CPM::SourceHeartbeatRequest.new(source_id: "same")).success).to be(true)
+      expect(registry.component(:processor, "same")).to be_nil
+      expect(registry.component("same").kind).to eq(:source)
     end
   end
 
@@ -133,9 +136,9 @@ RSpec.describe Flowctl::ControlPlane::Registry do
     clock.advance(40)
     registry.source_heartbeat(CPM::SourceHeartbeatRequest.new(source_id: "s1"))
     lines = registry.table.lines.map(&:rstrip)
-    expect(lines[0].split).to eq(%w[KIND ID ENDPOINT STATUS LAST_HEARTBEAT METRICS])
-    expect(lines[1].split).to eq(["processor", "p1", "h:1", "HEALTHY", "(stale)", "40.0s", "ago", "n=3"])
-    expect(lines[2].split).to eq(["source", "s1", "-", "STARTING", "0.0s", "ago", "-"])
+    expect(lines[0].split).to eq(%w[KIND PROTOCOL ID ENDPOINT STATUS LAST_HEARTBEAT METRICS])
+    expect(lines[1].split).to eq(["processor", "seed", "p1", "h:1", "HEALTHY", "(stale)", "40.0s", "ago", "n=3"])
+    expect(lines[2].split).to eq(["source", "seed", "s1", "-", "STARTING", "0.0s", "ago", "-"])
     expect(described_class.new.table).to eq("(no components registered)")
   end
 

@@ -1,0 +1,185 @@
+# frozen_string_literal: true
+
+require "json"
+
+module Flowctl
+  module ControlPlane
+    class Registry
+      # The control plane's state in an SQLite file (Registry.new(db: path)), so a restarted
+      # control plane knows every component it knew, with its last status. Needs the sqlite3
+      # gem (Debian: ruby-sqlite3), loaded only when a db is used.
+      #
+      # Writes are transactions, so a control plane killed at any moment (SIGKILL included)
+      # restarts with the registry as of its last commit. What is acknowledged when:
+      # - registrations and unregistrations are committed before their reply is sent (group
+      #   commit: the calls that arrive while one transaction is written share the next one);
+      # - heartbeats (status, metrics, last heartbeat) and the janitor's changes are collected and
+      #   written together every flush_interval seconds (default 1): a crash loses at most the
+      #   last flush_interval of them, which the next heartbeat of each component restores. A
+      #   heartbeat is 10,000s per second at full load: writing each one would put a disk write
+      #   on the hot path for state that is rewritten seconds later anyway.
+      # - journal_mode=WAL, synchronous=NORMAL: a commit survives the process being killed; a
+      #   power loss may lose the last commits (synchronous: "FULL" keeps those too).
+      #
+      # Schema (PRAGMA user_version counts the MIGRATIONS applied). One row per service id;
+      # the record is JSON (NaN/Infinity metrics, NUL and any bytes in strings round-trip).
+      # Tables for pipeline runs and configuration versions come as later MIGRATIONS (append,
+      # never edit an applied one) and write through #transaction.
+      class Persistence
+        MIGRATIONS = [
+          <<~SQL
+            CREATE TABLE components (
+              service_id BLOB PRIMARY KEY NOT NULL, -- UTF-8 bytes, as a BLOB so that NUL is kept
+              kind TEXT NOT NULL,                   -- source, processor, consumer, unspecified
+              protocol TEXT NOT NULL,               -- v1 or seed
+              record TEXT NOT NULL,                 -- JSON: Entry#to_row
+              updated_at REAL NOT NULL              -- unix seconds of the write
+            );
+          SQL
+        ].freeze
+
+        INSTALL = "the sqlite3 gem is needed for Registry.new(db:): apt-get install ruby-sqlite3 " \
+                  "(Debian), or gem install sqlite3"
+
+        attr_reader :path, :flush_interval
+
+        def self.load_sqlite
+          require "sqlite3"
+        rescue LoadError => e
+          raise Flowctl::Error, "#{INSTALL} (#{e.message})"
+        end
+
+        def initialize(path, flush_interval: 1.0, synchronous: "NORMAL")
+          Persistence.load_sqlite
+          unless %w[OFF NORMAL FULL].include?(synchronous.to_s.upcase)
+            raise ArgumentError, "synchronous must be OFF, NORMAL or FULL (given #{synchronous.inspect})"
+          end
+
+          @path = path.to_s
+          @flush_interval = flush_interval
+          @lock = Mutex.new    # the connection: one user at a time
+          @commit = Mutex.new  # group commit bookkeeping
+          @committed = ConditionVariable.new
+          @wanted = @done = 0
+          @error = nil
+          @db = open_db(synchronous.to_s.upcase)
+        end
+
+        # The Entries stored, in registration order.
+        def load
+          rows = @lock.synchronize { @db.execute("SELECT service_id, record FROM components") }
+          rows.map do |id, record|
+            Entry.from_row(JSON.parse(record, allow_nan: true))
+          rescue JSON::ParserError, TypeError, ArgumentError, NoMethodError => e
+            raise Flowctl::Error, "#{@path}: unreadable component #{id.to_s.dup.force_encoding('UTF-8').inspect}: #{e.message}"
+          end.sort_by(&:registered_at)
+        end
+
+        # Starts the writer thread on store's changes.
+        def attach(store)
+          @store = store
+          @ticker = Ticker.new("flowctl-persist", @flush_interval, finally: -> { close_db }) { flush }
+          self
+        end
+
+        # From a finalizer: a last flush on the writer thread, which then closes the file.
+        def close_later = @ticker&.stop_later
+
+        # Waits until every change made before the call is committed (registrations call it
+        # before they reply). Raises Flowctl::Unavailable when the write failed.
+        def commit
+          mine = @commit.synchronize { @wanted += 1 }
+          @ticker.wake
+          @commit.synchronize do
+            @committed.wait(@commit) while @done < mine && !@error
+            raise Flowctl::Unavailable, "control plane storage failed: #{@error.message}" if @error && @done < mine
+          end
+          nil
+        end
+
+        # Writes what changed since the last flush, in one transaction (the writer thread).
+        def flush
+          gen = @commit.synchronize { @wanted }
+          changes = @store.take_dirty
+          write(changes) unless changes.empty?
+          @commit.synchronize do
+            @error = nil
+            @done = gen
+            @committed.broadcast
+          end
+        rescue StandardError => e
+          @store.requeue(changes) if changes
+          warn "flowctl control plane: cannot write #{@path}: #{e.class}: #{e.message}"
+          @commit.synchronize do
+            @error = e
+            @committed.broadcast
+          end
+        end
+
+        # Runs the block in a transaction on the connection (later tables write through this).
+        def transaction(&block)
+          @lock.synchronize { @db.transaction(:immediate) { block.call(@db) } }
+        end
+
+        # A last flush, then closes the file; idempotent.
+        def close
+          @ticker&.stop
+          close_db
+        end
+
+        private
+
+        def close_db
+          @lock.synchronize { @db.close unless @db.closed? }
+          nil
+        end
+
+        def open_db(synchronous)
+          db = SQLite3::Database.new(@path)
+          db.busy_timeout = 5000
+          db.execute("PRAGMA journal_mode=WAL")
+          db.execute("PRAGMA synchronous=#{synchronous}")
+          migrate(db)
+          db
+        rescue SQLite3::Exception => e
+          db&.close
+          raise Flowctl::Error, "#{@path}: cannot open the control plane database: #{e.message}"
+        end
+
+        def migrate(db)
+          have = db.get_first_value("PRAGMA user_version").to_i
+          if have > MIGRATIONS.size
+            raise Flowctl::Error, "#{@path}: schema version #{have} is newer than this flowctl knows (#{MIGRATIONS.size})"
+          end
+
+          MIGRATIONS.each_with_index.drop(have).each do |sql, i|
+            db.transaction(:immediate) do
+              db.execute_batch(sql)
+              db.execute("PRAGMA user_version = #{i + 1}")
+            end
+          end
+        end
+
+        def write(changes)
+          t = Process.clock_gettime(Process::CLOCK_REALTIME)
+          @lock.synchronize do
+            @db.transaction(:immediate) do
+              upsert = @db.prepare("INSERT OR REPLACE INTO components (service_id, kind, protocol, record, updated_at) " \
+                                   "VALUES (?, ?, ?, ?, ?)")
+              delete = @db.prepare("DELETE FROM components WHERE service_id = ?")
+              changes.each do |id, what, row|
+                key = SQLite3::Blob.new(id.b)
+                if what == :gone then delete.execute(key)
+                else upsert.execute(key, row["kind"], row["protocol"], JSON.generate(row, allow_nan: true), t)
+                end
+              end
+            ensure
+              upsert&.close
+              delete&.close
+            end
+          end
+        end
+      end
+    end
+  end
+end
