@@ -110,6 +110,8 @@ module Flowctl
       # "12 components: 10 HEALTHY, 2 UNHEALTHY; v1 11, seed 1"
       def summary_line(counts = @store.summary(0).first)
         total = counts.values.sum
+        return "0 components" if total.zero?
+
         by_status = counts.each_with_object(Hash.new(0)) { |((_, _, s), n), h| h[s] += n }
         by_protocol = counts.each_with_object(Hash.new(0)) { |((_, p, _), n), h| h[p] += n }
         "#{total} component#{'s' unless total == 1}: " \
