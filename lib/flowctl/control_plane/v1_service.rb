@@ -41,18 +41,18 @@ module Flowctl
           store.register(id, reset: true, **V1Service.info_fields(info))
           committed!
           Flowctl::V1::RegisterResponse.new(service_id: id, assigned_topics: V1Service.assigned_topics(info),
-                                            connection_info: connection_info)
+                                            connection_info: endpoint ? { "control_plane_endpoint" => endpoint } : {})
         end
 
         def unregister_component(request, _call = nil)
           committed! if store.unregister(request.service_id)
-          Flowctl::Protobuf::Empty.new
+          V1Service.empty
         end
 
         def heartbeat(request, _call = nil)
           id = request.service_id
           V1Service.not_found(id) unless store.heartbeat(id, STATUS_TEXT[request.status], request.metrics)
-          Flowctl::Protobuf::Empty.new
+          V1Service.empty
         end
 
         def get_component_status(request, _call = nil)
@@ -80,6 +80,9 @@ module Flowctl
         end
 
         class << self
+          # One frozen google.protobuf.Empty for every reply that is one.
+          def empty = @empty ||= Flowctl::Protobuf::Empty.new.freeze
+
           def service_id(component_id, info)
             return component_id.freeze unless component_id.empty?
             return info.id.freeze unless info.id.empty?
