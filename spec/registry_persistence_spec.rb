@@ -6,6 +6,7 @@ require "open3"
 require "rbconfig"
 require "sqlite3" # Debian ruby-sqlite3 (script/setup)
 require "json"
+require "flowctl/control_plane/persistence" # loaded by Registry.new(db:) only
 
 # Registry.new(db: path): components survive a restart (and a SIGKILL) in SQLite.
 RSpec.describe "Flowctl::ControlPlane::Registry persistence" do

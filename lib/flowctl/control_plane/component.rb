@@ -22,7 +22,8 @@ module Flowctl
       end
 
       # The mutable record behind a Component, owned by the Store and touched only under its
-      # lock. Times are Float seconds since the epoch (cheap to store on every heartbeat).
+      # lock. Times are Integer nanoseconds since the epoch (exact, and cheap to store on every
+      # heartbeat).
       class Entry
         FIELDS = %i[id kind protocol endpoint metadata status metrics last_heartbeat registered_at reported_at
                     heartbeats name description version input_event_types output_event_types info_id].freeze
@@ -37,19 +38,22 @@ module Flowctl
         # A frozen Component (Times, copies of the mutable parts).
         def snapshot(ttl, now)
           Component.new(kind: kind, id: id, protocol: protocol, endpoint: endpoint, metadata: metadata,
-                        status: status, metrics: metrics.dup.freeze, last_heartbeat: Time.at(last_heartbeat),
-                        registered_at: Time.at(registered_at), reported_at: reported_at, heartbeats: heartbeats,
-                        stale: now - last_heartbeat > ttl, name: name, description: description, version: version,
+                        status: status, metrics: metrics.dup.freeze, last_heartbeat: Entry.time(last_heartbeat),
+                        registered_at: Entry.time(registered_at), reported_at: reported_at, heartbeats: heartbeats,
+                        stale: now - last_heartbeat > ttl * 1e9, name: name, description: description, version: version,
                         input_event_types: input_event_types, output_event_types: output_event_types,
                         info_id: info_id).freeze
         end
 
-        # The persisted form (Persistence): plain JSON-able values.
+        def self.time(ns) = Time.at(ns / 1_000_000_000, ns % 1_000_000_000, :nsec)
+
+        # The persisted form (Persistence): plain JSON-able values, copied (metrics change in place).
         def to_row
           FIELDS.to_h { |f| [f.to_s, public_send(f)] }.tap do |h|
             h["kind"] = kind.to_s
             h["protocol"] = protocol.to_s
-            h["reported_at"] = reported_at&.to_r&.to_f
+            h["metrics"] = metrics.dup
+            h["reported_at"] = reported_at && (reported_at.to_i * 1_000_000_000 + reported_at.nsec)
           end
         end
 
@@ -57,7 +61,9 @@ module Flowctl
           fields = FIELDS.to_h { |f| [f, h[f.to_s]] }
           fields[:kind] = fields[:kind].to_sym
           fields[:protocol] = fields[:protocol].to_sym
-          fields[:reported_at] = fields[:reported_at] && Time.at(fields[:reported_at])
+          fields[:reported_at] = fields[:reported_at] && time(Integer(fields[:reported_at]))
+          fields[:last_heartbeat] = Integer(fields[:last_heartbeat])
+          fields[:registered_at] = Integer(fields[:registered_at])
           %i[id endpoint status name description version info_id].each { |f| fields[f] = fields[f].to_s.freeze }
           %i[metadata].each { |f| fields[f] = fields[f].to_h.freeze }
           %i[input_event_types output_event_types].each { |f| fields[f] = Array(fields[f]).map(&:freeze).freeze }
