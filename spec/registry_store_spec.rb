@@ -43,9 +43,10 @@ RSpec.describe "Flowctl::ControlPlane::Registry store" do
       deadline = Time.now + time_limit(5)
       sleep 0.01 until r.component("p").status == "UNHEALTHY" || Time.now > deadline
       expect(r.component("p").status).to eq("UNHEALTHY")
-      expect(Thread.list.map(&:name)).to include("flowctl-janitor")
+      janitor = r.instance_variable_get(:@janitor)
+      expect(janitor.alive?).to be(true)
       r.close
-      expect(Thread.list.select(&:alive?).map(&:name)).not_to include("flowctl-janitor")
+      expect(janitor.alive?).to be(false)
     end
 
     it "refuses intervals that are not positive numbers" do
@@ -165,5 +166,36 @@ RSpec.describe "Flowctl::ControlPlane::Registry store" do
       register("p")
       expect(registry.version).to be > v
     end
+  end
+end
+
+# Admission with the control plane's default settings (Registry#serve): a burst of 64 calls in
+# flight queues instead of being refused, and a registration burst loses nothing.
+RSpec.describe "Flowctl::ControlPlane::Registry#serve admission" do
+  it "takes a burst of registrations and heartbeats from 64 callers at once without refusing any" do
+    registry = Flowctl::ControlPlane::Registry.new(janitor_interval: nil)
+    server = registry.serve(port: 0)
+    per = ENV["GC_STRESS"] ? 2 : 20
+    clients = Array.new(4) { Flowctl::ControlPlane::Client.new("127.0.0.1:#{server.port}", tls: false, timeout: time_limit(30)) }
+    errors = Queue.new
+    threads = Array.new(64) do |t|
+      Thread.new do
+        c = clients[t % 4]
+        per.times do |i|
+          c.register_processor(processor_id: "p#{t}-#{i}", endpoint: "h:#{i}")
+          errors << "p#{t}-#{i}" unless c.processor_heartbeat(processor_id: "p#{t}-#{i}", status: "HEALTHY").success
+        rescue Flowctl::RPCError => e
+          errors << e
+        end
+      end
+    end
+    threads.each(&:join)
+    expect(errors.size).to eq(0), -> { Array.new(errors.size) { errors.pop }.first(3).inspect }
+    expect(registry.size).to eq(64 * per)
+    expect(server.stats[:rejected]).to eq(0)
+  ensure
+    clients&.each(&:close)
+    server&.stop
+    registry&.close
   end
 end

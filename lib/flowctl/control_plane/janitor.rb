@@ -16,6 +16,7 @@ module Flowctl
 
         def stop = @ticker.stop
         def stop_later = @ticker.stop_later
+        def alive? = @ticker.alive?
       end
     end
   end

@@ -97,18 +97,20 @@ module Flowctl
           nil
         end
 
-        # Writes what changed since the last flush, in one transaction (the writer thread).
+        # Writes what changed since the last flush in one transaction (the writer thread), in
+        # chunks of CHUNK rows taken from the store between which other threads run: the store's
+        # lock and the GVL (the sqlite3 gem keeps it while SQLite works) are never held for long.
         def flush
           gen = @commit.synchronize { @wanted }
-          changes = @store.take_dirty
-          write(changes) unless changes.empty?
+          taken = []
+          write(@store.dirty_count, taken)
           @commit.synchronize do
             @error = nil
             @done = gen
             @committed.broadcast
           end
         rescue StandardError => e
-          @store.requeue(changes) if changes
+          @store.requeue(taken)
           warn "flowctl control plane: cannot write #{@path}: #{e.class}: #{e.message}"
           @commit.synchronize do
             @error = e
@@ -160,23 +162,36 @@ module Flowctl
           end
         end
 
-        def write(changes)
+        CHUNK = 256
+
+        def write(count, taken)
+          return if count.zero?
+
           t = Process.clock_gettime(Process::CLOCK_REALTIME)
           @lock.synchronize do
             @db.transaction(:immediate) do
               upsert = @db.prepare("INSERT OR REPLACE INTO components (service_id, kind, protocol, record, updated_at) " \
                                    "VALUES (?, ?, ?, ?, ?)")
               delete = @db.prepare("DELETE FROM components WHERE service_id = ?")
-              changes.each do |id, what, row|
-                key = SQLite3::Blob.new(id.b)
-                if what == :gone then delete.execute(key)
-                else upsert.execute(key, row["kind"], row["protocol"], JSON.generate(row, allow_nan: true), t)
-                end
+              while taken.size < count
+                chunk = @store.take_dirty([CHUNK, count - taken.size].min)
+                break if chunk.empty?
+
+                taken.concat(chunk)
+                chunk.each { |id, what, row| write_row(upsert, delete, id, what, row, t) }
+                Thread.pass
               end
             ensure
               upsert&.close
               delete&.close
             end
+          end
+        end
+
+        def write_row(upsert, delete, id, what, row, time)
+          key = SQLite3::Blob.new(id.b)
+          if what == :gone then delete.execute(key)
+          else upsert.execute(key, row["kind"], row["protocol"], JSON.generate(row, allow_nan: true), time)
           end
         end
       end

@@ -168,22 +168,20 @@ module Flowctl
           end
         end
 
-        # Persistence: the changes since the last call, as [[id, :full | :beat, row or nil], ...]
-        # (nil row for :gone), built under the lock so each row is consistent.
-        def take_dirty
+        # Persistence: up to max of the changes since they were last taken, as
+        # [[id, :full | :beat | :gone, row or nil], ...], each row built under the lock (consistent).
+        def take_dirty(max = nil)
           @lock.synchronize do
-            return [] if @dirty.empty?
-
-            out = @dirty.map do |id, what|
+            n = max ? [max, @dirty.size].min : @dirty.size
+            Array.new(n) do
+              id, what = @dirty.shift
               e = @entries[id]
-              if e.nil? then [id, :gone, nil]
-              else [id, what, e.to_row]
-              end
+              e.nil? ? [id, :gone, nil] : [id, what, e.to_row]
             end
-            @dirty = {}
-            out
           end
         end
+
+        def dirty_count = @lock.synchronize { @dirty.size }
 
         # Persistence: changes that could not be written are taken again next time.
         def requeue(changes)
