@@ -72,7 +72,7 @@ RSpec.describe "Flowctl::ControlPlane::Registry persistence" do
     db = SQLite3::Database.new(path)
     expect(db.execute("SELECT kind, protocol FROM components")).to eq([%w[processor seed]])
     seed_beat(r, :processor, "p1", status: "HEALTHY")
-    record = -> { JSON.parse(db.get_first_value("SELECT record FROM components"))["status"] }
+    record = -> { db.get_first_value("SELECT status FROM components") }
     expect(record.call).to eq("STARTING") # not yet: heartbeats are written every flush_interval
     r.close                                # ... and at close
     expect(record.call).to eq("HEALTHY")
@@ -89,12 +89,38 @@ RSpec.describe "Flowctl::ControlPlane::Registry persistence" do
     deadline = Time.now + time_limit(5)
     status = nil
     while Time.now < deadline
-      status = JSON.parse(db.get_first_value("SELECT record FROM components"))["status"]
+      status = db.get_first_value("SELECT status FROM components")
       break if status == "HEALTHY"
 
       sleep 0.02
     end
     expect(status).to eq("HEALTHY")
+  ensure
+    db&.close
+    r&.close
+  end
+
+  it "writes a heartbeat that changes only metrics once the stored one is older than refresh_interval" do
+    clock = Struct.new(:now) { def call = now }.new(Time.at(1_700_000_000))
+    r = Reg.new(db: path, janitor_interval: nil, flush_interval: 60, refresh_interval: 5, clock: clock)
+    seed_register(r, :processor, "p1")
+    seed_beat(r, :processor, "p1", status: "HEALTHY")
+    pers = r.instance_variable_get(:@persistence)
+    db = SQLite3::Database.new(path)
+    stored = -> { db.get_first_row("SELECT status, metrics, heartbeats FROM components") }
+    pers.flush
+    expect(stored.call).to eq(["HEALTHY", "{}", 1])
+    clock.now += 4
+    seed_beat(r, :processor, "p1", status: "HEALTHY", metrics: { "n" => 1.0 }) # same status, 4 s later: not yet
+    pers.flush
+    expect(stored.call).to eq(["HEALTHY", "{}", 1])
+    clock.now += 1
+    seed_beat(r, :processor, "p1", metrics: { "n" => 2.0 }) # 5 s after the last write
+    pers.flush
+    expect(stored.call).to eq(["HEALTHY", '{"n":2.0}', 3])
+    seed_beat(r, :processor, "p1", status: "DEGRADED") # a status change: at once
+    pers.flush
+    expect(stored.call).to eq(["DEGRADED", '{"n":2.0}', 4])
   ensure
     db&.close
     r&.close

@@ -29,7 +29,9 @@ module Flowctl
     # janitor (upstream's --heartbeat-ttl) and counts as stale?. janitor_interval: seconds between
     # janitor runs (upstream's --janitor-interval; nil: no janitor thread, call #sweep).
     # db: an SQLite file to keep the components in (see Persistence; needs ruby-sqlite3).
-    # flush_interval: seconds between heartbeat writes to db. limits: Hash overriding Limits.
+    # flush_interval: seconds between heartbeat writes to db; refresh_interval: a heartbeat that
+    # changes only metrics and time is written when the stored one is older (default ttl / 3).
+    # limits: Hash overriding Limits.
     # endpoint: "host:port" announced as connection_info's control_plane_endpoint (#serve sets it).
     # clock: anything with #call returning the current Time (tests pass a fake clock).
     class Registry
@@ -41,14 +43,16 @@ module Flowctl
       attr_reader :janitor_interval, :db
       attr_accessor :endpoint
 
-      def initialize(ttl: 30, janitor_interval: 10, db: nil, flush_interval: 1.0, limits: nil, endpoint: nil, clock: nil)
+      def initialize(ttl: 30, janitor_interval: 10, db: nil, flush_interval: 1.0, refresh_interval: nil, limits: nil,
+                     endpoint: nil, clock: nil)
         @ttl = Registry.seconds(:ttl, ttl)
         @janitor_interval = janitor_interval && Registry.seconds(:janitor_interval, janitor_interval)
         flush_interval = Registry.seconds(:flush_interval, flush_interval)
         @endpoint = endpoint
         @clock = clock || -> { Process.clock_gettime(Process::CLOCK_REALTIME) }
         @store = Store.new(ttl: @ttl, clock: @clock, limits: Limits.build(limits))
-        @db = db && open_db(db, flush_interval)
+        refresh = Registry.seconds(:refresh_interval, refresh_interval || @ttl / 3.0)
+        @db = db && open_db(db, flush_interval, refresh)
         @janitor = @janitor_interval && Janitor.new(@store, @janitor_interval)
         ObjectSpace.define_finalizer(self, Registry.closer(@janitor, @persistence))
       end
@@ -181,10 +185,11 @@ module Flowctl
       # Registrations and unregistrations reply once they are on disk (with db:).
       def committed! = @persistence&.commit
 
-      def open_db(path, flush_interval)
+      def open_db(path, flush_interval, refresh)
         require_relative "control_plane/persistence"
         @persistence = Persistence.new(path, flush_interval: flush_interval)
         @store.restore(@persistence.load)
+        @store.persist_refresh = (refresh * 1e9).to_i
         @persistence.attach(@store)
         path
       end

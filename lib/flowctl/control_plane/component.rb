@@ -27,7 +27,9 @@ module Flowctl
       class Entry
         FIELDS = %i[id kind protocol endpoint metadata status metrics last_heartbeat registered_at reported_at
                     heartbeats name description version input_event_types output_event_types info_id].freeze
+        BEAT_FIELDS = %w[status metrics last_heartbeat heartbeats reported_at].freeze
         attr_accessor(*FIELDS)
+        attr_accessor :saved_at # Store: when a change of it was last noted for persistence
 
         def initialize(**fields)
           fields.each { |k, v| public_send(:"#{k}=", v) }
@@ -57,6 +59,12 @@ module Flowctl
           end
         end
 
+        # What a heartbeat changes (a :beat write).
+        def beat_row
+          { "status" => status, "metrics" => metrics.dup, "last_heartbeat" => last_heartbeat, "heartbeats" => heartbeats,
+            "reported_at" => reported_at && (reported_at.to_i * 1_000_000_000 + reported_at.nsec) }
+        end
+
         def self.from_row(h)
           fields = FIELDS.to_h { |f| [f, h[f.to_s]] }
           fields[:kind] = fields[:kind].to_sym
@@ -68,7 +76,7 @@ module Flowctl
           %i[metadata].each { |f| fields[f] = fields[f].to_h.freeze }
           %i[input_event_types output_event_types].each { |f| fields[f] = Array(fields[f]).map(&:freeze).freeze }
           fields[:metrics] = fields[:metrics].to_h
-          new(**fields)
+          new(**fields).tap { |e| e.saved_at = e.last_heartbeat }
         end
       end
     end

@@ -38,15 +38,19 @@ module Flowctl
       # protocols' handlers (V1Service, SeedService), the janitor and persistence go through
       # these methods only. Thread-safe: one Mutex guards the table; nothing slow runs under it.
       #
-      # Changes are counted (#version, for a display that redraws only on change) and noted as
-      # dirty for persistence (#take_dirty): :full for a registration, :beat for a heartbeat or a
-      # janitor change, :gone for an unregistration.
+      # Changes are counted (#version, for a display that redraws only on change) and, once
+      # #persist_refresh is set (Persistence), noted as dirty (#take_dirty): :full for a
+      # registration, :beat for a status change (heartbeat or janitor), :gone for an
+      # unregistration. A heartbeat that changes only metrics and time is noted when the
+      # component's last noted change is older than persist_refresh (nanoseconds): the stored
+      # last heartbeat stays within that of the truth without a write per heartbeat.
       class Store
         HEALTHY = "HEALTHY"
         UNHEALTHY = "UNHEALTHY"
         STARTING = "STARTING"
 
         attr_reader :ttl, :limits, :version
+        attr_accessor :persist_refresh
 
         def initialize(ttl:, clock:, limits:)
           @ttl = ttl
@@ -87,6 +91,7 @@ module Flowctl
             end
             @bytes += size + metric_bytes(entry.metrics) - (old ? old_bytes(old) + metric_bytes(old.metrics) : 0)
             @entries[id] = entry
+            entry.saved_at = t
             touch(id, :full)
             !old.nil?
           end
@@ -102,11 +107,17 @@ module Flowctl
             return false if entry.nil? || (kind && entry.kind != kind && entry.kind != :unspecified)
 
             merge_metrics(entry, metrics) unless metrics.empty?
-            entry.status = status if status
+            changed = status && status != entry.status
+            entry.status = status if changed
             entry.reported_at = reported_at if reported_at
             entry.last_heartbeat = t
             entry.heartbeats += 1
-            touch(id, :beat)
+            if @persist_refresh && (changed || t - entry.saved_at >= @persist_refresh)
+              entry.saved_at = t
+              touch(id, :beat)
+            else
+              @version += 1
+            end
             true
           end
         end
@@ -176,7 +187,9 @@ module Flowctl
             Array.new(n) do
               id, what = @dirty.shift
               e = @entries[id]
-              e.nil? ? [id, :gone, nil] : [id, what, e.to_row]
+              if e.nil? then [id, :gone, nil]
+              else [id, what, what == :full ? e.to_row : e.beat_row]
+              end
             end
           end
         end
@@ -217,6 +230,8 @@ module Flowctl
 
         def touch(id, what)
           @version += 1
+          return unless @persist_refresh
+
           @dirty[id] = @dirty[id] == :full && what == :beat ? :full : what
         end
 
