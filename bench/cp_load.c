@@ -284,6 +284,7 @@ main(int argc, char **argv)
         if (next < components) start_call(s, next++, 0, true);
     }
     printf("REGISTER %ld %ld %.3f\n", reg_ok, reg_failed, clock_s(CLOCK_MONOTONIC) - t0);
+    fflush(stdout); /* the driver reads the server's CPU between the phases */
     memset(latency, 0, MAX_LAT_US * sizeof(*latency));
 
     /* 2. heartbeats */
