@@ -49,14 +49,18 @@ RSpec.describe "exe/flowctl-controlplane" do
     expect(rest).to include("ledger-source")
   ensure
     [stdin, out, err].each { |io| io&.close unless io&.closed? }
-    if wait&.alive?
-      begin
-        Process.kill("KILL", wait.pid)
-      rescue Errno::ESRCH
-        nil # it ended meanwhile
-      end
-      wait.join
+    stop_child(wait)
+  end
+
+  def stop_child(wait)
+    return unless wait&.alive?
+
+    begin
+      Process.kill("KILL", wait.pid)
+    rescue Errno::ESRCH
+      nil # it ended meanwhile
     end
+    wait.join
   end
 
   it "takes --db, --heartbeat-ttl and --janitor-interval as upstream's server does, and prints hostile names escaped" do
@@ -86,6 +90,7 @@ RSpec.describe "exe/flowctl-controlplane" do
         expect(seen.join + rest).not_to match(/[\x00\e]/)
       ensure
         [stdin, out, err].each { |io| io&.close unless io&.closed? }
+        stop_child(wait)
       end
     end
   end
