@@ -291,7 +291,9 @@ module Flowctl
           end
 
           @bytes += growth
-          current.merge!(metrics)
+          # an unchanged value keeps the object already stored: fewer short-lived objects reach
+          # the old generation (10,000 components' metrics are mostly old objects)
+          metrics.each { |k, v| current[k] = v unless current[k] == v }
         end
       end
     end
