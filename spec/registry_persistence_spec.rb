@@ -55,6 +55,22 @@ RSpec.describe "Flowctl::ControlPlane::Registry persistence" do
     again.close
   end
 
+  it "keeps flowctl.v1 registrations by service_id, with their ComponentInfo, status and metrics" do
+    v1 = Flowctl::V1
+    r = Reg.new(db: path, janitor_interval: nil)
+    info = { id: "info-id", name: "square", description: "squares", version: "1.0.0", type: :COMPONENT_TYPE_PROCESSOR,
+             input_event_types: ["raw"], output_event_types: ["squared"], endpoint: "127.0.0.1:9001", metadata: { "a" => "b" } }
+    r.register_component(v1::RegisterRequest.new(component: info, component_id: "service-id"))
+    r.heartbeat(v1::HeartbeatRequest.new(service_id: "service-id", status: :HEALTH_STATUS_DEGRADED, metrics: { "n" => "7" }))
+    r.close
+    again = Reg.new(db: path, janitor_interval: nil)
+    status = again.get_component_status(v1::ComponentStatusRequest.new(service_id: "service-id"))
+    expect(status.component.to_h).to eq(info)
+    expect([status.status, status.metrics]).to eq([:HEALTH_STATUS_DEGRADED, { "n" => "7" }])
+    expect { again.get_component_status(v1::ComponentStatusRequest.new(service_id: "info-id")) }.to raise_error(Flowctl::NotFound)
+    again.close
+  end
+
   it "keeps ids, metadata and metrics with NUL, newlines, escapes and any Unicode exactly" do
     odd = "a\u0000b\nc\e[2J\u202Ed\u{1F600}"
     r = Reg.new(db: path, janitor_interval: nil)
