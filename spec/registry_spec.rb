@@ -15,7 +15,8 @@ RSpec.describe Flowctl::ControlPlane::Registry do
   end
 
   let(:clock) { FakeClock.new }
-  let(:registry) { described_class.new(ttl: 30, clock: clock) }
+  let(:registry) { described_class.new(ttl: 30, clock: clock, janitor_interval: nil) }
+  after { registry.close }
 
   describe "registration" do
     it "keeps the id, endpoint and metadata of each kind of component" do
@@ -139,7 +140,7 @@ RSpec.describe Flowctl::ControlPlane::Registry do
     expect(lines[0].split).to eq(%w[KIND PROTOCOL ID ENDPOINT STATUS LAST_HEARTBEAT METRICS])
     expect(lines[1].split).to eq(["processor", "seed", "p1", "h:1", "HEALTHY", "(stale)", "40.0s", "ago", "n=3"])
     expect(lines[2].split).to eq(["source", "seed", "s1", "-", "STARTING", "0.0s", "ago", "-"])
-    expect(described_class.new.table).to eq("(no components registered)")
+    expect(described_class.new(janitor_interval: nil).table).to eq("(no components registered)")
   end
 
   it "is safe to use from many threads at once" do

@@ -227,6 +227,18 @@ RSpec.describe "Flowctl::ControlPlane::Registry serving flowctl.v1" do
       .to eq(%w[NaN Infinity -Infinity 12 -3 0.1 1.0e+20 2.5e-07])
   end
 
+  it "announces a wildcard host as this machine's hostname, and announce: as given" do
+    expect(CPV::Registry.announced("0.0.0.0", 8080)).to eq("#{Socket.gethostname}:8080")
+    expect(CPV::Registry.announced("::1", 8080)).to eq("[::1]:8080")
+    other = CPV::Registry.new(janitor_interval: nil)
+    srv = other.serve(port: 0, announce: "cp.example:443")
+    reply = GemClient.new(srv.port).call(:register_component, component: processor("p1"))
+    expect(reply[:connection_info]).to eq("control_plane_endpoint" => "cp.example:443")
+  ensure
+    srv&.stop
+    other&.close
+  end
+
   it "a status the v1 enum does not know reads back as its number" do
     client = GemClient.new(server.port)
     client.call(:register_component, component: processor("p1"))

@@ -1,5 +1,6 @@
 # frozen_string_literal: true
 
+require "socket"
 require_relative "control_plane/component"
 require_relative "control_plane/store"
 require_relative "control_plane/ticker"
@@ -39,6 +40,7 @@ module Flowctl
       include V1Service
 
       KINDS = SeedService::KINDS
+      WILDCARD = ["0.0.0.0", "::", "[::]", ""].freeze
 
       attr_reader :janitor_interval, :db
       attr_accessor :endpoint
@@ -126,7 +128,8 @@ module Flowctl
       # call-seq: registry.serve(host: "127.0.0.1", port: 0, **server_options) -> Flowctl::Server (started)
       #
       # Serves both protocols on one port and announces that address in RegisterResponse's
-      # connection_info. Admission: pool_size workers (default 16) and up to max_waiting calls
+      # connection_info (announce: "host:port" overrides it; a wildcard host announces this
+      # machine's hostname). Admission: pool_size workers (default 16) and up to max_waiting calls
       # (default 4096) queued for at most max_wait seconds (default 5) before RESOURCE_EXHAUSTED, so
       # heartbeat bursts queue instead of failing (see Flowctl::Server).
       def serve(host: "127.0.0.1", port: 0, announce: nil, pool_size: 16, max_waiting: 4096, max_wait: 5.0, **opts)
@@ -135,7 +138,7 @@ module Flowctl
         server.handle(Service, self)
         server.handle(Flowctl::V1::ControlPlaneService, self) if defined?(Flowctl::V1::ControlPlaneService)
         bound = server.start
-        @endpoint = announce || "#{host.include?(':') && !host.start_with?('[') ? "[#{host}]" : host}:#{bound}"
+        @endpoint = announce || Registry.announced(host, bound)
         server
       end
 
@@ -160,6 +163,12 @@ module Flowctl
           return v.to_i.to_s if v == v.round && v.abs < 1e15
 
           v.to_s
+        end
+
+        # "host:port" for connection_info: the host served on, or the hostname for a wildcard.
+        def announced(host, port)
+          host = Socket.gethostname if WILDCARD.include?(host)
+          "#{host.include?(':') && !host.start_with?('[') ? "[#{host}]" : host}:#{port}"
         end
 
         def seconds(name, value)
