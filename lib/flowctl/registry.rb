@@ -43,6 +43,9 @@ module Flowctl
       WILDCARD = ["0.0.0.0", "::", "[::]", ""].freeze
 
       attr_reader :janitor_interval, :db
+      # The Persistence of db: (nil without one): later tables (pipeline runs, configuration
+      # versions) add Persistence::MIGRATIONS and write through persistence.transaction { |db| }.
+      attr_reader :persistence
       attr_accessor :endpoint
 
       def initialize(ttl: 30, janitor_interval: 10, db: nil, flush_interval: 1.0, refresh_interval: nil, limits: nil,
