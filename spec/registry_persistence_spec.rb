@@ -150,6 +150,11 @@ RSpec.describe "Flowctl::ControlPlane::Registry persistence" do
     stub_const("Flowctl::ControlPlane::Registry::Persistence::MIGRATIONS", later)
     again = Reg.new(db: path, janitor_interval: nil)
     expect(again.components.map(&:id)).to eq(["p1"])
+    again.persistence.transaction { |db| db.execute("INSERT INTO pipeline_runs VALUES ('r1', 1.5)") }
+    expect(again.persistence.transaction { |db| db.get_first_value("SELECT count(*) FROM pipeline_runs") }).to eq(1)
+    expect { again.persistence.transaction { |db| db.execute("INSERT INTO pipeline_runs VALUES ('r2', 2)"); raise "boom" } }
+      .to raise_error(RuntimeError, "boom")
+    expect(again.persistence.transaction { |db| db.get_first_value("SELECT count(*) FROM pipeline_runs") }).to eq(1)
     again.close
     db = SQLite3::Database.new(path)
     expect(db.get_first_value("PRAGMA user_version")).to eq(2)

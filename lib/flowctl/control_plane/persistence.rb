@@ -135,8 +135,13 @@ module Flowctl
         end
 
         # Runs the block in a transaction on the connection (later tables write through this).
+        # Returns the block's value; an exception rolls the transaction back and is raised.
         def transaction(&block)
-          @lock.synchronize { @db.transaction(:immediate) { block.call(@db) } }
+          @lock.synchronize do
+            result = nil
+            @db.transaction(:immediate) { result = block.call(@db) }
+            result
+          end
         end
 
         # A last flush, then closes the file; idempotent.
