@@ -55,7 +55,7 @@ module Flowctl
         flush_interval = Registry.seconds(:flush_interval, flush_interval)
         @endpoint = endpoint
         @clock = clock || -> { Process.clock_gettime(Process::CLOCK_REALTIME) }
-        @store = Store.new(ttl: @ttl, clock: @clock, limits: Limits.build(limits))
+        @store = Store.new(ttl: @ttl, clock: clock, limits: Limits.build(limits))
         refresh = Registry.seconds(:refresh_interval, refresh_interval || @ttl / 3.0)
         @db = db && open_db(db, flush_interval, refresh)
         @janitor = @janitor_interval && Janitor.new(@store, @janitor_interval)

@@ -14,7 +14,8 @@ module Flowctl
       # text: "" (and "UNKNOWN") keep the status as it is, "HEALTH_STATUS_X" is stored as "X".
       # Metrics merge key by key, as flowctl.v1's do. A heartbeat for an id the control plane does
       # not know, or knows as another kind, answers success: false (the heartbeat thread then
-      # registers again). Included by Registry.
+      # registers again); a heartbeat it records answers success: true, "heartbeat recorded".
+      # Included by Registry.
       module SeedService
         KINDS = %i[processor source consumer].freeze
 
@@ -23,6 +24,7 @@ module Flowctl
           response = ControlPlane.const_get(:"Register#{cap}Response")
           beat_response = ControlPlane.const_get(:"#{cap}HeartbeatResponse")
           id_field = :"#{kind}_id"
+          recorded = beat_response.new(success: true, message: "heartbeat recorded").freeze
 
           # register_processor / register_source / register_consumer (request, call) -> response
           define_method(:"register_#{kind}") do |request, _call = nil|
@@ -41,7 +43,7 @@ module Flowctl
             id = request.public_send(id_field)
             if store.heartbeat(id, SeedService.status(request.status), request.metrics, kind: kind,
                                                                                         reported_at: request.timestamp)
-              beat_response.new(success: true, message: "heartbeat recorded for #{kind} #{id}")
+              recorded # one frozen reply: heartbeats are the hot path
             else
               beat_response.new(success: false,
                                 message: "unknown #{kind} #{id.inspect}: not registered with this control plane, register first")
