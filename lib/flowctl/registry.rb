@@ -106,23 +106,25 @@ module Flowctl
       # Counts every change (a display redraws only when it moved).
       def version = @store.version
 
-      # A text table of the components: at most `rows` of them (nil: all), oldest first, after a
-      # line of counts by kind, protocol and status when rows cuts the list.
-      def table(rows: nil)
-        counts, list, = @store.summary(rows)
-        body = Table.render(list, @clock.call.to_f)
-        return body if rows.nil? || list.size == counts.values.sum
-
-        [summary_line(counts), (body unless list.empty?), "(#{counts.values.sum - list.size} more not shown)"].compact.join("\n")
+      # A text table of the components: at most `rows` of them (nil: all), oldest first. With
+      # summary: true, or when rows cuts the list, a line of counts by status and protocol comes
+      # first. One pass over the components, plus `rows` rows.
+      def table(rows: nil, summary: false)
+        by_status, by_protocol, list = @store.summary(rows)
+        total = by_status.values.sum
+        lines = []
+        lines << summary_line(by_status, by_protocol) if summary || list.size < total
+        lines << Table.render(list, @clock.call.to_f) unless list.empty? && total.positive?
+        lines << "(#{total - list.size} more not shown)" if list.size < total
+        lines.join("\n")
       end
 
       # "12 components: 10 HEALTHY, 2 UNHEALTHY; v1 11, seed 1"
-      def summary_line(counts = @store.summary(0).first)
-        total = counts.values.sum
+      def summary_line(by_status = nil, by_protocol = nil)
+        by_status, by_protocol, = @store.summary(0) if by_status.nil?
+        total = by_status.values.sum
         return "0 components" if total.zero?
 
-        by_status = counts.each_with_object(Hash.new(0)) { |((_, _, s), n), h| h[s] += n }
-        by_protocol = counts.each_with_object(Hash.new(0)) { |((_, p, _), n), h| h[p] += n }
         "#{total} component#{'s' unless total == 1}: " \
           "#{by_status.map { |s, n| "#{n} #{Table.safe(s)}" }.join(', ')}; " \
           "#{by_protocol.map { |p, n| "#{p} #{n}" }.join(', ')}"
