@@ -6,6 +6,7 @@ require "open3"
 require "rbconfig"
 require "sqlite3" # Debian ruby-sqlite3 (script/setup)
 require "json"
+require "timeout"
 require "flowctl/control_plane/persistence" # loaded by Registry.new(db:) only
 
 # Registry.new(db: path): components survive a restart (and a SIGKILL) in SQLite.
@@ -170,6 +171,14 @@ RSpec.describe "Flowctl::ControlPlane::Registry persistence" do
     junk = File.join(@dir, "junk.db")
     File.write(junk, "not a database at all" * 100)
     expect { Reg.new(db: junk) }.to raise_error(Flowctl::Error, /junk\.db: cannot open the control plane database/)
+  end
+
+  it "answers UNAVAILABLE for a registration after close instead of waiting for a writer that is gone" do
+    r = Reg.new(db: path, janitor_interval: nil)
+    r.close
+    Timeout.timeout(time_limit(5)) do
+      expect { seed_register(r, :processor, "late") }.to raise_error(Flowctl::Unavailable, /control plane closed/)
+    end
   end
 
   it "names the Debian package when the sqlite3 gem is missing" do

@@ -103,14 +103,17 @@ module Flowctl
 
         # Waits until every change made before the call is committed (registrations call it
         # before they reply). Raises Flowctl::Unavailable when the write failed.
+        # After #close it raises Flowctl::Unavailable at once.
         def commit
           mine = @commit.synchronize { @wanted += 1 }
           @ticker.wake
           @commit.synchronize do
-            @committed.wait(@commit) while @done < mine && !@error
-            raise Flowctl::Unavailable, "control plane storage failed: #{@error.message}" if @error && @done < mine
+            @committed.wait(@commit) while @done < mine && !@error && !@closed
+            return nil if @done >= mine
+            raise Flowctl::Unavailable, "control plane storage failed: #{@error.message}" if @error
+
+            raise Flowctl::Unavailable, "control plane closed: #{@path} is no longer written"
           end
-          nil
         end
 
         # Writes what changed since the last flush in one transaction (the writer thread), in
@@ -146,7 +149,11 @@ module Flowctl
 
         # A last flush, then closes the file; idempotent.
         def close
-          @ticker&.stop
+          @ticker&.stop # its last run writes what is pending
+          @commit.synchronize do
+            @closed = true
+            @committed.broadcast
+          end
           close_db
         end
 
