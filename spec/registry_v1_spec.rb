@@ -245,6 +245,12 @@ RSpec.describe "Flowctl::ControlPlane::Registry serving flowctl.v1" do
     client.call(:heartbeat, service_id: "p1", status: 9)
     expect(client.call(:get_component_status, service_id: "p1")[:status]).to eq(9)
     expect(registry.component("p1").status).to eq("9")
+    seed = CPV::Client.new("127.0.0.1:#{server.port}", tls: false)
+    %w[running 4294967296 -1].each do |text| # seed statuses are free text: v1 reads what it cannot map as UNKNOWN
+      seed.processor_heartbeat(processor_id: "p1", status: text)
+      expect(client.call(:get_component_status, service_id: "p1")[:status]).to eq(:HEALTH_STATUS_UNKNOWN)
+    end
+    seed.close
   ensure
     client&.close
   end

@@ -55,7 +55,7 @@ module Flowctl
         def self.status(text)
           return nil if text.empty? || text == "UNKNOWN" || text == "HEALTH_STATUS_UNKNOWN"
 
-          text.start_with?("HEALTH_STATUS_") ? text.delete_prefix("HEALTH_STATUS_").freeze : text.dup.freeze
+          -(text.start_with?("HEALTH_STATUS_") ? text.delete_prefix("HEALTH_STATUS_") : text) # interned: no copy per beat
         end
       end
     end

@@ -21,17 +21,27 @@ module Flowctl
         TYPE_KIND = { COMPONENT_TYPE_SOURCE: :source, COMPONENT_TYPE_PROCESSOR: :processor,
                       COMPONENT_TYPE_CONSUMER: :consumer }.freeze
         KIND_TYPE = TYPE_KIND.invert.merge(unspecified: :COMPONENT_TYPE_UNSPECIFIED).freeze
-        # stored status String -> v1 enum Symbol
-        STATUS_SYMBOL = Hash.new do |h, s|
-          h[s] = (s.match?(/\A\d+\z/) ? Integer(s) : :HEALTH_STATUS_UNKNOWN)
+        NAMES = %w[UNKNOWN STARTING HEALTHY DEGRADED UNHEALTHY STOPPING].freeze
+        # stored status String -> v1 enum Symbol (known names only: nothing a client sends is cached)
+        STATUS_SYMBOL = NAMES.to_h { |name| [name, :"#{STATUS_PREFIX}#{name}"] }.freeze
+        # v1 enum Symbol -> stored status String; nil = keep the status
+        STATUS_TEXT = NAMES.to_h { |name| [:"#{STATUS_PREFIX}#{name}", name] }.merge(HEALTH_STATUS_UNKNOWN: nil).freeze
+
+        # A stored status as the v1 enum: a known name, the number of a status sent as an
+        # unknown number, else UNKNOWN (a seed heartbeat's free text).
+        def self.status_value(text)
+          STATUS_SYMBOL.fetch(text) do
+            n = text.match?(/\A[1-9]\d{0,9}\z/) && Integer(text)
+            n && n <= 0x7fff_ffff ? n : :HEALTH_STATUS_UNKNOWN # an enum is an int32
+          end
         end
-        %w[UNKNOWN STARTING HEALTHY DEGRADED UNHEALTHY STOPPING].each do |name|
-          STATUS_SYMBOL[name.freeze] = :"#{STATUS_PREFIX}#{name}"
+
+        # A heartbeat's status as stored: nil (UNKNOWN: keep it), a name, or an unknown number.
+        def self.status_text(value)
+          return STATUS_TEXT.fetch(value) { value.to_s } unless value.is_a?(Integer)
+
+          value.zero? ? nil : value.to_s
         end
-        # v1 enum value (Symbol or an unknown Integer) -> stored status String; nil = keep
-        STATUS_TEXT = Hash.new { |h, v| h[v] = v.is_a?(Integer) ? (v.zero? ? nil : v.to_s.freeze) : v.to_s.delete_prefix(STATUS_PREFIX).freeze }
-        STATUS_TEXT[:HEALTH_STATUS_UNKNOWN] = nil
-        STATUS_TEXT[0] = nil
 
         def register_component(request, _call = nil)
           info = request.component or
@@ -51,7 +61,7 @@ module Flowctl
 
         def heartbeat(request, _call = nil)
           id = request.service_id
-          V1Service.not_found(id) unless store.heartbeat(id, STATUS_TEXT[request.status], request.metrics)
+          V1Service.not_found(id) unless store.heartbeat(id, V1Service.status_text(request.status), request.metrics)
           V1Service.empty
         end
 
@@ -118,7 +128,7 @@ module Flowctl
 
           def status_response(c)
             Flowctl::V1::ComponentStatusResponse.new(
-              component: info(c), status: STATUS_SYMBOL[c.status], last_heartbeat: c.last_heartbeat,
+              component: info(c), status: status_value(c.status), last_heartbeat: c.last_heartbeat,
               metrics: c.metrics.transform_values { |v| v.is_a?(String) ? v : Registry.format_number(v) },
               registered_at: c.registered_at
             )
