@@ -48,6 +48,7 @@ module Flowctl
         HEALTHY = "HEALTHY"
         UNHEALTHY = "UNHEALTHY"
         STARTING = "STARTING"
+        OBJECT = 40 # bytes of a Ruby object slot
 
         attr_reader :ttl, :limits, :version
         attr_accessor :persist_refresh
@@ -226,11 +227,13 @@ module Flowctl
         def dirty? = @lock.synchronize { !@dirty.empty? }
 
         # The bytes of strings a registration holds.
+        # Each String in a list or map also counts the Ruby object that holds it (OBJECT), so that
+        # 60,000 one-byte event types cost what they occupy.
         def self.registration_bytes(id, fields)
           n = id.bytesize + fields[:endpoint].to_s.bytesize
           %i[name description version info_id].each { |f| n += fields[f].to_s.bytesize }
-          %i[input_event_types output_event_types].each { |f| fields[f]&.each { |s| n += s.bytesize } }
-          fields[:metadata]&.each { |k, v| n += k.bytesize + v.bytesize }
+          %i[input_event_types output_event_types].each { |f| fields[f]&.each { |s| n += s.bytesize + OBJECT } }
+          fields[:metadata]&.each { |k, v| n += k.bytesize + v.bytesize + 2 * OBJECT }
           n
         end
 
@@ -268,7 +271,7 @@ module Flowctl
         end
 
         def metric_bytes(metrics)
-          metrics.sum { |k, v| k.bytesize + (v.is_a?(String) ? v.bytesize : 8) }
+          metrics.sum { |k, v| k.bytesize + (v.is_a?(String) ? v.bytesize : 8) + 2 * OBJECT }
         end
 
         # Checks every new metric against the limits before changing anything.
@@ -285,7 +288,7 @@ module Flowctl
             old = current[k]
             if old.nil?
               added += 1
-              growth += k.bytesize + vsize
+              growth += k.bytesize + vsize + 2 * OBJECT
             else
               growth += vsize - (old.is_a?(String) ? old.bytesize : 8)
             end
