@@ -6,7 +6,7 @@ module Flowctl
       # How much the control plane takes in before it refuses (RESOURCE_EXHAUSTED or
       # INVALID_ARGUMENT): a flood of registrations with unique ids, oversized registrations
       # and metrics that only ever grow (metrics merge, keys are never removed) all stop at
-      # these bounds, so memory stays bounded (about max_bytes plus ~1 KiB per component).
+      # these bounds, so memory stays bounded (about max_bytes plus ~1.4 KB per component).
       #
       # max_components: distinct service ids (RESOURCE_EXHAUSTED for one more; re-registering a
       #   known id is always accepted).
@@ -14,7 +14,7 @@ module Flowctl
       #   types, endpoint, metadata keys and values): INVALID_ARGUMENT beyond it.
       # max_metrics: metric keys per component (RESOURCE_EXHAUSTED for a heartbeat adding more).
       # max_metric_bytes: one metric's key plus value (INVALID_ARGUMENT).
-      # max_bytes: all the strings the registry holds (RESOURCE_EXHAUSTED).
+      # max_bytes: all the strings the registry holds, with their objects (RESOURCE_EXHAUSTED).
       Limits = Struct.new(:max_components, :max_registration_bytes, :max_metrics, :max_metric_bytes, :max_bytes,
                           keyword_init: true) do
         def self.default
