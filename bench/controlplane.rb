@@ -18,6 +18,7 @@ require "etc"
 require "json"
 require "rbconfig"
 require "tmpdir"
+require "fileutils"
 
 ROOT = File.expand_path("..", __dir__)
 SERVE = ARGV[0] == "--serve"
@@ -34,12 +35,13 @@ abort "protocol must be seed or v1" unless SERVE || %w[seed v1].include?(PROTOCO
 def serve_flowctl
   $LOAD_PATH.unshift File.join(ROOT, "lib")
   require "flowctl"
-  db = ENV["BENCH_DB"] == "1" ? File.join(Dir.mktmpdir, "cp.db") : nil
-  registry = Flowctl::ControlPlane::Registry.new(db: db)
+  dir = ENV["BENCH_DB"] == "1" ? Dir.mktmpdir : nil
+  registry = Flowctl::ControlPlane::Registry.new(db: dir && File.join(dir, "cp.db"))
   server = registry.serve(port: 0)
   [server.port, lambda {
     server.stop(grace: 1)
     registry.close
+    FileUtils.rm_rf(dir) if dir
   }]
 end
 
@@ -85,6 +87,7 @@ end
 # directory: this process never loads flowctl, so their Flowctl::V1 module is theirs alone).
 def serve_official_v1
   gen = Dir.mktmpdir
+  at_exit { FileUtils.rm_rf(gen) }
   system("grpc_tools_ruby_protoc", "-I#{ROOT}/proto", "--ruby_out=#{gen}", "--grpc_out=#{gen}",
          *Dir["#{ROOT}/proto/flowctl/v1/*.proto"], exception: true)
   $LOAD_PATH.unshift gen
