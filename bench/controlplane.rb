@@ -30,6 +30,8 @@ IN_FLIGHT = Integer(ENV.fetch("IN_FLIGHT", 64))
 ROUNDS = Integer(ENV.fetch("ROUNDS", 1))
 abort "protocol must be seed or v1" unless SERVE || %w[seed v1].include?(PROTOCOL)
 
+CLEANUP = [] # temporary directories of the serving process
+
 # --- servers (each runs in a child process: ruby bench/controlplane.rb --serve KIND) -------
 
 def serve_flowctl
@@ -41,7 +43,7 @@ def serve_flowctl
   [server.port, lambda {
     server.stop(grace: 1)
     registry.close
-    FileUtils.rm_rf(dir) if dir
+    CLEANUP << dir if dir
   }]
 end
 
@@ -87,7 +89,7 @@ end
 # directory: this process never loads flowctl, so their Flowctl::V1 module is theirs alone).
 def serve_official_v1
   gen = Dir.mktmpdir
-  at_exit { FileUtils.rm_rf(gen) }
+  CLEANUP << gen
   system("grpc_tools_ruby_protoc", "-I#{ROOT}/proto", "--ruby_out=#{gen}", "--grpc_out=#{gen}",
          *Dir["#{ROOT}/proto/flowctl/v1/*.proto"], exception: true)
   $LOAD_PATH.unshift gen
@@ -143,6 +145,7 @@ if SERVE
   $stdout.flush
   $stdin.read # until the driver closes our stdin
   stop.call
+  CLEANUP.each { |d| FileUtils.rm_rf(d) }
   exit!(0) # the official server's threads can hold up a normal exit
 end
 
