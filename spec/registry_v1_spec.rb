@@ -6,36 +6,35 @@ require "spec_helper"
 # rule, through this gem's client and through the official grpc gem's stub (OfficialFlowctl::V1,
 # spec/gen/official_v1), plus both protocols over one set of components.
 RSpec.describe "Flowctl::ControlPlane::Registry serving flowctl.v1" do
-  V1 = Flowctl::V1
   CPV = Flowctl::ControlPlane
-  V1Client = defined?(Flowctl::V1::ControlPlaneClient) ? Flowctl::V1::ControlPlaneClient : Class.new(Flowctl::Client) { use_service Flowctl::V1::ControlPlaneService }
+  RegistryV1Client = defined?(Flowctl::V1::ControlPlaneClient) ? Flowctl::V1::ControlPlaneClient : Class.new(Flowctl::Client) { use_service Flowctl::V1::ControlPlaneService }
 
   # A status a call ended with, whichever gem made it.
-  Failed = Struct.new(:code, :details)
+  RegistryFailed = Struct.new(:code, :details)
 
   # The same calls through either gem; replies as Hashes with Times (Message#to_h).
-  class GemClient
-    def initialize(port) = @c = V1Client.new("127.0.0.1:#{port}", tls: false)
+  class RegistryGemClient
+    def initialize(port) = @c = RegistryV1Client.new("127.0.0.1:#{port}", tls: false)
 
     def call(rpc, **fields)
       @c.public_send(rpc, **fields).to_h
     rescue Flowctl::RPCError => e
-      Failed.new(e.code, e.details)
+      RegistryFailed.new(e.code, e.details)
     end
 
     def close = @c.close
   end
 
-  class OfficialClient
+  class RegistryOfficialClient
     def initialize(port)
       @stub = OfficialFlowctl::V1::ControlPlaneService::Stub.new("127.0.0.1:#{port}", :this_channel_is_insecure, timeout: 5)
     end
 
     def call(rpc, **fields)
       request = OfficialFlowctl::V1::ControlPlaneService::Service.rpc_descs[rpc.to_s.split("_").map(&:capitalize).join.to_sym].input
-      OfficialClient.times(@stub.public_send(rpc, request.new(**fields)).to_h)
+      RegistryOfficialClient.times(@stub.public_send(rpc, request.new(**fields)).to_h)
     rescue GRPC::BadStatus => e
-      Failed.new(e.code, e.details)
+      RegistryFailed.new(e.code, e.details)
     end
 
     def close = nil
@@ -72,7 +71,7 @@ RSpec.describe "Flowctl::ControlPlane::Registry serving flowctl.v1" do
       output_event_types: ["squared"], endpoint: "127.0.0.1:9001", metadata: { "zone" => "a" } }.merge(more)
   end
 
-  { "this gem's client" => GemClient, "the official grpc gem's stub" => OfficialClient }.each do |name, klass|
+  { "this gem's client" => RegistryGemClient, "the official grpc gem's stub" => RegistryOfficialClient }.each do |name, klass|
     context "through #{name}" do
       let(:cp) { @client = klass.new(server.port) }
 
@@ -94,7 +93,7 @@ RSpec.describe "Flowctl::ControlPlane::Registry serving flowctl.v1" do
       end
 
       it "RegisterComponent without a component is INVALID_ARGUMENT, and the control plane keeps serving" do
-        expect(cp.call(:register_component, component_id: "x")).to eq(Failed.new(3, "RegisterComponent needs a component (RegisterRequest.component is not set)"))
+        expect(cp.call(:register_component, component_id: "x")).to eq(RegistryFailed.new(3, "RegisterComponent needs a component (RegisterRequest.component is not set)"))
         expect(cp.call(:register_component, component: processor("ok"))[:service_id]).to eq("ok")
       end
 
@@ -123,8 +122,8 @@ RSpec.describe "Flowctl::ControlPlane::Registry serving flowctl.v1" do
       end
 
       it "an unknown id is NOT_FOUND with upstream's text, for Heartbeat and GetComponentStatus" do
-        expect(cp.call(:heartbeat, service_id: "ghost", status: :HEALTH_STATUS_HEALTHY)).to eq(Failed.new(5, "service ghost not found"))
-        expect(cp.call(:get_component_status, service_id: "ghost")).to eq(Failed.new(5, "service ghost not found"))
+        expect(cp.call(:heartbeat, service_id: "ghost", status: :HEALTH_STATUS_HEALTHY)).to eq(RegistryFailed.new(5, "service ghost not found"))
+        expect(cp.call(:get_component_status, service_id: "ghost")).to eq(RegistryFailed.new(5, "service ghost not found"))
         expect(registry.size).to eq(0)
       end
 
@@ -132,7 +131,7 @@ RSpec.describe "Flowctl::ControlPlane::Registry serving flowctl.v1" do
         cp.call(:register_component, component: processor("p1"))
         expect(cp.call(:unregister_component, service_id: "p1")).to eq({})
         expect(cp.call(:unregister_component, service_id: "p1")).to eq({})
-        expect(cp.call(:heartbeat, service_id: "p1", status: :HEALTH_STATUS_HEALTHY)).to eq(Failed.new(5, "service p1 not found"))
+        expect(cp.call(:heartbeat, service_id: "p1", status: :HEALTH_STATUS_HEALTHY)).to eq(RegistryFailed.new(5, "service p1 not found"))
       end
 
       it "ListComponents: HEALTHY only unless include_unhealthy; type_filter (UNSPECIFIED: any)" do
@@ -208,7 +207,7 @@ RSpec.describe "Flowctl::ControlPlane::Registry serving flowctl.v1" do
         srv = small.serve(port: 0)
         other = klass.new(srv.port)
         5.times { |i| expect(other.call(:register_component, component: processor("p#{i}"))[:service_id]).to eq("p#{i}") }
-        expect(other.call(:register_component, component: processor("p5"))).to eq(Failed.new(8, "control plane full: 5 components registered (limit 5); unregister some first"))
+        expect(other.call(:register_component, component: processor("p5"))).to eq(RegistryFailed.new(8, "control plane full: 5 components registered (limit 5); unregister some first"))
         big = other.call(:register_component, component: processor("p0", metadata: { "k" => "v" * 2000 }))
         expect(big.code).to eq(3)
         expect(big.details).to match(/registration too large/)
@@ -232,7 +231,7 @@ RSpec.describe "Flowctl::ControlPlane::Registry serving flowctl.v1" do
     expect(CPV::Registry.announced("::1", 8080)).to eq("[::1]:8080")
     other = CPV::Registry.new(janitor_interval: nil)
     srv = other.serve(port: 0, announce: "cp.example:443")
-    reply = GemClient.new(srv.port).call(:register_component, component: processor("p1"))
+    reply = RegistryGemClient.new(srv.port).call(:register_component, component: processor("p1"))
     expect(reply[:connection_info]).to eq("control_plane_endpoint" => "cp.example:443")
   ensure
     srv&.stop
@@ -240,7 +239,7 @@ RSpec.describe "Flowctl::ControlPlane::Registry serving flowctl.v1" do
   end
 
   it "a status the v1 enum does not know reads back as its number" do
-    client = GemClient.new(server.port)
+    client = RegistryGemClient.new(server.port)
     client.call(:register_component, component: processor("p1"))
     client.call(:heartbeat, service_id: "p1", status: 9)
     expect(client.call(:get_component_status, service_id: "p1")[:status]).to eq(9)
