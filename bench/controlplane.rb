@@ -8,6 +8,7 @@
 #
 #   ruby bench/controlplane.rb [seconds] [protocol]      protocol: seed (default) or v1
 #   COMPONENTS=10000 CONNECTIONS=4 IN_FLIGHT=64 ROUNDS=1 BENCH_DB=1 (the embedded one with db:)
+#   POOL_SIZE=n (the embedded one's workers; default: Registry#serve's)
 #
 # First a burst of COMPONENTS registrations (IN_FLIGHT at once; all must succeed), then
 # heartbeats round robin over them for `seconds`. Prints heartbeats/s, failed calls by
@@ -39,7 +40,7 @@ def serve_flowctl
   require "flowctl"
   dir = ENV["BENCH_DB"] == "1" ? Dir.mktmpdir : nil
   registry = Flowctl::ControlPlane::Registry.new(db: dir && File.join(dir, "cp.db"))
-  server = registry.serve(port: 0)
+  server = ENV["POOL_SIZE"] ? registry.serve(port: 0, pool_size: Integer(ENV["POOL_SIZE"])) : registry.serve(port: 0)
   [server.port, lambda {
     server.stop(grace: 1)
     registry.close
