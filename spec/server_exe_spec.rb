@@ -73,7 +73,7 @@ RSpec.describe "exe/flowctl-controlplane" do
                                         "--janitor-interval", "100ms", "--rows", "5")
         seen = []
         banner = read_until(out, /listening on/, seen)
-        expect(banner).to include("heartbeat ttl 0.3s, janitor every 0.1s, db #{db} (#{round} components)"), -> { seen.join }
+        expect(banner).to include("(flowctl.v1 + seed, plaintext, heartbeat ttl 0.3s, janitor every 0.1s, db #{db} (#{round * 2} components)"), -> { seen.join }
         if round.zero?
           port = Integer(banner[/127\.0\.0\.1:(\d+)/, 1])
           cp = Obsrvr::Flow::Controlplane
@@ -81,9 +81,15 @@ RSpec.describe "exe/flowctl-controlplane" do
           stub.register_processor(cp::RegisterProcessorRequest.new(processor_id: evil, endpoint: "h:1"))
           stub.processor_heartbeat(cp::ProcessorHeartbeatRequest.new(processor_id: evil, status: "HEALTHY",
                                                                      metrics: { "x" => Float::NAN }))
+          v1 = Class.new(Flowctl::Client) { use_service Flowctl::V1::ControlPlaneService }.new("127.0.0.1:#{port}", tls: false)
+          reply = v1.register_component(component: { id: "v1-source", type: :COMPONENT_TYPE_SOURCE, endpoint: "h:2",
+                                                      output_event_types: ["ledger"] })
+          expect(reply.connection_info).to eq("control_plane_endpoint" => "127.0.0.1:#{port}")
+          v1.close
         end
-        row = read_until(out, /UNHEALTHY \(stale\)/, seen) # the janitor's verdict after 300 ms without a heartbeat
+        row = read_until(out, /evil.*UNHEALTHY \(stale\)/, seen) # the janitor's verdict after 300 ms without a heartbeat
         expect(row).to include('evil\n\e[2J\x00id', "x=NaN"), seen.join
+        expect(read_until(out, /v1-source/, seen).split.values_at(0, 1, 2, 3)).to eq(%w[source v1 v1-source h:2])
         Process.kill("INT", wait.pid)
         rest = out.read
         expect(wait.value.success?).to be(true), err.read
