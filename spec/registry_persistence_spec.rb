@@ -181,6 +181,24 @@ RSpec.describe "Flowctl::ControlPlane::Registry persistence" do
     end
   end
 
+  it "fails the registrations of a failed write with UNAVAILABLE, and takes the next ones once writes work again" do
+    r = Reg.new(db: path, janitor_interval: nil)
+    pers = r.persistence
+    broken = true
+    real = pers.method(:write)
+    pers.define_singleton_method(:write) do |count, taken|
+      raise SQLite3::IOException, "disk I/O error" if broken
+
+      real.call(count, taken)
+    end
+    expect { expect { seed_register(r, :processor, "p1") }.to raise_error(Flowctl::Unavailable, /storage failed: disk I\/O error/) }
+      .to output(/cannot write .*disk I\/O error/).to_stderr
+    broken = false
+    expect(seed_register(r, :processor, "p2").success).to be(true)
+    r.close
+    expect(Reg.new(db: path, janitor_interval: nil).tap(&:close).components.map(&:id).sort).to eq(%w[p1 p2]) # p1 written after all
+  end
+
   it "names the Debian package when the sqlite3 gem is missing" do
     allow(Reg::Persistence).to receive(:require).with("sqlite3").and_raise(LoadError, "cannot load such file -- sqlite3")
     expect { Reg::Persistence.load_sqlite }.to raise_error(Flowctl::Error, /apt-get install ruby-sqlite3/)

@@ -31,7 +31,8 @@ module Flowctl
     # janitor runs (upstream's --janitor-interval; nil: no janitor thread, call #sweep).
     # db: an SQLite file to keep the components in (see Persistence; needs ruby-sqlite3).
     # flush_interval: seconds between heartbeat writes to db; refresh_interval: a heartbeat that
-    # changes only metrics and time is written when the stored one is older (default ttl / 3).
+    # changes only metrics and time is written when the stored one is older (default ttl / 3);
+    # synchronous: SQLite's (NORMAL: a commit survives a crash of the process, FULL: of the machine).
     # limits: Hash overriding Limits.
     # endpoint: "host:port" announced as connection_info's control_plane_endpoint (#serve sets it).
     # clock: anything with #call returning the current Time (tests pass a fake clock).
@@ -48,8 +49,8 @@ module Flowctl
       attr_reader :persistence
       attr_accessor :endpoint
 
-      def initialize(ttl: 30, janitor_interval: 10, db: nil, flush_interval: 1.0, refresh_interval: nil, limits: nil,
-                     endpoint: nil, clock: nil)
+      def initialize(ttl: 30, janitor_interval: 10, db: nil, flush_interval: 1.0, refresh_interval: nil,
+                     synchronous: "NORMAL", limits: nil, endpoint: nil, clock: nil)
         @ttl = Registry.seconds(:ttl, ttl)
         @janitor_interval = janitor_interval && Registry.seconds(:janitor_interval, janitor_interval)
         flush_interval = Registry.seconds(:flush_interval, flush_interval)
@@ -57,7 +58,7 @@ module Flowctl
         @clock = clock || -> { Process.clock_gettime(Process::CLOCK_REALTIME) }
         @store = Store.new(ttl: @ttl, clock: clock, limits: Limits.build(limits))
         refresh = Registry.seconds(:refresh_interval, refresh_interval || @ttl / 3.0)
-        @db = db && open_db(db, flush_interval, refresh)
+        @db = db && open_db(db, flush_interval, refresh, synchronous)
         @janitor = @janitor_interval && Janitor.new(@store, @janitor_interval)
         ObjectSpace.define_finalizer(self, Registry.closer(@janitor, @persistence))
       end
@@ -199,9 +200,9 @@ module Flowctl
       # Registrations and unregistrations reply once they are on disk (with db:).
       def committed! = @persistence&.commit
 
-      def open_db(path, flush_interval, refresh)
+      def open_db(path, flush_interval, refresh, synchronous)
         require_relative "control_plane/persistence"
-        @persistence = Persistence.new(path, flush_interval: flush_interval)
+        @persistence = Persistence.new(path, flush_interval: flush_interval, synchronous: synchronous)
         @store.restore(@persistence.load)
         @store.persist_refresh = (refresh * 1e9).to_i
         @persistence.attach(@store)

@@ -13,18 +13,16 @@ module Flowctl
       # restarts with the registry as of its last commit. What is acknowledged when:
       # - registrations and unregistrations are committed before their reply is sent (group
       #   commit: the calls that arrive while one transaction is written share the next one);
-      # - heartbeats (status, metrics, last heartbeat) and the janitor's changes are collected and
-      #   written together every flush_interval seconds (default 1): a crash loses at most the
-      #   last flush_interval of them, which the next heartbeat of each component restores. A
-      #   heartbeat is 10,000s per second at full load: writing each one would put a disk write
-      #   on the hot path for state that is rewritten seconds later anyway.
-      # - journal_mode=WAL, synchronous=NORMAL: a commit survives the process being killed; a
-      #   power loss may lose the last commits (synchronous: "FULL" keeps those too).
-      #
-      # - a heartbeat that changes only metrics and time is written once the stored one is older
-      #   than refresh_interval (Registry: ttl / 3), a status change within flush_interval: at
-      #   10,000 components beating every second that is ~1,000 small row updates a second
-      #   instead of 10,000.
+      # - a heartbeat that changes the status, and the janitor's changes, are written within
+      #   flush_interval seconds (default 1), all together in one transaction;
+      # - a heartbeat that changes only metrics and the time is written once the stored one is
+      #   older than refresh_interval (Registry: ttl / 3). At 10,000 components beating every
+      #   second that is ~1,000 small row updates a second instead of 10,000, and no disk write
+      #   on the hot path, for state that each component's next heartbeat restores anyway;
+      # So a crash loses at most flush_interval of status changes and refresh_interval of
+      # metrics and heartbeat times, never a registration that was answered.
+      # - journal_mode=WAL with synchronous=NORMAL (the default): a commit survives the process
+      #   being killed; a power loss may lose the last commits (synchronous: "FULL" keeps them).
       #
       # Schema (PRAGMA user_version counts the MIGRATIONS applied). One row per service id;
       # strings that may hold anything are BLOBs or JSON (NUL, NaN/Infinity metrics round-trip).
@@ -72,6 +70,7 @@ module Flowctl
           @committed = ConditionVariable.new
           @wanted = @done = 0
           @error = nil
+          @failed = -1 # the last generation whose flush failed
           @db = open_db(synchronous.to_s.upcase)
         end
 
@@ -108,9 +107,9 @@ module Flowctl
           mine = @commit.synchronize { @wanted += 1 }
           @ticker.wake
           @commit.synchronize do
-            @committed.wait(@commit) while @done < mine && !@error && !@closed
+            @committed.wait(@commit) while @done < mine && @failed < mine && !@closed
             return nil if @done >= mine
-            raise Flowctl::Unavailable, "control plane storage failed: #{@error.message}" if @error
+            raise Flowctl::Unavailable, "control plane storage failed: #{@error.message}" if @failed >= mine
 
             raise Flowctl::Unavailable, "control plane closed: #{@path} is no longer written"
           end
@@ -124,7 +123,6 @@ module Flowctl
           taken = []
           write(@store.dirty_count, taken)
           @commit.synchronize do
-            @error = nil
             @done = gen
             @committed.broadcast
           end
@@ -133,6 +131,7 @@ module Flowctl
           warn "flowctl control plane: cannot write #{@path}: #{e.class}: #{e.message}"
           @commit.synchronize do
             @error = e
+            @failed = gen # the calls waiting for this flush fail; later ones wait for the next
             @committed.broadcast
           end
         end
