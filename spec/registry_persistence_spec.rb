@@ -199,6 +199,27 @@ RSpec.describe "Flowctl::ControlPlane::Registry persistence" do
     expect(Reg.new(db: path, janitor_interval: nil).tap(&:close).components.map(&:id).sort).to eq(%w[p1 p2]) # p1 written after all
   end
 
+  it "refuses registrations in a forked child instead of waiting for the parent's writer thread" do
+    r = Reg.new(db: path, janitor_interval: nil)
+    rd, wr = IO.pipe
+    pid = fork do
+      rd.close
+      begin
+        seed_register(r, :processor, "child")
+        wr.write("registered")
+      rescue Flowctl::Unavailable => e
+        wr.write(e.message)
+      end
+      exit!(0)
+    end
+    wr.close
+    Timeout.timeout(time_limit(10)) { Process.wait(pid) }
+    expect(rd.read).to match(/belongs to process #{Process.pid}: open the db again after fork/)
+    expect(seed_register(r, :processor, "parent").success).to be(true)
+  ensure
+    r&.close
+  end
+
   it "names the Debian package when the sqlite3 gem is missing" do
     allow(Reg::Persistence).to receive(:require).with("sqlite3").and_raise(LoadError, "cannot load such file -- sqlite3")
     expect { Reg::Persistence.load_sqlite }.to raise_error(Flowctl::Error, /apt-get install ruby-sqlite3/)

@@ -71,6 +71,7 @@ module Flowctl
           @wanted = @done = 0
           @error = nil
           @failed = -1 # the last generation whose flush failed
+          @pid = Process.pid
           @db = open_db(synchronous.to_s.upcase)
         end
 
@@ -104,6 +105,10 @@ module Flowctl
         # before they reply). Raises Flowctl::Unavailable when the write failed.
         # After #close it raises Flowctl::Unavailable at once.
         def commit
+          if @pid != Process.pid # a forked child: the writer thread stayed in the parent
+            raise Flowctl::Unavailable, "control plane storage belongs to process #{@pid}: open the db again after fork"
+          end
+
           mine = @commit.synchronize { @wanted += 1 }
           @ticker.wake
           @commit.synchronize do
