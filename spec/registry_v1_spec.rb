@@ -14,7 +14,7 @@ RSpec.describe "Flowctl::ControlPlane::Registry serving flowctl.v1" do
 
   # The same calls through either gem; replies as Hashes with Times (Message#to_h).
   class RegistryGemClient
-    def initialize(port) = @c = RegistryV1Client.new("127.0.0.1:#{port}", tls: false)
+    def initialize(port, timeout) = @c = RegistryV1Client.new("127.0.0.1:#{port}", tls: false, timeout: timeout)
 
     def call(rpc, **fields)
       @c.public_send(rpc, **fields).to_h
@@ -26,8 +26,8 @@ RSpec.describe "Flowctl::ControlPlane::Registry serving flowctl.v1" do
   end
 
   class RegistryOfficialClient
-    def initialize(port)
-      @stub = OfficialFlowctl::V1::ControlPlaneService::Stub.new("127.0.0.1:#{port}", :this_channel_is_insecure, timeout: 5)
+    def initialize(port, timeout)
+      @stub = OfficialFlowctl::V1::ControlPlaneService::Stub.new("127.0.0.1:#{port}", :this_channel_is_insecure, timeout: timeout)
     end
 
     def call(rpc, **fields)
@@ -73,7 +73,7 @@ RSpec.describe "Flowctl::ControlPlane::Registry serving flowctl.v1" do
 
   { "this gem's client" => RegistryGemClient, "the official grpc gem's stub" => RegistryOfficialClient }.each do |name, klass|
     context "through #{name}" do
-      let(:cp) { @client = klass.new(server.port) }
+      let(:cp) { @client = klass.new(server.port, time_limit(10)) }
 
       it "RegisterComponent: service_id from component_id, else component.id, else <type>-<unix nanos>; topics; connection_info" do
         r = cp.call(:register_component, component: processor("p1"), component_id: "from-env")
@@ -181,7 +181,7 @@ RSpec.describe "Flowctl::ControlPlane::Registry serving flowctl.v1" do
       end
 
       it "lists components registered through the seed's protocol, and takes their v1 heartbeats" do
-        seed = CPV::Client.new("127.0.0.1:#{server.port}", tls: false)
+        seed = CPV::Client.new("127.0.0.1:#{server.port}", tls: false, timeout: time_limit(10))
         seed.register_processor(processor_id: "old-style", endpoint: "10.0.0.9:7000", metadata: { "zone" => "c" })
         seed.processor_heartbeat(processor_id: "old-style", status: "HEALTHY", metrics: { "events" => 12.0, "lag" => 0.25 })
         s = cp.call(:get_component_status, service_id: "old-style")
@@ -205,7 +205,7 @@ RSpec.describe "Flowctl::ControlPlane::Registry serving flowctl.v1" do
       it "refuses oversized registrations and a flood of unique ids past the cap" do
         small = CPV::Registry.new(janitor_interval: nil, limits: { max_components: 5, max_registration_bytes: 1024 })
         srv = small.serve(port: 0)
-        other = klass.new(srv.port)
+        other = klass.new(srv.port, time_limit(10))
         5.times { |i| expect(other.call(:register_component, component: processor("p#{i}"))[:service_id]).to eq("p#{i}") }
         expect(other.call(:register_component, component: processor("p5"))).to eq(RegistryFailed.new(8, "control plane full: 5 components registered (limit 5); unregister some first"))
         big = other.call(:register_component, component: processor("p0", metadata: { "k" => "v" * 2000 }))
@@ -231,7 +231,7 @@ RSpec.describe "Flowctl::ControlPlane::Registry serving flowctl.v1" do
     expect(CPV::Registry.announced("::1", 8080)).to eq("[::1]:8080")
     other = CPV::Registry.new(janitor_interval: nil)
     srv = other.serve(port: 0, announce: "cp.example:443")
-    reply = RegistryGemClient.new(srv.port).call(:register_component, component: processor("p1"))
+    reply = RegistryGemClient.new(srv.port, time_limit(10)).call(:register_component, component: processor("p1"))
     expect(reply[:connection_info]).to eq("control_plane_endpoint" => "cp.example:443")
   ensure
     srv&.stop
@@ -239,12 +239,12 @@ RSpec.describe "Flowctl::ControlPlane::Registry serving flowctl.v1" do
   end
 
   it "a status the v1 enum does not know reads back as its number" do
-    client = RegistryGemClient.new(server.port)
+    client = RegistryGemClient.new(server.port, time_limit(10))
     client.call(:register_component, component: processor("p1"))
     client.call(:heartbeat, service_id: "p1", status: 9)
     expect(client.call(:get_component_status, service_id: "p1")[:status]).to eq(9)
     expect(registry.component("p1").status).to eq("9")
-    seed = CPV::Client.new("127.0.0.1:#{server.port}", tls: false)
+    seed = CPV::Client.new("127.0.0.1:#{server.port}", tls: false, timeout: time_limit(10))
     %w[running 4294967296 -1].each do |text| # seed statuses are free text: v1 reads what it cannot map as UNKNOWN
       seed.processor_heartbeat(processor_id: "p1", status: text)
       expect(client.call(:get_component_status, service_id: "p1")[:status]).to eq(:HEALTH_STATUS_UNKNOWN)

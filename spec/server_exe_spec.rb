@@ -81,7 +81,7 @@ RSpec.describe "exe/flowctl-controlplane" do
           stub.register_processor(cp::RegisterProcessorRequest.new(processor_id: evil, endpoint: "h:1"))
           stub.processor_heartbeat(cp::ProcessorHeartbeatRequest.new(processor_id: evil, status: "HEALTHY",
                                                                      metrics: { "x" => Float::NAN }))
-          v1 = Class.new(Flowctl::Client) { use_service Flowctl::V1::ControlPlaneService }.new("127.0.0.1:#{port}", tls: false)
+          v1 = Class.new(Flowctl::Client) { use_service Flowctl::V1::ControlPlaneService }.new("127.0.0.1:#{port}", tls: false, timeout: time_limit(10))
           reply = v1.register_component(component: { id: "v1-source", type: :COMPONENT_TYPE_SOURCE, endpoint: "h:2",
                                                       output_event_types: ["ledger"] })
           expect(reply.connection_info).to eq("control_plane_endpoint" => "127.0.0.1:#{port}")
