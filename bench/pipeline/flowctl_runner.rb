@@ -1,0 +1,21 @@
+# frozen_string_literal: true
+
+# Wires bench/pipeline.rb's Flowctl::Component components like `flowctl run` does, with the
+# gem's flowctl.v1 clients. ruby flowctl_runner.rb SOURCE_PORT PROCESSOR_PORT CONSUMER_PORT COUNT
+$LOAD_PATH.unshift File.expand_path("../../lib", __dir__)
+require "flowctl"
+require "json"
+
+V1 = Flowctl::V1
+sp, pp, cp, count = ARGV
+source = V1::SourceClient.new("127.0.0.1:#{sp}", tls: false)
+processor = V1::ProcessorClient.new("127.0.0.1:#{pp}", tls: false)
+consumer = V1::ConsumerClient.new("127.0.0.1:#{cp}", tls: false)
+$stdin.gets # go
+t0 = Process.clock_gettime(Process::CLOCK_MONOTONIC)
+c0 = Process.clock_gettime(Process::CLOCK_PROCESS_CPUTIME_ID)
+events = source.stream_events(V1::StreamRequest.new(params: { "count" => count }))
+reply = consumer.consume(processor.process(events))
+elapsed = Process.clock_gettime(Process::CLOCK_MONOTONIC) - t0
+cpu = Process.clock_gettime(Process::CLOCK_PROCESS_CPUTIME_ID) - c0
+puts JSON.generate(consumed: reply.events_consumed, seconds: elapsed, cpu: cpu)

@@ -1,0 +1,25 @@
+# frozen_string_literal: true
+
+# Wires bench/pipeline.rb's official-gem components like `flowctl run` does: the source's
+# StreamEvents feeds the processor's Process, whose output feeds the consumer's Consume.
+# ruby official_runner.rb SOURCE_PORT PROCESSOR_PORT CONSUMER_PORT COUNT -> prints JSON
+$LOAD_PATH.unshift File.expand_path("../../spec/gen", __dir__)
+require "grpc"
+require "json"
+require "flowctl/v1/source_services_pb"
+require "flowctl/v1/processor_services_pb"
+require "flowctl/v1/consumer_services_pb"
+
+V1 = Flowctl::V1
+sp, pp, cp, count = ARGV
+source = V1::SourceService::Stub.new("127.0.0.1:#{sp}", :this_channel_is_insecure)
+processor = V1::ProcessorService::Stub.new("127.0.0.1:#{pp}", :this_channel_is_insecure)
+consumer = V1::ConsumerService::Stub.new("127.0.0.1:#{cp}", :this_channel_is_insecure)
+$stdin.gets # go
+t0 = Process.clock_gettime(Process::CLOCK_MONOTONIC)
+c0 = Process.clock_gettime(Process::CLOCK_PROCESS_CPUTIME_ID)
+events = source.stream_events(V1::StreamRequest.new(params: { "count" => count }))
+reply = consumer.consume(processor.process(events))
+elapsed = Process.clock_gettime(Process::CLOCK_MONOTONIC) - t0
+cpu = Process.clock_gettime(Process::CLOCK_PROCESS_CPUTIME_ID) - c0
+puts JSON.generate(consumed: reply.events_consumed, seconds: elapsed, cpu: cpu)
