@@ -32,7 +32,7 @@ module Flowctl
               Processor.write(@runtime, call, outputs)
             end
           end
-          nil
+          @runtime.check_stopping
         end
       end
 

@@ -13,6 +13,7 @@ module Flowctl
     # heartbeat sends STOPPING and unregisters, and the health server closes.
     class Runtime
       STATUSES = %w[STARTING HEALTHY DEGRADED UNHEALTHY STOPPING].freeze
+      LAST_CALLS = 0.5 # seconds for unary calls in flight once every stream has ended
 
       attr_reader :component, :settings, :metrics, :logger, :port, :gate, :registration
 
@@ -116,8 +117,11 @@ module Flowctl
 
         deadline = clock + grace
         @registration&.push # a STOPPING beat now (the status reads STOPPING from here on)
-        @streams.drain(deadline)
-        @server&.stop(grace: [deadline - clock, 0].max)
+        drained = @streams.drain(deadline)
+        # Flowctl::Server#stop waits its whole grace while a client keeps its connection open,
+        # even with no call left: once the streams are done, unary calls get at most LAST_CALLS.
+        left = [deadline - clock, 0].max
+        @server&.stop(grace: drained ? [left, LAST_CALLS].min : left)
         @registration&.stop
         @health&.stop
         component.teardown
@@ -132,6 +136,12 @@ module Flowctl
 
       # Reads the next request of a stream, or nil when the stream is to end (shutdown).
       def read(requests) = @streams.read(requests)
+
+      # Ends a stream cut short by shutdown with UNAVAILABLE (its peer may resume elsewhere);
+      # nil otherwise.
+      def check_stopping
+        raise Flowctl::Unavailable, "component #{settings.id} is shutting down" if stopping?
+      end
 
       # See Streams#interruptible and Streams#critical.
       def interruptible(&block) = @streams.interruptible(&block)

@@ -31,7 +31,7 @@ module Flowctl
             Processor.write(@runtime, call, outputs.map { |e| to_message(e) })
           end
         end
-        nil
+        @runtime.check_stopping
       end
 
       private

@@ -48,7 +48,7 @@ module Flowctl
               end
             end
           end
-          nil
+          @runtime.check_stopping
         end
 
         def get_state(request)
