@@ -22,7 +22,7 @@ RSpec.describe Flowctl::Component::HealthServer do
   after { server.stop }
 
   def curl(path, *args)
-    out, err, st = Open3.capture3("curl", "-s", "-m", "5", "-o", "-", "-w", "\n%{http_code} %{content_type}", *args,
+    out, err, st = Open3.capture3("curl", "-s", "-m", time_limit(5).to_s, "-o", "-", "-w", "\n%{http_code} %{content_type}", *args,
                                   "http://127.0.0.1:#{port}#{path}")
     raise "curl failed: #{err}" unless st.success?
 

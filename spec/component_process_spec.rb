@@ -65,7 +65,7 @@ RSpec.describe "Flowctl::Component processes" do
   def client(klass, endpoint) = klass.new(endpoint, tls: false).tap { |c| clients << c }
 
   def curl(port, path)
-    out, _, st = Open3.capture3("curl", "-s", "-m", "5", "-w", "\n%{http_code}", "http://127.0.0.1:#{port}#{path}")
+    out, _, st = Open3.capture3("curl", "-s", "-m", time_limit(5).to_s, "-w", "\n%{http_code}", "http://127.0.0.1:#{port}#{path}")
     raise "curl failed" unless st.success?
 
     body, _, code = out.rpartition("\n")
