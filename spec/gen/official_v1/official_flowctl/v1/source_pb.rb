@@ -3,7 +3,7 @@
 
 require 'google/protobuf'
 
-require 'flowctl/v1/common_pb'
+require 'official_flowctl/v1/common_pb'
 require 'google/protobuf/empty_pb'
 
 Google::Protobuf::DescriptorPool.generated_pool.build do
@@ -28,7 +28,7 @@ Google::Protobuf::DescriptorPool.generated_pool.build do
   end
 end
 
-module Flowctl
+module OfficialFlowctl
   module V1
     StreamRequest = ::Google::Protobuf::DescriptorPool.generated_pool.lookup("flowctl.v1.StreamRequest").msgclass
     StateRequest = ::Google::Protobuf::DescriptorPool.generated_pool.lookup("flowctl.v1.StateRequest").msgclass

@@ -2,9 +2,9 @@
 # Source: flowctl/v1/control_plane.proto for package 'flowctl.v1'
 
 require 'grpc'
-require 'flowctl/v1/control_plane_pb'
+require 'official_flowctl/v1/control_plane_pb'
 
-module Flowctl
+module OfficialFlowctl
   module V1
     module ControlPlaneService
       # ControlPlaneService manages component registration, discovery, and health monitoring.
@@ -18,17 +18,17 @@ module Flowctl
         self.service_name = 'flowctl.v1.ControlPlaneService'
 
         # Register a component with the control plane
-        rpc :RegisterComponent, ::Flowctl::V1::RegisterRequest, ::Flowctl::V1::RegisterResponse
+        rpc :RegisterComponent, ::OfficialFlowctl::V1::RegisterRequest, ::OfficialFlowctl::V1::RegisterResponse
         # Unregister a component
-        rpc :UnregisterComponent, ::Flowctl::V1::UnregisterRequest, ::Google::Protobuf::Empty
+        rpc :UnregisterComponent, ::OfficialFlowctl::V1::UnregisterRequest, ::Google::Protobuf::Empty
         # Discover components by type or event types
-        rpc :DiscoverComponents, ::Flowctl::V1::DiscoveryRequest, ::Flowctl::V1::DiscoveryResponse
+        rpc :DiscoverComponents, ::OfficialFlowctl::V1::DiscoveryRequest, ::OfficialFlowctl::V1::DiscoveryResponse
         # Send heartbeat to maintain component registration
-        rpc :Heartbeat, ::Flowctl::V1::HeartbeatRequest, ::Google::Protobuf::Empty
+        rpc :Heartbeat, ::OfficialFlowctl::V1::HeartbeatRequest, ::Google::Protobuf::Empty
         # Query component status
-        rpc :GetComponentStatus, ::Flowctl::V1::ComponentStatusRequest, ::Flowctl::V1::ComponentStatusResponse
+        rpc :GetComponentStatus, ::OfficialFlowctl::V1::ComponentStatusRequest, ::OfficialFlowctl::V1::ComponentStatusResponse
         # List all registered components
-        rpc :ListComponents, ::Flowctl::V1::ListComponentsRequest, ::Flowctl::V1::ListComponentsResponse
+        rpc :ListComponents, ::OfficialFlowctl::V1::ListComponentsRequest, ::OfficialFlowctl::V1::ListComponentsResponse
       end
 
       Stub = Service.rpc_stub_class

@@ -2,9 +2,9 @@
 # Source: flowctl/v1/source.proto for package 'flowctl.v1'
 
 require 'grpc'
-require 'flowctl/v1/source_pb'
+require 'official_flowctl/v1/source_pb'
 
-module Flowctl
+module OfficialFlowctl
   module V1
     module SourceService
       # SourceService defines the interface for data sources in flowctl pipelines.
@@ -18,16 +18,16 @@ module Flowctl
         self.service_name = 'flowctl.v1.SourceService'
 
         # Get component information and capabilities
-        rpc :GetInfo, ::Google::Protobuf::Empty, ::Flowctl::V1::ComponentInfo
+        rpc :GetInfo, ::Google::Protobuf::Empty, ::OfficialFlowctl::V1::ComponentInfo
         # Health check
-        rpc :HealthCheck, ::Flowctl::V1::HealthCheckRequest, ::Flowctl::V1::HealthCheckResponse
+        rpc :HealthCheck, ::OfficialFlowctl::V1::HealthCheckRequest, ::OfficialFlowctl::V1::HealthCheckResponse
         # Stream events to downstream components
         # This is the primary method for data production
-        rpc :StreamEvents, ::Flowctl::V1::StreamRequest, stream(::Flowctl::V1::Event)
+        rpc :StreamEvents, ::OfficialFlowctl::V1::StreamRequest, stream(::OfficialFlowctl::V1::Event)
         # Get current state (for resumable streaming)
-        rpc :GetState, ::Flowctl::V1::StateRequest, ::Flowctl::V1::StateResponse
+        rpc :GetState, ::OfficialFlowctl::V1::StateRequest, ::OfficialFlowctl::V1::StateResponse
         # Save state (for checkpointing)
-        rpc :SaveState, ::Flowctl::V1::SaveStateRequest, ::Google::Protobuf::Empty
+        rpc :SaveState, ::OfficialFlowctl::V1::SaveStateRequest, ::Google::Protobuf::Empty
       end
 
       Stub = Service.rpc_stub_class

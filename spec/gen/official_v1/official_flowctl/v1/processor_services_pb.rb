@@ -2,9 +2,9 @@
 # Source: flowctl/v1/processor.proto for package 'flowctl.v1'
 
 require 'grpc'
-require 'flowctl/v1/processor_pb'
+require 'official_flowctl/v1/processor_pb'
 
-module Flowctl
+module OfficialFlowctl
   module V1
     module ProcessorService
       # ProcessorService defines the interface for event processors in flowctl pipelines.
@@ -18,13 +18,13 @@ module Flowctl
         self.service_name = 'flowctl.v1.ProcessorService'
 
         # Get component information and capabilities
-        rpc :GetInfo, ::Google::Protobuf::Empty, ::Flowctl::V1::ComponentInfo
+        rpc :GetInfo, ::Google::Protobuf::Empty, ::OfficialFlowctl::V1::ComponentInfo
         # Health check
-        rpc :HealthCheck, ::Flowctl::V1::HealthCheckRequest, ::Flowctl::V1::HealthCheckResponse
+        rpc :HealthCheck, ::OfficialFlowctl::V1::HealthCheckRequest, ::OfficialFlowctl::V1::HealthCheckResponse
         # Bidirectional streaming for event processing
         # This is the primary method for event transformation
         # Client sends input events, receives processed output events
-        rpc :Process, stream(::Flowctl::V1::Event), stream(::Flowctl::V1::Event)
+        rpc :Process, stream(::OfficialFlowctl::V1::Event), stream(::OfficialFlowctl::V1::Event)
       end
 
       Stub = Service.rpc_stub_class

@@ -2,9 +2,9 @@
 # Source: flowctl/v1/consumer.proto for package 'flowctl.v1'
 
 require 'grpc'
-require 'flowctl/v1/consumer_pb'
+require 'official_flowctl/v1/consumer_pb'
 
-module Flowctl
+module OfficialFlowctl
   module V1
     module ConsumerService
       # ConsumerService defines the interface for event consumers in flowctl pipelines.
@@ -18,12 +18,12 @@ module Flowctl
         self.service_name = 'flowctl.v1.ConsumerService'
 
         # Get component information and capabilities
-        rpc :GetInfo, ::Google::Protobuf::Empty, ::Flowctl::V1::ComponentInfo
+        rpc :GetInfo, ::Google::Protobuf::Empty, ::OfficialFlowctl::V1::ComponentInfo
         # Health check
-        rpc :HealthCheck, ::Flowctl::V1::HealthCheckRequest, ::Flowctl::V1::HealthCheckResponse
+        rpc :HealthCheck, ::OfficialFlowctl::V1::HealthCheckRequest, ::OfficialFlowctl::V1::HealthCheckResponse
         # Consume events (streaming from orchestrator/processor)
         # Client streams events to consumer, receives summary response
-        rpc :Consume, stream(::Flowctl::V1::Event), ::Flowctl::V1::ConsumeResponse
+        rpc :Consume, stream(::OfficialFlowctl::V1::Event), ::OfficialFlowctl::V1::ConsumeResponse
       end
 
       Stub = Service.rpc_stub_class

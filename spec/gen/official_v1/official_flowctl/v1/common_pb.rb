@@ -63,7 +63,7 @@ Google::Protobuf::DescriptorPool.generated_pool.build do
   end
 end
 
-module Flowctl
+module OfficialFlowctl
   module V1
     Event = ::Google::Protobuf::DescriptorPool.generated_pool.lookup("flowctl.v1.Event").msgclass
     StellarCursor = ::Google::Protobuf::DescriptorPool.generated_pool.lookup("flowctl.v1.StellarCursor").msgclass

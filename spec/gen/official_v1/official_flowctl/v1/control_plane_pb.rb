@@ -3,7 +3,7 @@
 
 require 'google/protobuf'
 
-require 'flowctl/v1/common_pb'
+require 'official_flowctl/v1/common_pb'
 require 'google/protobuf/empty_pb'
 require 'google/protobuf/timestamp_pb'
 
@@ -54,7 +54,7 @@ Google::Protobuf::DescriptorPool.generated_pool.build do
   end
 end
 
-module Flowctl
+module OfficialFlowctl
   module V1
     RegisterRequest = ::Google::Protobuf::DescriptorPool.generated_pool.lookup("flowctl.v1.RegisterRequest").msgclass
     RegisterResponse = ::Google::Protobuf::DescriptorPool.generated_pool.lookup("flowctl.v1.RegisterResponse").msgclass

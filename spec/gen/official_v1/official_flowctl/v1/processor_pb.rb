@@ -3,7 +3,7 @@
 
 require 'google/protobuf'
 
-require 'flowctl/v1/common_pb'
+require 'official_flowctl/v1/common_pb'
 require 'google/protobuf/empty_pb'
 
 Google::Protobuf::DescriptorPool.generated_pool.build do
@@ -11,7 +11,7 @@ Google::Protobuf::DescriptorPool.generated_pool.build do
   end
 end
 
-module Flowctl
+module OfficialFlowctl
   module V1
   end
 end
