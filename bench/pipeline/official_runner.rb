@@ -3,14 +3,14 @@
 # Wires bench/pipeline.rb's official-gem components like `flowctl run` does: the source's
 # StreamEvents feeds the processor's Process, whose output feeds the consumer's Consume.
 # ruby official_runner.rb SOURCE_PORT PROCESSOR_PORT CONSUMER_PORT COUNT -> prints JSON
-$LOAD_PATH.unshift File.expand_path("../../spec/gen", __dir__)
+$LOAD_PATH.unshift File.expand_path("../../spec/gen/official_v1", __dir__)
 require "grpc"
 require "json"
-require "flowctl/v1/source_services_pb"
-require "flowctl/v1/processor_services_pb"
-require "flowctl/v1/consumer_services_pb"
+require "official_flowctl/v1/source_services_pb"
+require "official_flowctl/v1/processor_services_pb"
+require "official_flowctl/v1/consumer_services_pb"
 
-V1 = Flowctl::V1
+V1 = OfficialFlowctl::V1
 sp, pp, cp, count = ARGV
 source = V1::SourceService::Stub.new("127.0.0.1:#{sp}", :this_channel_is_insecure)
 processor = V1::ProcessorService::Stub.new("127.0.0.1:#{pp}", :this_channel_is_insecure)

@@ -15,7 +15,7 @@ module Flowctl
       STATUSES = %w[STARTING HEALTHY DEGRADED UNHEALTHY STOPPING].freeze
       LAST_CALLS = 0.5 # seconds for unary calls in flight once every stream has ended
 
-      attr_reader :component, :settings, :metrics, :logger, :port, :gate, :registration
+      attr_reader :component, :settings, :metrics, :logger, :port, :gate, :registration, :grpc_health
 
       def initialize(component, settings)
         @component = component
@@ -29,6 +29,10 @@ module Flowctl
         @streams = Streams.new
         @stopped = false
         @failures_logged = 0
+        # grpc.health.v1: "" and the component's service, SERVING while ready and HEALTHY/DEGRADED
+        @grpc_health = Flowctl::Health.new(:NOT_SERVING)
+        @health_names = ["", "flowctl.v1.#{kind.capitalize}Service"].freeze
+        sync_grpc_health
         component.attach(self)
       end
 
@@ -64,6 +68,7 @@ module Flowctl
         end
 
         @lock.synchronize { @status = name }
+        sync_grpc_health
         @registration&.push
       end
 
@@ -79,6 +84,7 @@ module Flowctl
         @port = @server.start
         start_health
         @lock.synchronize { @status = "HEALTHY" }
+        sync_grpc_health
         start_registration
         logger.info("#{kind} #{settings.id} serving on #{endpoint}" \
                     "#{health_port ? ", health on #{settings.health_host}:#{health_port}" : ''}" \
@@ -116,6 +122,7 @@ module Flowctl
         return self unless first
 
         deadline = clock + grace
+        @grpc_health.shutdown # NOT_SERVING, and every Watch ends
         @registration&.push # a STOPPING beat now (the status reads STOPPING from here on)
         drained = @streams.drain(deadline)
         # Flowctl::Server#stop waits its whole grace while a client keeps its connection open,
@@ -219,13 +226,21 @@ module Flowctl
           @registration = Registration.new(self)
           @registration.start
         else
-          @ready = true
+          registered!
         end
+      end
+
+      def sync_grpc_health
+        return if stopping?
+
+        serving = ready? && %w[HEALTHY DEGRADED].include?(status) ? :SERVING : :NOT_SERVING
+        @health_names.each { |name| @grpc_health.set(name, serving) }
       end
 
       # Registration calls this once the control plane has the component.
       public def registered!
         @ready = true
+        sync_grpc_health
       end
     end
   end

@@ -10,7 +10,7 @@ module Flowctl
 
       # Mounts the component's services on server: its flowctl.v1 service (protocols include
       # :v1), the seed's ProcessorService (a processor with protocols including :seed), and
-      # grpc.health.v1 when the health protocol is loaded.
+      # grpc.health.v1 (the runtime's Flowctl::Health).
       def mount(server, runtime)
         klass = runtime.component.class
         if runtime.settings.protocols.include?(:v1)
@@ -21,8 +21,7 @@ module Flowctl
 
           server.handle(Flowctl::Processor::Service, SeedProcessor.new(runtime))
         end
-        service = GrpcHealth.service
-        server.handle(service, GrpcHealth.new(runtime)) if service
+        server.handle(Flowctl::Health::SERVICE, runtime.grpc_health)
       end
 
       # A component's method returned a Hash or an Event; anything else is a mistake that
