@@ -57,7 +57,7 @@ module Flowctl
       # failed += 1 when it raised, emitted += the number of events it produced.
       def end_event(seconds, emitted: 0, failed: false)
         i = BUCKETS.bsearch_index { |b| b >= seconds } || BUCKETS.size
-        now = Time.now
+        now = Process.clock_gettime(Process::CLOCK_REALTIME) # a Float: cheaper than a Time per event
         @lock.synchronize do
           @in_flight -= 1
           @buckets[i] += 1
@@ -108,7 +108,7 @@ module Flowctl
         out["latency_avg_ms"] = n.zero? ? 0.0 : (snap[:latency_sum] * 1000 / n).round(3)
         out["latency_p50_ms"] = quantile(snap[:buckets], 0.5)
         out["latency_p99_ms"] = quantile(snap[:buckets], 0.99)
-        out["last_event_time"] = snap[:last_event_at] ? snap[:last_event_at].to_f.round(3) : 0
+        out["last_event_time"] = snap[:last_event_at] ? snap[:last_event_at].round(3) : 0
         out["uptime_seconds"] = (Time.now - @started_at).round(3)
         out.merge(snap[:counters]).merge(snap[:gauges])
       end
@@ -117,7 +117,8 @@ module Flowctl
       def to_heartbeat
         snap = snapshot
         out = to_numbers(snap).transform_values { |v| format_number(v) }
-        out["last_event_time"] = snap[:last_event_at] ? snap[:last_event_at].utc.strftime("%Y-%m-%dT%H:%M:%S.%3NZ") : ""
+        last = snap[:last_event_at]
+        out["last_event_time"] = last ? Time.at(last).utc.strftime("%Y-%m-%dT%H:%M:%S.%3NZ") : ""
         out
       end
 

@@ -29,7 +29,7 @@ module Flowctl
         family("#{PREFIX}in_flight", "gauge", "Events being processed now.", @s[:in_flight])
         last = @s[:last_event_at]
         family("#{PREFIX}last_event_timestamp_seconds", "gauge", "Unix time of the last event (0: none yet).",
-               last ? last.to_f : 0)
+               last || 0)
         family("#{PREFIX}start_time_seconds", "gauge", "Unix time the component started.", @started_at.to_f)
         @s[:counters].each do |name, v|
           family(name.end_with?("_total") ? name : "#{name}_total", "counter", "Component counter #{name}.", v)

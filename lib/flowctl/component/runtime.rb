@@ -158,22 +158,26 @@ module Flowctl
       # One event through the component's method: max_concurrent, metrics, and failures
       # (counted, logged, handed to #dead_letter). Returns the block's result, or a
       # Runtime::Failure with the error when it raised.
-      def run_event(event, outputs: true)
-        gate.pass do
-          metrics.begin_event
-          t0 = clock
-          emitted = 0
-          begin
-            result = yield
-            emitted = outputs ? count_outputs(result) : 0
-            result
-          rescue StandardError, ScriptError => e
-            emitted = nil
-            failed(event, e)
-            Failure.new(e)
-          ensure
-            metrics.end_event(clock - t0, emitted: emitted || 0, failed: emitted.nil?)
-          end
+      def run_event(event, outputs: true, &block)
+        return measure(event, outputs, &block) if gate.limit.nil?
+
+        gate.pass { measure(event, outputs, &block) }
+      end
+
+      private def measure(event, outputs)
+        metrics.begin_event
+        t0 = clock
+        emitted = 0
+        begin
+          result = yield
+          emitted = outputs ? count_outputs(result) : 0
+          result
+        rescue StandardError, ScriptError => e
+          emitted = nil
+          failed(event, e)
+          Failure.new(e)
+        ensure
+          metrics.end_event(clock - t0, emitted: emitted || 0, failed: emitted.nil?)
         end
       end
 
@@ -184,7 +188,8 @@ module Flowctl
       def failed(event, error)
         n = (@failures_logged += 1)
         if n <= 10 || (n % 1000).zero?
-          logger.warn("event #{event.respond_to?(:id) ? event.id.inspect : ''} failed: #{error.class}: #{error.message}" \
+          what = event.respond_to?(:id) ? "event #{event.id.inspect}" : "a #{event.class}"
+          logger.warn("#{what} failed: #{error.class}: #{error.message}" \
                       "#{n == 10 ? ' (further failures are logged one in 1000)' : ''}")
         end
         component.dead_letter(event, error)

@@ -80,14 +80,15 @@ module Flowctl
       private
 
       # Marks the current stream as waiting (true) or not. Returns false, marking nothing,
-      # when asked to start waiting while stopping and start is true.
+      # when asked to start waiting while stopping and start is true. Without the lock: a
+      # Hash store of a key that exists is atomic under the GVL, and #drain reads the flags
+      # under the lock with the stopping flag already set (a stream that misses it is raised).
       def waiting(flag, start: false)
-        @lock.synchronize do
-          return false if start && @stopping
+        return false if start && @stopping
 
-          @threads[Thread.current] = flag if @threads.key?(Thread.current)
-          true
-        end
+        t = Thread.current
+        @threads[t] = flag if @threads.key?(t)
+        true
       end
 
       def wait_until(deadline)
