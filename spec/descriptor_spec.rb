@@ -192,6 +192,12 @@ RSpec.describe "descriptor sets" do
       end
     end
 
+    it "names an enum value without a number (found by fuzzing)" do
+      enum = Flowctl::Protobuf::EnumDescriptorProto.new(name: "E", value: [{ name: "E_ZERO" }])
+      expect { load(set_of(file("bad/e.proto", enums: [enum]))) }
+        .to raise_error(Flowctl::DescriptorError, /enum bad.v1.E: value E_ZERO has no number/)
+    end
+
     it "names a type of the wrong kind" do
       enum = Flowctl::Protobuf::EnumDescriptorProto.new(name: "E", value: [{ name: "E_ZERO", number: 0 }])
       bytes = set_of(file("bad/a.proto", enums: [enum],

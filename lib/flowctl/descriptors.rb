@@ -150,6 +150,7 @@ module Flowctl
         values = enum.value.map do |v|
           fail!(file.name, "enum #{full}: value name #{v.name.inspect} is not valid") unless v.name.to_s.match?(IDENT)
           fail!(file.name, "enum #{full}: value #{v.name} is defined twice") if seen[v.name]
+          fail!(file.name, "enum #{full}: value #{v.name} has no number") if v.number.nil?
 
           seen[v.name] = true
           [v.name, v.number]
