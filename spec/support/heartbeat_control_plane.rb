@@ -76,7 +76,7 @@ class RecordingControlPlane
   def start
     gen = File.expand_path("../gen", __dir__)
     @out, w = IO.pipe
-    @pid = Process.spawn(RbConfig.ruby, "-e", self.class::SCRIPT, gen, @port.to_s, @strict ? "strict" : "lenient",
+    @pid = Process.spawn(RbConfig.ruby, "-e", SCRIPT, gen, @port.to_s, @strict ? "strict" : "lenient",
                          out: w, err: File::NULL)
     w.close
     line = @out.gets or raise "control plane subprocess did not start"

@@ -64,13 +64,23 @@ module Flowctl
       def loopback? = Heartbeat.loopback?(@settings.control_plane)
 
       def new_client
-        klass = @protocol == :v1 ? Flowctl::V1::ControlPlaneClient : Flowctl::ControlPlane::Client
+        klass = if @protocol == :seed then Flowctl::ControlPlane::Client
+                elsif Flowctl::V1.const_defined?(:ControlPlaneClient, false) then Flowctl::V1::ControlPlaneClient
+                else Flowctl::ControlPlane::Client # only its channel is used
+                end
         klass.new(@settings.control_plane, tls: loopback? ? false : nil)
       end
 
+      # Everything explicit (component_id, interval): the settings already weighed the
+      # environment against the keywords.
       def start_v1
-        @client.start_heartbeat(component: @runtime.info, interval: @settings.heartbeat_interval,
-                                status: status_name, metrics: metrics, on_error: method(:heartbeat_error))
+        args = { component: @runtime.info, component_id: @settings.id, interval: @settings.heartbeat_interval,
+                 status: status_name, metrics: metrics, on_error: method(:heartbeat_error), env: {} }
+        if defined?(Flowctl::V1::HeartbeatMethods) && @client.is_a?(Flowctl::V1::HeartbeatMethods)
+          @client.start_heartbeat(**args)
+        else
+          Flowctl::Heartbeat.start_v1(@client.channel, headers: @client.headers, **args)
+        end
       end
 
       def start_seed
