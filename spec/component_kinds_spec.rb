@@ -140,6 +140,34 @@ RSpec.describe "Flowctl::Component kinds" do
       expect(resumed.map(&:id)).to eq(%w[6 7])
     end
 
+    it "is slowed by a slow reader: what it has sent ahead of the reader stays bounded" do
+      endless = Class.new(Flowctl::Component::Source) do
+        def each_event(_request) = (1..).each { |n| yield V1::Event.new(id: n.to_s, payload: "x" * 1024) }
+      end
+      rt = start(endless)
+      read = 0
+      slow = true
+      reader = Thread.new do
+        client(ComponentClients[:source], rt).stream_events(V1::StreamRequest.new) do
+          read += 1
+          sleep 0.005 if slow
+        end
+      rescue Flowctl::RPCError
+        nil
+      end
+      sleep 1.5
+      ahead1 = rt.metrics.to_numbers["events_emitted"] - read
+      sleep 1.5
+      ahead2 = rt.metrics.to_numbers["events_emitted"] - read
+      # HTTP/2 windows, the stream's read-ahead and send queue: some MB of 1 KiB events, not more
+      expect([ahead1, ahead2]).to all(be < 16_384)
+      expect(ahead2).to be <= ahead1 + 1024 # it does not keep growing
+      expect(read).to be > 0
+      slow = false
+      rt.stop(grace: 1)
+      reader.join
+    end
+
     it "keeps state through SaveState and GetState" do
       rt = start(counter)
       c = client(ComponentClients[:source], rt)
