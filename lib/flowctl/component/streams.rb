@@ -18,6 +18,8 @@ module Flowctl
       class Stopping < StandardError; end
 
       SETTLE = 0.2 # seconds a busy stream gets to end by itself before waiting ones are raised
+      DEFER = { Stopping => :never }.freeze # frozen masks: no Hash per event
+      ALLOW = { Stopping => :immediate }.freeze
 
       def initialize
         @lock = Mutex.new
@@ -32,7 +34,7 @@ module Flowctl
 
       def run
         @lock.synchronize { @threads[Thread.current] = false }
-        Thread.handle_interrupt(Stopping => :never) do
+        Thread.handle_interrupt(DEFER) do
           yield
         ensure
           discard_pending
@@ -45,7 +47,17 @@ module Flowctl
       end
 
       # The next request (requests.read), or nil once stopping.
-      def read(requests) = interruptible { requests.read }
+      def read(requests)
+        return nil unless waiting(true, start: true)
+
+        begin
+          Thread.handle_interrupt(ALLOW) { requests.read }
+        ensure
+          waiting(false)
+        end
+      rescue Stopping
+        nil
+      end
 
       # Runs the block where shutdown may raise Stopping into it (the block is waiting, with no
       # event in hand); returns its value, or nil when stopping (before or during the block).
@@ -53,7 +65,7 @@ module Flowctl
         return nil unless waiting(true, start: true)
 
         begin
-          Thread.handle_interrupt(Stopping => :immediate) { yield }
+          Thread.handle_interrupt(ALLOW) { yield }
         ensure
           waiting(false)
         end
@@ -64,7 +76,7 @@ module Flowctl
       # Inside #interruptible: runs the block where no Stopping can arrive (an event is in hand).
       def critical
         waiting(false)
-        Thread.handle_interrupt(Stopping => :never) { yield }
+        Thread.handle_interrupt(DEFER) { yield }
       ensure
         waiting(true)
       end
@@ -108,7 +120,7 @@ module Flowctl
       def discard_pending
         return unless Thread.pending_interrupt?(Stopping)
 
-        Thread.handle_interrupt(Stopping => :immediate) { Thread.pass }
+        Thread.handle_interrupt(ALLOW) { Thread.pass }
       rescue Stopping
         nil
       end
