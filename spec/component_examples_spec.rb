@@ -11,10 +11,10 @@ RSpec.describe "examples/ components" do
   ROOT = File.expand_path("..", __dir__)
 
   let(:registry_server) do
-    s = Flowctl::Server.new(port: 0, tls: false)
-    s.handle(V1::ControlPlaneService, Flowctl::ControlPlane::Registry.new)
-    s.start
-    s
+    @registry_server = Flowctl::Server.new(port: 0, tls: false)
+    @registry_server.handle(V1::ControlPlaneService, Flowctl::ControlPlane::Registry.new)
+    @registry_server.start
+    @registry_server
   end
   let(:pids) { {} }
   let(:logs) { Dir.mktmpdir }
@@ -26,7 +26,7 @@ RSpec.describe "examples/ components" do
     rescue Errno::ESRCH, Errno::ECHILD
       nil
     end
-    registry_server.stop(grace: 0)
+    @registry_server&.stop(grace: 0)
     FileUtils.rm_rf(logs)
   end
 
