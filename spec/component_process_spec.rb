@@ -84,6 +84,16 @@ RSpec.describe "Flowctl::Component processes" do
 
   def event(i) = V1::Event.new(id: i.to_s, type: "number", payload: i.to_s)
 
+  # Writes events 1, 2, ... on call until the component ends it; the thread's value is the count.
+  def endless_writer(call)
+    Thread.new do
+      i = 0
+      loop { call.write(event(i += 1)) }
+    rescue StandardError
+      i
+    end
+  end
+
   # Runs kind's data through endpoint the way the runner does; returns what came out.
   def exercise(kind, endpoint, env)
     case kind
@@ -212,12 +222,7 @@ RSpec.describe "Flowctl::Component processes" do
       env = { "DELAY" => "0.001" }
       comp = spawn_component(:processor, env)
       call = client(ComponentClients[:processor], "127.0.0.1:#{comp.port}").process_stream
-      writer = Thread.new do
-        i = 0
-        loop { call.write(event(i += 1)) }
-      rescue StandardError
-        i
-      end
+      writer = endless_writer(call)
       replies = []
       reader = Thread.new do
         while (r = call.read)
@@ -241,12 +246,7 @@ RSpec.describe "Flowctl::Component processes" do
       out_file = File.join(tmp, "consumed")
       comp = spawn_component(:consumer, { "OUT_FILE" => out_file, "DELAY" => "0.001" })
       call = client(ComponentClients[:consumer], "127.0.0.1:#{comp.port}").consume_stream
-      writer = Thread.new do
-        i = 0
-        loop { call.write(event(i += 1)) }
-      rescue StandardError
-        i
-      end
+      writer = endless_writer(call)
       wait_until(10, "consumption") { File.exist?(out_file) && File.size(out_file) > 200 }
       status = comp.term(:TERM)
       writer.join

@@ -4,7 +4,7 @@
 # gem's flowctl.v1 clients. ruby flowctl_runner.rb SOURCE_PORT PROCESSOR_PORT CONSUMER_PORT COUNT
 $LOAD_PATH.unshift File.expand_path("../../lib", __dir__)
 require "flowctl"
-require "json"
+require_relative "timing"
 
 V1 = Flowctl::V1
 sp, pp, cp, count = ARGV
@@ -17,11 +17,7 @@ end
 source = client.call("Source", sp)
 processor = client.call("Processor", pp)
 consumer = client.call("Consumer", cp)
-$stdin.gets # go
-t0 = Process.clock_gettime(Process::CLOCK_MONOTONIC)
-c0 = Process.clock_gettime(Process::CLOCK_PROCESS_CPUTIME_ID)
-events = source.stream_events(V1::StreamRequest.new(params: { "count" => count }))
-reply = consumer.consume(processor.process(events))
-elapsed = Process.clock_gettime(Process::CLOCK_MONOTONIC) - t0
-cpu = Process.clock_gettime(Process::CLOCK_PROCESS_CPUTIME_ID) - c0
-puts JSON.generate(consumed: reply.events_consumed, seconds: elapsed, cpu: cpu)
+PipelineTiming.report do
+  events = source.stream_events(V1::StreamRequest.new(params: { "count" => count }))
+  consumer.consume(processor.process(events)).events_consumed
+end

@@ -5,7 +5,7 @@
 # ruby official_runner.rb SOURCE_PORT PROCESSOR_PORT CONSUMER_PORT COUNT -> prints JSON
 $LOAD_PATH.unshift File.expand_path("../../spec/gen/official_v1", __dir__)
 require "grpc"
-require "json"
+require_relative "timing"
 require "official_flowctl/v1/source_services_pb"
 require "official_flowctl/v1/processor_services_pb"
 require "official_flowctl/v1/consumer_services_pb"
@@ -15,11 +15,7 @@ sp, pp, cp, count = ARGV
 source = V1::SourceService::Stub.new("127.0.0.1:#{sp}", :this_channel_is_insecure)
 processor = V1::ProcessorService::Stub.new("127.0.0.1:#{pp}", :this_channel_is_insecure)
 consumer = V1::ConsumerService::Stub.new("127.0.0.1:#{cp}", :this_channel_is_insecure)
-$stdin.gets # go
-t0 = Process.clock_gettime(Process::CLOCK_MONOTONIC)
-c0 = Process.clock_gettime(Process::CLOCK_PROCESS_CPUTIME_ID)
-events = source.stream_events(V1::StreamRequest.new(params: { "count" => count }))
-reply = consumer.consume(processor.process(events))
-elapsed = Process.clock_gettime(Process::CLOCK_MONOTONIC) - t0
-cpu = Process.clock_gettime(Process::CLOCK_PROCESS_CPUTIME_ID) - c0
-puts JSON.generate(consumed: reply.events_consumed, seconds: elapsed, cpu: cpu)
+PipelineTiming.report do
+  events = source.stream_events(V1::StreamRequest.new(params: { "count" => count }))
+  consumer.consume(processor.process(events)).events_consumed
+end

@@ -47,17 +47,7 @@ module Flowctl
       end
 
       # The next request (requests.read), or nil once stopping.
-      def read(requests)
-        return nil unless waiting(true, start: true)
-
-        begin
-          Thread.handle_interrupt(ALLOW) { requests.read }
-        ensure
-          waiting(false)
-        end
-      rescue Stopping
-        nil
-      end
+      def read(requests) = interruptible { requests.read }
 
       # Runs the block where shutdown may raise Stopping into it (the block is waiting, with no
       # event in hand); returns its value, or nil when stopping (before or during the block).
