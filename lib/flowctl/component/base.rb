@@ -64,15 +64,16 @@ module Flowctl
           nil
         end
 
-        # call-seq: Klass.start(**overrides) -> Flowctl::Component::Runtime
+        # call-seq: Klass.start(logger: nil, **overrides) -> Flowctl::Component::Runtime
         #
         # Starts the component in the background (no signal handling): #port, #health_port,
         # #stop. For tests and for programs that run a component among other things.
-        def start(**opts)
+        # logger: where the component logs (default: $stderr, level FLOWCTL_LOG_LEVEL or INFO).
+        def start(logger: nil, **opts)
           raise NotImplementedError, "#{self} must be a subclass of Source, Processor or Consumer" unless respond_to?(:kind)
 
           settings = Settings.resolve(self, **opts)
-          Runtime.new(new, settings).start
+          Runtime.new(new, settings, logger: logger).start
         end
 
         private

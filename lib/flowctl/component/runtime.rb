@@ -17,13 +17,12 @@ module Flowctl
 
       attr_reader :component, :settings, :metrics, :logger, :port, :gate, :registration, :grpc_health
 
-      def initialize(component, settings)
+      def initialize(component, settings, logger: nil)
         @component = component
         @settings = settings
         @metrics = Metrics.new
         @gate = Gate.new(settings.max_concurrent)
-        @logger = Logger.new($stderr, progname: settings.id)
-        @logger.level = ENV["FLOWCTL_LOG_LEVEL"] ? ENV["FLOWCTL_LOG_LEVEL"].upcase : Logger::INFO
+        @logger = logger || default_logger(settings.id)
         @status = "STARTING"
         @lock = Mutex.new
         @streams = Streams.new
@@ -73,7 +72,7 @@ module Flowctl
       end
 
       # Ready: registered with the control plane (at once when standalone), and not stopping.
-      def ready? = @ready && !stopping?
+      def ready? = @ready ? !stopping? : false
 
       # call-seq: start -> self
       def start
@@ -210,6 +209,12 @@ module Flowctl
       def inspect = "#<#{self.class} #{kind} #{settings.id} #{endpoint} #{status}>"
 
       private
+
+      def default_logger(id)
+        Logger.new($stderr, progname: id).tap do |l|
+          l.level = ENV["FLOWCTL_LOG_LEVEL"] ? ENV["FLOWCTL_LOG_LEVEL"].upcase : Logger::INFO
+        end
+      end
 
       def count_outputs(result)
         case result
