@@ -18,7 +18,7 @@ module Flowctl
     # of the JSON) and #prometheus_text. Every connection gets one response and is closed.
     # Bounded: request heads up to MAX_HEAD bytes (else 431), READ_TIMEOUT seconds to send one
     # (else 408), WRITE_TIMEOUT to take the answer, MAX_CONNECTIONS at once (others are
-    # answered 503). Nothing a client sends stops the server.
+    # answered 503, as many more; others are closed). Nothing a client sends stops the server.
     class HealthServer
       MAX_HEAD = 8 * 1024
       READ_TIMEOUT = 5.0
@@ -38,6 +38,7 @@ module Flowctl
         @host = host
         @requested_port = port
         @connections = 0
+        @rejecting = 0
         @lock = Mutex.new
       end
 
@@ -82,19 +83,32 @@ module Flowctl
         end
       end
 
+      # One thread per connection, at most MAX_CONNECTIONS answering and as many more
+      # answering 503; past both the connection is closed at once.
       def dispatch(sock)
-        admitted = @lock.synchronize { @connections < MAX_CONNECTIONS && (@connections += 1) }
-        unless admitted
-          respond(sock, 503, json(error: "too many connections"), "application/json", head: false)
-          return sock.close
+        kind = @lock.synchronize do
+          if @connections < MAX_CONNECTIONS
+            @connections += 1
+            :serve
+          elsif @rejecting < MAX_CONNECTIONS
+            @rejecting += 1
+            :reject
+          end
         end
+        return sock.close unless kind
+
         t = Thread.new do
-          serve(sock)
+          kind == :serve ? serve(sock) : reject(sock)
         ensure
           sock.close unless sock.closed?
-          @lock.synchronize { @connections -= 1 }
+          @lock.synchronize { kind == :serve ? @connections -= 1 : @rejecting -= 1 }
         end
         t.report_on_exception = false
+      end
+
+      def reject(sock)
+        respond(sock, 503, json(error: "too many connections"), "application/json", head: false)
+        linger(sock)
       end
 
       def serve(sock)
