@@ -62,6 +62,23 @@ RSpec.describe "Flowctl::Component kinds" do
       expect(log_io.string).to include('event "4" failed: ArgumentError', 'event "5" failed: TypeError')
     end
 
+    it "fails a message that is not a valid Event and goes on with the next (official grpc gem, raw bytes)" do
+      rt = start(square)
+      script = <<~'RUBY'
+        require "grpc"
+        stub = GRPC::ClientStub.new("127.0.0.1:#{ARGV[0]}", :this_channel_is_insecure)
+        good = ["0a0131".b, "1a0133".b].map { |h| [h].pack("H*") }.join # id "1", payload "3"
+        bad = ["0a02fffe"].pack("H*")                                     # id: invalid UTF-8
+        replies = stub.bidi_streamer("/flowctl.v1.ProcessorService/Process", [bad, good, bad], ->(x) { x }, ->(x) { x })
+        puts replies.map { |r| r.unpack1("H*") }.join(",")
+      RUBY
+      out, err, st = Open3.capture3(RbConfig.ruby, "-e", script, rt.port.to_s)
+      expect(st.success?).to be(true), err
+      expect(out.strip.split(",").map { |hex| V1::Event.decode([hex].pack("H*")).payload }).to eq(["9"])
+      expect(rt.metrics.to_numbers).to include("events_failed" => 2, "events_received" => 1, "events_emitted" => 1)
+      expect(log_io.string).to include("a message that is no event failed")
+    end
+
     it "answers GetInfo and HealthCheck" do
       rt = start(square, id: "sq-1")
       c = client(ComponentClients[:processor], rt)

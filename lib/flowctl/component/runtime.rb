@@ -140,8 +140,16 @@ module Flowctl
       # Runs a stream's handler so that #stop can end it (see Streams).
       def stream(&block) = @streams.run(&block)
 
-      # Reads the next request of a stream, or nil when the stream is to end (shutdown).
-      def read(requests) = @streams.read(requests)
+      # Reads the next request of a stream, or nil when the stream is to end (shutdown). A
+      # message that is not a valid event fails that event (counted, logged) and the stream
+      # goes on with the next.
+      def read(requests)
+        @streams.read(requests)
+      rescue Flowctl::Server::InvalidRequest => e
+        metrics.failed
+        failed(nil, e)
+        retry
+      end
 
       # Ends a stream cut short by shutdown with UNAVAILABLE (its peer may resume elsewhere);
       # nil otherwise.
@@ -187,7 +195,10 @@ module Flowctl
       def failed(event, error)
         n = (@failures_logged += 1)
         if n <= 10 || (n % 1000).zero?
-          what = event.respond_to?(:id) ? "event #{event.id.inspect}" : "a #{event.class}"
+          what = if event.nil? then "a message that is no event"
+                 elsif event.respond_to?(:id) then "event #{event.id.inspect}"
+                 else "a #{event.class}"
+                 end
           logger.warn("#{what} failed: #{error.class}: #{error.message}" \
                       "#{n == 10 ? ' (further failures are logged one in 1000)' : ''}")
         end
