@@ -6,10 +6,10 @@ require "tmpdir"
 # Descriptor sets loaded at run time (Flowctl.load_descriptor_set): the mechanism the
 # built-in protocols are loaded with too.
 RSpec.describe "descriptor sets" do
-  FIXTURES = File.expand_path("fixtures", __dir__)
+  DESCRIPTOR_FIXTURES = File.expand_path("fixtures", __dir__)
   ACME = (FlowctlSpecAcme = Module.new) # where the user's types go (types are the process's: loaded once)
 
-  def protoc_set(*files, dir: FIXTURES)
+  def protoc_set(*files, dir: DESCRIPTOR_FIXTURES)
     out = File.join(Dir.mktmpdir("flowctl-desc"), "set.pb")
     ok = system("protoc", "-I#{dir}", "-I/usr/include", "--include_imports", "--descriptor_set_out=#{out}",
                 *files.map { |f| File.join(dir, f) })
@@ -143,8 +143,8 @@ RSpec.describe "descriptor sets" do
 
     it "is byte-compatible both ways with google-protobuf classes generated from the same file" do
       out = Dir.mktmpdir("flowctl-gen")
-      system("grpc_tools_ruby_protoc", "-I#{FIXTURES}", "-I/usr/include", "--ruby_out=#{out}",
-             File.join(FIXTURES, "acme/orders.proto"), File.join(FIXTURES, "acme/common.proto")) or raise "protoc"
+      system("grpc_tools_ruby_protoc", "-I#{DESCRIPTOR_FIXTURES}", "-I/usr/include", "--ruby_out=#{out}",
+             File.join(DESCRIPTOR_FIXTURES, "acme/orders.proto"), File.join(DESCRIPTOR_FIXTURES, "acme/common.proto")) or raise "protoc"
       script = <<~RUBY
         $LOAD_PATH.unshift(#{out.inspect})
         require "acme/orders_pb"
@@ -203,6 +203,25 @@ RSpec.describe "descriptor sets" do
       enum = Flowctl::Protobuf::EnumDescriptorProto.new(name: "E", value: [{ name: "E_ZERO" }])
       expect { load(set_of(file("bad/e.proto", enums: [enum]))) }
         .to raise_error(Flowctl::DescriptorError, /enum bad.v1.E: value E_ZERO has no number/)
+    end
+
+    it "checks Ruby constant names before anything is built (a ruby_package found by fuzzing)" do
+      f = file("rb/p.proto", package: "rb.v1", messages: [message("A")])
+      f.options = { ruby_package: "Google.Protobuf.WellKnownTypes" }
+      expect { load(set_of(f)) }.to raise_error(Flowctl::DescriptorError, /"Google.Protobuf.WellKnownTypes" is not a Ruby constant name/)
+      expect(Flowctl::Native.descriptor_kind("rb.v1.A")).to be_nil
+      expect { load(set_of(file("rb/q.proto", package: "rb.q", messages: [message("_x")]))) }
+        .to raise_error(Flowctl::DescriptorError, /"_x" is not a Ruby constant name/)
+      expect { load(set_of(file("rb/c.proto", package: "rb.c", messages: [message("foo"), message("Foo")]))) }
+        .to raise_error(Flowctl::DescriptorError, /Ruby constant Foo is taken by rb.c.foo too/)
+      root = Module.new
+      root.const_set(:Rb, Module.new)
+      root::Rb.const_set(:D, Module.new)
+      root::Rb::D.const_set(:Taken, 1)
+      expect { Flowctl.load_descriptor_set(set_of(file("rb/d.proto", package: "rb.d", messages: [message("Taken")])), root: root) }
+        .to raise_error(Flowctl::DescriptorError, /Rb::D::Taken exists already/)
+      expect(Flowctl.load_descriptor_set(set_of(file("rb/e.proto", package: "rb.snake_case_1", messages: [message("M")])),
+                                         root: root).values.first.name).to end_with("Rb::SnakeCase1::M")
     end
 
     it "names a type of the wrong kind" do

@@ -36,6 +36,7 @@ module Flowctl
     @files = {}   # file name => its FileDescriptorProto bytes (:bootstrap for descriptor.proto)
     @kinds = {}   # full type name => :message or :enum (every loaded type)
     @defined = {} # file name => { full name => class, module or Service } (what it defined)
+    @declared = {} # full message name => [[field name, json_name], ...] as declared (JSON, reflection)
     @lock = Mutex.new
 
     class << self
@@ -49,7 +50,23 @@ module Flowctl
         raise TypeError, "a descriptor set is a binary String (given #{bytes.class})" unless bytes.is_a?(String)
 
         set = decode(bytes)
-        @lock.synchronize { Loader.new(set, root, packages, @files, @kinds, @defined).run }
+        @lock.synchronize do
+          loader = Loader.new(set, root, packages, @files, @kinds, @defined)
+          loaded = loader.run
+          @declared.merge!(loader.declared) { |_, before, _| before }
+          loaded
+        end
+      end
+
+      # The fields of a loaded message in declaration order with their JSON names (the
+      # descriptor's json_name, protoc's or a [json_name = ...] option): [[:name, "jsonName"], ...].
+      # nil for a message no descriptor set defined.
+      def declared_fields(full_name) = @declared[full_name]
+
+      # The class, enum module or Service a loaded descriptor set defined for a full proto
+      # name, or nil.
+      def defined_type(full_name)
+        @lock.synchronize { @defined.each_value.find { |types| types.key?(full_name) }&.fetch(full_name) }
       end
 
       # Marks google/protobuf/descriptor.proto as loaded: its classes come from protoc-c's
@@ -90,12 +107,20 @@ module Flowctl
         files.each { |f| collect_file(f) }
         @messages.each { |m| m[2] = m[2].map { |f| resolve_field(f, m[0]) } }
         @services.each { |s| s[2] = s[2].map { |m| resolve_method(s[0], m) } }
+        check_ruby_names
         Native.build_descriptors(@enums.map { |e| e.first(3) }, @messages.map { |m| m.first(3) })
         @kinds.merge!(@new_kinds)
         files.each { |f| @files[f.name] = f.to_proto }
         made = define_all
         made.each { |full, obj| (@defined[@file_of[full]] ||= {})[full] = obj }
         @set.file.each_with_object({}) { |f, all| all.merge!(@defined.fetch(f.name, {})) }.freeze
+      end
+
+      # [[field name, json_name], ...] of each message of this load, as declared.
+      def declared
+        @messages.to_h do |full, _pkg, _fields, _outer, _entry, msg|
+          [full, msg.field.map { |f| [f.name.to_sym, f.json_name.to_s.freeze] }.freeze]
+        end
       end
 
       private
@@ -299,16 +324,63 @@ module Flowctl
         name[0].upcase + name[1..]
       end
 
+      CONST = /\A[A-Z][A-Za-z0-9_]*\z/
+
+      # Every constant this load will set, checked before anything is built: valid Ruby
+      # constant names, modules where modules are needed, nothing defined twice or over an
+      # existing constant.
+      def check_ruby_names
+        taken = {}
+        types = @messages.reject { |m| m[4] || m[0] == TIMESTAMP }.map { |m| [m[0], m[1], m[3]] } +
+                @enums.map { |e| [e[0], e[1], e[3]] } + @services.map { |sv| [sv[0], sv[1], nil] }
+        types.each do |full, pkg, outer|
+          name = const_name(full)
+          fail!(@file_of[full], "#{full}: #{name.inspect} is not a Ruby constant name") unless name.match?(CONST)
+
+          key = [outer || module_path(pkg), name]
+          fail!(@file_of[full], "#{full}: Ruby constant #{name} is taken by #{taken[key]} too") if taken[key]
+          taken[key] = full
+          next if outer
+
+          mod = existing_module(pkg)
+          fail!(@file_of[full], "#{full}: #{mod}::#{name} exists already") if mod&.const_defined?(name, false)
+        end
+      end
+
+      # The constant path of a package's module: [root or module, "Part", ...]
+      def module_path(pkg)
+        return [@packages[pkg]] if @packages.key?(pkg)
+
+        file = @set.file.find { |f| f.package.to_s == pkg }
+        ruby = file&.options&.ruby_package.to_s
+        parts = ruby.empty? ? pkg.split(".").map { |p| p.gsub(/(?:\A|_+)([a-z0-9])/) { ::Regexp.last_match(1).upcase } } : ruby.split("::")
+        bad = parts.find { |p| !p.match?(CONST) }
+        fail!(file&.name, "package #{pkg}: #{bad.inspect} is not a Ruby constant name (ruby_package #{ruby.inspect})") if bad
+        [@root, *parts]
+      end
+
+      # The package's module when it exists already (nil when it does not yet); a constant
+      # on the way that is not a module is an error.
+      def existing_module(pkg)
+        root, *parts = module_path(pkg)
+        parts.reduce(root) do |mod, part|
+          return nil unless mod.const_defined?(part, false)
+
+          found = mod.const_get(part, false)
+          raise DescriptorError, "package #{pkg}: #{mod}::#{part} exists and is not a module" unless found.is_a?(Module)
+
+          found
+        end
+      end
+
       def package_module(pkg)
         @package_modules ||= {}
         @package_modules[pkg] ||= @packages[pkg] || ruby_module(pkg)
       end
 
       def ruby_module(pkg)
-        file = @set.file.find { |f| f.package.to_s == pkg }
-        path = file&.options&.ruby_package.to_s
-        parts = path.empty? ? pkg.split(".").map { |p| p.split("_").map { |w| w[0].upcase + w[1..] }.join } : path.split("::")
-        parts.reduce(@root) do |mod, part|
+        root, *parts = module_path(pkg)
+        parts.reduce(root) do |mod, part|
           if mod.const_defined?(part, false)
             found = mod.const_get(part, false)
             raise DescriptorError, "package #{pkg}: #{mod}::#{part} exists and is not a module" unless found.is_a?(Module)
