@@ -55,7 +55,7 @@ RSpec.describe "examples/ components" do
                                                          err: File.join(logs, "#{c['id']}.log"))
     end
     out_w.close
-    cp = ComponentClients[:control_plane].new("127.0.0.1:#{registry_server.port}", tls: false)
+    cp = V1::ControlPlaneClient.new("127.0.0.1:#{registry_server.port}", tls: false)
     endpoints = {}
     deadline = Time.now + time_limit(20)
     while endpoints.size < 3
@@ -64,9 +64,9 @@ RSpec.describe "examples/ components" do
       sleep 0.1
       endpoints = cp.list_components(V1::ListComponentsRequest.new).components.to_h { |s| [s.component.id, s.component.endpoint] }
     end
-    source = ComponentClients[:source].new(endpoints["numbers"], tls: false)
-    square = ComponentClients[:processor].new(endpoints["square"], tls: false)
-    printer = ComponentClients[:consumer].new(endpoints["printer"], tls: false)
+    source = V1::SourceClient.new(endpoints["numbers"], tls: false)
+    square = V1::ProcessorClient.new(endpoints["square"], tls: false)
+    printer = V1::ConsumerClient.new(endpoints["printer"], tls: false)
     events = source.stream_events(params: { "start_ledger" => "1", "end_ledger" => "4" })
     reply = printer.consume(square.process(events))
     expect(reply.events_consumed).to eq(4)

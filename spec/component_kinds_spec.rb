@@ -53,7 +53,7 @@ RSpec.describe "Flowctl::Component kinds" do
   describe Flowctl::Component::Processor do
     it "maps each event to zero, one or many; a failing event is counted and never ends the stream" do
       rt = start(square)
-      replies = client(ComponentClients[:processor], rt).process(%w[0 1 2 3 x 5 4].each_with_index.map { |p, i| event(i, payload: p) }).to_a
+      replies = client(V1::ProcessorClient, rt).process(%w[0 1 2 3 x 5 4].each_with_index.map { |p, i| event(i, payload: p) }).to_a
       expect(replies.map(&:id)).to eq(%w[1 2a 2b 3 6])
       expect(replies.map(&:payload)).to eq(%w[1 4 4 9 16])
       expect(rt.metrics.to_numbers).to include("events_received" => 7, "events_emitted" => 5, "events_failed" => 2,
@@ -81,7 +81,7 @@ RSpec.describe "Flowctl::Component kinds" do
 
     it "answers GetInfo and HealthCheck" do
       rt = start(square, id: "sq-1")
-      c = client(ComponentClients[:processor], rt)
+      c = client(V1::ProcessorClient, rt)
       info = c.get_info(Flowctl::Protobuf::Empty.new)
       expect(info.to_h).to include(id: "sq-1", name: "square", version: "1.2.3", description: "squares",
                                    type: :COMPONENT_TYPE_PROCESSOR, input_event_types: ["number"],
@@ -113,7 +113,7 @@ RSpec.describe "Flowctl::Component kinds" do
         end
       end
       rt = start(gauge, max_concurrent: 2)
-      c = client(ComponentClients[:processor], rt)
+      c = client(V1::ProcessorClient, rt)
       threads = Array.new(5) { |t| Thread.new { c.process(Array.new(10) { |i| event(t * 100 + i) }).to_a.size } }
       expect(threads.map(&:value)).to all(eq(10))
       expect(gauge.peak).to eq(2)
@@ -130,7 +130,7 @@ RSpec.describe "Flowctl::Component kinds" do
       seed.process(msgs) { |r| replies << r }
       expect(replies.map(&:payload)).to eq(%w[16 4 4])
       expect(replies.first.metadata).to include("id" => "m4", "type" => "squared")
-      expect(client(ComponentClients[:processor], rt).process([event(3, payload: "3")]).map(&:payload)).to eq(["9"])
+      expect(client(V1::ProcessorClient, rt).process([event(3, payload: "3")]).map(&:payload)).to eq(["9"])
     end
   end
 
@@ -174,7 +174,7 @@ RSpec.describe "Flowctl::Component kinds" do
 
     it "streams what each_event yields for the request's params and resume token" do
       rt = start(counter, id: "src")
-      c = client(ComponentClients[:source], rt)
+      c = client(V1::SourceClient, rt)
       events = c.stream_events(V1::StreamRequest.new(params: { "start_ledger" => "1", "end_ledger" => "5" })).to_a
       expect(events.map(&:id)).to eq(%w[1 2 4 5]) # 3 was not an event: counted as failed
       expect(events.map(&:source_component_id).uniq).to eq(["src"])
@@ -191,7 +191,7 @@ RSpec.describe "Flowctl::Component kinds" do
       read = 0
       slow = true
       reader = Thread.new do
-        client(ComponentClients[:source], rt).stream_events(V1::StreamRequest.new) do
+        client(V1::SourceClient, rt).stream_events(V1::StreamRequest.new) do
           read += 1
           sleep 0.005 if slow
         end
@@ -213,7 +213,7 @@ RSpec.describe "Flowctl::Component kinds" do
 
     it "keeps state through SaveState and GetState" do
       rt = start(counter)
-      c = client(ComponentClients[:source], rt)
+      c = client(V1::SourceClient, rt)
       expect(c.get_state(key: "k").to_h).to include(state: {}, resume_token: "", last_updated_unix: 0)
       c.save_state(key: "k", state: { "resume_token" => "42", "cursor" => "x" })
       st = c.get_state(key: "k")
@@ -224,7 +224,7 @@ RSpec.describe "Flowctl::Component kinds" do
 
     it "ends an endless stream at shutdown with UNAVAILABLE, every event sent before it in order" do
       rt = start(counter)
-      c = client(ComponentClients[:source], rt)
+      c = client(V1::SourceClient, rt)
       got = []
       reader = Thread.new do
         c.stream_events(V1::StreamRequest.new) { |e| got << Integer(e.id) }
@@ -255,7 +255,7 @@ RSpec.describe "Flowctl::Component kinds" do
 
     it "consumes every event and answers what it consumed and what failed" do
       rt = start(sink)
-      c = client(ComponentClients[:consumer], rt)
+      c = client(V1::ConsumerClient, rt)
       reply = c.consume([event(1), event(2, payload: "odd"), event(3)])
       expect(reply.to_h).to include(events_consumed: 2, events_failed: 1)
       expect(reply.errors).to eq(["event 2: ArgumentError: odd one"])

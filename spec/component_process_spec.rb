@@ -98,11 +98,11 @@ RSpec.describe "Flowctl::Component processes" do
   def exercise(kind, endpoint, env)
     case kind
     when :source
-      client(ComponentClients[:source], endpoint).stream_events(params: { "start_ledger" => "3", "end_ledger" => "6" }).map(&:payload)
+      client(V1::SourceClient, endpoint).stream_events(params: { "start_ledger" => "3", "end_ledger" => "6" }).map(&:payload)
     when :processor
-      client(ComponentClients[:processor], endpoint).process([event(2), event(3)]).map(&:payload)
+      client(V1::ProcessorClient, endpoint).process([event(2), event(3)]).map(&:payload)
     when :consumer
-      reply = client(ComponentClients[:consumer], endpoint).consume([event(7), event(8)])
+      reply = client(V1::ConsumerClient, endpoint).consume([event(7), event(8)])
       [reply.events_consumed, File.read(env.fetch("OUT_FILE")).split]
     end
   end
@@ -151,7 +151,7 @@ RSpec.describe "Flowctl::Component processes" do
       s
     end
     let(:cp_endpoint) { "127.0.0.1:#{cp_server.port}" }
-    let(:cp_client) { client(ComponentClients[:control_plane], cp_endpoint) }
+    let(:cp_client) { client(V1::ControlPlaneClient, cp_endpoint) }
 
     after { cp_server.stop(grace: 0) }
 
@@ -221,7 +221,7 @@ RSpec.describe "Flowctl::Component processes" do
     it "loses no event a processor acknowledged (replied to), and exits 0" do
       env = { "DELAY" => "0.001" }
       comp = spawn_component(:processor, env)
-      call = client(ComponentClients[:processor], "127.0.0.1:#{comp.port}").process_stream
+      call = client(V1::ProcessorClient, "127.0.0.1:#{comp.port}").process_stream
       writer = endless_writer(call)
       replies = []
       reader = Thread.new do
@@ -245,7 +245,7 @@ RSpec.describe "Flowctl::Component processes" do
     it "has a consumer answer exactly what it consumed, and exits 0" do
       out_file = File.join(tmp, "consumed")
       comp = spawn_component(:consumer, { "OUT_FILE" => out_file, "DELAY" => "0.001" })
-      call = client(ComponentClients[:consumer], "127.0.0.1:#{comp.port}").consume_stream
+      call = client(V1::ConsumerClient, "127.0.0.1:#{comp.port}").consume_stream
       writer = endless_writer(call)
       wait_until(10, "consumption") { File.exist?(out_file) && File.size(out_file) > 200 }
       status = comp.term(:TERM)

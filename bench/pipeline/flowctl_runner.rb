@@ -8,15 +8,9 @@ require_relative "timing"
 
 V1 = Flowctl::V1
 sp, pp, cp, count = ARGV
-# Flowctl::V1::SourceClient, ... (built from the service where the gem has none)
-client = lambda do |kind, port|
-  name = :"#{kind}Client"
-  klass = V1.const_defined?(name, false) ? V1.const_get(name) : Class.new(Flowctl::Client) { use_service V1.const_get(:"#{kind}Service") }
-  klass.new("127.0.0.1:#{port}", tls: false)
-end
-source = client.call("Source", sp)
-processor = client.call("Processor", pp)
-consumer = client.call("Consumer", cp)
+source = V1::SourceClient.new("127.0.0.1:#{sp}", tls: false)
+processor = V1::ProcessorClient.new("127.0.0.1:#{pp}", tls: false)
+consumer = V1::ConsumerClient.new("127.0.0.1:#{cp}", tls: false)
 PipelineTiming.report do
   events = source.stream_events(V1::StreamRequest.new(params: { "count" => count }))
   consumer.consume(processor.process(events)).events_consumed
