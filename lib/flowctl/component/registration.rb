@@ -78,8 +78,11 @@ module Flowctl
                  status: status_name, metrics: metrics, on_error: method(:heartbeat_error), env: {} }
         if defined?(Flowctl::V1::HeartbeatMethods) && @client.is_a?(Flowctl::V1::HeartbeatMethods)
           @client.start_heartbeat(**args)
-        else
+        elsif Flowctl::Heartbeat.respond_to?(:start_v1)
           Flowctl::Heartbeat.start_v1(@client.channel, headers: @client.headers, **args)
+        else
+          raise NotImplementedError, "this flowctl has no flowctl.v1 heartbeat (Flowctl::Heartbeat.start_v1): " \
+                                     "run standalone (control_plane: false) or with protocols: [:seed]"
         end
       end
 

@@ -12,7 +12,6 @@ module Flowctl
     # are ended at once; whatever still runs after `grace` seconds is cancelled. Then the
     # heartbeat sends STOPPING and unregisters, and the health server closes.
     class Runtime
-      STATUSES = %w[STARTING HEALTHY DEGRADED UNHEALTHY STOPPING].freeze
       LAST_CALLS = 0.5 # seconds for unary calls in flight once every stream has ended
 
       attr_reader :component, :settings, :metrics, :logger, :port, :gate, :registration, :grpc_health
@@ -171,23 +170,6 @@ module Flowctl
         gate.pass { measure(event, outputs, &block) }
       end
 
-      private def measure(event, outputs)
-        metrics.begin_event
-        t0 = clock
-        emitted = 0
-        begin
-          result = yield
-          emitted = outputs ? count_outputs(result) : 0
-          result
-        rescue StandardError, ScriptError => e
-          emitted = nil
-          failed(event, e)
-          Failure.new(e)
-        ensure
-          metrics.end_event(clock - t0, emitted: emitted || 0, failed: emitted.nil?)
-        end
-      end
-
       # What #run_event returns for an event whose processing raised.
       Failure = Struct.new(:error)
 
@@ -219,7 +201,30 @@ module Flowctl
 
       def inspect = "#<#{self.class} #{kind} #{settings.id} #{endpoint} #{status}>"
 
+      # Registration calls this once the control plane has the component.
+      def registered!
+        @ready = true
+        sync_grpc_health
+      end
+
       private
+
+      def measure(event, outputs)
+        metrics.begin_event
+        t0 = clock
+        emitted = 0
+        begin
+          result = yield
+          emitted = outputs ? count_outputs(result) : 0
+          result
+        rescue StandardError, ScriptError => e
+          emitted = nil
+          failed(event, e)
+          Failure.new(e)
+        ensure
+          metrics.end_event(clock - t0, emitted: emitted || 0, failed: emitted.nil?)
+        end
+      end
 
       def default_logger(id)
         Logger.new($stderr, progname: id).tap do |l|
@@ -256,12 +261,6 @@ module Flowctl
 
         serving = ready? && %w[HEALTHY DEGRADED].include?(status) ? :SERVING : :NOT_SERVING
         @health_names.each { |name| @grpc_health.set(name, serving) }
-      end
-
-      # Registration calls this once the control plane has the component.
-      public def registered!
-        @ready = true
-        sync_grpc_health
       end
     end
   end
