@@ -15,6 +15,7 @@ require_relative "flowctl/health"
 require_relative "flowctl/registry"
 require_relative "flowctl/heartbeat"
 require_relative "flowctl/heartbeat_v1"
+require_relative "flowctl/component"
 
 # Obsrvr flow control plane and processor protocol, native on gRPC C core and protobuf-c.
 # See README.md for an irb tour.
