@@ -2,6 +2,9 @@
 
 require "flowctl"
 require_relative "pipeline/definition"
+require_relative "pipeline/run_store"
+require_relative "pipeline/child"
+require_relative "pipeline/router"
 
 module Flowctl
   # flowctl-pipeline: runs a pipeline in flowctl's YAML format (docs/pipeline.md).
