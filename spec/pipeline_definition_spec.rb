@@ -228,6 +228,9 @@ RSpec.describe Flowctl::Pipeline::Definition do
       [22, 'source "gen"', "config: the document expands to more than 100000 values (aliases used too often)"]
     )
     expect(problems("a: &x [1, *x]\n")).to eq([[1, nil, "alias *x refers to itself"]])
+    expect(problems(good.sub("  driver: process\n", "  driver: process\n  driver: process\n"))).to eq(
+      [[7, nil, 'key "driver" is given twice (first at line 6)']]
+    )
     expect(problems("a: *nope\n")).to eq([[1, nil, "YAML syntax error: found undefined alias (column 4)"]]).or \
       eq([[1, nil, "unknown alias *nope"]])
   end

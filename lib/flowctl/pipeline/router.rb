@@ -142,10 +142,12 @@ module Flowctl
           @errors << e
           abort_later
         rescue StandardError => e
+          warn e.full_message if ENV["PIPELINE_SPEC_VERBOSE"]
           @errors << Failed.new("#{node.component.label}: #{e.class}: #{e.message}")
           abort_later
         ensure
           node.finished = true
+          @hooks.done(node.component) if @hooks.respond_to?(:done)
           finish_downstream(node)
         end
       end

@@ -165,6 +165,9 @@ module Flowctl
               merged.concat(merge_pairs(value, key.line))
             else
               raise Error.new("a mapping key must be a plain value, not a #{key.kind}", key.line) unless key.kind == :scalar
+              if (first = pairs.find { |pk, _| pk.text == key.text })
+                raise Error.new("key #{key.text.inspect} is given twice (first at line #{first[0].line})", key.line)
+              end
 
               pairs << [key, value]
             end
