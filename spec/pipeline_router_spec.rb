@@ -6,8 +6,8 @@ require "flowctl/pipeline"
 # The data plane alone, with in-process links standing in for the components' streams:
 # fan-out, fan-in, event-type filters, backpressure, dead letters, replay after a break.
 RSpec.describe Flowctl::Pipeline::Router do
-  Ev = Struct.new(:id, :type, :payload, :metadata, keyword_init: true) do
-    def dup = Ev.new(**to_h, metadata: metadata.dup)
+  RouterEv = Struct.new(:id, :type, :payload, :metadata, keyword_init: true) do
+    def dup = RouterEv.new(**to_h, metadata: metadata.dup)
   end
 
   # A source's StreamEvents: the events after the resume token.
@@ -130,7 +130,7 @@ RSpec.describe Flowctl::Pipeline::Router do
     YAML
   end
 
-  def events(prefix, n, type: "raw") = Array.new(n) { |i| Ev.new(id: "#{prefix}#{i}", type: type, payload: i.to_s, metadata: {}) }
+  def events(prefix, n, type: "raw") = Array.new(n) { |i| RouterEv.new(id: "#{prefix}#{i}", type: type, payload: i.to_s, metadata: {}) }
 
   it "delivers every event exactly once through a fan-out, a fan-in and a slow sink" do
     d = definition(<<~YAML)
@@ -149,8 +149,8 @@ RSpec.describe Flowctl::Pipeline::Router do
       case c.id
       when "a" then FakeSource.new(events("a", 200))
       when "b" then FakeSource.new(events("b", 150))
-      when "up" then FakeProcessor.new(->(e) { Ev.new(id: e.id, type: "up", payload: e.payload.upcase, metadata: {}) })
-      when "tag" then FakeProcessor.new(->(e) { Ev.new(id: "t-#{e.id}", type: "tag", payload: e.payload, metadata: {}) })
+      when "up" then FakeProcessor.new(->(e) { RouterEv.new(id: e.id, type: "up", payload: e.payload.upcase, metadata: {}) })
+      when "tag" then FakeProcessor.new(->(e) { RouterEv.new(id: "t-#{e.id}", type: "tag", payload: e.payload, metadata: {}) })
       when "slow" then FakeSink.new(got["slow"], delay: 0.0005)
       else FakeSink.new(got["fast"])
       end
@@ -213,7 +213,7 @@ RSpec.describe Flowctl::Pipeline::Router do
         FakeProcessor.new(lambda do |e|
           i = e.payload.to_i
           meta = (i % 10).zero? ? { "flowctl.error" => "ten" } : {}
-          Ev.new(id: e.id, type: i.even? ? "even" : "odd", payload: e.payload, metadata: meta)
+          RouterEv.new(id: e.id, type: i.even? ? "even" : "odd", payload: e.payload, metadata: meta)
         end)
       else FakeSink.new(got[c.id])
       end

@@ -8,6 +8,15 @@ require "tmpdir"
 # The runner's processes and supervision, with stand-in components (real child processes
 # that "register" through a file) and in-process links tied to their pids: start-up
 # failures, the environment contract, SIGKILL and restart, stop in order, no child left.
+module PipelineSpecPids
+  def self.alive?(pid)
+    Process.kill(0, pid)
+    true
+  rescue Errno::ESRCH
+    false
+  end
+end
+
 RSpec.describe Flowctl::Pipeline::Runner do
   FAKE = File.expand_path("fixtures/pipeline/fake_component.rb", __dir__)
 
@@ -24,15 +33,8 @@ RSpec.describe Flowctl::Pipeline::Runner do
     end
   end
 
-  def self.alive?(pid)
-    Process.kill(0, pid)
-    true
-  rescue Errno::ESRCH
-    false
-  end
-
-  Ev = Struct.new(:id, :type, :payload, :metadata, keyword_init: true) do
-    def dup = Ev.new(**to_h, metadata: metadata.dup)
+  RunnerEv = Struct.new(:id, :type, :payload, :metadata, keyword_init: true) do
+    def dup = RunnerEv.new(**to_h, metadata: metadata.dup)
   end
 
   # Links whose far end is a fake's pid: they break (UNAVAILABLE) when it dies.
@@ -44,10 +46,10 @@ RSpec.describe Flowctl::Pipeline::Runner do
     def each
       (@start...@n).each do |i|
         raise Flowctl::Cancelled, "cancelled" if @cancelled
-        raise Flowctl::Unavailable, "source gone" unless RSpec.describe_alive(@pid)
+        raise Flowctl::Unavailable, "source gone" unless PipelineSpecPids.alive?(@pid)
 
         sleep @delay
-        yield Ev.new(id: i.to_s, type: "raw", payload: i.to_s, metadata: {})
+        yield RunnerEv.new(id: i.to_s, type: "raw", payload: i.to_s, metadata: {})
       end
     end
   end
@@ -57,14 +59,14 @@ RSpec.describe Flowctl::Pipeline::Runner do
       @pid = pid
       @replies = SizedQueue.new(8)
       @watch = Thread.new do
-        sleep 0.01 while RSpec.describe_alive(@pid) && !@replies.closed?
-        @dead = !RSpec.describe_alive(@pid)
+        sleep 0.01 while PipelineSpecPids.alive?(@pid) && !@replies.closed?
+        @dead = !PipelineSpecPids.alive?(@pid)
         @replies.close
       end
     end
 
     def write(e)
-      raise Flowctl::Unavailable, "processor gone" if @dead || !RSpec.describe_alive(@pid)
+      raise Flowctl::Unavailable, "processor gone" if @dead || !PipelineSpecPids.alive?(@pid)
 
       @replies.push(e)
     rescue ClosedQueueError
@@ -75,7 +77,7 @@ RSpec.describe Flowctl::Pipeline::Runner do
 
     def read
       r = @replies.pop
-      raise Flowctl::Unavailable, "processor gone" if r.nil? && (@dead || !RSpec.describe_alive(@pid))
+      raise Flowctl::Unavailable, "processor gone" if r.nil? && (@dead || !PipelineSpecPids.alive?(@pid))
 
       r
     end
@@ -90,7 +92,7 @@ RSpec.describe Flowctl::Pipeline::Runner do
     def finish = Response.new(0, 0, [])
 
     def write(e)
-      raise Flowctl::Unavailable, "sink gone" unless RSpec.describe_alive(@pid)
+      raise Flowctl::Unavailable, "sink gone" unless PipelineSpecPids.alive?(@pid)
 
       @got << e.id
     end
@@ -146,7 +148,7 @@ RSpec.describe Flowctl::Pipeline::Runner do
 
   def expect_no_child_left
     expect(Flowctl::Pipeline::Child.running).to eq([])
-    started_pids.each { |pid| expect(RSpec.describe_alive(pid)).to be(false), "pid #{pid} still alive" }
+    started_pids.each { |pid| expect(PipelineSpecPids.alive?(pid)).to be(false), "pid #{pid} still alive" }
   end
 
   it "starts every component with flowctl run's environment and completes" do
@@ -240,11 +242,3 @@ RSpec.describe Flowctl::Pipeline::Runner do
   end
 end
 
-module RSpec
-  def self.describe_alive(pid)
-    Process.kill(0, pid)
-    true
-  rescue Errno::ESRCH
-    false
-  end
-end

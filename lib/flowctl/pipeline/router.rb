@@ -142,7 +142,6 @@ module Flowctl
           @errors << e
           abort_later
         rescue StandardError => e
-          warn e.full_message if ENV["PIPELINE_SPEC_VERBOSE"]
           @errors << Failed.new("#{node.component.label}: #{e.class}: #{e.message}")
           abort_later
         ensure

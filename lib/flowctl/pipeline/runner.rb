@@ -170,7 +170,7 @@ module Flowctl
         snap = @router ? @router.snapshot : {}
         restarts = @supervisor ? @supervisor.restarts : {}
         @definition.components.to_h do |c|
-          [c.id, (snap[c.id] || {}).merge("restarts" => restarts.fetch(c.id, 0))]
+          [c.id, (snap[c.id] || {}).merge("role" => c.role.to_s, "restarts" => restarts.fetch(c.id, 0))]
         end
       end
 
