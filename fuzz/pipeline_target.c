@@ -13,8 +13,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 
-#ifndef FUZZ_ROOT
-#define FUZZ_ROOT "."
+#ifndef FUZZ_SRC
+#define FUZZ_SRC "fuzz"
 #endif
 
 static VALUE checker;
@@ -38,8 +38,7 @@ int
 LLVMFuzzerInitialize(int *argc, char ***argv)
 {
     fuzz_ruby_init(argc, argv);
-    const char *root = getenv("FLOWCTL_FUZZ_ROOT");
-    VALUE path = rb_sprintf("%s/fuzz/pipeline_check.rb", root ? root : FUZZ_ROOT);
+    VALUE path = rb_sprintf("%s/pipeline_check.rb", FUZZ_SRC);
     int state = 0;
     /* what loading the loader (psych, json, did_you_mean) and its first uses allocate
      * lives as long as Ruby: made with LSan off, as fuzz_ruby_init does for the gem */

@@ -7,6 +7,7 @@ require_relative "flowctl/service"
 require_relative "flowctl/tls"
 require_relative "flowctl/client"
 require_relative "flowctl/server"
+require_relative "flowctl/health"
 require_relative "flowctl/registry"
 require_relative "flowctl/heartbeat"
 
