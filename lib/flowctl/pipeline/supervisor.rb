@@ -15,7 +15,7 @@ module Flowctl
 
       def initialize(endpoint)
         @endpoint = endpoint
-        @client = Flowctl::V1::ControlPlaneClient.new(endpoint, tls: false, timeout: 2)
+        @client = Wire.client_class(:ControlPlaneClient).new(endpoint, tls: false, timeout: 2)
       end
 
       # ComponentInfo of the component registered under id, or nil.

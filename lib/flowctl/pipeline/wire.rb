@@ -12,8 +12,21 @@ module Flowctl
 
       module_function
 
-      def client(klass, endpoint)
-        klass.new(endpoint, tls: false, timeout: 10, channel_args: CHANNEL_ARGS)
+      # The flowctl.v1 client class of a service (Flowctl::V1::SourceClient, ...): the gem's
+      # own when it has one, else one made here from the service.
+      def client_class(name)
+        @client_classes ||= {}
+        @client_classes[name] ||=
+          if Flowctl::V1.const_defined?(name, false)
+            Flowctl::V1.const_get(name, false)
+          else
+            service = Flowctl::V1.const_get(name.to_s.sub(/Client\z/, "Service"), false)
+            Class.new(Flowctl::Client) { use_service service }
+          end
+      end
+
+      def client(name, endpoint)
+        client_class(name).new(endpoint, tls: false, timeout: 10, channel_args: CHANNEL_ARGS)
       end
 
       # The link for a component at endpoint. params: StreamRequest params of sources.
@@ -29,7 +42,7 @@ module Flowctl
       class SourceLink
         def initialize(component, endpoint, params)
           @component = component
-          @client = Wire.client(Flowctl::V1::SourceClient, endpoint)
+          @client = Wire.client(:SourceClient, endpoint)
           @params = params
           @lock = Mutex.new
           @cancelled = false
@@ -68,7 +81,7 @@ module Flowctl
       # Process: a bidi stream.
       class ProcessorLink
         def initialize(endpoint)
-          @client = Wire.client(Flowctl::V1::ProcessorClient, endpoint)
+          @client = Wire.client(:ProcessorClient, endpoint)
           @call = @client.process_stream
         end
 
@@ -91,7 +104,7 @@ module Flowctl
       # ConsumeResponse (nil when nothing was written).
       class SinkLink
         def initialize(endpoint)
-          @client = Wire.client(Flowctl::V1::ConsumerClient, endpoint)
+          @client = Wire.client(:ConsumerClient, endpoint)
           @call = nil
           @lock = Mutex.new
         end
