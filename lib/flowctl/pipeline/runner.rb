@@ -5,9 +5,10 @@ require "fileutils"
 module Flowctl
   module Pipeline
     # The embedded control plane of a run: Flowctl::ControlPlane::Registry serving
-    # flowctl.v1 (and the seed's protocol) on 127.0.0.1, port 0, persisted in db when given.
+    # flowctl.v1 (and the seed's protocol) and the gem's live configuration extension
+    # (Flowctl::Config::Service) on 127.0.0.1, port 0; all persisted in db when given.
     class EmbeddedControlPlane
-      attr_reader :endpoint, :registry
+      attr_reader :endpoint, :registry, :config
 
       def initialize(db: nil)
         @db = db
@@ -15,16 +16,27 @@ module Flowctl
 
       def start
         @registry = @db ? Flowctl::ControlPlane::Registry.new(db: @db) : Flowctl::ControlPlane::Registry.new
+        @config = Config::Service.new(Config::Store.new(@db), acknowledged: method(:acknowledged))
         @server = Flowctl::Server.new(host: "127.0.0.1", port: 0, tls: false)
         @server.handle(Flowctl::V1::ControlPlaneService, @registry)
         @server.handle(Flowctl::ControlPlane::Service, @registry)
+        @server.handle(Flowctl::Ext::V1::ConfigService, @config)
         @endpoint = "127.0.0.1:#{@server.start}"
+        @registry.endpoint = @endpoint if @registry.respond_to?(:endpoint=)
         self
       end
 
+      # The config version a component last reported in its heartbeat metrics.
+      def acknowledged(id)
+        c = @registry.respond_to?(:component) ? @registry.component(id) : nil
+        c&.metrics&.fetch(Config::Service::ACK_KEY, nil)
+      end
+
       def stop
+        @config&.stop
         @server&.stop(grace: 1)
         @registry.close if @registry.respond_to?(:close)
+        @config&.store&.close
       end
     end
 
