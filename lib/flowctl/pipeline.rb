@@ -1,6 +1,7 @@
 # frozen_string_literal: true
 
 require "flowctl"
+require "flowctl/config"
 require_relative "pipeline/definition"
 require_relative "pipeline/run_store"
 require_relative "pipeline/child"
