@@ -54,8 +54,10 @@ RSpec.describe "flowctl-pipeline with real components" do
   end
 
   def runner(definition, **opts)
-    err = ENV["PIPELINE_SPEC_VERBOSE"] ? $stderr : StringIO.new
-    Flowctl::Pipeline::Runner.new(definition, out: nil, err: err, log_dir: File.join(@dir, "logs"), **opts)
+    # PIPELINE_SPEC_VERBOSE=1: the runner's messages and the components' output on stderr
+    verbose = ENV["PIPELINE_SPEC_VERBOSE"] == "1"
+    Flowctl::Pipeline::Runner.new(definition, out: nil, err: verbose ? $stderr : StringIO.new, verbose: verbose,
+                                              log_dir: verbose ? nil : File.join(@dir, "logs"), **opts)
   end
 
   def component_pids = Dir.children(@pids).map { |f| f[/\d+\z/].to_i }
@@ -246,11 +248,11 @@ RSpec.describe "flowctl-pipeline with real components" do
   it "says which component never became healthy, with its last output, and exits 1" do
     d = pipeline(<<~YAML)
       sources: [#{comp('a', 'source')}]
-      sinks: [{id: s, command: [#{RbConfig.ruby}, -e, 'puts "loading"; warn "no such table"; exit 4']}]
+      sinks: [{id: s, command: [#{RbConfig.ruby}, -e, '$stdout.sync = true; puts "loading"; warn "no such table"; exit 4']}]
     YAML
     _, err, st = Open3.capture3(RbConfig.ruby, PIPELINE_EXE, "run", d.file, "--no-db")
     expect(st.exitstatus).to eq(1)
-    expect(err).to include(%(sink "s" (#{RbConfig.ruby} -e puts "loading"; warn "no such table"; exit 4): ) +
+    expect(err).to include(%(sink "s" (#{RbConfig.ruby} -e $stdout.sync = true; puts "loading"; warn "no such table"; exit 4): ) +
                            "exited (exited with status 4) before it registered; last output:\n    loading\n    no such table")
     expect_no_component_left
   end
