@@ -155,13 +155,16 @@ module Flowctl
         Thread.new { abort }
       end
 
-      # Reconnects until the component's work is done.
+      # Reconnects until the component's work is done; breaks in a row without an event
+      # getting through wait a little longer each time (50 ms doubling, at most 1 s).
       def drive(node)
+        failures = 0
         loop do
           return if @aborted || (node.component.source? && @stopping)
 
           link = @hooks.connect(node.component)
           node.link = link
+          moved = node.stats.in + node.stats.out
           begin
             return run_link(node, link)
           rescue *TRANSPORT_ERRORS, Flowctl::RPCError => e
@@ -169,6 +172,8 @@ module Flowctl
             return if @aborted || (node.component.source? && @stopping)
 
             handle_break(node, e)
+            failures = node.stats.in + node.stats.out == moved ? failures + 1 : 0
+            sleep [0.05 * (2**[failures - 1, 5].min), 1.0].min if failures.positive?
           ensure
             node.link = nil
           end

@@ -199,14 +199,18 @@ module Flowctl
         end
       end
 
-      # A registration made by this process: after the last one seen (a restart), or
-      # after it was started (the control plane's clock; a persisted control plane may
-      # still hold a registration of an earlier run).
+      # A registration made by this process. After a restart: another endpoint (a new
+      # process binds a new port), or a later registration time. At the start: made after
+      # the process started (the control plane's clock; a persisted control plane may still
+      # hold a registration of an earlier run).
       def fresh?(slot, info, since)
-        return true if info.registered_at.nil?
-        return info.registered_at > slot.registered_at if slot.registered_at
+        if slot.endpoint
+          return true if info.endpoint != slot.endpoint
+          return info.registered_at > slot.registered_at if info.registered_at && slot.registered_at
 
-        info.registered_at >= since - 0.5
+          return true # the same fixed endpoint, no times to tell: the connection will
+        end
+        info.registered_at.nil? || info.registered_at >= since - 0.5
       end
 
       def safe_info(id)
