@@ -208,9 +208,17 @@ module Flowctl
           return true if info.endpoint != slot.endpoint
           return info.registered_at > slot.registered_at if info.registered_at && slot.registered_at
 
-          return true # the same fixed endpoint, no times to tell: the connection will
+          return listening?(info.endpoint) # the same fixed endpoint and no times to tell
         end
         info.registered_at.nil? || info.registered_at >= since - 0.5
+      end
+
+      def listening?(endpoint)
+        host, port = endpoint.rpartition(":").values_at(0, 2)
+        Socket.tcp(host.delete("[]"), Integer(port), connect_timeout: 0.2).close
+        true
+      rescue SystemCallError, SocketError, ArgumentError, IOError
+        false
       end
 
       def safe_info(id)

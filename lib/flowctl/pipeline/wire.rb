@@ -111,7 +111,12 @@ module Flowctl
 
         def write(event)
           call = @lock.synchronize { @call ||= @client.consume_stream }
-          call.write(event)
+          begin
+            call.write(event)
+          rescue IOError
+            call.response # the server ended the stream: raise its status instead
+            raise
+          end
         end
 
         def finish
