@@ -199,18 +199,15 @@ module Flowctl
         end
       end
 
-      # A registration made by this process. After a restart: another endpoint (a new
-      # process binds a new port), or a later registration time. At the start: made after
-      # the process started (the control plane's clock; a persisted control plane may still
-      # hold a registration of an earlier run).
+      # A registration made by this process: made after it started (the control plane's
+      # clock; a persisted control plane may still hold a registration of an earlier run,
+      # and a process killed a moment ago may have registered just before), and after a
+      # restart at another endpoint or one that accepts connections.
       def fresh?(slot, info, since)
-        if slot.endpoint
-          return true if info.endpoint != slot.endpoint
-          return info.registered_at > slot.registered_at if info.registered_at && slot.registered_at
+        return info.registered_at.nil? || info.registered_at >= since - 0.5 unless slot.endpoint
+        return false if info.registered_at && info.registered_at < since
 
-          return listening?(info.endpoint) # the same fixed endpoint and no times to tell
-        end
-        info.registered_at.nil? || info.registered_at >= since - 0.5
+        info.endpoint != slot.endpoint || listening?(info.endpoint)
       end
 
       def listening?(endpoint)
