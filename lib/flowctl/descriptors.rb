@@ -29,6 +29,7 @@ module Flowctl
     MAX_FIELD_NUMBER = (1 << 29) - 1
     RESERVED_NUMBERS = (19_000..19_999).freeze
     IDENT = /\A[A-Za-z_][A-Za-z0-9_]*\z/
+    TYPE_NAME = /\A(?:\.[A-Za-z_][A-Za-z0-9_]*)+\z/
     SERVICE_SHAPES = { [false, false] => :unary, [false, true] => :server_streaming,
                        [true, false] => :client_streaming, [true, true] => :bidi }.freeze
 
@@ -149,6 +150,7 @@ module Flowctl
         values = enum.value.map do |v|
           fail!(file.name, "enum #{full}: value name #{v.name.inspect} is not valid") unless v.name.to_s.match?(IDENT)
           fail!(file.name, "enum #{full}: value #{v.name} is defined twice") if seen[v.name]
+          fail!(file.name, "enum #{full}: value #{v.name} has no number") if v.number.nil?
 
           seen[v.name] = true
           [v.name, v.number]
@@ -206,8 +208,8 @@ module Flowctl
       end
 
       def lookup(file, where, type_name)
-        unless type_name.to_s.start_with?(".")
-          fail!(file.name, "#{where}: type name #{type_name.inspect} is not fully qualified (use protoc's output)")
+        unless type_name.to_s.match?(TYPE_NAME)
+          fail!(file.name, "#{where}: type name #{type_name.inspect} is not a fully qualified name (use protoc's output)")
         end
         name = type_name[1..]
         kind = @new_kinds[name] || @kinds[name] || Native.descriptor_kind(name)
