@@ -79,7 +79,8 @@ module Flowctl
           "FLOWCTL_ENDPOINT" => @control_plane,
           "FLOWCTL_HEARTBEAT_INTERVAL" => Supervisor.go_duration(interval),
           "FLOWCTL_SERVICE_ID" => component.id,
-          "FLOWCTL_COMPONENT_ID" => component.id
+          "FLOWCTL_COMPONENT_ID" => component.id,
+          "FLOWCTL_INPUTS" => component.inputs.join(",") # this gem's extension (Flowctl::Discovery::Upstream)
         ).tap { |env| env["HEALTH_PORT"] ||= health_port.to_s }
       end
 
