@@ -26,7 +26,7 @@ RSpec.describe "script/demo (flowctl-pipeline run examples/pipeline.yaml)" do
       expect(err).to match(/run run-\S+: squares \(3 components\), control plane 127\.0\.0\.1:\d+/)
       expect(err).to match(/: COMPLETED$/)
       printed = File.read(File.join(logs, "printer.log")).lines.grep(/\Asquared /)
-      expect(printed.map { |l| l[/\d+\z/].to_i }.sort).to eq((1..10).map { |n| n * n })
+      expect(printed.map { |l| l.chomp[/\d+\z/].to_i }.sort).to eq((1..10).map { |n| n * n })
     end
   end
 end
