@@ -62,10 +62,12 @@ module PipelineRunnerBench
     router.snapshot["sink"]["in"]
   end
 
+  # [result, elapsed seconds, CPU seconds of this process (the wiring's own cost)]
   def timed
     t = Process.clock_gettime(Process::CLOCK_MONOTONIC)
+    c = Process.clock_gettime(Process::CLOCK_PROCESS_CPUTIME_ID)
     count = yield
-    [count, Process.clock_gettime(Process::CLOCK_MONOTONIC) - t]
+    [count, Process.clock_gettime(Process::CLOCK_MONOTONIC) - t, Process.clock_gettime(Process::CLOCK_PROCESS_CPUTIME_ID) - c]
   end
 
   def main
@@ -78,18 +80,22 @@ module PipelineRunnerBench
     direct(endpoints, 1000) # warm-up
     routed(definition, endpoints, 1000)
     best = { "direct" => 0.0, "runner" => 0.0 }
+    cpu = { "direct" => Float::INFINITY, "runner" => Float::INFINITY }
     ROUNDS.times do |round|
       { "direct" => -> { direct(endpoints, EVENTS) }, "runner" => -> { routed(definition, endpoints, EVENTS) } }.each do |name, fn|
-        count, seconds = timed(&fn)
+        count, seconds, cpu_s = timed(&fn)
         raise "#{name}: #{count} of #{EVENTS} events arrived" unless count == EVENTS
 
         rate = EVENTS / seconds
         best[name] = rate if rate > best[name]
-        puts format("round %d %-7s %9.0f events/s (%.2f s)", round + 1, name, rate, seconds)
+        cpu[name] = [cpu[name], cpu_s * 1e6 / EVENTS].min
+        puts format("round %d %-7s %9.0f events/s (%.2f s), wiring CPU %.1f us/event", round + 1, name, rate, seconds,
+                    cpu_s * 1e6 / EVENTS)
       end
     end
-    puts format("best: direct %.0f events/s, runner %.0f events/s: runner/direct = %.2fx (goal >= 0.9x)",
-                best["direct"], best["runner"], best["runner"] / best["direct"])
+    puts format("best: direct %.0f events/s, runner %.0f events/s: runner/direct = %.2fx (goal >= 0.9x); " \
+                "wiring CPU per event: direct %.1f us, runner %.1f us", best["direct"], best["runner"],
+                best["runner"] / best["direct"], cpu["direct"], cpu["runner"])
   ensure
     sup&.stop_all(grace: 2)
     cp&.stop
