@@ -74,6 +74,7 @@ module Flowctl
         @downstream = definition.components.to_h { |c| [c.id, definition.downstream(c.id).map { |d| @nodes[d] }] }
         @dead = definition.dead_letter && @nodes[definition.dead_letter]
         @nodes.each_value { |n| n.producers_left = n.component.inputs.size }
+        @targets = @nodes.transform_values { {} }
         @stopping = false
         @aborted = false
         @threads = []
@@ -198,13 +199,16 @@ module Flowctl
 
       # --- sources -----------------------------------------------------------------
 
+      # node.cursor holds the last event routed; its resume token is worked out only when
+      # the stream has to be opened again.
       def run_source(node, link)
-        token = node.cursor || (@hooks.respond_to?(:resume_token) ? @hooks.resume_token(node.component) : nil)
+        token = node.cursor ? resume_token_of(node.cursor) : nil
+        token ||= @hooks.resume_token(node.component) if @hooks.respond_to?(:resume_token)
         link.open(token)
         link.each do |event|
           node.stats.out += 1
           route(node, event)
-          node.cursor = resume_token_of(event)
+          node.cursor = event
         end
       end
 
@@ -337,10 +341,11 @@ module Flowctl
       # --- routing -----------------------------------------------------------------
 
       def route(node, event)
-        reason = failure_of(event)
+        meta = event.metadata
+        reason = meta && meta[FAILED_KEY]
         return dead_letter(node, event, reason, count: true) if reason
 
-        targets = @downstream[node.id].select { |d| !d.component.dead_letter && d.component.accepts?(event.type) }
+        targets = targets_for(node, event.type)
         if targets.empty?
           node.stats.dropped += 1
           return
@@ -348,9 +353,11 @@ module Flowctl
         targets.each { |d| d.inbox.push(event) }
       end
 
-      def failure_of(event)
-        meta = event.metadata
-        meta && meta[FAILED_KEY]
+      # The readers of a node that take events of a type (worked out once per type; each
+      # driver thread only asks for its own node).
+      def targets_for(node, type)
+        cache = @targets.fetch(node.id)
+        cache[type] ||= @downstream[node.id].select { |d| !d.component.dead_letter && d.component.accepts?(type) }.freeze
       end
 
       def dead_letter(node, event, reason, count: false)
