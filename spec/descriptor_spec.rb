@@ -205,6 +205,25 @@ RSpec.describe "descriptor sets" do
         .to raise_error(Flowctl::DescriptorError, /enum bad.v1.E: value E_ZERO has no number/)
     end
 
+    it "checks Ruby constant names before anything is built (a ruby_package found by fuzzing)" do
+      f = file("rb/p.proto", package: "rb.v1", messages: [message("A")])
+      f.options = { ruby_package: "Google.Protobuf.WellKnownTypes" }
+      expect { load(set_of(f)) }.to raise_error(Flowctl::DescriptorError, /"Google.Protobuf.WellKnownTypes" is not a Ruby constant name/)
+      expect(Flowctl::Native.descriptor_kind("rb.v1.A")).to be_nil
+      expect { load(set_of(file("rb/q.proto", package: "rb.q", messages: [message("_x")]))) }
+        .to raise_error(Flowctl::DescriptorError, /"_x" is not a Ruby constant name/)
+      expect { load(set_of(file("rb/c.proto", package: "rb.c", messages: [message("foo"), message("Foo")]))) }
+        .to raise_error(Flowctl::DescriptorError, /Ruby constant Foo is taken by rb.c.foo too/)
+      root = Module.new
+      root.const_set(:Rb, Module.new)
+      root::Rb.const_set(:D, Module.new)
+      root::Rb::D.const_set(:Taken, 1)
+      expect { Flowctl.load_descriptor_set(set_of(file("rb/d.proto", package: "rb.d", messages: [message("Taken")])), root: root) }
+        .to raise_error(Flowctl::DescriptorError, /Rb::D::Taken exists already/)
+      expect(Flowctl.load_descriptor_set(set_of(file("rb/e.proto", package: "rb.snake_case_1", messages: [message("M")])),
+                                         root: root).values.first.name).to end_with("Rb::SnakeCase1::M")
+    end
+
     it "names a type of the wrong kind" do
       enum = Flowctl::Protobuf::EnumDescriptorProto.new(name: "E", value: [{ name: "E_ZERO", number: 0 }])
       bytes = set_of(file("bad/a.proto", enums: [enum],

@@ -170,7 +170,12 @@ void flowctl_cq_destroy(grpc_completion_queue *cq);
 grpc_byte_buffer *flowctl_buffer_from_str(VALUE str);
 VALUE flowctl_str_from_buffer(grpc_byte_buffer *buf); /* binary String; does not destroy buf */
 
-/* ---- channel.c: grpc_channel + credentials + channel args --------------- */
+/* ---- chanargs.c: channel args (a Hash Flowctl::ChannelArgs.normalize made) ---- */
+/* Fills args (room for RHASH_SIZE(hash) entries; the strings stay the Hash's: keep it
+ * alive while they are used) and returns how many; nil gives none. */
+size_t flowctl_channel_args_fill(VALUE hash, grpc_arg *args);
+
+/* ---- channel.c: grpc_channel + credentials ---------------------------------- */
 typedef struct flowctl_channel {
     grpc_channel *channel;      /* NULL once closed */
     char *target;

@@ -394,29 +394,11 @@ server_get(VALUE self)
     return s;
 }
 
-static int
-server_arg_each(VALUE k, VALUE v, VALUE p)
-{
-    grpc_channel_args *a = (grpc_channel_args *)p;
-    grpc_arg *arg = &a->args[a->num_args++];
-    if (SYMBOL_P(k)) k = rb_sym2str(k);
-    arg->key = StringValueCStr(k);
-    if (RB_INTEGER_TYPE_P(v)) {
-        arg->type = GRPC_ARG_INTEGER;
-        arg->value.integer = NUM2INT(v);
-    } else {
-        if (SYMBOL_P(v)) v = rb_sym2str(v);
-        arg->type = GRPC_ARG_STRING;
-        arg->value.string = StringValueCStr(v);
-    }
-    return ST_CONTINUE;
-}
-
 /*
  * call-seq:
  *   Flowctl::Native::Server.new(channel_args) -> server
  *
- * channel_args is a Hash of String => Integer or String (grpc.* server options).
+ * channel_args: grpc.* server options, as Flowctl::ChannelArgs.normalize returns them.
  */
 static VALUE
 server_initialize(VALUE self, VALUE args)
@@ -425,7 +407,7 @@ server_initialize(VALUE self, VALUE args)
     if (s->server || s->closed) rb_raise(rb_eRuntimeError, "server already initialized");
     Check_Type(args, T_HASH);
     grpc_channel_args cargs = {.num_args = 0, .args = ALLOCA_N(grpc_arg, RHASH_SIZE(args) + 1)};
-    rb_hash_foreach(args, server_arg_each, (VALUE)&cargs);
+    cargs.num_args = flowctl_channel_args_fill(args, cargs.args);
     cargs.args[cargs.num_args++] = flowctl_fork_socket_arg();
     s->server = grpc_server_create(&cargs, NULL);
     RB_GC_GUARD(args);
