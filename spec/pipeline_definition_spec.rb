@@ -217,7 +217,8 @@ RSpec.describe Flowctl::Pipeline::Definition do
     expect(problems(no_sources)).to include([5, "spec", "no sources: a pipeline needs at least one source"])
   end
 
-  it "refuses tags that would build objects, and survives alias bombs and recursive aliases" do
+  it "refuses tags that would build objects, and survives alias bombs and recursive aliases",
+     skip: (ENV["GC_STRESS"] == "1" ? "100,000 values to build under GC.stress" : false) do
     expect(problems(good.sub("name: payments", "name: !ruby/object:Object {}"))).to eq(
       [[4, nil, "YAML tag !ruby/object:Object is not allowed"]]
     )

@@ -6,6 +6,10 @@ require "flowctl/pipeline"
 # The data plane alone, with in-process links standing in for the components' streams:
 # fan-out, fan-in, event-type filters, backpressure, dead letters, replay after a break.
 RSpec.describe Flowctl::Pipeline::Router do
+  # fewer events under GC_STRESS (every allocation is a full GC there)
+  def self.n(count) = ENV["GC_STRESS"] == "1" ? [count / 10, 5].max : count
+  def n(count) = self.class.n(count)
+
   RouterEv = Struct.new(:id, :type, :payload, :metadata, keyword_init: true) do
     def dup = RouterEv.new(**to_h, metadata: metadata.dup)
   end
@@ -147,8 +151,8 @@ RSpec.describe Flowctl::Pipeline::Router do
     got = { "slow" => Queue.new, "fast" => Queue.new }
     hooks = Hooks.new do |c, _|
       case c.id
-      when "a" then FakeSource.new(events("a", 200))
-      when "b" then FakeSource.new(events("b", 150))
+      when "a" then FakeSource.new(events("a", n(200)))
+      when "b" then FakeSource.new(events("b", n(150)))
       when "up" then FakeProcessor.new(->(e) { RouterEv.new(id: e.id, type: "up", payload: e.payload.upcase, metadata: {}) })
       when "tag" then FakeProcessor.new(->(e) { RouterEv.new(id: "t-#{e.id}", type: "tag", payload: e.payload, metadata: {}) })
       when "slow" then FakeSink.new(got["slow"], delay: 0.0005)
@@ -160,11 +164,11 @@ RSpec.describe Flowctl::Pipeline::Router do
     slow = Array.new(got["slow"].size) { got["slow"].pop.id }
     fast = Array.new(got["fast"].size) { got["fast"].pop.id }
     expect(slow.tally.values.uniq).to eq([1])
-    expect(slow.sort).to eq((events("a", 200).map(&:id) + events("b", 150).map(&:id) + events("t-a", 200).map(&:id)).sort)
-    expect(fast.sort).to eq((events("a", 200) + events("b", 150)).map(&:id).sort)
+    expect(slow.sort).to eq((events("a", n(200)).map(&:id) + events("b", n(150)).map(&:id) + events("t-a", n(200)).map(&:id)).sort)
+    expect(fast.sort).to eq((events("a", n(200)) + events("b", n(150))).map(&:id).sort)
     snap = router.snapshot
-    expect(snap["up"].values_at("in", "out", "failed", "dropped", "in_flight")).to eq([350, 350, 0, 0, 0])
-    expect(snap["slow"]["in"]).to eq(550)
+    expect(snap["up"].values_at("in", "out", "failed", "dropped", "in_flight")).to eq([n(350), n(350), 0, 0, 0])
+    expect(snap["slow"]["in"]).to eq(n(550))
     expect(hooks.breaks).to eq([])
   end
 
@@ -235,17 +239,17 @@ RSpec.describe Flowctl::Pipeline::Router do
       sinks: [{id: s, command: [x]}]
     YAML
     got = Queue.new
-    hooks = Hooks.new do |c, n|
+    hooks = Hooks.new do |c, attempt|
       case c.id
-      when "a" then FakeSource.new(events("a", 500))
-      when "p" then FakeProcessor.new(->(e) { e }, die_after: n == 1 ? 120 : nil)
+      when "a" then FakeSource.new(events("a", n(500)))
+      when "p" then FakeProcessor.new(->(e) { e }, die_after: attempt == 1 ? n(120) : nil)
       else FakeSink.new(got)
       end
     end
     router = described_class.new(d, hooks).start
     expect(router.wait(time_limit(10))).to be(true)
     ids = Array.new(got.size) { got.pop.id }
-    expect(ids.uniq.sort).to eq(events("a", 500).map(&:id).sort)
+    expect(ids.uniq.sort).to eq(events("a", n(500)).map(&:id).sort)
     expect(hooks.breaks).to eq([["p", Flowctl::Unavailable]])
     expect(router.snapshot["p"]["reconnects"]).to eq(1)
   end
@@ -257,9 +261,9 @@ RSpec.describe Flowctl::Pipeline::Router do
     YAML
     got = Queue.new
     sources = []
-    hooks = Hooks.new do |c, n|
+    hooks = Hooks.new do |c, attempt|
       if c.id == "a"
-        FakeSource.new(events("a", 50), fail_after: n == 1 ? 20 : nil).tap { |s| sources << s }
+        FakeSource.new(events("a", 50), fail_after: attempt == 1 ? 20 : nil).tap { |s| sources << s }
       else
         FakeSink.new(got)
       end
