@@ -295,8 +295,12 @@ module Flowctl
 
       def acknowledge(node, id)
         node.lock.synchronize do
-          i = node.pending.index { |e| e.id == id }
-          node.pending.shift(i + 1) if i
+          pending = node.pending
+          if pending.first&.id == id # the usual case: replies in order, one per event
+            pending.shift
+          elsif (i = pending.index { |e| e.id == id })
+            pending.shift(i + 1)
+          end
         end
       end
 
