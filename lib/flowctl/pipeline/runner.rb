@@ -84,7 +84,7 @@ module Flowctl
         status, error = execute
         record(status, error)
       rescue StandardError => e
-        record("FAILED", "#{e.class}: #{e.message}")
+        record("FAILED", "#{e.class}: #{e.message}") if @run_id
         raise
       ensure
         cleanup
