@@ -142,6 +142,8 @@ module Flowctl
         rescue Failed => e
           @errors << e
           abort_later
+        rescue ClosedQueueError => e
+          raise_later(node, e) unless @aborted # an inbox closes under a push only when the run is aborted
         rescue StandardError => e
           @errors << Failed.new("#{node.component.label}: #{e.class}: #{e.message}")
           abort_later
@@ -154,6 +156,11 @@ module Flowctl
 
       def abort_later
         Thread.new { abort }
+      end
+
+      def raise_later(node, err)
+        @errors << Failed.new("#{node.component.label}: #{err.class}: #{err.message}")
+        abort_later
       end
 
       # Reconnects until the component's work is done; breaks in a row without an event
@@ -239,7 +246,7 @@ module Flowctl
 
         node.lock.synchronize { node.pending.clear }
       ensure
-        stop_writer(node, writer, stop)
+        stop_writer(node, link, writer, stop)
       end
 
       # Writes what was not acknowledged on the last link, then the inbox, then closes.
@@ -264,8 +271,9 @@ module Flowctl
         :broken
       end
 
-      # Wakes a writer waiting on an empty inbox (a marker it skips) and waits for it.
-      def stop_writer(node, writer, stop)
+      # Wakes a writer waiting on an empty inbox (a marker it skips) and waits for it; one
+      # stuck in a write to a stream nobody reads any more gets the stream cancelled.
+      def stop_writer(node, link, writer, stop)
         return unless writer
 
         stop[0] = true
@@ -274,6 +282,9 @@ module Flowctl
         rescue ThreadError, ClosedQueueError
           nil # full (the writer is not waiting) or closed (it ends by itself)
         end
+        return if writer.join(1)
+
+        link.cancel
         writer.join
       end
 
