@@ -157,6 +157,7 @@ module Flowctl
       def wk_any(klass, tree)
         fail!("expected an object for google.protobuf.Any, got #{what(tree)}") unless tree.is_a?(Hash)
 
+        fail!("key #{tree.twice.first.inspect} given twice") if tree.respond_to?(:twice) && tree.twice
         url = tree["@type"]
         fail!("google.protobuf.Any needs a string \"@type\"") unless url.is_a?(String)
         inner = ProtoJSON.class_named(url.split("/").last.to_s) or fail!("\"@type\" #{url.inspect} is not a loaded type")
