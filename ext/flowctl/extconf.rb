@@ -27,7 +27,6 @@ have_func("rb_hash_stlike_foreach") # exported by libruby though not in its head
 # fork.c calls gRPC core functions that libgrpc exports with C++ linkage (Debian's 1.51):
 # its fork handlers and the socket mutator. Without them the extension could not load.
 GRPC_CXX_SYMBOLS = %w[_Z12grpc_preforkv _Z20grpc_postfork_parentv _Z19grpc_postfork_childv
-                      _Z15gpr_default_logP17gpr_log_func_args
                       _Z24grpc_socket_mutator_initP19grpc_socket_mutatorPK26grpc_socket_mutator_vtable
                       _Z26grpc_socket_mutator_to_argP19grpc_socket_mutator].freeze
 GRPC_CXX_SYMBOLS.each do |sym|

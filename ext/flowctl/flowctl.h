@@ -2,7 +2,7 @@
  * flowctl.h — the one internal header of the flowctl extension.
  *
  * Reading order: flowctl.c (Init) -> message.c/convert.c (messages) -> status.c
- * -> metadata.c -> wait.c -> channel.c -> call.c -> pump.c -> server.c -> heartbeat.c -> fork.c.
+ * -> metadata.c -> log.c -> wait.c -> watch.c -> channel.c -> call.c -> pump.c -> server.c -> heartbeat.c -> fork.c.
  *
  * Mechanism files return codes where they can; the Ruby-facing functions raise.
  */
@@ -23,6 +23,7 @@
 #include <grpc/byte_buffer.h>
 #include <grpc/byte_buffer_reader.h>
 #include <grpc/slice.h>
+#include <grpc/support/log.h>
 #include <grpc/support/time.h>
 #include <protobuf-c/protobuf-c.h>
 
@@ -153,6 +154,8 @@ void flowctl_wait_finish(int interrupted);
  * true when one raises; it is kept for flowctl_wait_finish (the caller first makes sure
  * nothing is in flight). false: nothing to raise, go on waiting. */
 bool flowctl_wait_interrupted(void);
+/* Counts an interrupted wait that lets go of the GVL to wait for its cancelled batch. */
+void flowctl_wait_note_cancel_wait(void);
 /* A condition variable whose timed waits use CLOCK_MONOTONIC. */
 void flowctl_cond_init(pthread_cond_t *cond);
 /* Shuts down and destroys a pluck queue that has nothing in flight. */
@@ -161,22 +164,54 @@ void flowctl_cq_destroy(grpc_completion_queue *cq);
 grpc_byte_buffer *flowctl_buffer_from_str(VALUE str);
 VALUE flowctl_str_from_buffer(grpc_byte_buffer *buf); /* binary String; does not destroy buf */
 
+/* ---- log.c: gRPC core's log lines (dropped, stderr when asked, or Flowctl.logger) ---- */
+void init_flowctl_log(void);
+void flowctl_log_line(gpr_log_func_args *args); /* the gpr log function */
+void flowctl_log_apply_verbosity(int cap);        /* gRPC's verbosity: what is wanted, at most cap */
+void flowctl_log_atfork_child(void);
+
+/* ---- watch.c: the thread that polls idle connections -------------------- */
+/* A tag on the shared queue of watch.c: its thread calls on_done(tag, success). */
+typedef struct flowctl_cq_tag {
+    void (*on_done)(struct flowctl_cq_tag *tag, bool ok);
+} flowctl_cq_tag;
+void init_flowctl_watch(void);
+/* Keeps channel's connections polled while no call is (NULL if no thread could start:
+ * the channel then works as before). */
+typedef struct flowctl_channel flowctl_channel;
+struct flowctl_watch *flowctl_watch_channel(flowctl_channel *ch);
+/* Before grpc_channel_destroy: the watch lets go of the channel. */
+void flowctl_watch_forget(struct flowctl_watch *w);
+/* The shared `next` queue (the thread started), or NULL when no thread could start. */
+grpc_completion_queue *flowctl_watch_cq(void);
+/* Wakes the thread (fork.c: after closing the gate, so that it steps out of gRPC). */
+void flowctl_watch_kick(void);
+void flowctl_watch_atfork_child(void);
+
 /* ---- channel.c: grpc_channel + credentials + channel args --------------- */
-typedef struct flowctl_channel {
+struct flowctl_channel {
     grpc_channel *channel;      /* NULL once closed */
+    struct flowctl_watch *watch; /* watch.c keeps it polled while idle (NULL: not watched) */
     char *target;
     atomic_int refs;            /* the Ruby object holds one; each heartbeat thread one more */
     atomic_bool closed;
     pid_t pid;                  /* creator: in a forked child the channel is dead (fork.c) */
     atomic_uint unary_us;       /* recent unary round trips, microseconds (moving average; 0: none yet) */
     atomic_int unary_inflight;  /* unary calls waiting on this channel now */
-} flowctl_channel;
+    atomic_uint calls_started;  /* flowctl_channel_note_call: watch.c parks while it moves */
+};
 
 void init_flowctl_channel(void);
 /* The channel of a Flowctl::Native::Channel (raises IOError when closed). */
 flowctl_channel *flowctl_channel_get(VALUE rb_channel);
 void flowctl_channel_ref(flowctl_channel *ch);
 void flowctl_channel_unref(flowctl_channel *ch);     /* destroys the channel at zero; never blocks long */
+/* A call starts on ch: its idle watch stands aside while calls keep coming (watch.c). */
+static inline void
+flowctl_channel_note_call(flowctl_channel *ch)
+{
+    atomic_fetch_add_explicit(&ch->calls_started, 1, memory_order_relaxed);
+}
 
 /* ---- pump.c: the engine of a bidi stream ------------------------------------ */
 #define PUMP_SENDQ 64             /* messages written and not yet taken by gRPC */

@@ -53,13 +53,11 @@
 void flowctl_grpc_prefork(void) __asm__("_Z12grpc_preforkv");
 void flowctl_grpc_postfork_parent(void) __asm__("_Z20grpc_postfork_parentv");
 void flowctl_grpc_postfork_child(void) __asm__("_Z19grpc_postfork_childv");
-void flowctl_gpr_default_log(gpr_log_func_args *args) __asm__("_Z15gpr_default_logP17gpr_log_func_args");
 
 pid_t flowctl_pid;
 static bool fork_support; /* GRPC_ENABLE_FORK_SUPPORT was on when grpc_init ran */
 static bool prepared;     /* fork_prepare ran grpc_prefork for the fork under way */
 static atomic_bool skipped; /* ... and gRPC core said it skipped its handlers */
-static int forward_min;   /* the GRPC_VERBOSITY the user asked for (3: none) */
 static const char *child_broken; /* in a child whose gRPC core was not prepared: why */
 
 /* ---- the gate ------------------------------------------------------------ */
@@ -139,6 +137,9 @@ gate_close(double seconds)
 {
     pthread_mutex_lock(&gate_lock);
     gate_closed = true;
+    pthread_mutex_unlock(&gate_lock);
+    flowctl_watch_kick(); /* the watcher waits without a time limit: wake it */
+    pthread_mutex_lock(&gate_lock);
     bool empty = gate_wait_empty(mono_in(0.2));
     pthread_mutex_unlock(&gate_lock);
     if (empty) return;
@@ -417,30 +418,18 @@ static void
 fork_log(gpr_log_func_args *a)
 {
     if (a->message && strstr(a->message, "skipping fork() handlers")) atomic_store(&skipped, true);
-    if ((int)a->severity >= forward_min) flowctl_gpr_default_log(a);
-}
-
-static int
-user_verbosity(void)
-{
-    const char *v = getenv("GRPC_VERBOSITY");
-    if (!v) return GPR_LOG_SEVERITY_ERROR;
-    if (strcasecmp(v, "DEBUG") == 0) return GPR_LOG_SEVERITY_DEBUG;
-    if (strcasecmp(v, "INFO") == 0) return GPR_LOG_SEVERITY_INFO;
-    if (strcasecmp(v, "NONE") == 0) return GPR_LOG_SEVERITY_ERROR + 1;
-    return GPR_LOG_SEVERITY_ERROR;
+    flowctl_log_line(a); /* where gRPC's lines go otherwise (log.c) */
 }
 
 static void
 prefork_watched(void)
 {
-    forward_min = user_verbosity();
     atomic_store(&skipped, false);
-    gpr_set_log_verbosity(forward_min < GPR_LOG_SEVERITY_INFO ? GPR_LOG_SEVERITY_DEBUG : GPR_LOG_SEVERITY_INFO);
+    flowctl_log_apply_verbosity(GPR_LOG_SEVERITY_INFO);
     gpr_set_log_function(fork_log);
     flowctl_grpc_prefork();
-    gpr_set_log_function(flowctl_gpr_default_log);
-    gpr_set_log_verbosity(forward_min > GPR_LOG_SEVERITY_ERROR ? GPR_LOG_SEVERITY_ERROR : (gpr_log_severity)forward_min);
+    gpr_set_log_function(flowctl_log_line);
+    flowctl_log_apply_verbosity(GPR_LOG_SEVERITY_ERROR);
 }
 
 void
@@ -503,6 +492,8 @@ fork_child(void)
     disown_parent_sockets(); /* before gRPC core's threads start again in this child */
     gate_atfork_child();
     flowctl_pump_atfork_child();
+    flowctl_watch_atfork_child();
+    flowctl_log_atfork_child();
     if (child_broken) {
         /* a child of a child that could not use gRPC: nor can this one */
     } else if (!fork_support) {

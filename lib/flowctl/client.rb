@@ -143,8 +143,9 @@ module Flowctl
     def build_request(rpc, request, fields)
       klass = rpc.request_class
       if request.nil?
-        klass.new(**fields)
+        klass.new(**fields) # an unknown keyword: ArgumentError naming it and the fields
       elsif !fields.empty?
+        check_keywords(rpc, klass, fields)
         raise ArgumentError, "#{rpc.method_name}: give a request or its fields as keywords, not both"
       elsif request.is_a?(klass)
         request
@@ -153,6 +154,17 @@ module Flowctl
       else
         raise TypeError, "#{rpc.method_name} takes a #{klass} or its fields as keywords (given #{request.class})"
       end
+    end
+
+    # A keyword that is neither a per-call option nor a field of the request (wait_for_ready:,
+    # metadata: of another request, a typo) is named as such.
+    def check_keywords(rpc, klass, fields)
+      unknown = fields.keys - klass.fields.map(&:to_sym)
+      return if unknown.empty?
+
+      raise ArgumentError, "#{rpc.method_name}: unknown keyword(s) #{unknown.map(&:inspect).join(', ')}: " \
+                           "the per-call options are timeout: and headers:, the fields of #{klass} " \
+                           "#{klass.fields.map(&:to_sym).inspect}"
     end
 
     def call_timeout(timeout)
