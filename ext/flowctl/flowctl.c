@@ -27,6 +27,7 @@ Init_flowctl(void)
     init_flowctl_message();
     init_flowctl_channel();
     init_flowctl_call();
+    init_flowctl_fiber();
     init_flowctl_pump();
     init_flowctl_server();
     init_flowctl_heartbeat();

@@ -2,7 +2,7 @@
  * flowctl.h — the one internal header of the flowctl extension.
  *
  * Reading order: flowctl.c (Init) -> message.c/convert.c (messages) -> status.c
- * -> metadata.c -> log.c -> wait.c -> watch.c -> channel.c -> call.c -> pump.c -> server.c -> heartbeat.c -> fork.c.
+ * -> metadata.c -> log.c -> wait.c -> watch.c -> channel.c -> call.c -> fiber.c -> pump.c -> server.c -> heartbeat.c -> fork.c.
  *
  * Mechanism files return codes where they can; the Ruby-facing functions raise.
  */
@@ -288,6 +288,10 @@ bool flowctl_pump_send_failed(flowctl_pump *p);
 bool flowctl_pump_recv_failed(flowctl_pump *p);
 /* Cancels (when asked), drains, frees the queues and the completion queue. */
 void flowctl_pump_destroy(flowctl_pump *p, bool cancel_call);
+
+/* ---- fiber.c: unary calls completed on watch.c's queue (Fiber schedulers) ---- */
+void init_flowctl_fiber(void);
+void flowctl_fiber_atfork_child(void);
 
 /* ---- call.c, server.c, heartbeat.c --------------------------------------- */
 void init_flowctl_call(void);

@@ -494,6 +494,7 @@ fork_child(void)
     flowctl_pump_atfork_child();
     flowctl_watch_atfork_child();
     flowctl_log_atfork_child();
+    flowctl_fiber_atfork_child();
     if (child_broken) {
         /* a child of a child that could not use gRPC: nor can this one */
     } else if (!fork_support) {

@@ -113,8 +113,9 @@ module Flowctl
 
     def unary(rpc, request, fields, timeout, headers)
       bytes = build_request(rpc, request, fields).to_proto
-      body, initial, trailing = Native::Call.unary(@channel, rpc.path, bytes, call_timeout(timeout),
-                                                   call_headers(headers))
+      args = [@channel, rpc.path, bytes, call_timeout(timeout), call_headers(headers)]
+      # under a Fiber scheduler the call yields to it instead of blocking the thread
+      body, initial, trailing = FiberCalls.scheduled? ? FiberCalls.unary(*args) : Native::Call.unary(*args)
       [rpc.response_class.decode(body), initial, trailing]
     end
 
