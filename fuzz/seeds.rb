@@ -50,6 +50,32 @@ module FuzzSeeds
   end
 end
 
-FuzzSeeds.decode_seeds
-FuzzSeeds.convert_seeds
+module FuzzSeeds
+  # descriptor_target reads a FileDescriptorSet: the built-in protocols, the specs' acme
+  # protocol (protoc must be installed), and a few small hand-made sets
+  def self.descriptor_seeds
+    dir = File.join(DIR, "descriptor")
+    write(dir, File.binread(File.expand_path("../lib/flowctl/protocols.pb", __dir__)))
+    fixtures = File.expand_path("../spec/fixtures", __dir__)
+    out = "/tmp/flowctl-seed-acme.pb"
+    system("protoc", "-I#{fixtures}", "-I/usr/include", "--include_imports", "--descriptor_set_out=#{out}",
+           File.join(fixtures, "acme/orders.proto")) and write(dir, File.binread(out))
+    pb = Flowctl::Protobuf
+    small = pb::FileDescriptorProto.new(
+      name: "s/s.proto", package: "s.v1", syntax: "proto3",
+      enum_type: [{ name: "E", value: [{ name: "E_A", number: 0 }, { name: "E_B", number: -1 }] }],
+      message_type: [{ name: "M", field: [{ name: "m", number: 1, type: :TYPE_MESSAGE, label: :LABEL_OPTIONAL,
+                                            type_name: ".s.v1.M" },
+                                          { name: "e", number: 2, type: :TYPE_ENUM, label: :LABEL_REPEATED,
+                                            type_name: ".s.v1.E" }] }],
+      service: [{ method: [{ name: "Do", input_type: ".s.v1.M", output_type: ".s.v1.M", client_streaming: true }],
+                  name: "S" }]
+    )
+    write(dir, pb::FileDescriptorSet.new(file: [small]).to_proto)
+    write(dir, "")
+  end
+end
+
+# ruby fuzz/seeds.rb [decode convert descriptor]: the targets' seeds (all by default)
+(ARGV.empty? ? %w[decode convert descriptor] : ARGV).each { |target| FuzzSeeds.send(:"#{target}_seeds") }
 puts "seeds: #{Dir[File.join(FuzzSeeds::DIR, '*', '*')].size} files under #{FuzzSeeds::DIR}"

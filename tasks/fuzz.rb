@@ -15,7 +15,7 @@ module FlowctlFuzz
   OUT = File.join(ROOT, "tmp", "fuzz")
   EXT = File.join(ROOT, "ext", "flowctl")
   CC = ENV.fetch("FUZZ_CC", "clang-14")
-  TARGETS = %w[decode convert].select { |t| File.exist?(File.join(ROOT, "fuzz", "#{t}_target.c")) }.freeze
+  TARGETS = %w[decode convert descriptor].select { |t| File.exist?(File.join(ROOT, "fuzz", "#{t}_target.c")) }.freeze
   SANITIZE = "-fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined"
 
   # ASan + Ruby: Ruby's conservative GC scans the machine stack, so locals must stay
@@ -56,7 +56,7 @@ module FlowctlFuzz
     exe = File.join(OUT, "#{name}_fuzzer")
     sh!(CC, "-g", "-O1", "-fno-omit-frame-pointer", *SANITIZE.split, "-Wall", "-Wextra",
         "-Wno-unused-parameter", "-Wno-missing-field-initializers",
-        "-DFUZZ_LIB=\"#{File.join(OUT, 'lib')}\"", "-DFUZZ_GEN=\"#{File.join(ROOT, 'spec', 'gen')}\"", *ruby_cflags, *sources, "-o", exe,
+        "-DFUZZ_LIB=\"#{File.join(OUT, 'lib')}\"", "-DFUZZ_GEN=\"#{File.join(ROOT, 'spec', 'gen')}\"", "-DFUZZ_SRC=\"#{File.join(ROOT, 'fuzz')}\"", *ruby_cflags, *sources, "-o", exe,
         "-rdynamic", "-L#{RbConfig::CONFIG['libdir']}", RbConfig::CONFIG["LIBRUBYARG_SHARED"],
         "-lprotobuf-c", "-ldl", "-lm", "-lpthread")
     exe

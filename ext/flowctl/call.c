@@ -1,6 +1,6 @@
 /*
  * call.c — client calls on byte Strings: Flowctl::Native::Call.unary and
- * Flowctl::Native::Stream (bidi). The Ruby layer (lib/flowctl/client.rb) encodes
+ * Flowctl::Native::Stream (server streaming, client streaming and bidi). The Ruby layer (lib/flowctl/client.rb) encodes
  * and decodes messages and owns the policy (defaults, keyword arguments).
  *
  * Reading order: deadlines -> batches (helpers that start a batch and wait for it
@@ -268,7 +268,7 @@ call_unary(VALUE mod, VALUE channel, VALUE path, VALUE request, VALUE timeout, V
 /* ---- stream ------------------------------------------------------------- */
 
 /*
- * A bidi call on the pump (pump.c): writes go to its send queue, reads come off its
+ * A streaming call (any shape but unary) on the pump (pump.c): writes go to its send queue, reads come off its
  * read-ahead, so one thread can block in read while another writes, and neither waits
  * for the wire message by message. The flags below are only read and written with the
  * GVL held.
@@ -445,18 +445,39 @@ stream_raise_error(stream_t *s)
     if (!NIL_P(s->error)) rb_exc_raise(s->error);
 }
 
+/* The first batch of a stream: its initial metadata, and for a call that sends one request
+ * (server streaming) that request and the half-close, so it costs one wait, not three. */
+static size_t
+stream_first_ops(grpc_op ops[3], const flowctl_metadata *md, grpc_byte_buffer *request)
+{
+    memset(ops, 0, sizeof(grpc_op) * 3);
+    ops[0].op = GRPC_OP_SEND_INITIAL_METADATA;
+    ops[0].data.send_initial_metadata.count = md->count;
+    ops[0].data.send_initial_metadata.metadata = md->md;
+    if (!request) return 1;
+    ops[1].op = GRPC_OP_SEND_MESSAGE;
+    ops[1].data.send_message.send_message = request;
+    ops[2].op = GRPC_OP_SEND_CLOSE_FROM_CLIENT;
+    return 3;
+}
+
 /*
  * call-seq:
- *   Flowctl::Native::Stream.new(channel, path, timeout, headers) -> stream
+ *   Flowctl::Native::Stream.new(channel, path, timeout, headers, request = nil) -> stream
  *
- * Starts a bidi call, sends its initial metadata (headers) and starts reading ahead.
+ * Starts a streaming call, sends its initial metadata (headers) and starts reading ahead.
+ * With request (bytes), sends it and half-closes in the same batch: the call of a server
+ * streaming RPC, which only reads from then on.
  */
 static VALUE
-stream_initialize(VALUE self, VALUE channel, VALUE path, VALUE timeout, VALUE headers)
+stream_initialize(int argc, VALUE *argv, VALUE self)
 {
+    VALUE channel, path, timeout, headers, request;
+    rb_scan_args(argc, argv, "41", &channel, &path, &timeout, &headers, &request);
     stream_t *s = stream_get(self);
     if (stream_open(s) || s->status_done) rb_raise(rb_eRuntimeError, "stream already started");
     check_path(path);
+    if (!NIL_P(request)) StringValue(request);
     flowctl_channel *ch = flowctl_channel_get(channel); /* raises IOError when closed, before anything is allocated */
     gpr_timespec deadline = deadline_from(timeout);
     flowctl_metadata md;
@@ -464,17 +485,20 @@ stream_initialize(VALUE self, VALUE channel, VALUE path, VALUE timeout, VALUE he
     grpc_completion_queue *cq = grpc_completion_queue_create_for_next(NULL);
     flowctl_pump_init(&s->pump, create_call(ch, path, cq, deadline), cq);
     s->pid = flowctl_pid;
-    grpc_op op = {.op = GRPC_OP_SEND_INITIAL_METADATA};
-    op.data.send_initial_metadata.count = md.count;
-    op.data.send_initial_metadata.metadata = md.md;
+    grpc_byte_buffer *req = NIL_P(request) ? NULL : flowctl_buffer_from_str(request);
+    grpc_op ops[3];
+    size_t n = stream_first_ops(ops, &md, req);
     bool ok;
     s->writing = true;
-    int interrupted = flowctl_pump_run(&s->pump, &op, 1, &ok);
+    int interrupted = flowctl_pump_run(&s->pump, ops, n, &ok);
     s->writing = false;
+    s->write_closed = req != NULL;
+    if (req) grpc_byte_buffer_destroy(req);
     flowctl_metadata_free(&md);
     if (!interrupted) flowctl_pump_start_reading(&s->pump, true, PUMP_UNLIMITED);
     flowctl_wait_finish(interrupted);
     RB_GC_GUARD(channel);
+    RB_GC_GUARD(request);
     return self;
 }
 
@@ -687,7 +711,7 @@ init_flowctl_call(void)
 
     cStream = rb_define_class_under(mFlowctlNative, "Stream", rb_cObject);
     rb_define_alloc_func(cStream, stream_alloc);
-    rb_define_method(cStream, "initialize", stream_initialize, 4);
+    rb_define_method(cStream, "initialize", stream_initialize, -1);
     rb_define_method(cStream, "write", stream_write, 1);
     rb_define_method(cStream, "close_write", stream_close_write, 0);
     rb_define_method(cStream, "read", stream_read, 0);

@@ -867,6 +867,7 @@ decode_msg(const flowctl_class *ci, VALUE msg, rbuf *r, int depth)
         if (!fd) { skip_field(ci, r, wt, (uint32_t)num, depth); continue; }
         unsigned i = (unsigned)(fd - ci->desc->fields);
         decode_field(ci, msg, &m->vals[i], &ci->fields[i], r, wt, depth);
+        if (ci->fields[i].oneof) flowctl_msg_clear_oneof(msg, m, i);
     }
 }
 

@@ -39,12 +39,12 @@ GRPC_CXX_SYMBOLS.each do |sym|
   MSG
 end
 
-# The protoc-c output lives in generated/ (one folder per proto package).
-gen_dirs = Dir.glob(File.join(__dir__, "generated", "**", "")).map { |d| d.chomp("/") }
-$VPATH.concat(gen_dirs.map { |d| d.sub(__dir__, "$(srcdir)") })
+# The protoc-c output lives in generated/ (one folder per proto package). generated/registry.c
+# includes every .pb-c.c file and is the only one compiled, so files of the same name in two
+# packages never meet in the build directory.
+$VPATH << "$(srcdir)/generated"
 $INCFLAGS << " -I$(srcdir)/generated"
-$srcs = Dir.glob(File.join(__dir__, "*.c")).map { |f| File.basename(f) } +
-        gen_dirs.flat_map { |d| Dir.glob(File.join(d, "*.c")).map { |f| File.basename(f) } }
+$srcs = Dir.glob(File.join(__dir__, "*.c")).map { |f| File.basename(f) } + ["registry.c"]
 
 $CFLAGS << " -std=gnu11 -Wall -Wextra -Wno-unused-parameter -Wno-missing-field-initializers"
 $CFLAGS << " -Werror" if enable_config("pedantic", ENV["FLOWCTL_PEDANTIC"] == "1")

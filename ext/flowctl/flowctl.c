@@ -24,6 +24,7 @@ Init_flowctl(void)
     init_flowctl_metadata();
     init_flowctl_wait();
     init_flowctl_watch();
+    init_flowctl_descriptor();
     init_flowctl_message();
     init_flowctl_channel();
     init_flowctl_call();

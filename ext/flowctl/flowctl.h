@@ -60,6 +60,7 @@ typedef struct flowctl_field {
     VALUE sym;                            /* static Symbol: never moves, never collected */
     const char *name;
     const ProtobufCMessageDescriptor *sub_desc; /* elem's message type (not Timestamp) */
+    unsigned oneof;                       /* members of one oneof share this number; 0: none */
 } flowctl_field;
 
 /* A generated message class: descriptor, Ruby class and field table. */
@@ -103,6 +104,14 @@ const flowctl_class *flowctl_class_of(VALUE klass);      /* NULL when not a mess
 flowctl_msg *flowctl_msg_get(VALUE msg);                 /* raises TypeError when not a message */
 VALUE flowctl_msg_new(const flowctl_class *ci);          /* all fields at their defaults */
 VALUE flowctl_field_default(const flowctl_field *f);
+/* After field i of a oneof was set: its siblings become unset. */
+void flowctl_msg_clear_oneof(VALUE msg, flowctl_msg *m, unsigned i);
+
+/* ---- descriptor.c: protobuf-c descriptors built at run time from descriptor sets ---- */
+void init_flowctl_descriptor(void);
+/* Every message and enum descriptor by full proto name (protoc-c's and built ones). */
+void flowctl_descriptor_register(const char *full_name, const void *desc);
+const void *flowctl_descriptor_lookup(const char *full_name); /* NULL when unknown */
 
 /* convert.c: the one place where Ruby values meet protobuf fields (setters, encode, decode). */
 VALUE flowctl_convert_field(const flowctl_class *ci, const flowctl_field *f, VALUE v);

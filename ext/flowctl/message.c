@@ -1,6 +1,7 @@
 /*
- * message.c — every message of proto/ as a Ruby class, built from its protobuf-c
- * descriptor (generated/registry.c lists them): no C per message.
+ * message.c — every message as a Ruby class, built from its protobuf-c descriptor: those
+ * descriptor.c builds from descriptor sets (proto/ and users'), and protoc-c's for
+ * google/protobuf/descriptor.proto itself (generated/registry.c): no C per message.
  *
  * Reading order: the class table (flowctl_class, built by define_messages), the
  * object (flowctl_msg: one VALUE per field), accessors, then the Ruby methods.
@@ -148,23 +149,33 @@ field_set(VALUE self, unsigned i, VALUE v)
     v = flowctl_convert_field(m->ci, f, v);
     if (f->ts_slot >= 0 && !NIL_P(v)) *flowctl_msg_ts(m, f) = rb_time_timespec(v);
     RB_OBJ_WRITE(self, &m->vals[i], v);
+    if (f->oneof && !NIL_P(v)) flowctl_msg_clear_oneof(self, m, i);
     return v;
 }
 
-/* One getter and one setter per field index, so an accessor call needs no lookup. */
+void
+flowctl_msg_clear_oneof(VALUE msg, flowctl_msg *m, unsigned i)
+{
+    const flowctl_class *ci = m->ci;
+    for (unsigned j = 0; j < ci->n_fields; j++)
+        if (j != i && ci->fields[j].oneof == ci->fields[i].oneof) RB_OBJ_WRITE(msg, &m->vals[j], Qnil);
+}
+
+/* One getter and one setter per field index, so an accessor call needs no lookup. The
+ * indexes are octal literals (b##i: 00..07, 010..017, ...), eight to a group. */
 #define ACCESSORS(i) \
     static VALUE get_##i(VALUE self) { return field_get(self, i); } \
     static VALUE set_##i(VALUE self, VALUE v) { return field_set(self, i, v); }
 #define ACCESSORS8(b) ACCESSORS(b##0) ACCESSORS(b##1) ACCESSORS(b##2) ACCESSORS(b##3) \
     ACCESSORS(b##4) ACCESSORS(b##5) ACCESSORS(b##6) ACCESSORS(b##7)
-ACCESSORS8() ACCESSORS8(1) ACCESSORS8(2) ACCESSORS8(3)
+ACCESSORS8(0) ACCESSORS8(01) ACCESSORS8(02) ACCESSORS8(03)
 #define ENTRY(i) {get_##i, set_##i}
 #define ENTRY8(b) ENTRY(b##0), ENTRY(b##1), ENTRY(b##2), ENTRY(b##3), ENTRY(b##4), ENTRY(b##5), \
     ENTRY(b##6), ENTRY(b##7)
 static const struct {
     VALUE (*get)(VALUE);
     VALUE (*set)(VALUE, VALUE);
-} fast_accessors[] = {ENTRY8(), ENTRY8(1), ENTRY8(2), ENTRY8(3)};
+} fast_accessors[] = {ENTRY8(0), ENTRY8(01), ENTRY8(02), ENTRY8(03)};
 #define N_FAST ((unsigned)(sizeof(fast_accessors) / sizeof(fast_accessors[0])))
 
 /* The ID of a field name given as Symbol or String, 0 when no field can have it (a
@@ -507,7 +518,7 @@ static bool
 is_timestamp(const ProtobufCFieldDescriptor *fd)
 {
     return fd->type == PROTOBUF_C_TYPE_MESSAGE &&
-           fd->descriptor == &google__protobuf__timestamp__descriptor;
+           strcmp(((const ProtobufCMessageDescriptor *)fd->descriptor)->name, "google.protobuf.Timestamp") == 0;
 }
 
 static void
@@ -523,6 +534,8 @@ build_field(flowctl_field *f, const ProtobufCFieldDescriptor *fd)
     }
     f->packed = f->kind == FK_REPEATED && (fd->flags & PROTOBUF_C_FIELD_FLAG_PACKED) != 0;
     f->presence = fd->label == PROTOBUF_C_LABEL_OPTIONAL && fd->type != PROTOBUF_C_TYPE_MESSAGE;
+    /* protoc-c gives a oneof's members one quantifier_offset (descriptor.c: the oneof's number) */
+    f->oneof = (fd->flags & PROTOBUF_C_FIELD_FLAG_ONEOF) ? fd->quantifier_offset + 1 : 0;
     f->timestamp = is_timestamp(f->elem);
     f->sub_desc = f->elem->type == PROTOBUF_C_TYPE_MESSAGE && !f->timestamp ? f->elem->descriptor : NULL;
     f->name = fd->name;
@@ -565,6 +578,9 @@ define_accessors(VALUE klass, const flowctl_class *ci)
 {
     for (unsigned i = 0; i < ci->n_fields; i++) {
         const char *name = ci->fields[i].name;
+        /* a field named like a method every message has (hash, freeze, ...) keeps the method:
+         * it is read and written as msg[:hash], msg[:hash] = v, and by keyword */
+        if (rb_method_boundp(cFlowctlMessage, rb_intern(name), 0)) continue;
         VALUE setter = rb_sprintf("%s=", name);
         if (i < N_FAST) {
             rb_define_method(klass, name, fast_accessors[i].get, 0);
@@ -576,18 +592,12 @@ define_accessors(VALUE klass, const flowctl_class *ci)
     }
 }
 
-/* "RegisterProcessorRequest" under the package module; nested messages under their parent. */
+/* A class named const_name under outer (a package module, or the class of the message
+ * that declares it) for a message descriptor. */
 static VALUE
-define_message_class(const ProtobufCMessageDescriptor *desc, VALUE mod)
+define_message_class(const ProtobufCMessageDescriptor *desc, VALUE outer, const char *const_name)
 {
-    VALUE outer = mod;
-    const char *rest = desc->name + strlen(desc->package_name) + 1;
-    const char *dot;
-    while ((dot = strchr(rest, '.')) != NULL) {
-        outer = rb_const_get_at(outer, rb_intern2(rest, dot - rest));
-        rest = dot + 1;
-    }
-    VALUE klass = rb_define_class_under(outer, rest, cFlowctlMessage);
+    VALUE klass = rb_define_class_under(outer, const_name, cFlowctlMessage);
     rb_gc_register_mark_object(klass);
     flowctl_class *ci = build_class(desc, klass);
     st_insert(class_by_desc, (st_data_t)desc, (st_data_t)ci);
@@ -598,22 +608,28 @@ define_message_class(const ProtobufCMessageDescriptor *desc, VALUE mod)
     return klass;
 }
 
+/* The module or class a nested name ("pkg.Outer.Inner") goes under, from its package module. */
 static VALUE
-package_module(VALUE packages, const char *package)
+outer_of(const char *full_name, const char *package, VALUE mod)
 {
-    return rb_hash_lookup2(packages, rb_str_new_cstr(package), Qnil);
+    const char *rest = full_name + strlen(package) + 1, *dot;
+    while ((dot = strchr(rest, '.')) != NULL) {
+        mod = rb_const_get_at(mod, rb_intern2(rest, dot - rest));
+        rest = dot + 1;
+    }
+    return mod;
 }
 
 /* Enum module: constants per value plus .name(n), .value(name), .values, .descriptor_name. */
 static VALUE
-define_enum(const ProtobufCEnumDescriptor *ed, VALUE mod)
+define_enum(const ProtobufCEnumDescriptor *ed, VALUE mod, const char *const_name)
 {
-    VALUE em = rb_define_module_under(mod, ed->short_name);
+    VALUE em = rb_define_module_under(mod, const_name);
     VALUE by_name = rb_hash_new(), by_number = rb_hash_new();
     for (unsigned i = 0; i < ed->n_values; i++) {
         const ProtobufCEnumValue *v = &ed->values[i];
         VALUE sym = ID2SYM(rb_intern(v->name));
-        rb_define_const(em, v->name, INT2NUM(v->value));
+        if (rb_is_const_id(rb_intern(v->name))) rb_define_const(em, v->name, INT2NUM(v->value));
         rb_hash_aset(by_name, sym, INT2NUM(v->value));
         if (NIL_P(rb_hash_lookup(by_number, INT2NUM(v->value)))) rb_hash_aset(by_number, INT2NUM(v->value), sym);
     }
@@ -625,25 +641,56 @@ define_enum(const ProtobufCEnumDescriptor *ed, VALUE mod)
 }
 
 /*
- * call-seq: Flowctl::Native.define_messages({"obsrvr.flow.controlplane" => Flowctl::ControlPlane, ...})
+ * call-seq: Flowctl::Native.define_bootstrap(Flowctl::Protobuf)
  *
- * Defines a class for every message (and a module for every enum) of the listed
- * packages. Map entry types get none: maps are Hashes.
+ * Defines the classes of google/protobuf/descriptor.proto from protoc-c's descriptors
+ * (generated/registry.c: flowctl_bootstrap_*): the messages Flowctl::Descriptors reads a
+ * descriptor set with. Every other message and enum comes from a descriptor set.
  */
 static VALUE
-native_define_messages(VALUE mod, VALUE packages)
+native_define_bootstrap(VALUE mod, VALUE pm)
 {
-    Check_Type(packages, T_HASH);
-    for (const ProtobufCEnumDescriptor *const *e = flowctl_registry_enums; *e; e++) {
-        VALUE pm = package_module(packages, (*e)->package_name);
-        if (!NIL_P(pm)) define_enum(*e, pm);
+    for (const ProtobufCMessageDescriptor *const *d = flowctl_bootstrap_messages; *d; d++) {
+        flowctl_descriptor_register((*d)->name, *d);
+        if (!is_map_entry(*d)) define_message_class(*d, outer_of((*d)->name, (*d)->package_name, pm), (*d)->short_name);
     }
-    for (const ProtobufCMessageDescriptor *const *d = flowctl_registry_messages; *d; d++) {
-        VALUE pm = package_module(packages, (*d)->package_name);
-        if (NIL_P(pm) || is_map_entry(*d) || flowctl_class_of_desc(*d)) continue;
-        define_message_class(*d, pm);
+    for (const ProtobufCEnumDescriptor *const *e = flowctl_bootstrap_enums; *e; e++) {
+        flowctl_descriptor_register((*e)->name, *e);
+        define_enum(*e, outer_of((*e)->name, (*e)->package_name, pm), (*e)->short_name);
     }
     return Qnil;
+}
+
+static const void *
+descriptor_checked(VALUE name, uint32_t magic)
+{
+    const void *d = flowctl_descriptor_lookup(StringValueCStr(name));
+    if (!d || *(const uint32_t *)d != magic)
+        rb_raise(rb_eArgError, "no %s descriptor %+"PRIsVALUE, magic == PROTOBUF_C__ENUM_DESCRIPTOR_MAGIC ?
+                 "enum" : "message", name);
+    return d;
+}
+
+/*
+ * call-seq: Flowctl::Native.define_message("flowctl.v1.Event", Flowctl::V1, "Event") -> class
+ *
+ * The class of a built descriptor (descriptor.c), defined under outer as const_name (the
+ * same class when it exists already).
+ */
+static VALUE
+native_define_message(VALUE mod, VALUE name, VALUE outer, VALUE const_name)
+{
+    const ProtobufCMessageDescriptor *d = descriptor_checked(name, PROTOBUF_C__MESSAGE_DESCRIPTOR_MAGIC);
+    const flowctl_class *ci = flowctl_class_of_desc(d);
+    return ci ? ci->klass : define_message_class(d, outer, StringValueCStr(const_name));
+}
+
+/* call-seq: Flowctl::Native.define_enum("flowctl.v1.HealthStatus", Flowctl::V1, "HealthStatus") -> module */
+static VALUE
+native_define_enum(VALUE mod, VALUE name, VALUE outer, VALUE const_name)
+{
+    const ProtobufCEnumDescriptor *d = descriptor_checked(name, PROTOBUF_C__ENUM_DESCRIPTOR_MAGIC);
+    return define_enum(d, outer, StringValueCStr(const_name));
 }
 
 /* call-seq: Flowctl::Native.message_class("obsrvr.flow.processor.DataMessage") -> class */
@@ -653,24 +700,6 @@ native_message_class(VALUE mod, VALUE name)
     VALUE k = rb_hash_lookup2(class_by_name, StringValue(name), Qundef);
     if (k == Qundef) rb_raise(rb_eArgError, "no message class for %+"PRIsVALUE, name);
     return k;
-}
-
-/* call-seq: Flowctl::Native.services -> [[full_name, [[rpc, input, output], ...]], ...] */
-static VALUE
-native_services(VALUE mod)
-{
-    VALUE out = rb_ary_new();
-    for (const ProtobufCServiceDescriptor *const *s = flowctl_registry_services; *s; s++) {
-        VALUE methods = rb_ary_new();
-        for (unsigned i = 0; i < (*s)->n_methods; i++) {
-            const ProtobufCMethodDescriptor *m = &(*s)->methods[i];
-            rb_ary_push(methods, rb_ary_new_from_args(3, rb_str_new_cstr(m->name),
-                                                      rb_str_new_cstr(m->input->name),
-                                                      rb_str_new_cstr(m->output->name)));
-        }
-        rb_ary_push(out, rb_ary_new_from_args(2, rb_str_new_cstr((*s)->name), methods));
-    }
-    return out;
 }
 
 void
@@ -703,8 +732,9 @@ init_flowctl_message(void)
     rb_define_singleton_method(cFlowctlMessage, "fields", msg_s_fields, 0);
     rb_define_singleton_method(cFlowctlMessage, "descriptor_name", msg_s_descriptor_name, 0);
 
-    rb_define_module_function(mFlowctlNative, "define_messages", native_define_messages, 1);
+    rb_define_module_function(mFlowctlNative, "define_bootstrap", native_define_bootstrap, 1);
+    rb_define_module_function(mFlowctlNative, "define_message", native_define_message, 3);
+    rb_define_module_function(mFlowctlNative, "define_enum", native_define_enum, 3);
     rb_define_module_function(mFlowctlNative, "message_class", native_message_class, 1);
-    rb_define_module_function(mFlowctlNative, "services", native_services, 0);
     init_flowctl_convert();
 }

@@ -25,14 +25,19 @@ module Flowctl
     class << self
       attr_reader :service
 
-      # Generates one method per RPC of service: unary RPCs return the response; bidi
-      # RPCs take an Enumerable of requests and yield replies (`name`), or give the call
-      # object (`name_stream`).
+      # Generates one method per RPC of service, by its shape:
+      # - unary `name(request or fields)` returns the response;
+      # - server streaming `name(request or fields) { |reply| }` yields the replies (an
+      #   Enumerator without a block), `name_stream(request or fields)` gives the call;
+      # - client streaming `name(requests)` sends an Enumerable of requests and returns the
+      #   response, `name_stream` gives the call (write, close_write, response);
+      # - bidi `name(requests) { |reply| }` writes and yields at once (an Enumerator without
+      #   a block), `name_stream` gives the call.
       def use_service(service)
         @service = service
         service.rpcs.each do |rpc|
           check_option_names(rpc)
-          rpc.unary? ? define_unary(rpc) : define_bidi(rpc)
+          send(:"define_#{rpc.shape}", rpc)
         end
       end
 
@@ -48,24 +53,49 @@ module Flowctl
       private
 
       # timeout: and headers: are the per-call options; a message field of either name
-      # could not be passed as a keyword, so refuse such a service up front.
+      # could not be passed as a keyword, so refuse such a service up front. So is an RPC
+      # whose method would replace one a client needs (close, inspect, hash, ...).
       def check_option_names(rpc)
         clash = rpc.request_class.fields.map(&:to_sym) & %i[timeout headers]
         raise ArgumentError, "#{rpc.request_class} has field(s) #{clash.inspect}, which clash with call options" if clash.any?
+
+        names = [rpc.method_name, :"#{rpc.method_name}_stream"]
+        taken = names.find { |n| Client.method_defined?(n) || Client.private_method_defined?(n, false) }
+        raise ArgumentError, "#{rpc.path}: a client method #{taken} exists already: the RPC would replace it" if taken
       end
 
       def define_unary(rpc)
         define_method(rpc.method_name) do |request = nil, timeout: UNSET, headers: nil, **fields|
-          unary(rpc, request, fields, timeout, headers).first
+          call_unary(rpc, request, fields, timeout, headers).first
+        end
+      end
+
+      def define_server_streaming(rpc)
+        define_method(rpc.method_name) do |request = nil, timeout: UNSET, headers: nil, **fields, &block|
+          call_server_streaming(rpc, request, fields, timeout, headers, &block)
+        end
+        define_method(:"#{rpc.method_name}_stream") do |request = nil, timeout: UNSET, headers: nil, **fields, &block|
+          bytes = build_request(rpc, request, fields).to_proto
+          open_call(ServerStreamCall.new(rpc, new_stream(rpc, timeout, headers, bytes)), &block)
+        end
+      end
+
+      def define_client_streaming(rpc)
+        define_method(rpc.method_name) do |requests, timeout: UNSET, headers: nil|
+          check_requests(rpc, requests)
+          ClientStreamCall.new(rpc, new_stream(rpc, timeout, headers)).run(requests)
+        end
+        define_method(:"#{rpc.method_name}_stream") do |timeout: UNSET, headers: nil, &block|
+          open_call(ClientStreamCall.new(rpc, new_stream(rpc, timeout, headers)), &block)
         end
       end
 
       def define_bidi(rpc)
         define_method(rpc.method_name) do |requests, timeout: UNSET, headers: nil, &block|
-          bidi(rpc, requests, timeout, headers, &block)
+          call_bidi(rpc, requests, timeout, headers, &block)
         end
         define_method(:"#{rpc.method_name}_stream") do |timeout: UNSET, headers: nil, &block|
-          open_stream(rpc, timeout, headers, &block)
+          open_call(BidiCall.new(rpc, new_stream(rpc, timeout, headers)), &block)
         end
       end
     end
@@ -94,7 +124,7 @@ module Flowctl
       rpc = self.class.service.rpc(method_name.to_sym)
       raise ArgumentError, "#{self.class} has no unary RPC #{method_name.inspect}" unless rpc&.unary?
 
-      Reply.new(*unary(rpc, request, fields, timeout, headers))
+      Reply.new(*call_unary(rpc, request, fields, timeout, headers))
     end
 
     # Closes the channel; calls in flight fail, later calls raise IOError. Idempotent.
@@ -111,7 +141,7 @@ module Flowctl
 
     private
 
-    def unary(rpc, request, fields, timeout, headers)
+    def call_unary(rpc, request, fields, timeout, headers)
       bytes = build_request(rpc, request, fields).to_proto
       args = [@channel, rpc.path, bytes, call_timeout(timeout), call_headers(headers)]
       # under a Fiber scheduler the call yields to it instead of blocking the thread
@@ -119,19 +149,50 @@ module Flowctl
       [rpc.response_class.decode(body), initial, trailing]
     end
 
-    def bidi(rpc, requests, timeout, headers, &block)
-      raise TypeError, "#{rpc.method_name} takes an Enumerable of requests (given #{requests.class})" unless requests.respond_to?(:each)
+    def call_bidi(rpc, requests, timeout, headers, &block)
+      check_requests(rpc, requests)
       # checked now, not when the Enumerator runs
-      timeout = timeout.equal?(UNSET) ? nil : self.class.check_timeout(timeout)
+      timeout = stream_timeout(timeout)
       headers = call_headers(headers)
-      return enum_for(:bidi, rpc, requests, timeout, headers) unless block
+      return enum_for(:call_bidi, rpc, requests, timeout, headers) unless block
 
       BidiCall.new(rpc, Native::Stream.new(@channel, rpc.path, timeout, headers)).run(requests, &block)
     end
 
-    def open_stream(rpc, timeout, headers)
-      timeout = timeout.equal?(UNSET) ? nil : self.class.check_timeout(timeout)
-      call = BidiCall.new(rpc, Native::Stream.new(@channel, rpc.path, timeout, call_headers(headers)))
+    # The request is built and checked now, the call starts when replies are asked for.
+    def call_server_streaming(rpc, request, fields, timeout, headers, &block)
+      bytes = build_request(rpc, request, fields).to_proto
+      timeout = stream_timeout(timeout)
+      headers = call_headers(headers)
+      return enum_for(:server_streaming_bytes, rpc, bytes, timeout, headers) unless block
+
+      server_streaming_bytes(rpc, bytes, timeout, headers, &block)
+    end
+
+    def server_streaming_bytes(rpc, bytes, timeout, headers, &block)
+      call = ServerStreamCall.new(rpc, Native::Stream.new(@channel, rpc.path, timeout, headers, bytes))
+      begin
+        call.each(&block)
+      ensure
+        call.cancel unless call.finished? # the block left early
+      end
+    end
+
+    def check_requests(rpc, requests)
+      return if requests.respond_to?(:each)
+
+      raise TypeError, "#{rpc.method_name} takes an Enumerable of requests (given #{requests.class})"
+    end
+
+    # A streaming call: no deadline unless the call gives one (a stream may rightly last hours).
+    def stream_timeout(timeout) = timeout.equal?(UNSET) ? nil : self.class.check_timeout(timeout)
+
+    def new_stream(rpc, timeout, headers, request = nil)
+      Native::Stream.new(@channel, rpc.path, stream_timeout(timeout), call_headers(headers), request)
+    end
+
+    # A call object, or with a block: yields it and cancels it if the block leaves it unfinished.
+    def open_call(call)
       return call unless block_given?
 
       begin
@@ -196,59 +257,15 @@ module Flowctl
     end
   end
 
-  # A bidi call: write requests and read replies, from one thread or two (one writer,
-  # one reader). Errors from the server come from #read / #each as Flowctl::RPCError.
-  #
-  #   call = client.process_stream
-  #   call << Flowctl::Processor::DataMessage.new(payload: "x")
-  #   call.close_write
-  #   call.each { |reply| p reply }
-  #   call.trailing_metadata
-  class BidiCall
-    include Enumerable
-
+  # What the streaming calls of a client share: the call's status, metadata, and cancel.
+  # Subclasses: ServerStreamCall (reads), ClientStreamCall (writes, then one response),
+  # BidiCall (both). Errors from the server come as Flowctl::RPCError.
+  class StreamCall
     attr_reader :rpc
 
     def initialize(rpc, stream)
       @rpc = rpc
       @stream = stream
-    end
-
-    # Sends one request (a request object or a Hash of its fields).
-    def write(request)
-      @stream.write(encode(request))
-      self
-    end
-    alias << write
-
-    # Tells the server that no more requests follow. Idempotent.
-    def close_write
-      @stream.close_write
-      self
-    end
-
-    # The next reply, or nil at the end of the stream; raises the call's RPCError when
-    # it ended with another status than OK.
-    def read
-      bytes = @stream.read
-      return nil if bytes.nil?
-
-      begin
-        @rpc.response_class.decode(bytes)
-      rescue DecodeError
-        cancel
-        raise
-      end
-    end
-
-    # Yields every reply until the end of the stream.
-    def each
-      return enum_for(:each) unless block_given?
-
-      while (reply = read)
-        yield reply
-      end
-      self
     end
 
     # Cancels the call without blocking: a blocked #read or #write returns.
@@ -267,8 +284,141 @@ module Flowctl
     def error = @stream.error
 
     def inspect
-      "#<Flowctl::BidiCall #{@rpc.path} #{finished? ? "status: #{status}" : 'open'}>"
+      "#<#{self.class} #{@rpc.path} #{finished? ? "status: #{status}" : 'open'}>"
     end
+
+    private
+
+    # The next reply, decoded, or nil at the end (raising the call's error, if any).
+    def read_reply
+      bytes = @stream.read
+      return nil if bytes.nil?
+
+      begin
+        @rpc.response_class.decode(bytes)
+      rescue DecodeError
+        cancel
+        raise
+      end
+    end
+
+    def encode(request)
+      klass = @rpc.request_class
+      request = klass.new(**request.transform_keys(&:to_sym)) if request.is_a?(Hash)
+      raise TypeError, "#{@rpc.name} writes #{klass} (given #{request.class})" unless request.is_a?(klass)
+
+      request.to_proto
+    end
+
+    # Writes every request of an Enumerable. True when all went out; false when the call
+    # ended first (its status tells why). Whatever the Enumerable (or a bad request in it)
+    # raises cancels the call and is raised.
+    def write_all(requests)
+      requests.each do |r|
+        bytes = encode(r)
+        begin
+          @stream.write(bytes)
+        rescue IOError, RPCError
+          return false # the call is over: the reader gets its status
+        end
+      end
+      true
+    rescue Exception # rubocop:disable Lint/RescueException -- an interrupt cancels as well
+      cancel
+      raise
+    end
+  end
+
+  # Reading the replies of a server streaming or bidi call.
+  module ReadingCall
+    include Enumerable
+
+    # The next reply, or nil at the end of the stream; raises the call's RPCError when
+    # it ended with another status than OK.
+    def read = read_reply
+
+    # Yields every reply until the end of the stream.
+    def each
+      return enum_for(:each) unless block_given?
+
+      while (reply = read)
+        yield reply
+      end
+      self
+    end
+  end
+
+  # Writing the requests of a client streaming or bidi call.
+  module WritingCall
+    # Sends one request (a request object or a Hash of its fields).
+    def write(request)
+      @stream.write(encode(request))
+      self
+    end
+    alias_method :<<, :write
+
+    # Tells the server that no more requests follow. Idempotent.
+    def close_write
+      @stream.close_write
+      self
+    end
+  end
+
+  # A server streaming call: its request went with the call; read the replies.
+  #
+  #   call = client.stream_events_stream(request)
+  #   call.each { |event| p event }
+  #   call.trailing_metadata
+  class ServerStreamCall < StreamCall
+    include ReadingCall
+  end
+
+  # A client streaming call: write requests, then take the one response.
+  #
+  #   call = client.consume_stream
+  #   call << event1 << event2
+  #   call.response            # half-closes, waits for the response and the status
+  class ClientStreamCall < StreamCall
+    include WritingCall
+
+    # Half-closes (when not done yet), then the server's one response; raises the call's
+    # RPCError when it ended with another status than OK. The same response every time.
+    def response
+      return @response if defined?(@response)
+
+      close_write
+      reply = read_reply
+      if reply.nil?
+        raise Internal.new("the server sent no response message", metadata: trailing_metadata || {})
+      end
+      unless @stream.read.nil? # the end, and the status
+        cancel
+        raise Internal, "the server sent more than one response message to #{@rpc.name}"
+      end
+      @response = reply
+    end
+    alias read response
+
+    # Writes every request and returns the response (the block form of a client's client
+    # streaming method). A server that ends the call early stops the writing: its status
+    # is raised (or its response returned).
+    def run(requests)
+      write_all(requests)
+      response
+    end
+  end
+
+  # A bidi call: write requests and read replies, from one thread or two (one writer,
+  # one reader). Errors from the server come from #read / #each as Flowctl::RPCError.
+  #
+  #   call = client.process_stream
+  #   call << Flowctl::Processor::DataMessage.new(payload: "x")
+  #   call.close_write
+  #   call.each { |reply| p reply }
+  #   call.trailing_metadata
+  class BidiCall < StreamCall
+    include ReadingCall
+    include WritingCall
 
     # Writes requests from a writer thread while replies are yielded here; used by the
     # block form of a client's bidi method. Returns self (finished: status, metadata);
@@ -293,31 +443,25 @@ module Flowctl
 
     private
 
-    def encode(request)
-      klass = @rpc.request_class
-      request = klass.new(**request.transform_keys(&:to_sym)) if request.is_a?(Hash)
-      raise TypeError, "#{@rpc.name} writes #{klass} (given #{request.class})" unless request.is_a?(klass)
-
-      request.to_proto
-    end
-
     # The writer thread returns nil, or the exception of the requests Enumerable (which
     # cancels the call). A write failing because the call ended is not its error: the
     # reader gets the status.
     def start_writer(requests)
       writer = Thread.new do
         Thread.current.report_on_exception = false
-        requests.each { |r| write(r) }
-        close_write
-        nil
-      rescue RPCError, IOError
+        close_write_quietly if write_all(requests)
         nil
       rescue Exception => e # rubocop:disable Lint/RescueException -- handed to the caller
-        cancel
         e
       end
       writer.name = "flowctl-writer"
       writer
+    end
+
+    def close_write_quietly
+      close_write
+    rescue IOError, RPCError
+      nil
     end
 
     # The reader is done (or left early): a writer still busy has nothing left to do.

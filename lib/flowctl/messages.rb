@@ -7,13 +7,26 @@ module Flowctl
   module Processor; end
   # obsrvr.flow.common
   module Common; end
+  # flowctl.v1: the protocol the deployed flowctl control plane and `flowctl run` speak
+  module V1; end
+  # google.protobuf: the well-known types (Timestamp fields read as Time) and descriptor.proto
+  module Protobuf; end
+  # grpc.health.v1: the standard health checking service
+  module Grpc
+    module Health
+      module V1; end
+    end
+  end
 
-  # Proto package -> Ruby module. Every message and enum of these packages becomes a
-  # class (module) under it, built from its protobuf-c descriptor.
+  # Proto package -> Ruby module of the built-in protocols. Every message and enum of these
+  # packages is a class (module) under it, built from lib/flowctl/protocols.pb.
   PACKAGES = {
     "obsrvr.flow.controlplane" => ControlPlane,
     "obsrvr.flow.processor" => Processor,
-    "obsrvr.flow.common" => Common
+    "obsrvr.flow.common" => Common,
+    "flowctl.v1" => V1,
+    "google.protobuf" => Protobuf,
+    "grpc.health.v1" => Grpc::Health::V1
   }.freeze
 
   # Methods of every enum module (Flowctl::Common::HealthStatus, ...):
@@ -41,6 +54,15 @@ module Flowctl
 
     attr_reader :descriptor_name
   end
+end
 
-  Native.define_messages(PACKAGES)
+require_relative "service"
+require_relative "descriptors"
+
+module Flowctl
+  # descriptor.proto's classes (Flowctl::Protobuf::FileDescriptorSet, ...) read descriptor
+  # sets; then the built-in protocols are loaded as a user's descriptor set is.
+  Native.define_bootstrap(Protobuf)
+  Descriptors.bootstrap
+  Descriptors.load(File.binread(File.expand_path("protocols.pb", __dir__)), packages: PACKAGES)
 end

@@ -20,6 +20,14 @@ module Flowctl
   #     requests.each { |msg| yield msg }   # replies: yield them, call.write / call << them,
   #   end                                   # and/or return an Enumerable of them
   #
+  #   def stream_events(request, call)      # server streaming: one request, replies as for bidi
+  #     10.times { |i| yield Event.new(id: i.to_s) }
+  #   end
+  #
+  #   def consume(requests, call)           # client streaming: an Enumerable of requests in,
+  #     { count: requests.count }           # the one response (or a Hash of its fields) out
+  #   end
+  #
   # Raise a Flowctl::RPCError (Flowctl::NotFound, Flowctl::RPCError.new("x", code: 9), ...) to end
   # a call with that status; any other exception ends it with UNKNOWN and its message. Either way
   # only that call fails. A handler method that takes one argument gets only the request.
@@ -189,9 +197,10 @@ module Flowctl
         @trailing_metadata = Native.validate_headers(hash).dup
       end
 
-      # Sends one reply on a bidi call (a message object or a Hash of its fields). Thread-safe.
+      # Sends one reply on a server streaming or bidi call (a message object or a Hash of its
+      # fields). Thread-safe.
       def write(reply)
-        raise ArgumentError, "#{@rpc.name} is unary: return the response instead" unless @rpc.bidi?
+        raise ArgumentError, "#{@rpc.name} is #{@rpc.shape}: return the response instead" unless @rpc.server_streaming?
 
         bytes = Server.encode_reply(@rpc, reply)
         (@write_lock ||= Mutex.new).synchronize { @native.send_message(bytes) }
@@ -203,7 +212,7 @@ module Flowctl
       def inspect = "#<Flowctl::Server::Call #{method_path} peer: #{peer}>"
     end
 
-    # The requests of a bidi call: read from the wire as it is iterated, once.
+    # The requests of a client streaming or bidi call: read from the wire as it is iterated, once.
     class Requests
       include Enumerable
 
@@ -350,8 +359,12 @@ module Flowctl
     def run(ncall, route)
       call = Call.new(ncall, route.rpc)
       status = begin
-        if route.rpc.unary?
-          [OK, nil, run_unary(ncall, route, call)]
+        case route.rpc.shape
+        when :unary then [OK, nil, run_unary(ncall, route, call)]
+        when :client_streaming then [OK, nil, run_client_streaming(ncall, route, call)]
+        when :server_streaming
+          run_server_streaming(ncall, route, call)
+          [OK, nil]
         else
           run_bidi(ncall, route, call)
           [OK, nil]
@@ -378,29 +391,47 @@ module Flowctl
     end
 
     def run_unary(ncall, route, call)
-      rpc = route.rpc
+      reply = invoke(route, read_request(ncall, route.rpc), call)
+      Server.encode_reply(route.rpc, reply)
+    end
+
+    # The one request of a unary or server streaming call.
+    def read_request(ncall, rpc)
       bytes = ncall.recv
       raise InvalidRequest, "#{rpc.name}: the client sent no request message" if bytes.nil?
 
-      request = begin
-        rpc.request_class.decode(bytes)
-      rescue DecodeError => e
-        raise InvalidRequest, "cannot decode #{rpc.request_class.descriptor_name}: #{e.message}"
-      end
-      reply = if route.request_only
-                route.handler.public_send(rpc.method_name, request)
-              else
-                route.handler.public_send(rpc.method_name, request, call)
-              end
-      Server.encode_reply(rpc, reply)
+      rpc.request_class.decode(bytes)
+    rescue DecodeError => e
+      raise InvalidRequest, "cannot decode #{rpc.request_class.descriptor_name}: #{e.message}"
+    end
+
+    def run_server_streaming(ncall, route, call)
+      request = read_request(ncall, route.rpc)
+      result = invoke(route, request, call) { |reply| call.write(reply) }
+      write_all(call, result) unless result.equal?(request)
+    end
+
+    def run_client_streaming(ncall, route, call)
+      Server.encode_reply(route.rpc, invoke(route, Requests.new(ncall, route.rpc.request_class), call))
     end
 
     def run_bidi(ncall, route, call)
       requests = Requests.new(ncall, route.rpc.request_class)
-      args = route.request_only ? [requests] : [requests, call]
-      result = route.handler.public_send(route.rpc.method_name, *args) { |reply| call.write(reply) }
+      result = invoke(route, requests, call) { |reply| call.write(reply) }
+      write_all(call, result) unless result.equal?(requests)
+    end
+
+    # Calls the handler's method with the request(s), and the call unless it takes one argument.
+    def invoke(route, input, call, &block)
+      name = route.rpc.method_name
+      route.request_only ? route.handler.public_send(name, input, &block) : route.handler.public_send(name, input, call, &block)
+    end
+
+    # A streaming handler may return an Enumerable of replies (not a message or a Hash: those
+    # are what yield or call.write sent, or the last value of a loop).
+    def write_all(call, result)
       return unless result.is_a?(Enumerable)
-      return if result.equal?(requests) || result.is_a?(Hash) || result.is_a?(Struct)
+      return if result.is_a?(Hash) || result.is_a?(Struct)
 
       result.each { |reply| call.write(reply) }
     end

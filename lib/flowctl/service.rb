@@ -1,17 +1,11 @@
 # frozen_string_literal: true
 
 module Flowctl
-  # A gRPC service of the flow protocol, built from its protobuf-c service descriptor.
+  # A gRPC service, built from its descriptor (Flowctl::Descriptors) or declared in Ruby.
   #
   #   Flowctl::ControlPlane::Service.rpcs.map(&:method_name)
   #   # => [:register_processor, :processor_heartbeat, ...]
   class Service
-    # The streaming shape of every RPC: protobuf-c does not record it, so it is declared
-    # here and only here. RPCs not listed are unary.
-    STREAMING = {
-      "obsrvr.flow.processor.ProcessorService/Process" => :bidi
-    }.freeze
-
     # The four call shapes of gRPC.
     SHAPES = %i[unary server_streaming client_streaming bidi].freeze
 
@@ -29,8 +23,8 @@ module Flowctl
 
     attr_reader :full_name, :rpcs
 
-    # methods: [[name, input_type, output_type], ...] with full proto type names; a fourth
-    # element gives the shape (one of SHAPES), else STREAMING's entry or :unary.
+    # methods: [[name, input_type, output_type, shape], ...] with full proto type names and
+    # a shape of SHAPES (:unary when left out).
     def initialize(full_name, methods)
       @full_name = full_name.freeze
       @rpcs = methods.map { |name, input, output, shape| build_rpc(name, input, output, shape) }.freeze
@@ -56,17 +50,11 @@ module Flowctl
 
     def build_rpc(name, input, output, shape)
       key = "#{full_name}/#{name}"
-      shape ||= STREAMING.fetch(key, :unary)
+      shape ||= :unary
       raise ArgumentError, "#{key}: shape must be one of #{SHAPES.inspect} (given #{shape.inspect})" unless SHAPES.include?(shape)
 
       RPC.new(name.freeze, Service.underscore(name).to_sym, "/#{key}".freeze,
               Native.message_class(input), Native.message_class(output), shape).freeze
     end
-  end
-
-  Native.services.each do |full_name, methods|
-    package = full_name.rpartition(".").first
-    mod = PACKAGES[package] or next
-    mod.const_set(:Service, Service.new(full_name, methods))
   end
 end
