@@ -21,6 +21,7 @@ need("libprotobuf-c", "protobuf-c")
 have_header("grpc/grpc.h") or abort "flowctl: grpc/grpc.h not found. Install it with:\n  sudo #{APT}"
 have_header("protobuf-c/protobuf-c.h") or abort "flowctl: protobuf-c.h not found. Install it with:\n  sudo #{APT}"
 have_func("rb_gc_mark_movable", "ruby.h")
+have_func("rb_ext_ractor_safe", "ruby.h")
 have_func("pthread_atfork", "pthread.h")
 have_func("rb_hash_stlike_foreach") # exported by libruby though not in its headers
 

@@ -40,6 +40,17 @@ extern VALUE mFlowctlNative; /* Flowctl::Native: primitives the Ruby layer build
 extern VALUE eFlowctlError;  /* Flowctl::Error < StandardError */
 extern VALUE eFlowctlDecodeError;
 
+/* Methods defined while this is on may be called from any Ractor (rb_ext_ractor_safe). */
+static inline void
+flowctl_ractor_safe(bool on)
+{
+#ifdef HAVE_RB_EXT_RACTOR_SAFE
+    rb_ext_ractor_safe(on);
+#else
+    (void)on;
+#endif
+}
+
 /* ---- message.c + convert.c: generic message classes from protobuf-c descriptors ---- */
 enum flowctl_field_kind { FK_SINGULAR, FK_REPEATED, FK_MAP };
 
