@@ -269,7 +269,12 @@ RSpec.describe "Flowctl clients: unary calls against the official grpc gem" do
       expect { Flowctl::ControlPlane::Client.new("h:1", timeout: :long) }.to raise_error(TypeError, /timeout/)
       expect { Flowctl::ControlPlane::Client.new("h:1", channel_args: [1]) }.to raise_error(TypeError, /channel_args/)
       expect { Flowctl::ControlPlane::Client.new("h:1", tls: false, channel_args: {"grpc.x" => 1.5}) }
-        .to raise_error(TypeError, /channel_args/)
+        .to raise_error(TypeError, /channel_args\["grpc.x"\] must be Integer, String or boolean/)
+      expect { Flowctl::ControlPlane::Client.new("h:1", tls: false, channel_args: {"grpc.x" => 2**40}) }
+        .to raise_error(RangeError, /outside a C int/)
+      expect { Flowctl::ControlPlane::Client.new("h:1", tls: false, channel_args: {1 => 1}) }
+        .to raise_error(TypeError, /keys must be String or Symbol/)
+      expect { Flowctl::Server.new(channel_args: {"grpc.x\0" => 1}) }.to raise_error(ArgumentError, /NUL/)
       expect(@seen).to be_empty
     end
 

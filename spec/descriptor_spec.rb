@@ -7,7 +7,7 @@ require "tmpdir"
 # built-in protocols are loaded with too.
 RSpec.describe "descriptor sets" do
   FIXTURES = File.expand_path("fixtures", __dir__)
-  ACME = Module.new # where the user's types go (types are the process's: loaded once)
+  ACME = (FlowctlSpecAcme = Module.new) # where the user's types go (types are the process's: loaded once)
 
   def protoc_set(*files, dir: FIXTURES)
     out = File.join(Dir.mktmpdir("flowctl-desc"), "set.pb")
@@ -77,17 +77,24 @@ RSpec.describe "descriptor sets" do
   end
 
   describe "a user's .proto at run time" do
-    let(:mod) { ACME }
-    let!(:loaded) { Flowctl.load_descriptor_set(protoc_set("acme/orders.proto"), root: mod) }
-    let(:order_class) { mod::Acme::Orders::V1::Order }
-
+    # (another spec file may have loaded the same file first, under its own root: the classes
+    # are where that load put them)
+    let!(:loaded) { Flowctl.load_descriptor_set(protoc_set("acme/orders.proto"), root: ACME) }
+    let(:order_class) { loaded.fetch("acme.orders.v1.Order") }
+  
     it "defines messages, nested types, enums and services under the package's modules" do
       expect(loaded.keys).to include("acme.orders.v1.Order", "acme.orders.v1.Order.Line", "acme.common.Money",
                                      "acme.orders.v1.Priority", "acme.orders.v1.Order.State", "acme.orders.v1.Orders")
-      expect(mod::Acme::Orders::V1::Order::Line.fields).to eq(%i[sku quantity price_cents])
-      expect(mod::Acme::Orders::V1::Order::State::STATE_PAID).to eq(1)
-      expect(mod::Acme::Orders::V1::Orders.rpcs.map(&:shape)).to eq(%i[unary server_streaming client_streaming bidi])
-      expect(mod::Acme::Orders::V1::Service).to equal(mod::Acme::Orders::V1::Orders)
+      expect(order_class.name).to end_with("Acme::Orders::V1::Order")
+      expect(order_class::Line.fields).to eq(%i[sku quantity price_cents])
+      expect(order_class::State::STATE_PAID).to eq(1)
+      expect(order_class::Line).to equal(loaded["acme.orders.v1.Order.Line"])
+      orders = loaded.fetch("acme.orders.v1.Orders")
+      expect(orders.rpcs.map(&:shape)).to eq(%i[unary server_streaming client_streaming bidi])
+      expect(order_class.name).to start_with("FlowctlSpecAcme::").or start_with("FlowctlSpecInterop::")
+      outer = Object.const_get(order_class.name.delete_suffix("::Order"))
+      expect(outer::Service).to equal(orders)
+      expect(outer::Orders).to equal(orders)
     end
 
     it "keeps proto3 optional presence and oneof membership" do
@@ -196,6 +203,25 @@ RSpec.describe "descriptor sets" do
       enum = Flowctl::Protobuf::EnumDescriptorProto.new(name: "E", value: [{ name: "E_ZERO" }])
       expect { load(set_of(file("bad/e.proto", enums: [enum]))) }
         .to raise_error(Flowctl::DescriptorError, /enum bad.v1.E: value E_ZERO has no number/)
+    end
+
+    it "checks Ruby constant names before anything is built (a ruby_package found by fuzzing)" do
+      f = file("rb/p.proto", package: "rb.v1", messages: [message("A")])
+      f.options = { ruby_package: "Google.Protobuf.WellKnownTypes" }
+      expect { load(set_of(f)) }.to raise_error(Flowctl::DescriptorError, /"Google.Protobuf.WellKnownTypes" is not a Ruby constant name/)
+      expect(Flowctl::Native.descriptor_kind("rb.v1.A")).to be_nil
+      expect { load(set_of(file("rb/q.proto", package: "rb.q", messages: [message("_x")]))) }
+        .to raise_error(Flowctl::DescriptorError, /"_x" is not a Ruby constant name/)
+      expect { load(set_of(file("rb/c.proto", package: "rb.c", messages: [message("foo"), message("Foo")]))) }
+        .to raise_error(Flowctl::DescriptorError, /Ruby constant Foo is taken by rb.c.foo too/)
+      root = Module.new
+      root.const_set(:Rb, Module.new)
+      root::Rb.const_set(:D, Module.new)
+      root::Rb::D.const_set(:Taken, 1)
+      expect { Flowctl.load_descriptor_set(set_of(file("rb/d.proto", package: "rb.d", messages: [message("Taken")])), root: root) }
+        .to raise_error(Flowctl::DescriptorError, /Rb::D::Taken exists already/)
+      expect(Flowctl.load_descriptor_set(set_of(file("rb/e.proto", package: "rb.snake_case_1", messages: [message("M")])),
+                                         root: root).values.first.name).to end_with("Rb::SnakeCase1::M")
     end
 
     it "names a type of the wrong kind" do

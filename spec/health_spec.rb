@@ -39,3 +39,56 @@ RSpec.describe Flowctl::Health do
     expect { health.set(:svc, :SERVING) }.to raise_error(TypeError, /service must be a String/)
   end
 end
+
+RSpec.describe "Flowctl::Health Watch" do
+  # Queue#pop(timeout:) is Ruby 3.2's
+  def pop(queue, seconds)
+    deadline = Time.now + seconds
+    loop do
+      return queue.pop(true)
+    rescue ThreadError
+      raise "nothing came within #{seconds} s" if Time.now > deadline
+
+      sleep 0.01
+    end
+  end
+
+  let(:health) { Flowctl::Health.new }
+  let(:server) { Flowctl::Server.new.handle(Flowctl::Health::SERVICE, health) }
+  let(:official) { Grpc::Health::V1::Health::Stub.new("127.0.0.1:#{server.port}", :this_channel_is_insecure) }
+
+  before { server.start }
+  after { server.stop(grace: 0) }
+
+  it "streams the status at once and each change to the official gem's stub, until shutdown" do
+    seen = Queue.new
+    watcher = Thread.new do
+      official.watch(Grpc::Health::V1::HealthCheckRequest.new(service: "svc"),
+                     deadline: Time.now + time_limit(10)).each { |r| seen << r.status }
+      seen << :ended
+    end
+    expect(pop(seen, time_limit(5))).to eq(:SERVICE_UNKNOWN)
+    health.set("svc", :SERVING)
+    expect(pop(seen, time_limit(5))).to eq(:SERVING)
+    health.set("svc", :NOT_SERVING)
+    expect(pop(seen, time_limit(5))).to eq(:NOT_SERVING)
+    health.shutdown
+    expect(pop(seen, time_limit(5))).to eq(:ended)
+    watcher.join
+  end
+
+  # Watch waits for changes and asks call.cancelled? meanwhile: a client that left is seen
+  # without any change of status, and its worker is free again.
+  it "frees the worker of a watcher that went away, with no change of status" do
+    client = Class.new(Flowctl::Client) { use_service Flowctl::Health::SERVICE }.new("127.0.0.1:#{server.port}", tls: false)
+    stream = client.watch_stream(service: "")
+    expect(stream.read.status).to eq(:SERVING)
+    stream.cancel
+    idle = server.stats[:idle]
+    deadline = Time.now + time_limit(5)
+    sleep 0.05 until server.stats[:idle] > idle || Time.now > deadline
+    expect(server.stats[:idle]).to eq(idle + 1) # the Watch's worker is back
+  ensure
+    client&.close
+  end
+end

@@ -70,40 +70,6 @@ flowctl_channel_get(VALUE self)
     return w->ch;
 }
 
-/* ---- channel args ------------------------------------------------------- */
-
-typedef struct {
-    grpc_arg *args;
-    size_t count;
-} arg_list;
-
-static int
-arg_each(VALUE k, VALUE v, VALUE p)
-{
-    arg_list *l = (arg_list *)p;
-    grpc_arg *a = &l->args[l->count];
-    if (SYMBOL_P(k)) k = rb_sym2str(k);
-    if (!RB_TYPE_P(k, T_STRING))
-        rb_raise(rb_eTypeError, "channel_args keys must be String or Symbol (given %"PRIsVALUE")", rb_obj_class(k));
-    a->key = (char *)StringValueCStr(k);
-    if (RB_INTEGER_TYPE_P(v)) {
-        a->type = GRPC_ARG_INTEGER;
-        a->value.integer = NUM2INT(v);
-    } else if (v == Qtrue || v == Qfalse) {
-        a->type = GRPC_ARG_INTEGER;
-        a->value.integer = v == Qtrue;
-    } else if (RB_TYPE_P(v, T_STRING) || SYMBOL_P(v)) {
-        if (SYMBOL_P(v)) v = rb_sym2str(v);
-        a->type = GRPC_ARG_STRING;
-        a->value.string = (char *)StringValueCStr(v);
-    } else {
-        rb_raise(rb_eTypeError, "channel_args[%"PRIsVALUE"] must be Integer, String or boolean (given %"PRIsVALUE")",
-                 k, rb_obj_class(v));
-    }
-    l->count++;
-    return ST_CONTINUE;
-}
-
 /* ---- credentials -------------------------------------------------------- */
 
 static const char *
@@ -131,7 +97,7 @@ make_creds(VALUE tls)
  *   Flowctl::Native::Channel.new(target, tls, channel_args) -> channel
  *
  * tls is false (plaintext) or [root_certs, private_key, cert_chain]; the Ruby layer
- * (Flowctl::TLS) builds that array.
+ * (Flowctl::TLS) builds that array. channel_args: Flowctl::ChannelArgs.normalize's Hash.
  */
 static VALUE
 channel_initialize(VALUE self, VALUE target, VALUE tls, VALUE args)
@@ -143,13 +109,13 @@ channel_initialize(VALUE self, VALUE target, VALUE tls, VALUE args)
     if (!NIL_P(args)) Check_Type(args, T_HASH);
 
     long n = NIL_P(args) ? 0 : RHASH_SIZE(args);
-    arg_list l = {.args = ALLOCA_N(grpc_arg, n + 2), .count = 0};
-    if (n) rb_hash_foreach(args, arg_each, (VALUE)&l);
+    grpc_arg *list = ALLOCA_N(grpc_arg, n + 2);
+    size_t count = flowctl_channel_args_fill(args, list);
     /* The process id as a channel arg: a forked child's channels never share a pooled
      * subchannel (a connection) with the parent's. */
-    l.args[l.count++] = (grpc_arg){.type = GRPC_ARG_INTEGER, .key = "flowctl.pid", .value.integer = (int)flowctl_pid};
-    l.args[l.count++] = flowctl_fork_socket_arg();
-    grpc_channel_args cargs = {.num_args = l.count, .args = l.args};
+    list[count++] = (grpc_arg){.type = GRPC_ARG_INTEGER, .key = "flowctl.pid", .value.integer = (int)flowctl_pid};
+    list[count++] = flowctl_fork_socket_arg();
+    grpc_channel_args cargs = {.num_args = count, .args = list};
 
     grpc_channel_credentials *creds = make_creds(tls);
     grpc_channel *c = grpc_channel_create(t, creds, &cargs);

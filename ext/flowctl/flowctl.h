@@ -208,7 +208,12 @@ grpc_completion_queue *flowctl_watch_cq(void);
 void flowctl_watch_kick(void);
 void flowctl_watch_atfork_child(void);
 
-/* ---- channel.c: grpc_channel + credentials + channel args --------------- */
+/* ---- chanargs.c: channel args (a Hash Flowctl::ChannelArgs.normalize made) ---- */
+/* Fills args (room for RHASH_SIZE(hash) entries; the strings stay the Hash's: keep it
+ * alive while they are used) and returns how many; nil gives none. */
+size_t flowctl_channel_args_fill(VALUE hash, grpc_arg *args);
+
+/* ---- channel.c: grpc_channel + credentials ---------------------------------- */
 struct flowctl_channel {
     grpc_channel *channel;      /* NULL once closed */
     struct flowctl_watch *watch; /* watch.c keeps it polled while idle (NULL: not watched) */
@@ -271,6 +276,10 @@ typedef struct flowctl_pump {
     bool initial_inflight, initial_done;
     flowctl_pump_extra *extras;
     int extras_inflight;
+    flowctl_pump_extra close_extra; /* a server's RECV_CLOSE_ON_SERVER, started early (watch_close) */
+    grpc_op close_op;
+    int close_cancelled;
+    bool close_watching;
     struct flowctl_pump *drive_next; /* the driver's list (pump.c: drive_mu) */
     bool drive_listed, drive_gone;
 } flowctl_pump;
@@ -305,6 +314,15 @@ int flowctl_pump_wait_initial(flowctl_pump *p);
 /* Runs another batch and waits for it; *ok its success. Raises if gRPC refuses it. */
 int flowctl_pump_run(flowctl_pump *p, const grpc_op *ops, size_t n, bool *ok);
 bool flowctl_pump_send_failed(flowctl_pump *p);
+/* A server's: starts RECV_CLOSE_ON_SERVER now (once), so that a client that cancels or
+ * goes away is seen while the handler neither reads nor writes. finish then waits for it
+ * instead of adding the op to the status batch. GVL held. */
+void flowctl_pump_watch_close(flowctl_pump *p);
+/* With the GVL, without waiting: takes what has completed; true when the client has
+ * cancelled or gone away (known only once watch_close was started). */
+bool flowctl_pump_peer_gone(flowctl_pump *p);
+/* After the status was sent (watch_close started): waits for the close; *cancelled. */
+int flowctl_pump_wait_close(flowctl_pump *p, int *cancelled);
 bool flowctl_pump_recv_failed(flowctl_pump *p);
 /* Cancels (when asked), drains, frees the queues and the completion queue. */
 void flowctl_pump_destroy(flowctl_pump *p, bool cancel_call);

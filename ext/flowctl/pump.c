@@ -645,6 +645,44 @@ flowctl_pump_recv_failed(flowctl_pump *p)
     return p->recv_failed;
 }
 
+void
+flowctl_pump_watch_close(flowctl_pump *p)
+{
+    pthread_mutex_lock(&p->mu);
+    if (!p->close_watching) {
+        memset(&p->close_op, 0, sizeof(p->close_op));
+        p->close_op.op = GRPC_OP_RECV_CLOSE_ON_SERVER;
+        p->close_op.data.recv_close_on_server.cancelled = &p->close_cancelled;
+        p->close_extra = (flowctl_pump_extra){.tag = &p->close_op};
+        if (grpc_call_start_batch(p->call, &p->close_op, 1, p->close_extra.tag, NULL) == GRPC_CALL_OK) {
+            p->close_watching = true;
+            p->close_extra.next = p->extras;
+            p->extras = &p->close_extra;
+            p->extras_inflight++;
+        }
+    }
+    pthread_mutex_unlock(&p->mu);
+}
+
+bool
+flowctl_pump_peer_gone(flowctl_pump *p)
+{
+    pthread_mutex_lock(&p->mu);
+    if (p->close_watching && !p->close_extra.done && !p->polling) take_completed(p, false, PUMP_SENDQ, NULL, NULL);
+    /* before the status is sent the close completes only when the client cancelled or left */
+    bool gone = p->close_extra.done;
+    pthread_mutex_unlock(&p->mu);
+    return gone;
+}
+
+int
+flowctl_pump_wait_close(flowctl_pump *p, int *cancelled)
+{
+    int interrupted = pump_wait(p, extra_done, &p->close_extra);
+    *cancelled = p->close_extra.done ? p->close_cancelled : 1;
+    return interrupted;
+}
+
 /* Cancels (unless the call is over: cancel_call false), drains what is in flight,
  * frees what the queues hold and the queue itself. Blocks only for cancelled batches,
  * which complete without waiting for the network. */

@@ -394,29 +394,11 @@ server_get(VALUE self)
     return s;
 }
 
-static int
-server_arg_each(VALUE k, VALUE v, VALUE p)
-{
-    grpc_channel_args *a = (grpc_channel_args *)p;
-    grpc_arg *arg = &a->args[a->num_args++];
-    if (SYMBOL_P(k)) k = rb_sym2str(k);
-    arg->key = StringValueCStr(k);
-    if (RB_INTEGER_TYPE_P(v)) {
-        arg->type = GRPC_ARG_INTEGER;
-        arg->value.integer = NUM2INT(v);
-    } else {
-        if (SYMBOL_P(v)) v = rb_sym2str(v);
-        arg->type = GRPC_ARG_STRING;
-        arg->value.string = StringValueCStr(v);
-    }
-    return ST_CONTINUE;
-}
-
 /*
  * call-seq:
  *   Flowctl::Native::Server.new(channel_args) -> server
  *
- * channel_args is a Hash of String => Integer or String (grpc.* server options).
+ * channel_args: grpc.* server options, as Flowctl::ChannelArgs.normalize returns them.
  */
 static VALUE
 server_initialize(VALUE self, VALUE args)
@@ -425,7 +407,7 @@ server_initialize(VALUE self, VALUE args)
     if (s->server || s->closed) rb_raise(rb_eRuntimeError, "server already initialized");
     Check_Type(args, T_HASH);
     grpc_channel_args cargs = {.num_args = 0, .args = ALLOCA_N(grpc_arg, RHASH_SIZE(args) + 1)};
-    rb_hash_foreach(args, server_arg_each, (VALUE)&cargs);
+    cargs.num_args = flowctl_channel_args_fill(args, cargs.args);
     cargs.args[cargs.num_args++] = flowctl_fork_socket_arg();
     s->server = grpc_server_create(&cargs, NULL);
     RB_GC_GUARD(args);
@@ -827,6 +809,13 @@ server_call_send(VALUE self, VALUE bytes)
 {
     server_call_t *c = call_get(self);
     StringValue(bytes);
+    /* a client that left while the handler was busy elsewhere is seen here, not only once
+     * a reply fails to go out (which nobody may poll for) */
+    flowctl_pump_watch_close(&c->slot->pump);
+    if (flowctl_pump_peer_gone(&c->slot->pump)) {
+        c->cancelled = true;
+        rb_raise(eCancelledCall, "the client cancelled the call or went away");
+    }
     bool failed = false;
     c->busy++;
     int interrupted = flowctl_pump_write(&c->slot->pump, bytes, &failed);
@@ -870,6 +859,7 @@ finish_ops(struct finish_arg *a)
     a->ops[a->n].data.send_status_from_server.status_details = &a->details;
     a->ops[a->n].data.send_status_from_server.trailing_metadata = a->md.md;
     a->ops[a->n++].data.send_status_from_server.trailing_metadata_count = a->md.count;
+    if (a->c->slot->pump.close_watching) return; /* started before: finish_body waits for it */
     memset(&a->ops[a->n], 0, sizeof(grpc_op));
     a->ops[a->n].op = GRPC_OP_RECV_CLOSE_ON_SERVER;
     a->ops[a->n++].data.recv_close_on_server.cancelled = &a->cancelled;
@@ -886,6 +876,7 @@ finish_body(VALUE p)
     if (a->interrupted || flowctl_pump_send_failed(pump)) return Qnil;
     finish_ops(a);
     a->interrupted = flowctl_pump_run(pump, a->ops, a->n, &a->ok);
+    if (!a->interrupted && pump->close_watching) a->interrupted = flowctl_pump_wait_close(pump, &a->cancelled);
     return Qnil;
 }
 
@@ -1016,11 +1007,17 @@ server_call_deadline(VALUE self)
     return DBL2NUM((double)d.tv_sec + (double)d.tv_nsec / 1e9);
 }
 
-/* call-seq: call.cancelled? -> true when a batch failed or the client cancelled */
+/* call-seq: call.cancelled? -> true when a batch failed or the client cancelled or went away
+ * (seen without waiting: a handler that neither reads nor writes can ask) */
 static VALUE
 server_call_cancelled_p(VALUE self)
 {
     server_call_t *c = rb_check_typeddata(self, &server_call_type);
+    if (!c->cancelled && c->slot && !c->finished && c->pid == flowctl_pid) {
+        /* the first look starts watching for the client's cancel; later looks see it */
+        flowctl_pump_watch_close(&c->slot->pump);
+        if (flowctl_pump_peer_gone(&c->slot->pump)) c->cancelled = true;
+    }
     return c->cancelled ? Qtrue : Qfalse;
 }
 

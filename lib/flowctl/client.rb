@@ -122,13 +122,12 @@ module Flowctl
     def initialize(target, timeout: 5.0, tls: nil, headers: {}, channel_args: {}, interceptors: [])
       raise TypeError, "target must be a String (given #{target.class})" unless target.is_a?(String)
       raise ArgumentError, "target must not be empty" if target.empty?
-      raise TypeError, "channel_args must be a Hash (given #{channel_args.class})" unless channel_args.is_a?(Hash)
 
       @target = target.dup.freeze
       @timeout = self.class.check_timeout(timeout)
       @headers = normalize_headers(headers).freeze
       @interceptors = Interception.check(interceptors, "Client")
-      @channel = Native::Channel.new(@target, native_tls(tls), channel_args)
+      @channel = Native::Channel.new(@target, native_tls(tls), ChannelArgs.normalize(channel_args))
     end
 
     # Calls a unary RPC by method name and returns a Reply with the response and the

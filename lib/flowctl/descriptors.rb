@@ -90,6 +90,7 @@ module Flowctl
         files.each { |f| collect_file(f) }
         @messages.each { |m| m[2] = m[2].map { |f| resolve_field(f, m[0]) } }
         @services.each { |s| s[2] = s[2].map { |m| resolve_method(s[0], m) } }
+        check_ruby_names
         Native.build_descriptors(@enums.map { |e| e.first(3) }, @messages.map { |m| m.first(3) })
         @kinds.merge!(@new_kinds)
         files.each { |f| @files[f.name] = f.to_proto }
@@ -299,16 +300,63 @@ module Flowctl
         name[0].upcase + name[1..]
       end
 
+      CONST = /\A[A-Z][A-Za-z0-9_]*\z/
+
+      # Every constant this load will set, checked before anything is built: valid Ruby
+      # constant names, modules where modules are needed, nothing defined twice or over an
+      # existing constant.
+      def check_ruby_names
+        taken = {}
+        types = @messages.reject { |m| m[4] || m[0] == TIMESTAMP }.map { |m| [m[0], m[1], m[3]] } +
+                @enums.map { |e| [e[0], e[1], e[3]] } + @services.map { |sv| [sv[0], sv[1], nil] }
+        types.each do |full, pkg, outer|
+          name = const_name(full)
+          fail!(@file_of[full], "#{full}: #{name.inspect} is not a Ruby constant name") unless name.match?(CONST)
+
+          key = [outer || module_path(pkg), name]
+          fail!(@file_of[full], "#{full}: Ruby constant #{name} is taken by #{taken[key]} too") if taken[key]
+          taken[key] = full
+          next if outer
+
+          mod = existing_module(pkg)
+          fail!(@file_of[full], "#{full}: #{mod}::#{name} exists already") if mod&.const_defined?(name, false)
+        end
+      end
+
+      # The constant path of a package's module: [root or module, "Part", ...]
+      def module_path(pkg)
+        return [@packages[pkg]] if @packages.key?(pkg)
+
+        file = @set.file.find { |f| f.package.to_s == pkg }
+        ruby = file&.options&.ruby_package.to_s
+        parts = ruby.empty? ? pkg.split(".").map { |p| p.gsub(/(?:\A|_+)([a-z0-9])/) { ::Regexp.last_match(1).upcase } } : ruby.split("::")
+        bad = parts.find { |p| !p.match?(CONST) }
+        fail!(file&.name, "package #{pkg}: #{bad.inspect} is not a Ruby constant name (ruby_package #{ruby.inspect})") if bad
+        [@root, *parts]
+      end
+
+      # The package's module when it exists already (nil when it does not yet); a constant
+      # on the way that is not a module is an error.
+      def existing_module(pkg)
+        root, *parts = module_path(pkg)
+        parts.reduce(root) do |mod, part|
+          return nil unless mod.const_defined?(part, false)
+
+          found = mod.const_get(part, false)
+          raise DescriptorError, "package #{pkg}: #{mod}::#{part} exists and is not a module" unless found.is_a?(Module)
+
+          found
+        end
+      end
+
       def package_module(pkg)
         @package_modules ||= {}
         @package_modules[pkg] ||= @packages[pkg] || ruby_module(pkg)
       end
 
       def ruby_module(pkg)
-        file = @set.file.find { |f| f.package.to_s == pkg }
-        path = file&.options&.ruby_package.to_s
-        parts = path.empty? ? pkg.split(".").map { |p| p.split("_").map { |w| w[0].upcase + w[1..] }.join } : path.split("::")
-        parts.reduce(@root) do |mod, part|
+        root, *parts = module_path(pkg)
+        parts.reduce(root) do |mod, part|
           if mod.const_defined?(part, false)
             found = mod.const_get(part, false)
             raise DescriptorError, "package #{pkg}: #{mod}::#{part} exists and is not a module" unless found.is_a?(Module)

@@ -69,10 +69,9 @@ module Flowctl
       @max_wait = Float(max_wait)
       raise ArgumentError, "max_waiting must not be negative (given #{max_waiting})" if @max_waiting.negative?
       raise ArgumentError, "max_wait must not be negative (given #{max_wait})" if @max_wait.negative?
-      raise TypeError, "channel_args must be a Hash (given #{channel_args.class})" unless channel_args.is_a?(Hash)
 
       # no SO_REUSEPORT unless asked: a second server on a taken port must fail, not share it
-      @channel_args = { "grpc.so_reuseport" => 0 }.merge(channel_args.transform_keys(&:to_s))
+      @channel_args = ChannelArgs.normalize({ "grpc.so_reuseport" => 0 }.merge(ChannelArgs.normalize(channel_args)))
       @interceptors = Interception.check(interceptors, "Server")
       @routes = {}
       @state = :new
