@@ -48,11 +48,25 @@
 
 #include <grpc/support/log.h>
 
+#ifdef FLOWCTL_FORK_INTERNALS
 /* libgrpc.so 1.51 exports these with C++ linkage (grpc/impl/codegen/fork.h lacks an
- * extern "C" guard), hence the mangled names. */
+ * extern "C" guard), hence the mangled names. extconf.rb checks that they are there. */
 void flowctl_grpc_prefork(void) __asm__("_Z12grpc_preforkv");
 void flowctl_grpc_postfork_parent(void) __asm__("_Z20grpc_postfork_parentv");
 void flowctl_grpc_postfork_child(void) __asm__("_Z19grpc_postfork_childv");
+static const bool fork_internals = true;
+#else
+/*
+ * Built without them (a libgrpc that does not export them, or --disable-fork-internals /
+ * FLOWCTL_NO_GRPC_CXX=1): gRPC core cannot be prepared for a fork, so a forked child cannot
+ * use gRPC (flowctl_fork_check says so) and keeps the parent's sockets open; the parent is
+ * not affected. The rest of the gem works the same.
+ */
+static void flowctl_grpc_prefork(void) {}
+static void flowctl_grpc_postfork_parent(void) {}
+static void flowctl_grpc_postfork_child(void) {}
+static const bool fork_internals = false;
+#endif
 
 pid_t flowctl_pid;
 static bool fork_support; /* GRPC_ENABLE_FORK_SUPPORT was on when grpc_init ran */
@@ -289,14 +303,15 @@ struct grpc_socket_mutator {
     gpr_refcount refcount;
 };
 
+static pthread_mutex_t sockets_lock = PTHREAD_MUTEX_INITIALIZER;
+static ino_t *socket_inode; /* (sockets_lock) by fd number: the socket gRPC made there, 0: none */
+static size_t socket_slots;  /* (sockets_lock) */
+
+#ifdef FLOWCTL_FORK_INTERNALS /* (without: no socket is noted, a child keeps its parent's) */
 void flowctl_grpc_socket_mutator_init(grpc_socket_mutator *m, const socket_mutator_vtable *v)
     __asm__("_Z24grpc_socket_mutator_initP19grpc_socket_mutatorPK26grpc_socket_mutator_vtable");
 grpc_arg flowctl_grpc_socket_mutator_to_arg(grpc_socket_mutator *m)
     __asm__("_Z26grpc_socket_mutator_to_argP19grpc_socket_mutator");
-
-static pthread_mutex_t sockets_lock = PTHREAD_MUTEX_INITIALIZER;
-static ino_t *socket_inode; /* (sockets_lock) by fd number: the socket gRPC made there, 0: none */
-static size_t socket_slots;  /* (sockets_lock) */
 
 static bool
 note_socket(int fd, grpc_socket_mutator *m)
@@ -341,12 +356,17 @@ noting_init(void)
 {
     flowctl_grpc_socket_mutator_init(&noting_mutator, &noting_vtable);
 }
+#endif
 
 grpc_arg
 flowctl_fork_socket_arg(void)
 {
+#ifdef FLOWCTL_FORK_INTERNALS
     pthread_once(&noting_once, noting_init);
     return flowctl_grpc_socket_mutator_to_arg(&noting_mutator);
+#else
+    return (grpc_arg){.type = GRPC_ARG_INTEGER, .key = "flowctl.no_socket_mutator", .value.integer = 1};
+#endif
 }
 
 /* The local port of a TCP socket, 0 when fd is something else. */
@@ -466,8 +486,12 @@ flowctl_fork_env(void)
 static void
 fork_prepare(void)
 {
+    if (!fork_internals) { /* nothing to prepare gRPC core with: the child will not use it */
+        pthread_mutex_lock(&sockets_lock);
+        return;
+    }
     gate_close(2.0);
-    prepared = fork_support && !child_broken;
+    prepared = fork_internals && fork_support && !child_broken;
     if (prepared) {
         settle_grpc_threads();
         prefork_watched();
@@ -497,6 +521,10 @@ fork_child(void)
     flowctl_fiber_atfork_child();
     if (child_broken) {
         /* a child of a child that could not use gRPC: nor can this one */
+    } else if (!fork_internals) {
+        child_broken = "this build of flowctl has no gRPC core fork support (libgrpc's grpc_prefork family was not "
+                       "found when it was compiled, or it was built with FLOWCTL_NO_GRPC_CXX=1), so gRPC core cannot "
+                       "run in a child; exec a new program instead";
     } else if (!fork_support) {
         child_broken = "gRPC fork support is off (GRPC_ENABLE_FORK_SUPPORT is set to something else than 1), "
                        "so gRPC core cannot run in a child; exec a new program instead";
@@ -517,6 +545,13 @@ native_fork_usable_p(VALUE mod)
     return child_broken ? Qfalse : Qtrue;
 }
 
+/* call-seq: Flowctl::Native.fork_internals? -> true or false (built with gRPC core's fork handlers) */
+static VALUE
+native_fork_internals_p(VALUE mod)
+{
+    return fork_internals ? Qtrue : Qfalse;
+}
+
 /* call-seq: Flowctl::Native.fork_support? -> true or false (gRPC core's fork support is on) */
 static VALUE
 native_fork_support_p(VALUE mod)
@@ -531,5 +566,6 @@ init_flowctl_fork(void)
     if (pthread_atfork(fork_prepare, fork_parent, fork_child) != 0)
         rb_raise(rb_eRuntimeError, "flowctl: pthread_atfork failed");
     rb_define_module_function(mFlowctlNative, "fork_support?", native_fork_support_p, 0);
+    rb_define_module_function(mFlowctlNative, "fork_internals?", native_fork_internals_p, 0);
     rb_define_module_function(mFlowctlNative, "grpc_usable?", native_fork_usable_p, 0);
 }
