@@ -4,7 +4,7 @@ require "spec_helper"
 require "rbconfig"
 
 # A build without gRPC core's C++-linkage fork internals (a libgrpc that does not export them,
-# or FLOWCTL_NO_GRPC_CXX=1 rake compile, which pretends so): everything works except gRPC in a
+# or FLOWCTL_NO_GRPC_CXX=1 rake clean compile, which pretends so): everything works except gRPC in a
 # forked child, which says so with a Flowctl::Error; the parent is not affected.
 RSpec.describe "fork in a build without gRPC core's fork internals", unless: Flowctl::Native.fork_internals? do
   it "tells the child that gRPC cannot be used there, and the parent keeps calling" do
