@@ -42,9 +42,10 @@ RSpec.describe "Flowctl messages in Ractors" do
       rescue TypeError => e
         errors << e.class
       end
+      errors << Flowctl::RPCError.for_code(14) << Flowctl::NotFound.new("x").code << Flowctl::RPCError.new("y", code: 3).code
       errors
     end
-    expect(r.take).to eq([Flowctl::DecodeError, TypeError])
+    expect(r.take).to eq([Flowctl::DecodeError, TypeError, Flowctl::Unavailable, 5, 3])
   end
 
   it "shares frozen messages between Ractors (Ractor.make_shareable), nested maps, lists and messages included" do
