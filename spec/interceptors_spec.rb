@@ -5,6 +5,7 @@ require "spec_helper"
 # Client and server interceptors (interceptors:), in the official grpc gem's shape: one method
 # per call shape, keywords, yield to go on.
 RSpec.describe "Flowctl interceptors" do
+  Official.load! # at load time: requiring the grpc gem under GC_STRESS=1 takes many minutes
   dm = Flowctl::Processor::DataMessage
 
   # Records what it is called with, in a shared log, and adds a header before yielding.
@@ -132,7 +133,6 @@ RSpec.describe "Flowctl interceptors" do
   end
 
   it "takes the official gem's GRPC::ClientInterceptor objects" do
-    Official.load!
     official = Class.new(GRPC::ClientInterceptor) do
       def request_response(request:, call:, method:, metadata:)
         metadata["x-seen-by"] = "grpc-gem"
