@@ -14,6 +14,7 @@
 # saturates; the server CPU per call is the steadier measure of what each server costs.
 $LOAD_PATH.unshift File.expand_path("../lib", __dir__)
 require_relative "../spec/support/official"
+require_relative "support"
 Official.load!
 require "etc"
 
@@ -61,14 +62,7 @@ def serve_official
   [port, -> { server.stop }]
 end
 
-if ARGV[0] == "--serve"
-  port, stop = ARGV[1] == "flowctl" ? serve_flowctl : serve_official
-  $stdout.puts port
-  $stdout.flush
-  $stdin.read # until the driver closes our stdin
-  stop.call
-  exit 0
-end
+Bench.serve_until_stdin_closes(*(ARGV[1] == "flowctl" ? serve_flowctl : serve_official)) if ARGV[0] == "--serve"
 
 # --- driver -------------------------------------------------------------------
 

@@ -52,6 +52,16 @@ module Bench
     end
   end
 
+  # In a benchmark's server subprocess: tells the driver the port (a line on stdout), serves
+  # until the driver closes our stdin, then stops the server and exits.
+  def serve_until_stdin_closes(port, stop)
+    $stdout.puts port
+    $stdout.flush
+    $stdin.read
+    stop.call
+    exit 0
+  end
+
   # "1.23M", "456.7k", "89.0"
   def human(rate)
     if rate >= 1_000_000 then format("%.2fM", rate / 1_000_000.0)

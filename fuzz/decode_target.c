@@ -32,7 +32,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-static ID id_decode, id_encode, id_to_proto, id_message;
+static ID id_decode, id_encode, id_to_proto;
 static VALUE allowed_decode[2];
 static VALUE official[FUZZ_MAX_CLASSES];
 
@@ -73,7 +73,6 @@ LLVMFuzzerInitialize(int *argc, char ***argv)
     id_decode = rb_intern("decode");
     id_encode = rb_intern("encode");
     id_to_proto = rb_intern("to_proto");
-    id_message = rb_intern("message");
     allowed_decode[0] = fuzz_eDecodeError;
     for (int i = 0; i < fuzz_n_classes; i++) {
         official[i] = fuzz_official_class(fuzz_classes[i].desc->name);
@@ -86,21 +85,14 @@ LLVMFuzzerInitialize(int *argc, char ***argv)
     return 0;
 }
 
-static const char *
-error_text(VALUE err)
-{
-    VALUE text = rb_funcall(err, id_message, 0);
-    return StringValueCStr(text);
-}
-
 /* decode(encode(m)) == m, and encoding the copy gives the same bytes. */
 static void
 check_roundtrip(const fuzz_class *c, VALUE m)
 {
     VALUE err, bytes = fuzz_call(m, id_to_proto, 0, NULL, &err);
-    if (bytes == Qundef) fuzz_bug("%s: a decoded message does not encode: %s", c->desc->name, error_text(err));
+    if (bytes == Qundef) fuzz_bug("%s: a decoded message does not encode: %s", c->desc->name, fuzz_error_text(err));
     VALUE again = fuzz_call(c->klass, id_decode, 1, &bytes, &err);
-    if (again == Qundef) fuzz_bug("%s: its own encoding does not decode: %s", c->desc->name, error_text(err));
+    if (again == Qundef) fuzz_bug("%s: its own encoding does not decode: %s", c->desc->name, fuzz_error_text(err));
     if (!fuzz_same_message(m, again)) fuzz_bug("%s: decode(encode(x)) != x for %+"PRIsVALUE, c->desc->name, m);
     if (!rb_str_equal(bytes, rb_funcall(again, id_to_proto, 0)))
         fuzz_bug("%s: re-encoding changed the bytes of %+"PRIsVALUE, c->desc->name, m);
@@ -113,7 +105,7 @@ check_same(const fuzz_class *c, VALUE m, VALUE bytes, const char *who, int stric
 {
     VALUE err, theirs = fuzz_call(c->klass, id_decode, 1, &bytes, &err);
     if (theirs == Qundef)
-        fuzz_bug("%s: flowctl rejects %s's encoding of what both decoded: %s", c->desc->name, who, error_text(err));
+        fuzz_bug("%s: flowctl rejects %s's encoding of what both decoded: %s", c->desc->name, who, fuzz_error_text(err));
     if (fuzz_same_message(m, theirs)) return 1;
     if (strict)
         fuzz_bug("%s: flowctl and %s decode differently:\n  flowctl: %+"PRIsVALUE"\n  %s: %+"PRIsVALUE,
@@ -133,7 +125,7 @@ protobuf_c_repack(const ProtobufCMessage *pm)
 static int
 timestamp_range_error(VALUE err)
 {
-    const char *msg = error_text(err);
+    const char *msg = fuzz_error_text(err);
     return strstr(msg, "has nanos") || strstr(msg, "has seconds");
 }
 
@@ -235,15 +227,15 @@ check_against_upb(int i, VALUE str, VALUE m, VALUE err, const uint8_t *data, siz
         um = fuzz_call(official[i], id_decode, 2, args, &uerr);
         if (um == Qundef)
             fuzz_bug("%s: flowctl accepts what google-protobuf rejects (%s): %+"PRIsVALUE, c->desc->name,
-                     error_text(uerr), m);
+                     fuzz_error_text(uerr), m);
         upb_reasons[UPB_DEPTH]++;
     }
     if (m == Qundef && um != Qundef) {
         if (timestamp_range_error(err)) upb_reasons[UPB_TIMESTAMP]++;
-        else if (strstr(error_text(err), "malformed varint")) upb_reasons[UPB_VARINT]++;
+        else if (strstr(fuzz_error_text(err), "malformed varint")) upb_reasons[UPB_VARINT]++;
         else
             fuzz_bug("%s: flowctl rejects what google-protobuf accepts: %s\n  google-protobuf: %+"PRIsVALUE,
-                     c->desc->name, error_text(err), um);
+                     c->desc->name, fuzz_error_text(err), um);
     }
     if (m != Qundef) check_same(c, m, rb_funcall(official[i], id_encode, 1, um), "google-protobuf", 1);
 }
@@ -257,7 +249,7 @@ check_against_protobuf_c(const fuzz_class *c, const uint8_t *data, size_t size, 
     if (m != Qundef && pm) {
         if (!check_same(c, m, protobuf_c_repack(pm), "protobuf-c", 0)) pc_reasons[PC_OTHER_VALUE]++;
     } else if (m != Qundef) pc_reasons[PC_STRICT]++;  /* upb accepted it too (checked before) */
-    else if (pm && strstr(error_text(err), "invalid UTF-8")) pc_reasons[PC_LAX_UTF8]++;
+    else if (pm && strstr(fuzz_error_text(err), "invalid UTF-8")) pc_reasons[PC_LAX_UTF8]++;
     else if (pm && timestamp_range_error(err)) pc_reasons[PC_LAX_TIMESTAMP]++;
     else if (pm) pc_reasons[PC_LAX_OTHER]++; /* upb rejected it too (checked before) */
     if (pm) protobuf_c_message_free_unpacked(pm, NULL);

@@ -92,6 +92,13 @@ fuzz_bug(const char *fmt, ...)
     abort();
 }
 
+const char *
+fuzz_error_text(VALUE err)
+{
+    VALUE text = rb_funcall(err, rb_intern("message"), 0);
+    return StringValueCStr(text);
+}
+
 void
 fuzz_expect(VALUE err, const VALUE *allowed, const char *what)
 {

@@ -44,6 +44,9 @@ void fuzz_after_jump(void);
 /* Aborts (a crash libFuzzer records) unless err is one of the NULL-terminated classes. */
 void fuzz_expect(VALUE err, const VALUE *allowed, const char *what);
 
+/* The message of an exception, as a C string (for an error report made at once). */
+const char *fuzz_error_text(VALUE err);
+
 /* Prints what went wrong with the Ruby values involved and aborts. */
 NORETURN(void fuzz_bug(const char *fmt, ...));
 

@@ -43,6 +43,47 @@ module FuzzSeeds
     end
   end
 
+  # json_target reads: one byte picking the class (fuzz/json_classes.rb), then JSON text:
+  # random messages of each class as both texts encode_json can print, and a few by hand.
+  def self.json_seeds
+    require_relative "json_classes"
+    dir = File.join(DIR, "json")
+    rng = Random.new(1)
+    FuzzJSON.pairs.each_with_index do |(k, _), i|
+      2.times do
+        msg = k.new(**k.descriptor.fields.to_h { |f| [f.name, json_sample(f, rng)] }.compact)
+        write(dir, i.chr.b + msg.to_json.b)
+        write(dir, i.chr.b + k.encode_json(msg, preserve_proto_fieldnames: true, emit_defaults: true).b)
+      end
+      write(dir, "#{i.chr}{}".b)
+    end
+    hand = ['{"timestamp":"2020-01-01T00:00:00.5+01:30","metrics":{"a":"NaN","b":"-Infinity","c":-0,"d":"1e3"}}',
+            '{"payload":"-_8","metadata":{"k":null}}', '{"maxConcurrent":"12","inputEventTypes":["a","\\u00e9\\ud83c\\udf89"]}',
+            '{"payload":"+/8=","bogus":{"x":[1,{"y":null}]}}', '{"processor_id":1e2,"processorId":"x"}',
+            '{"component":{"type":"COMPONENT_TYPE_SOURCE","metadata":{"a":"b"}},"status":7}',
+            '{"stellarCursor":{"ledgerSequence":"18446744073709551615","indexInLedger":4294967295}}']
+    hand.each { |t| FuzzJSON.pairs.size.times { |i| write(dir, i.chr.b + t.b) } }
+  end
+
+  def self.json_sample(f, rng)
+    one = lambda do
+      case f.type
+      when :string then ["a", "é\n\u0000", ""].sample(random: rng)
+      when :bytes then rng.bytes(rng.rand(0..5))
+      when :bool then true
+      when :double, :float then [1.5, -0.0, Float::NAN].sample(random: rng)
+      when :enum then f.enum_values.keys.sample(random: rng)
+      when :message then f.timestamp? ? Time.at(rng.rand(2**31), rng.rand(10**9), :nsec) : {}
+      else rng.rand(1000)
+      end
+    end
+    case f.label
+    when :singular then one.call
+    when :repeated then [one.call, one.call]
+    else { "k" => one.call }
+    end
+  end
+
   # convert_target reads: one byte picking the class, then operations (see convert_target.c).
   def self.convert_seeds
     srand(1)
@@ -76,6 +117,6 @@ module FuzzSeeds
   end
 end
 
-# ruby fuzz/seeds.rb [decode convert descriptor]: the targets' seeds (all by default)
-(ARGV.empty? ? %w[decode convert descriptor] : ARGV).each { |target| FuzzSeeds.send(:"#{target}_seeds") }
+# ruby fuzz/seeds.rb [decode convert descriptor json]: the targets' seeds (all by default)
+(ARGV.empty? ? %w[decode convert descriptor json] : ARGV).each { |target| FuzzSeeds.send(:"#{target}_seeds") }
 puts "seeds: #{Dir[File.join(FuzzSeeds::DIR, '*', '*')].size} files under #{FuzzSeeds::DIR}"

@@ -80,15 +80,20 @@ RSpec.describe "Flowctl::Health Watch" do
   # Watch waits for changes and asks call.cancelled? meanwhile: a client that left is seen
   # without any change of status, and its worker is free again.
   it "frees the worker of a watcher that went away, with no change of status" do
+    server = Flowctl::Server.new(pool_size: 4).handle(Flowctl::Health::SERVICE, health)
+    server.start
+    deadline = Time.now + time_limit(5)
+    sleep 0.05 until server.stats[:idle] == 4 || Time.now > deadline
     client = Class.new(Flowctl::Client) { use_service Flowctl::Health::SERVICE }.new("127.0.0.1:#{server.port}", tls: false)
     stream = client.watch_stream(service: "")
     expect(stream.read.status).to eq(:SERVING)
+    expect(server.stats[:idle]).to be < 4 # the Watch holds a worker
     stream.cancel
-    idle = server.stats[:idle]
     deadline = Time.now + time_limit(5)
-    sleep 0.05 until server.stats[:idle] > idle || Time.now > deadline
-    expect(server.stats[:idle]).to eq(idle + 1) # the Watch's worker is back
+    sleep 0.05 until server.stats[:idle] == 4 || Time.now > deadline
+    expect(server.stats[:idle]).to eq(4) # every worker is free again
   ensure
     client&.close
+    server&.stop(grace: 0)
   end
 end

@@ -15,7 +15,7 @@ module FlowctlFuzz
   OUT = File.join(ROOT, "tmp", "fuzz")
   EXT = File.join(ROOT, "ext", "flowctl")
   CC = ENV.fetch("FUZZ_CC", "clang-14")
-  TARGETS = %w[decode convert descriptor].select { |t| File.exist?(File.join(ROOT, "fuzz", "#{t}_target.c")) }.freeze
+  TARGETS = %w[decode convert descriptor json].select { |t| File.exist?(File.join(ROOT, "fuzz", "#{t}_target.c")) }.freeze
   SANITIZE = "-fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined"
 
   # ASan + Ruby: Ruby's conservative GC scans the machine stack, so locals must stay
@@ -80,6 +80,8 @@ module FlowctlFuzz
     work = File.join(OUT, "corpus", name)
     FileUtils.mkdir_p(work)
     seeds = File.join(ROOT, "fuzz", "corpus", name)
+    dict = File.join(ROOT, "fuzz", "#{name}.dict")
+    extra = ["-dict=#{dict}", *extra] if File.exist?(dict)
     # -detect_leaks=0 only stops libFuzzer's per-input leak probe, useless with a garbage
     # collector (Ruby frees later, so every input "leaks" until the probe gives up after
     # 1000 slow scans); LeakSanitizer still checks the whole process at exit.

@@ -21,7 +21,7 @@ static int utf8_index;
 
 enum { WT_VARINT = 0, WT_I64 = 1, WT_LEN = 2, WT_SGROUP = 3, WT_EGROUP = 4, WT_I32 = 5 };
 
-static const char *const type_names[] = {
+const char *const flowctl_type_names[] = {
     [PROTOBUF_C_TYPE_INT32] = "int32", [PROTOBUF_C_TYPE_SINT32] = "sint32",
     [PROTOBUF_C_TYPE_SFIXED32] = "sfixed32", [PROTOBUF_C_TYPE_INT64] = "int64",
     [PROTOBUF_C_TYPE_SINT64] = "sint64", [PROTOBUF_C_TYPE_SFIXED64] = "sfixed64",
@@ -48,7 +48,7 @@ static VALUE
 where_str(const where *w)
 {
     VALUE kind = rb_str_new_cstr(w->f->kind == FK_MAP ? "map" : w->f->kind == FK_REPEATED ? "repeated" : "");
-    const char *tn = type_names[w->f->elem->type];
+    const char *tn = flowctl_type_names[w->f->elem->type];
     if (w->f->timestamp) tn = "google.protobuf.Timestamp";
     return rb_sprintf("%s%s%s field '%s' of %"PRIsVALUE,
                       w->role ? w->role : "", w->role ? " of " : "",

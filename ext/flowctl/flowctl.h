@@ -115,6 +115,8 @@ const flowctl_class *flowctl_class_of(VALUE klass);      /* NULL when not a mess
 flowctl_msg *flowctl_msg_get(VALUE msg);                 /* raises TypeError when not a message */
 VALUE flowctl_msg_new(const flowctl_class *ci);          /* all fields at their defaults */
 VALUE flowctl_field_default(const flowctl_field *f);
+/* "int32", "string", ... by ProtobufCType (convert.c) */
+extern const char *const flowctl_type_names[];
 /* After field i of a oneof was set: its siblings become unset. */
 void flowctl_msg_clear_oneof(VALUE msg, flowctl_msg *m, unsigned i);
 
@@ -129,6 +131,9 @@ VALUE flowctl_convert_field(const flowctl_class *ci, const flowctl_field *f, VAL
 void flowctl_field_tag(flowctl_field *f); /* fills f->tag for the wire */
 VALUE flowctl_encode(const flowctl_class *ci, VALUE msg); /* binary String */
 void flowctl_decode_into(const flowctl_class *ci, VALUE msg, const uint8_t *p, size_t len);
+
+/* ---- reflect.c: a message class's field table for Ruby (descriptors, JSON) ---- */
+void init_flowctl_reflect(void);
 
 /* ---- status.c: grpc_status_code -> Flowctl::RPCError subclasses --------- */
 void init_flowctl_status(void);

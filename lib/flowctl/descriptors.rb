@@ -36,6 +36,7 @@ module Flowctl
     @files = {}   # file name => its FileDescriptorProto bytes (:bootstrap for descriptor.proto)
     @kinds = {}   # full type name => :message or :enum (every loaded type)
     @defined = {} # file name => { full name => class, module or Service } (what it defined)
+    @declared = {} # full message name => [[field name, json_name], ...] as declared (JSON, reflection)
     @lock = Mutex.new
 
     class << self
@@ -49,7 +50,23 @@ module Flowctl
         raise TypeError, "a descriptor set is a binary String (given #{bytes.class})" unless bytes.is_a?(String)
 
         set = decode(bytes)
-        @lock.synchronize { Loader.new(set, root, packages, @files, @kinds, @defined).run }
+        @lock.synchronize do
+          loader = Loader.new(set, root, packages, @files, @kinds, @defined)
+          loaded = loader.run
+          @declared.merge!(loader.declared) { |_, before, _| before }
+          loaded
+        end
+      end
+
+      # The fields of a loaded message in declaration order with their JSON names (the
+      # descriptor's json_name, protoc's or a [json_name = ...] option): [[:name, "jsonName"], ...].
+      # nil for a message no descriptor set defined.
+      def declared_fields(full_name) = @declared[full_name]
+
+      # The class, enum module or Service a loaded descriptor set defined for a full proto
+      # name, or nil.
+      def defined_type(full_name)
+        @lock.synchronize { @defined.each_value.find { |types| types.key?(full_name) }&.fetch(full_name) }
       end
 
       # Marks google/protobuf/descriptor.proto as loaded: its classes come from protoc-c's
@@ -97,6 +114,13 @@ module Flowctl
         made = define_all
         made.each { |full, obj| (@defined[@file_of[full]] ||= {})[full] = obj }
         @set.file.each_with_object({}) { |f, all| all.merge!(@defined.fetch(f.name, {})) }.freeze
+      end
+
+      # [[field name, json_name], ...] of each message of this load, as declared.
+      def declared
+        @messages.to_h do |full, _pkg, _fields, _outer, _entry, msg|
+          [full, msg.field.map { |f| [f.name.to_sym, f.json_name.to_s.freeze] }.freeze]
+        end
       end
 
       private

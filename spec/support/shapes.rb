@@ -45,6 +45,37 @@ module Shapes
     official_service.rpc_stub_class.new("127.0.0.1:#{port}", :this_channel_is_insecure, **opts)
   end
 
+  # A handler whose RPCs run the block the example set in state[name] (SpecHelpers#behave),
+  # else the same method of default (an Echo).
+  def self.scripted(state, default)
+    handler = Object.new
+    %i[unary server_stream client_stream bidi].each do |name|
+      handler.define_singleton_method(name) do |arg, call, &blk|
+        impl = state[name]
+        impl ? impl.call(arg, call, &blk) : default.public_send(name, arg, call, &blk)
+      end
+    end
+    handler
+  end
+
+  # Helpers of the call-shape specs (an example group includes them and keeps @state).
+  module SpecHelpers
+    def dm = Flowctl::Processor::DataMessage
+    def om = Obsrvr::Flow::Processor::DataMessage
+    def msg(i, payload = "p") = dm.new(payload: payload, metadata: {"i" => i.to_s})
+    def behave(name, &blk) = @state[name] = blk
+    def now = Process.clock_gettime(Process::CLOCK_MONOTONIC)
+    def pop(queue, timeout = 5) = ::OfficialServer.pop(queue, timeout)
+
+    # The block's value; expects it to take less than seconds (time_limit scales it).
+    def within(seconds)
+      t0 = now
+      result = yield
+      expect(now - t0).to be < time_limit(seconds)
+      result
+    end
+  end
+
   # The default behaviour, on either gem's message class, raising either gem's status errors:
   # - unary: echoes the request;
   # - server_stream: metadata "count" replies, each the request's payload with metadata

@@ -1,0 +1,170 @@
+/*
+ * json_target.c — libFuzzer target: the input read as proto3 JSON of every message type.
+ *
+ * The first byte of an input picks the message class (fuzz/json_classes.rb: the seed's
+ * protocol, flowctl.v1 and google.protobuf.Empty), the rest is the JSON text.
+ * Checks:
+ *   - Klass.decode_json(text) returns a message or raises Flowctl::DecodeError, with
+ *     and without ignore_unknown_fields: true (which accepts at least as much); any
+ *     other exception, and any ASan/UBSan/LSan report, is a bug;
+ *   - an accepted message prints (to_json), its text reads back to the same message
+ *     and prints the same text again;
+ *   - the reference, google-protobuf (upb) with the classes protoc generated from the same
+ *     protos (spec/gen, spec/gen/official_v1),
+ *     reads that text to the same message (compared through the binary format), and
+ *     where upb and flowctl both accept the input, they read the same message.
+ *     Where they differ on accepting the input it is counted and printed at exit: upb
+ *     is laxer on some inputs (a field given twice, dates past the end of a month, hour
+ *     24, a string that is no number in a double...) and stricter on others (numbers
+ *     in exponent form inside strings for integers). google-protobuf 3.21.12 itself
+ *     crashes (stack overflow, SEGV in protobuf_c.so) on a bytes field whose JSON string
+ *     holds bytes above 0x7f, so a text flowctl rejected is given to upb only when it is
+ *     all ASCII (the rest is counted as not compared).
+ */
+#include "fuzz_ruby.h"
+#include <sanitizer/lsan_interface.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+static ID id_decode_json, id_to_json, id_encode, id_decode, id_call;
+static VALUE allowed_decode[2];
+static VALUE classes[FUZZ_MAX_CLASSES], official[FUZZ_MAX_CLASSES];
+static int n_classes;
+static VALUE ignoring; /* ->(k, t) { k.decode_json(t, ignore_unknown_fields: true) } */
+static unsigned long inputs, accepted, rejected, ignoring_accepted, upb_both, upb_only, flowctl_only, upb_skipped;
+
+static void
+print_stats(void)
+{
+    fprintf(stderr, "json_target: %lu inputs, %lu accepted, %lu rejected (DecodeError), "
+                    "%lu accepted with ignore_unknown_fields\n", inputs, accepted, rejected, ignoring_accepted);
+    fprintf(stderr, "json_target: google-protobuf: both accepted %lu (same message), only upb accepted %lu, "
+                    "only flowctl accepted %lu, not given to upb (rejected, not ASCII) %lu\n",
+            upb_both, upb_only, flowctl_only, upb_skipped);
+}
+
+int
+LLVMFuzzerInitialize(int *argc, char ***argv)
+{
+    fuzz_ruby_init(argc, argv);
+    id_decode_json = rb_intern("decode_json");
+    id_to_json = rb_intern("to_json");
+    id_encode = rb_intern("encode");
+    id_decode = rb_intern("decode");
+    id_call = rb_intern("call");
+    allowed_decode[0] = fuzz_eDecodeError;
+    ignoring = rb_eval_string("->(k, t) { k.decode_json(t, ignore_unknown_fields: true) }");
+    rb_gc_register_mark_object(ignoring);
+    /* what Ruby allocates once here (classes, descriptors, caches) is never freed: made
+     * with LeakSanitizer off, as fuzz_ruby.c does for the gem's start-up */
+    __lsan_disable();
+    rb_require(FUZZ_GEN "/../../fuzz/json_classes.rb");
+    VALUE pairs = rb_funcall(rb_path2class("FuzzJSON"), rb_intern("pairs"), 0);
+    rb_gc_register_mark_object(pairs);
+    rb_eval_string("FuzzJSON.pairs.each { |k, o| k.decode_json(k.new.to_json); o.decode_json(o.encode_json(o.new)) }");
+    fuzz_lsan_roots();
+    __lsan_enable();
+    n_classes = (int)RARRAY_LEN(pairs);
+    if (n_classes == 0 || n_classes > FUZZ_MAX_CLASSES) fuzz_bug("json_target: %d classes", n_classes);
+    for (int i = 0; i < n_classes; i++) {
+        classes[i] = RARRAY_AREF(RARRAY_AREF(pairs, i), 0);
+        official[i] = RARRAY_AREF(RARRAY_AREF(pairs, i), 1);
+    }
+    atexit(print_stats);
+    return 0;
+}
+
+static const char *
+name_of(int i)
+{
+    VALUE name = rb_funcall(classes[i], rb_intern("descriptor_name"), 0);
+    return StringValueCStr(name);
+}
+
+/* What upb's message holds, as a flowctl message (through the binary format). */
+static VALUE
+from_upb(int i, VALUE upb_msg)
+{
+    VALUE err, bytes = fuzz_call(official[i], id_encode, 1, &upb_msg, &err);
+    if (bytes == Qundef) fuzz_bug("%s: google-protobuf cannot encode what it read: %s", name_of(i), fuzz_error_text(err));
+    VALUE m = fuzz_call(classes[i], id_decode, 1, &bytes, &err);
+    if (m == Qundef) fuzz_bug("%s: flowctl cannot decode google-protobuf's bytes: %s", name_of(i), fuzz_error_text(err));
+    return m;
+}
+
+/* m prints; the text reads back to m in flowctl and in upb, and prints the same again. */
+static void
+check_roundtrip(int i, VALUE m)
+{
+    VALUE err, text = fuzz_call(m, id_to_json, 0, NULL, &err);
+    if (text == Qundef) fuzz_bug("%s: a decoded message does not print: %s", name_of(i), fuzz_error_text(err));
+    VALUE again = fuzz_call(classes[i], id_decode_json, 1, &text, &err);
+    if (again == Qundef) fuzz_bug("%s: its own JSON %+"PRIsVALUE" does not read: %s", name_of(i), text, fuzz_error_text(err));
+    if (!fuzz_same_message(m, again)) fuzz_bug("%s: decode_json(to_json(x)) != x for %+"PRIsVALUE, name_of(i), m);
+    VALUE text2 = fuzz_call(again, id_to_json, 0, NULL, &err);
+    if (text2 == Qundef || !rb_str_equal(text, text2))
+        fuzz_bug("%s: printing the copy changed the text %+"PRIsVALUE, name_of(i), text);
+    VALUE u = fuzz_call(official[i], id_decode_json, 1, &text, &err);
+    if (u == Qundef) fuzz_bug("%s: google-protobuf rejects flowctl's JSON %+"PRIsVALUE": %s", name_of(i), text, fuzz_error_text(err));
+    if (!fuzz_same_message(m, from_upb(i, u)))
+        fuzz_bug("%s: google-protobuf reads flowctl's JSON %+"PRIsVALUE" differently", name_of(i), text);
+}
+
+static int
+all_ascii(const uint8_t *p, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        if (p[i] > 0x7f) return 0;
+    return 1;
+}
+
+int
+LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
+{
+    if (size < 1) return 0;
+    int i = data[0] % n_classes;
+    VALUE err, text = rb_utf8_str_new((const char *)data + 1, (long)size - 1);
+    inputs++;
+
+    VALUE m = fuzz_call(classes[i], id_decode_json, 1, &text, &err);
+    if (m == Qundef) {
+        fuzz_expect(err, allowed_decode, "decode_json");
+        rejected++;
+    } else {
+        accepted++;
+        check_roundtrip(i, m);
+    }
+
+    VALUE args[2] = {classes[i], text};
+    VALUE lax = fuzz_call(ignoring, id_call, 2, args, &err);
+    if (lax == Qundef) {
+        fuzz_expect(err, allowed_decode, "decode_json(ignore_unknown_fields: true)");
+        if (m != Qundef) fuzz_bug("%s: ignore_unknown_fields rejects what the strict read accepts", name_of(i));
+    } else {
+        ignoring_accepted++;
+        check_roundtrip(i, lax);
+        if (m != Qundef && !fuzz_same_message(m, lax))
+            fuzz_bug("%s: ignore_unknown_fields read another message from a text without unknown fields", name_of(i));
+    }
+
+    if (m == Qundef && !all_ascii(data + 1, size - 1)) {
+        upb_skipped++;
+        fuzz_gc_tick();
+        return 0;
+    }
+    VALUE u = fuzz_call(official[i], id_decode_json, 1, &text, &err);
+    if (u == Qundef) {
+        if (m != Qundef) flowctl_only++;
+    } else if (m == Qundef) {
+        upb_only++;
+    } else {
+        upb_both++;
+        VALUE theirs = from_upb(i, u);
+        if (!fuzz_same_message(m, theirs))
+            fuzz_bug("%s: flowctl and google-protobuf read %+"PRIsVALUE" differently:\n  flowctl: %+"PRIsVALUE
+                     "\n  upb: %+"PRIsVALUE, name_of(i), text, m, theirs);
+    }
+    fuzz_gc_tick();
+    return 0;
+}
