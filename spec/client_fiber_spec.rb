@@ -105,6 +105,56 @@ RSpec.describe "Flowctl clients under a Fiber scheduler", if: defined?(Async) do
     expect(Sync { @client.processor_heartbeat(processor_id: "p", status: "0").success }).to be(true)
   end
 
+  describe "streams" do
+    # Server streaming replies 0.2 s apart (Shapes::Echo with a pause), on a server of its own.
+    before(:all) do
+      slow = Class.new(Shapes::Echo) do
+        def server_stream(req, _call = nil)
+          Integer(req.metadata["count"]).times do |i|
+            sleep Float(req.metadata["pause"])
+            yield @klass.new(payload: req.payload, metadata: { "i" => i.to_s })
+          end
+          nil
+        end
+      end
+      @stream_server = Flowctl::Server.new(port: 0, tls: false)
+      @stream_server.handle(Shapes.service, slow.new(Flowctl::Processor::DataMessage, ->(c, m) { raise Flowctl::RPCError.new(m, code: c) }))
+      @stream_server.start
+      @shapes = Shapes.client("127.0.0.1:#{@stream_server.port}")
+    end
+
+    after(:all) do
+      @shapes&.close
+      @stream_server&.stop(grace: 0.5)
+    end
+
+    it "reads replies without blocking the thread: other fibers run, two streams overlap" do
+      ticks = 0
+      t0 = now
+      counts = Sync do |task|
+        ticker = task.async { loop { sleep 0.01; ticks += 1 } }
+        streams = 2.times.map do
+          task.async { @shapes.server_stream(payload: "s", metadata: { "count" => "3", "pause" => "0.2" }).to_a.size }
+        end
+        streams.map(&:wait).tap { ticker.stop }
+      end
+      expect(counts).to eq([3, 3])
+      expect(now - t0).to be < time_limit(1.1) # 0.6 s each, at once
+      expect(ticks).to be > 10
+    end
+
+    it "cancels a stream when with_timeout fires during a read" do
+      t0 = now
+      error = Sync do |task|
+        task.with_timeout(0.1) { @shapes.server_stream(payload: "s", metadata: { "count" => "1", "pause" => "3" }).to_a }
+      rescue Async::TimeoutError => e
+        e
+      end
+      expect(error).to be_a(Async::TimeoutError)
+      expect(now - t0).to be < time_limit(1.0)
+    end
+  end
+
   it "raises the call's status in its fiber" do
     error = Sync do
       @client.processor_heartbeat(processor_id: "p", status: "1", timeout: 0.05)

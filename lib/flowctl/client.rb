@@ -327,7 +327,7 @@ module Flowctl
 
     # The next reply, decoded, or nil at the end (raising the call's error, if any).
     def read_reply
-      bytes = @stream.read
+      bytes = FiberCalls.blocking(@stream) { @stream.read } # under a Fiber scheduler: off this thread
       return nil if bytes.nil?
 
       begin
@@ -395,7 +395,7 @@ module Flowctl
 
     # Tells the server that no more requests follow. Idempotent.
     def close_write
-      @stream.close_write
+      FiberCalls.blocking(@stream) { @stream.close_write }
       self
     end
   end
@@ -427,7 +427,7 @@ module Flowctl
       if reply.nil?
         raise Internal.new("the server sent no response message", metadata: trailing_metadata || {})
       end
-      unless @stream.read.nil? # the end, and the status
+      unless FiberCalls.blocking(@stream) { @stream.read }.nil? # the end, and the status
         cancel
         raise Internal, "the server sent more than one response message to #{@rpc.name}"
       end

@@ -1,9 +1,10 @@
 # frozen_string_literal: true
 
 module Flowctl
-  # Unary calls under a Fiber scheduler (the async gem, or any Fiber::Scheduler): the call's
-  # fiber waits on a Thread::Queue, which gives the thread back to the scheduler, instead of
-  # blocking the thread. The call completes on the extension's watcher thread
+  # Calls under a Fiber scheduler (the async gem, or any Fiber::Scheduler): the call's fiber
+  # waits on a Thread::Queue, which gives the thread back to the scheduler, instead of
+  # blocking the thread. Unary calls complete without any thread of their own (below); a
+  # stream's reads and half-close wait on a helper thread (#blocking). The call completes on the extension's watcher thread
   # (ext/flowctl/fiber.c); one Ruby thread, "flowctl-fibers", wakes the waiting fibers.
   #
   # A fiber interrupted while it waits (Async's with_timeout, Task#stop, Fiber#raise) cancels
@@ -33,6 +34,30 @@ module Flowctl
           @waiting.delete(call.id)
         end
         call.result
+      end
+
+      # A stream's wait (a read, a half-close) under a scheduler: it runs on a helper thread
+      # ("flowctl-fiber-wait") while the fiber waits on a queue; an interrupt of the fiber
+      # cancels the stream (which ends the helper's wait) and waits for the helper. Without a
+      # scheduler: the block, in this thread.
+      def blocking(stream)
+        return yield unless scheduled?
+
+        queue = Thread::Queue.new
+        helper = Thread.new do
+          queue << [true, yield]
+        rescue Exception => e # rubocop:disable Lint/RescueException -- handed to the fiber
+          queue << [false, e]
+        end
+        helper.name = "flowctl-fiber-wait"
+        ok, value = begin
+          queue.pop
+        rescue Exception # rubocop:disable Lint/RescueException -- cancel for any interrupt, then re-raise
+          stream.cancel
+          settle(queue)
+          raise
+        end
+        ok ? value : raise(value)
       end
 
       private
