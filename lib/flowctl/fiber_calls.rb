@@ -50,18 +50,14 @@ module Flowctl
           queue << [false, e]
         end
         helper.name = "flowctl-fiber-wait"
-        ok, value = begin
-          queue.pop
-        rescue Exception # rubocop:disable Lint/RescueException -- cancel for any interrupt, then re-raise
-          stream.cancel
-          settle(queue)
-          raise
-        end
+        ok, value = wait(stream, queue)
         ok ? value : raise(value)
       end
 
       private
 
+      # Pops queue; an interrupt meanwhile cancels the call (a FiberCall or a stream), waits
+      # for what it was waiting for, and is raised.
       def wait(call, queue)
         queue.pop
       rescue Exception # rubocop:disable Lint/RescueException -- cancel for any interrupt, then re-raise
