@@ -20,12 +20,14 @@ module Flowctl
   #   Klass.decode_json(str)            # -> message; Flowctl::DecodeError naming the field
   #   JSON.generate(msg), JSON.pretty_generate([msg])
   #
-  # Printing: lowerCamelCase names; fields at their default left out (proto3 `optional`
-  # and message fields printed when set); 64-bit integers as strings; enums by name (an
+  # Printing: fields in declaration order under their json_name (lowerCamelCase); fields
+  # at their default left out (proto3 `optional`, oneof members and messages printed when
+  # set); 64-bit integers as strings; enums by name (an
   # unknown number as a number); bytes in base64; Timestamps in RFC 3339 with 0, 3, 6 or
   # 9 fractional digits; doubles as upb prints them (shortest of %.15g/%.17g that reads
   # back; floats %.6g/%.9g); NaN and infinities as "NaN", "Infinity", "-Infinity"; map
-  # entries in the order of the Hash (upb prints them in its hash table's order).
+  # entries in the order of the Hash (upb prints them in its hash table's order); the
+  # well-known types in their own forms (json/well_known.rb).
   #
   # Reading accepts both lowerCamelCase and .proto names, numbers as numbers or strings,
   # enums by name or number, null as "the default", base64 standard or URL-safe with or

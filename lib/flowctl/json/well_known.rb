@@ -75,7 +75,7 @@ module Flowctl
 
       def wk_any(msg, _desc, out)
         url = msg[:type_url]
-        return out << "{}" if url.empty? && msg[:value].empty?
+        raise Problem.new(ArgumentError, "google.protobuf.Any without a type_url has no JSON") if url.empty?
 
         klass = ProtoJSON.class_named(url.split("/").last.to_s)
         raise Problem.new(ArgumentError, "google.protobuf.Any holds #{url.inspect}, a type not loaded") unless klass
@@ -98,8 +98,13 @@ module Flowctl
     class Decoder
       private
 
+      # (what a setter refuses is a DecodeError too, as for plain fields)
       def well_known(kind, klass, tree)
+        fail!("invalid UTF-8 in a string") if tree.is_a?(String) && !tree.valid_encoding?
+
         send(:"wk_#{kind}", klass, tree)
+      rescue TypeError, ArgumentError, RangeError => e
+        fail!(e.message)
       end
 
       def wk_wrapper(klass, tree)
@@ -151,7 +156,6 @@ module Flowctl
 
       def wk_any(klass, tree)
         fail!("expected an object for google.protobuf.Any, got #{what(tree)}") unless tree.is_a?(Hash)
-        return klass.new if tree.empty?
 
         url = tree["@type"]
         fail!("google.protobuf.Any needs a string \"@type\"") unless url.is_a?(String)
