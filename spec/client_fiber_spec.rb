@@ -83,7 +83,10 @@ RSpec.describe "Flowctl clients under a Fiber scheduler", if: defined?(Async) do
     expect(Thread.list.map(&:name)).to include("flowctl-fibers")
   end
 
-  it "runs concurrent calls concurrently: three 0.5 s calls take about 0.5 s, not 1.5 s" do
+  # (not under valgrind: it lacks epoll_pwait2, which the async gem's selector waits with, and
+  # wake-ups of the reactor from another thread then come late)
+  it "runs concurrent calls concurrently: three 0.5 s calls take about 0.5 s, not 1.5 s",
+     skip: ENV["FLOWCTL_MEMCHECK"] && "valgrind lacks epoll_pwait2 (async's selector)" do
     t0 = now
     Sync do |task|
       3.times.map { task.async { @client.processor_heartbeat(processor_id: "p", status: "0.5").success } }.map(&:wait)

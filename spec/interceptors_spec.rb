@@ -64,7 +64,9 @@ RSpec.describe "Flowctl interceptors" do
   after(:all) { @server&.stop(grace: 0.5) }
 
   let(:log) { [] }
-  let(:client) { Shapes.client("127.0.0.1:#{@server.port}", interceptors: [recorder.new("a", log), recorder.new("b", log)]) }
+  let(:client) do
+    Shapes.client("127.0.0.1:#{@server.port}", timeout: time_limit(5), interceptors: [recorder.new("a", log), recorder.new("b", log)])
+  end
 
   after { client.close }
 
