@@ -181,6 +181,8 @@ void flowctl_wait_finish(int interrupted);
 bool flowctl_wait_interrupted(void);
 /* Counts an interrupted wait that lets go of the GVL to wait for its cancelled batch. */
 void flowctl_wait_note_cancel_wait(void);
+/* CLOCK_MONOTONIC in milliseconds. */
+int64_t flowctl_mono_ms(void);
 /* A condition variable whose timed waits use CLOCK_MONOTONIC. */
 void flowctl_cond_init(pthread_cond_t *cond);
 /* Shuts down and destroys a pluck queue that has nothing in flight. */
@@ -219,6 +221,13 @@ void flowctl_watch_atfork_child(void);
 size_t flowctl_channel_args_fill(VALUE hash, grpc_arg *args);
 
 /* ---- channel.c: grpc_channel + credentials ---------------------------------- */
+/* A call in flight on a channel, listed so that closing the channel cancels it. */
+typedef struct flowctl_tracked {
+    grpc_call *call;
+    flowctl_channel *ch;        /* referenced while listed; NULL when not listed */
+    struct flowctl_tracked *prev, *next;
+} flowctl_tracked;
+
 struct flowctl_channel {
     grpc_channel *channel;      /* NULL once closed */
     struct flowctl_watch *watch; /* watch.c keeps it polled while idle (NULL: not watched) */
@@ -229,6 +238,8 @@ struct flowctl_channel {
     atomic_uint unary_us;       /* recent unary round trips, microseconds (moving average; 0: none yet) */
     atomic_int unary_inflight;  /* unary calls waiting on this channel now */
     atomic_uint calls_started;  /* flowctl_channel_note_call: watch.c parks while it moves */
+    pthread_mutex_t calls_mu;   /* guards calls */
+    flowctl_tracked *calls;     /* Ruby's calls in flight (unary and streams) */
 };
 
 void init_flowctl_channel(void);
@@ -242,6 +253,9 @@ flowctl_channel_note_call(flowctl_channel *ch)
 {
     atomic_fetch_add_explicit(&ch->calls_started, 1, memory_order_relaxed);
 }
+/* Lists call (referencing ch) until untrack; closing the channel cancels what is listed. */
+void flowctl_channel_track(flowctl_channel *ch, flowctl_tracked *t, grpc_call *call);
+void flowctl_channel_untrack(flowctl_tracked *t); /* before grpc_call_unref; idempotent */
 
 /* ---- pump.c: the engine of a bidi stream ------------------------------------ */
 #define PUMP_SENDQ 64             /* messages written and not yet taken by gRPC */
@@ -281,6 +295,9 @@ typedef struct flowctl_pump {
     bool initial_inflight, initial_done;
     flowctl_pump_extra *extras;
     int extras_inflight;
+    int64_t send_timeout_ms;     /* a wait on sends the peer does not take gives up after it (0: never) */
+    int64_t send_progress_ms;    /* CLOCK_MONOTONIC: when a send last completed */
+    bool send_timed_out;         /* a wait on sends gave up: the call was cancelled */
     flowctl_pump_extra close_extra; /* a server's RECV_CLOSE_ON_SERVER, started early (watch_close) */
     grpc_op close_op;
     int close_cancelled;
@@ -309,6 +326,18 @@ bool flowctl_pump_take_initial_md(flowctl_pump *p);
  * nothing is in flight) until a monotonic deadline; false when that passed first. */
 bool flowctl_pump_start(flowctl_pump *p, const grpc_op *ops, size_t n);
 bool flowctl_pump_drain(flowctl_pump *p, gpr_timespec until);
+/* For native threads: takes what has completed without waiting; true when nothing is
+ * in flight any more. */
+bool flowctl_pump_collect(flowctl_pump *p);
+/* Waits until the batches started with flowctl_pump_start have completed (bounded as sends). */
+int flowctl_pump_wait_extras(flowctl_pump *p);
+/* Waits on sends (write, flush, close_write, run) give up after ms without progress:
+ * the call is cancelled, the send fails and flowctl_pump_send_timed_out tells why. */
+void flowctl_pump_set_send_timeout(flowctl_pump *p, int64_t ms);
+bool flowctl_pump_send_timed_out(flowctl_pump *p);
+/* After a server's status: writes from now on fail (a writer waiting for room wakes and
+ * fails), without cancelling the call (which could reset the stream before the status). */
+void flowctl_pump_close_sends(flowctl_pump *p);
 /* Queues a message (waits while the queue is full); *failed: the call is over. */
 int flowctl_pump_write(flowctl_pump *p, VALUE bytes, bool *failed);
 /* Half-closes after the queued messages; waits until gRPC has taken them all. */
@@ -342,6 +371,48 @@ void init_flowctl_server(void);
 void init_flowctl_heartbeat(void);
 /* Before a fork (fork.c): cancels the beats still inside gRPC so they leave it. */
 void flowctl_heartbeat_cancel_calls(void);
+
+/* ---- auth.c: the bearer token check of a server --------------------------- */
+/* True when md carries "authorization: Bearer <token>" (scheme in any case, constant time). */
+bool flowctl_bearer_ok(const char *token, size_t len, const grpc_metadata_array *md);
+
+/* ---- conn.c: a server's TCP connections (by local port) ------------------ */
+/* Shuts down (shutdown(2), never close) the connections to ports whose remote address
+ * is peer, written as grpc_call_get_peer writes it; returns how many. */
+int flowctl_conn_shutdown(const char *peer, const int *ports, int n_ports);
+/* The accepted connections on ports (listeners not counted); -1 when unknown. */
+int flowctl_conn_count(const int *ports, int n_ports);
+/* Shuts down the connection on ports that received the most bytes over the next ms
+ * milliseconds (it sleeps that long); 1 when there was one. */
+int flowctl_conn_shutdown_busiest(const int *ports, int n_ports, int ms);
+/* The local port of a TCP socket (0 for anything else); true for a listening socket. */
+int flowctl_conn_local_port(int fd);
+bool flowctl_conn_listening(int fd);
+/* 1 when a listener on ports has a connection waiting to be accepted, 0 when none has,
+ * -1 when there is no listener. */
+int flowctl_conn_listener_pending(const int *ports, int n_ports);
+/* shutdown(2) on the listeners on ports: the port is free to listen on again. */
+int flowctl_conn_close_listeners(const int *ports, int n_ports);
+/* When fewer than limit/reserve_div (at least 16) descriptors are left below the soft
+ * RLIMIT_NOFILE, shuts down the connections on ports idle longest (to half the reserve
+ * more); returns how many. */
+int flowctl_conn_shed_idle(const int *ports, int n_ports, int reserve_div);
+/* Descriptors left below the soft RLIMIT_NOFILE (0 when none is left to count them). */
+int flowctl_conn_fds_left(void);
+/* This process's resident memory (0 when unknown). */
+size_t flowctl_rss_bytes(void);
+#define FLOWCTL_OFFENDERS 64
+typedef struct flowctl_offender {
+    uint64_t hash;     /* of the peer string */
+    int64_t since_ms;  /* the one-second window's start */
+    int count;
+} flowctl_offender;
+typedef struct flowctl_offenders {
+    flowctl_offender e[FLOWCTL_OFFENDERS];
+} flowctl_offenders;
+/* Counts one offense of peer; true when that makes more than limit within a second
+ * (the count starts again). One thread at a time. */
+bool flowctl_conn_offend(flowctl_offenders *t, const char *peer, int64_t now_ms, int limit);
 
 /* ---- fork.c: fork handlers (pthread_atfork) and the gate ---------------- */
 /* This process's id, kept by the fork handlers (getpid() is a system call). Objects

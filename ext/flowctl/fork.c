@@ -369,26 +369,6 @@ flowctl_fork_socket_arg(void)
 #endif
 }
 
-/* The local port of a TCP socket, 0 when fd is something else. */
-static int
-tcp_port(int fd)
-{
-    struct sockaddr_storage addr;
-    socklen_t len = sizeof(addr);
-    if (getsockname(fd, (struct sockaddr *)&addr, &len) != 0) return 0;
-    if (addr.ss_family == AF_INET) return ntohs(((struct sockaddr_in *)&addr)->sin_port);
-    if (addr.ss_family == AF_INET6) return ntohs(((struct sockaddr_in6 *)&addr)->sin6_port);
-    return 0;
-}
-
-static bool
-accepting(int fd)
-{
-    int on = 0;
-    socklen_t len = sizeof(on);
-    return getsockopt(fd, SOL_SOCKET, SO_ACCEPTCONN, &on, &len) == 0 && on;
-}
-
 #define MAX_LISTENERS 64
 
 /*
@@ -411,15 +391,15 @@ disown_parent_sockets(void)
         if (!ino || (int)fd == dead[0] || fstat((int)fd, &st) != 0 || !S_ISSOCK(st.st_mode) || st.st_ino != ino)
             continue;
         int port;
-        if (n_ports < MAX_LISTENERS && accepting((int)fd) && (port = tcp_port((int)fd)) > 0)
+        if (n_ports < MAX_LISTENERS && flowctl_conn_listening((int)fd) && (port = flowctl_conn_local_port((int)fd)) > 0)
             ports[n_ports++] = port;
         while (dup3(dead[0], (int)fd, O_CLOEXEC) < 0 && errno == EINTR) {}
     }
     DIR *d = n_ports ? opendir("/proc/self/fd") : NULL;
     for (struct dirent *e; d && (e = readdir(d));) {
         int fd = atoi(e->d_name);
-        if (e->d_name[0] == '.' || fd == dirfd(d) || fd == dead[0] || accepting(fd)) continue;
-        int port = tcp_port(fd);
+        if (e->d_name[0] == '.' || fd == dirfd(d) || fd == dead[0] || flowctl_conn_listening(fd)) continue;
+        int port = flowctl_conn_local_port(fd);
         for (int i = 0; port && i < n_ports; i++) {
             if (ports[i] != port) continue;
             while (dup3(dead[0], fd, O_CLOEXEC) < 0 && errno == EINTR) {}

@@ -383,6 +383,7 @@ set_current(heartbeat *hb, grpc_call *call)
  * costs little; this lasts only while a beat waits.
  */
 #define NUDGE_MS 200
+#define GATE_STEP_MS 20 /* a beat's wait looks at its queue this often, out of the fork gate in between */
 
 static hb_result
 hb_unary(heartbeat *hb, grpc_completion_queue *cq, const char *path, const ProtobufCMessage *req,
@@ -412,8 +413,20 @@ hb_unary(heartbeat *hb, grpc_completion_queue *cq, const char *path, const Proto
     set_current(hb, call);
     grpc_call_error err = grpc_call_start_batch(call, ops, 6, call, NULL);
     if (err == GRPC_CALL_OK) {
-        while (grpc_completion_queue_pluck(cq, call, grpc_deadline(NUDGE_MS / 1000.0), NULL).type == GRPC_QUEUE_TIMEOUT) {
-            if (wait_for_ready &&
+        for (unsigned turn = 1;
+             grpc_completion_queue_pluck(cq, call, grpc_deadline(GATE_STEP_MS / 1000.0), NULL).type == GRPC_QUEUE_TIMEOUT;
+             turn++) {
+            /* Step out of gRPC between looks (the caller's stretch is the outermost one): a
+             * fork being prepared passes here with the beat still in flight, instead of
+             * cancelling it. A control plane in this process cannot answer before the fork
+             * is done (its handler needs the GVL the forking thread holds): it was cancelled,
+             * 4-12 beats failed per 80 forks. Out of gRPC the beat is not "current": the
+             * fork's cancel (flowctl_heartbeat_cancel_calls) is for threads stuck inside. */
+            set_current(hb, NULL);
+            flowctl_gate_leave();
+            flowctl_gate_enter();
+            set_current(hb, call);
+            if (turn % (NUDGE_MS / GATE_STEP_MS) == 0 && wait_for_ready &&
                 grpc_channel_check_connectivity_state(hb->ch->channel, 0) == GRPC_CHANNEL_TRANSIENT_FAILURE)
                 grpc_channel_reset_connect_backoff(hb->ch->channel);
         }

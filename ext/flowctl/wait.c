@@ -195,6 +195,14 @@ flowctl_wait_finish(int interrupted)
     rb_raise(eCancelled, "call cancelled by an interrupt");
 }
 
+int64_t
+flowctl_mono_ms(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (int64_t)t.tv_sec * 1000 + t.tv_nsec / 1000000;
+}
+
 void
 flowctl_cond_init(pthread_cond_t *cond)
 {

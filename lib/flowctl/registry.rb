@@ -149,7 +149,13 @@ module Flowctl
         Component.new(**entry, stale: now - entry[:last_heartbeat] > @ttl).freeze
       end
 
-      def format_number(v) = v == v.to_i ? v.to_i.to_s : format("%.3g", v)
+      # NaN and the infinities are valid doubles a component may report (a rate over an empty
+      # interval): they are stored as sent and shown as Ruby writes them ("NaN", "Infinity").
+      def format_number(v)
+        return v.to_s unless v.is_a?(Numeric) && v.finite?
+
+        v == v.to_i ? v.to_i.to_s : format("%.3g", v)
+      end
 
       def format_table(header, rows)
         return "(no components registered)" if rows.empty?
