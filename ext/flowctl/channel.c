@@ -22,7 +22,10 @@ flowctl_channel_unref(flowctl_channel *ch)
 {
     if (atomic_fetch_sub(&ch->refs, 1) != 1) return;
     /* in a forked child its sockets are gone and their numbers may be reused: leave it */
-    if (ch->channel && ch->pid == flowctl_pid) grpc_channel_destroy(ch->channel);
+    if (ch->channel && ch->pid == flowctl_pid) {
+        flowctl_watch_forget(ch->watch);
+        grpc_channel_destroy(ch->channel);
+    }
     pthread_mutex_destroy(&ch->calls_mu);
     free(ch->target);
     free(ch);
@@ -130,6 +133,7 @@ channel_initialize(VALUE self, VALUE target, VALUE tls, VALUE args)
     atomic_init(&ch->unary_us, 0);
     atomic_init(&ch->unary_inflight, 0);
     pthread_mutex_init(&ch->calls_mu, NULL);
+    ch->watch = flowctl_watch_channel(ch);
     w->ch = ch;
     return self;
 }

@@ -2,8 +2,8 @@
  * flowctl.h — the one internal header of the flowctl extension.
  *
  * Reading order: flowctl.c (Init) -> message.c/convert.c (messages) -> status.c
- * -> metadata.c -> clock.c -> fork.c (gate, fork hooks) -> wait.c -> channel.c -> call.c -> pump.c -> server.c
- * -> wire.h -> heartbeat_wire.c -> heartbeat.c -> heartbeat_class.c.
+ * -> metadata.c -> log.c -> clock.c -> fork.c (gate, fork hooks) -> wait.c -> watch.c -> channel.c -> call.c
+ * -> fiber.c -> pump.c -> server.c -> wire.h -> heartbeat_wire.c -> heartbeat.c -> heartbeat_class.c.
  *
  * Mechanism files return codes where they can; the Ruby-facing functions raise.
  */
@@ -24,6 +24,7 @@
 #include <grpc/byte_buffer.h>
 #include <grpc/byte_buffer_reader.h>
 #include <grpc/slice.h>
+#include <grpc/support/log.h>
 #include <grpc/support/time.h>
 #include <protobuf-c/protobuf-c.h>
 
@@ -39,6 +40,17 @@ extern VALUE mFlowctl;       /* Flowctl */
 extern VALUE mFlowctlNative; /* Flowctl::Native: primitives the Ruby layer builds on */
 extern VALUE eFlowctlError;  /* Flowctl::Error < StandardError */
 extern VALUE eFlowctlDecodeError;
+
+/* Methods defined while this is on may be called from any Ractor (rb_ext_ractor_safe). */
+static inline void
+flowctl_ractor_safe(bool on)
+{
+#ifdef HAVE_RB_EXT_RACTOR_SAFE
+    rb_ext_ractor_safe(on);
+#else
+    (void)on;
+#endif
+}
 
 /* ---- message.c + convert.c: generic message classes from protobuf-c descriptors ---- */
 enum flowctl_field_kind { FK_SINGULAR, FK_REPEATED, FK_MAP };
@@ -177,11 +189,37 @@ void flowctl_wait_finish(int interrupted);
  * true when one raises; it is kept for flowctl_wait_finish (the caller first makes sure
  * nothing is in flight). false: nothing to raise, go on waiting. */
 bool flowctl_wait_interrupted(void);
+/* Counts an interrupted wait that lets go of the GVL to wait for its cancelled batch. */
+void flowctl_wait_note_cancel_wait(void);
 /* Shuts down and destroys a pluck queue that has nothing in flight. */
 void flowctl_cq_destroy(grpc_completion_queue *cq);
 /* Ruby String <-> grpc_byte_buffer. */
 grpc_byte_buffer *flowctl_buffer_from_str(VALUE str);
 VALUE flowctl_str_from_buffer(grpc_byte_buffer *buf); /* binary String; does not destroy buf */
+
+/* ---- log.c: gRPC core's log lines (dropped, stderr when asked, or Flowctl.logger) ---- */
+void init_flowctl_log(void);
+void flowctl_log_line(gpr_log_func_args *args); /* the gpr log function */
+void flowctl_log_apply_verbosity(int cap);        /* gRPC's verbosity: what is wanted, at most cap */
+void flowctl_log_atfork_child(void);
+
+/* ---- watch.c: the thread that polls idle connections -------------------- */
+/* A tag on the shared queue of watch.c: its thread calls on_done(tag, success). */
+typedef struct flowctl_cq_tag {
+    void (*on_done)(struct flowctl_cq_tag *tag, bool ok);
+} flowctl_cq_tag;
+void init_flowctl_watch(void);
+/* Keeps channel's connections polled while no call is (NULL if no thread could start:
+ * the channel then works as before). */
+typedef struct flowctl_channel flowctl_channel;
+struct flowctl_watch *flowctl_watch_channel(flowctl_channel *ch);
+/* Before grpc_channel_destroy: the watch lets go of the channel. */
+void flowctl_watch_forget(struct flowctl_watch *w);
+/* The shared `next` queue (the thread started), or NULL when no thread could start. */
+grpc_completion_queue *flowctl_watch_cq(void);
+/* Wakes the thread (fork.c: after closing the gate, so that it steps out of gRPC). */
+void flowctl_watch_kick(void);
+void flowctl_watch_atfork_child(void);
 
 /* ---- chanargs.c: channel args (a Hash Flowctl::ChannelArgs.normalize made) ---- */
 /* Fills args (room for RHASH_SIZE(hash) entries; the strings stay the Hash's: keep it
@@ -189,8 +227,6 @@ VALUE flowctl_str_from_buffer(grpc_byte_buffer *buf); /* binary String; does not
 size_t flowctl_channel_args_fill(VALUE hash, grpc_arg *args);
 
 /* ---- channel.c: grpc_channel + credentials ---------------------------------- */
-typedef struct flowctl_channel flowctl_channel;
-
 /* A call in flight on a channel, listed so that closing the channel cancels it. */
 typedef struct flowctl_tracked {
     grpc_call *call;
@@ -200,12 +236,14 @@ typedef struct flowctl_tracked {
 
 struct flowctl_channel {
     grpc_channel *channel;      /* NULL once closed */
+    struct flowctl_watch *watch; /* watch.c keeps it polled while idle (NULL: not watched) */
     char *target;
     atomic_int refs;            /* the Ruby object holds one; each heartbeat thread one more */
     atomic_bool closed;
     pid_t pid;                  /* creator: in a forked child the channel is dead (fork.c) */
     atomic_uint unary_us;       /* recent unary round trips, microseconds (moving average; 0: none yet) */
     atomic_int unary_inflight;  /* unary calls waiting on this channel now */
+    atomic_uint calls_started;  /* flowctl_channel_note_call: watch.c parks while it moves */
     pthread_mutex_t calls_mu;   /* guards calls */
     flowctl_tracked *calls;     /* Ruby's calls in flight (unary and streams) */
 };
@@ -215,6 +253,12 @@ void init_flowctl_channel(void);
 flowctl_channel *flowctl_channel_get(VALUE rb_channel);
 void flowctl_channel_ref(flowctl_channel *ch);
 void flowctl_channel_unref(flowctl_channel *ch);     /* destroys the channel at zero; never blocks long */
+/* A call starts on ch: its idle watch stands aside while calls keep coming (watch.c). */
+static inline void
+flowctl_channel_note_call(flowctl_channel *ch)
+{
+    atomic_fetch_add_explicit(&ch->calls_started, 1, memory_order_relaxed);
+}
 /* Lists call (referencing ch) until untrack; closing the channel cancels what is listed. */
 void flowctl_channel_track(flowctl_channel *ch, flowctl_tracked *t, grpc_call *call);
 void flowctl_channel_untrack(flowctl_tracked *t); /* before grpc_call_unref; idempotent */
@@ -321,6 +365,10 @@ int flowctl_pump_wait_close(flowctl_pump *p, int *cancelled);
 bool flowctl_pump_recv_failed(flowctl_pump *p);
 /* Cancels (when asked), drains, frees the queues and the completion queue. */
 void flowctl_pump_destroy(flowctl_pump *p, bool cancel_call);
+
+/* ---- fiber.c: unary calls completed on watch.c's queue (Fiber schedulers) ---- */
+void init_flowctl_fiber(void);
+void flowctl_fiber_atfork_child(void);
 
 /* ---- call.c, server.c, heartbeat.c --------------------------------------- */
 void init_flowctl_call(void);
@@ -513,8 +561,9 @@ void init_flowctl_fork(void);
  */
 typedef struct flowctl_fork_hooks {
     const char *name;
-    void (*evict)(void);
-    void (*child)(void);
+    void (*close)(void);  /* the gate just closed: wake a thread that waits inside gRPC without a time limit */
+    void (*evict)(void);  /* 0.2 s later, threads still inside: make them leave */
+    void (*child)(void);  /* in the child, before gRPC core's threads start again */
 } flowctl_fork_hooks;
 void flowctl_fork_register(const flowctl_fork_hooks *hooks);
 /* Raises Flowctl::Error in a forked child where gRPC core could not be prepared. */

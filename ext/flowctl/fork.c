@@ -51,18 +51,30 @@
 
 #include <grpc/support/log.h>
 
+#ifdef FLOWCTL_FORK_INTERNALS
 /* libgrpc.so 1.51 exports these with C++ linkage (grpc/impl/codegen/fork.h lacks an
- * extern "C" guard), hence the mangled names. */
+ * extern "C" guard), hence the mangled names. extconf.rb checks that they are there. */
 void flowctl_grpc_prefork(void) __asm__("_Z12grpc_preforkv");
 void flowctl_grpc_postfork_parent(void) __asm__("_Z20grpc_postfork_parentv");
 void flowctl_grpc_postfork_child(void) __asm__("_Z19grpc_postfork_childv");
-void flowctl_gpr_default_log(gpr_log_func_args *args) __asm__("_Z15gpr_default_logP17gpr_log_func_args");
+static const bool fork_internals = true;
+#else
+/*
+ * Built without them (a libgrpc that does not export them, or --disable-fork-internals /
+ * FLOWCTL_NO_GRPC_CXX=1): gRPC core cannot be prepared for a fork, so a forked child cannot
+ * use gRPC (flowctl_fork_check says so) and keeps the parent's sockets open; the parent is
+ * not affected. The rest of the gem works the same.
+ */
+static void flowctl_grpc_prefork(void) {}
+static void flowctl_grpc_postfork_parent(void) {}
+static void flowctl_grpc_postfork_child(void) {}
+static const bool fork_internals = false;
+#endif
 
 pid_t flowctl_pid;
 static bool fork_support; /* GRPC_ENABLE_FORK_SUPPORT was on when grpc_init ran */
 static bool prepared;     /* fork_prepare ran grpc_prefork for the fork under way */
 static atomic_bool skipped; /* ... and gRPC core said it skipped its handlers */
-static int forward_min;   /* the GRPC_VERBOSITY the user asked for (3: none) */
 static const char *child_broken; /* in a child whose gRPC core was not prepared: why */
 
 /* ---- the gate ------------------------------------------------------------ */
@@ -85,6 +97,13 @@ flowctl_fork_register(const flowctl_fork_hooks *h)
 {
     if (n_hooks == MAX_HOOKS) rb_raise(rb_eRuntimeError, "flowctl: too many fork hooks (%s)", h->name);
     hooks[n_hooks++] = h;
+}
+
+static void
+run_close_hooks(void)
+{
+    for (size_t i = 0; i < n_hooks; i++)
+        if (hooks[i]->close) hooks[i]->close();
 }
 
 static void
@@ -160,6 +179,9 @@ gate_close(double seconds)
 {
     pthread_mutex_lock(&gate_lock);
     gate_closed = true;
+    pthread_mutex_unlock(&gate_lock);
+    run_close_hooks();
+    pthread_mutex_lock(&gate_lock);
     bool empty = gate_wait_empty(flowctl_mono_in(0.2));
     pthread_mutex_unlock(&gate_lock);
     if (empty) return;
@@ -309,14 +331,15 @@ struct grpc_socket_mutator {
     gpr_refcount refcount;
 };
 
+static pthread_mutex_t sockets_lock = PTHREAD_MUTEX_INITIALIZER;
+static ino_t *socket_inode; /* (sockets_lock) by fd number: the socket gRPC made there, 0: none */
+static size_t socket_slots;  /* (sockets_lock) */
+
+#ifdef FLOWCTL_FORK_INTERNALS /* (without: no socket is noted, a child keeps its parent's) */
 void flowctl_grpc_socket_mutator_init(grpc_socket_mutator *m, const socket_mutator_vtable *v)
     __asm__("_Z24grpc_socket_mutator_initP19grpc_socket_mutatorPK26grpc_socket_mutator_vtable");
 grpc_arg flowctl_grpc_socket_mutator_to_arg(grpc_socket_mutator *m)
     __asm__("_Z26grpc_socket_mutator_to_argP19grpc_socket_mutator");
-
-static pthread_mutex_t sockets_lock = PTHREAD_MUTEX_INITIALIZER;
-static ino_t *socket_inode; /* (sockets_lock) by fd number: the socket gRPC made there, 0: none */
-static size_t socket_slots;  /* (sockets_lock) */
 
 static bool
 note_socket(int fd, grpc_socket_mutator *m)
@@ -361,12 +384,17 @@ noting_init(void)
 {
     flowctl_grpc_socket_mutator_init(&noting_mutator, &noting_vtable);
 }
+#endif
 
 grpc_arg
 flowctl_fork_socket_arg(void)
 {
+#ifdef FLOWCTL_FORK_INTERNALS
     pthread_once(&noting_once, noting_init);
     return flowctl_grpc_socket_mutator_to_arg(&noting_mutator);
+#else
+    return (grpc_arg){.type = GRPC_ARG_INTEGER, .key = "flowctl.no_socket_mutator", .value.integer = 1};
+#endif
 }
 
 #define MAX_LISTENERS 64
@@ -418,30 +446,18 @@ static void
 fork_log(gpr_log_func_args *a)
 {
     if (a->message && strstr(a->message, "skipping fork() handlers")) atomic_store(&skipped, true);
-    if ((int)a->severity >= forward_min) flowctl_gpr_default_log(a);
-}
-
-static int
-user_verbosity(void)
-{
-    const char *v = getenv("GRPC_VERBOSITY");
-    if (!v) return GPR_LOG_SEVERITY_ERROR;
-    if (strcasecmp(v, "DEBUG") == 0) return GPR_LOG_SEVERITY_DEBUG;
-    if (strcasecmp(v, "INFO") == 0) return GPR_LOG_SEVERITY_INFO;
-    if (strcasecmp(v, "NONE") == 0) return GPR_LOG_SEVERITY_ERROR + 1;
-    return GPR_LOG_SEVERITY_ERROR;
+    flowctl_log_line(a); /* where gRPC's lines go otherwise (log.c) */
 }
 
 static void
 prefork_watched(void)
 {
-    forward_min = user_verbosity();
     atomic_store(&skipped, false);
-    gpr_set_log_verbosity(forward_min < GPR_LOG_SEVERITY_INFO ? GPR_LOG_SEVERITY_DEBUG : GPR_LOG_SEVERITY_INFO);
+    flowctl_log_apply_verbosity(GPR_LOG_SEVERITY_INFO);
     gpr_set_log_function(fork_log);
     flowctl_grpc_prefork();
-    gpr_set_log_function(flowctl_gpr_default_log);
-    gpr_set_log_verbosity(forward_min > GPR_LOG_SEVERITY_ERROR ? GPR_LOG_SEVERITY_ERROR : (gpr_log_severity)forward_min);
+    gpr_set_log_function(flowctl_log_line);
+    flowctl_log_apply_verbosity(GPR_LOG_SEVERITY_ERROR);
 }
 
 void
@@ -478,8 +494,12 @@ flowctl_fork_env(void)
 static void
 fork_prepare(void)
 {
+    if (!fork_internals) { /* nothing to prepare gRPC core with: the child will not use it */
+        pthread_mutex_lock(&sockets_lock);
+        return;
+    }
     gate_close(2.0);
-    prepared = fork_support && !child_broken;
+    prepared = fork_internals && fork_support && !child_broken;
     if (prepared) {
         settle_grpc_threads();
         prefork_watched();
@@ -506,6 +526,10 @@ fork_child(void)
     run_child_hooks();
     if (child_broken) {
         /* a child of a child that could not use gRPC: nor can this one */
+    } else if (!fork_internals) {
+        child_broken = "this build of flowctl has no gRPC core fork support (libgrpc's grpc_prefork family was not "
+                       "found when it was compiled, or it was built with FLOWCTL_NO_GRPC_CXX=1), so gRPC core cannot "
+                       "run in a child; exec a new program instead";
     } else if (!fork_support) {
         child_broken = "gRPC fork support is off (GRPC_ENABLE_FORK_SUPPORT is set to something else than 1), "
                        "so gRPC core cannot run in a child; exec a new program instead";
@@ -526,6 +550,13 @@ native_fork_usable_p(VALUE mod)
     return child_broken ? Qfalse : Qtrue;
 }
 
+/* call-seq: Flowctl::Native.fork_internals? -> true or false (built with gRPC core's fork handlers) */
+static VALUE
+native_fork_internals_p(VALUE mod)
+{
+    return fork_internals ? Qtrue : Qfalse;
+}
+
 /* call-seq: Flowctl::Native.fork_support? -> true or false (gRPC core's fork support is on) */
 static VALUE
 native_fork_support_p(VALUE mod)
@@ -540,5 +571,6 @@ init_flowctl_fork(void)
     if (pthread_atfork(fork_prepare, fork_parent, fork_child) != 0)
         rb_raise(rb_eRuntimeError, "flowctl: pthread_atfork failed");
     rb_define_module_function(mFlowctlNative, "fork_support?", native_fork_support_p, 0);
+    rb_define_module_function(mFlowctlNative, "fork_internals?", native_fork_internals_p, 0);
     rb_define_module_function(mFlowctlNative, "grpc_usable?", native_fork_usable_p, 0);
 }

@@ -463,7 +463,14 @@ pump_wait(flowctl_pump *p, pump_pred pred, void *arg, bool bounded)
         }
         if (!flowctl_wait_interrupted()) continue;
         grpc_call_cancel(p->call, NULL);
-        rb_nogvl(drain_nogvl, p, NULL, NULL, 0);
+        /* the cancelled batches have mostly completed already: keep the GVL if so (wait.c) */
+        pthread_mutex_lock(&p->mu);
+        bool drained = nothing_in_flight(p, NULL) || collect_now(p, nothing_in_flight, NULL);
+        pthread_mutex_unlock(&p->mu);
+        if (!drained) {
+            flowctl_wait_note_cancel_wait();
+            rb_nogvl(drain_nogvl, p, NULL, NULL, 0);
+        }
         return 1;
     }
     /* leaving: someone must start what stays queued */

@@ -153,11 +153,13 @@ init_flowctl_status(void)
 
     eRPCError = rb_define_class_under(mFlowctl, "RPCError", eFlowctlError);
     rb_define_const(eRPCError, "CODE", INT2FIX(GRPC_STATUS_UNKNOWN));
+    flowctl_ractor_safe(true); /* ivars of the error and the frozen table below: any Ractor */
     rb_define_method(eRPCError, "initialize", rpc_error_initialize, -1);
     rb_define_method(eRPCError, "code", rpc_error_code, 0);
     rb_define_method(eRPCError, "details", rpc_error_details, 0);
     rb_define_method(eRPCError, "metadata", rpc_error_metadata, 0);
     rb_define_singleton_method(eRPCError, "for_code", rpc_error_for_code, 1);
+    flowctl_ractor_safe(false);
 
     VALUE names = rb_hash_new();
     for (int c = 1; c < STATUS_COUNT; c++) {

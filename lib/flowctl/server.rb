@@ -84,7 +84,7 @@ module Flowctl
 
     def initialize(host: "127.0.0.1", port: 0, tls: nil, auth_token: nil, pool_size: DEFAULT_POOL_SIZE,
                    max_waiting: nil, max_wait: 0.1, write_timeout: DEFAULT_WRITE_TIMEOUT,
-                   memory_burst: DEFAULT_MEMORY_BURST, channel_args: {})
+                   memory_burst: DEFAULT_MEMORY_BURST, channel_args: {}, interceptors: [])
       @host = String(host)
       @requested_port = Integer(port)
       @tls = check_tls(tls)
@@ -110,6 +110,7 @@ module Flowctl
       # no SO_REUSEPORT unless asked: a second server on a taken port must fail, not share it
       @channel_args = ChannelArgs.normalize({ "grpc.so_reuseport" => 0 }.merge(KEEPALIVE_ARGS,
                                                                               ChannelArgs.normalize(channel_args)))
+      @interceptors = Interception.check(interceptors, "Server")
       @routes = {}
       @state = :new
       @lock = Mutex.new
@@ -489,8 +490,18 @@ module Flowctl
     end
 
     def run_unary(ncall, route, call)
-      reply = invoke(route, read_request(ncall, route.rpc), call)
+      request = read_request(ncall, route.rpc)
+      reply = intercepted(route, call, request: request) { invoke(route, request, call) }
       Server.encode_reply(route.rpc, reply)
+    end
+
+    # Runs the block through the server's interceptors (last one first, as the grpc gem).
+    def intercepted(route, call, **args, &block)
+      return yield if @interceptors.empty?
+
+      method = route.handler.method(route.rpc.method_name)
+      Interception.run(@interceptors, Interception::SHAPES.fetch(route.rpc.shape), { call: call, method: method, **args },
+                       &block)
     end
 
     # The one request of a unary or server streaming call.
@@ -505,18 +516,23 @@ module Flowctl
 
     def run_server_streaming(ncall, route, call)
       request = read_request(ncall, route.rpc)
-      result = invoke(route, request, call) { |reply| call.write(reply) }
-      write_all(call, result) unless result.equal?(request)
+      intercepted(route, call, request: request) do
+        result = invoke(route, request, call) { |reply| call.write(reply) }
+        write_all(call, result) unless result.equal?(request)
+      end
     end
 
     def run_client_streaming(ncall, route, call)
-      Server.encode_reply(route.rpc, invoke(route, Requests.new(ncall, route.rpc.request_class), call))
+      reply = intercepted(route, call) { invoke(route, Requests.new(ncall, route.rpc.request_class), call) }
+      Server.encode_reply(route.rpc, reply)
     end
 
     def run_bidi(ncall, route, call)
       requests = Requests.new(ncall, route.rpc.request_class)
-      result = invoke(route, requests, call) { |reply| call.write(reply) }
-      write_all(call, result) unless result.equal?(requests)
+      intercepted(route, call, requests: requests) do
+        result = invoke(route, requests, call) { |reply| call.write(reply) }
+        write_all(call, result) unless result.equal?(requests)
+      end
     end
 
     # Calls the handler's method with the request(s), and the call unless it takes one argument.
