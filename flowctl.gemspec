@@ -15,7 +15,7 @@ Gem::Specification.new do |s|
   s.required_ruby_version = ">= 3.0"
   s.files = Dir["lib/**/*.rb", "ext/**/*.{c,h,rb}", "proto/**/*.proto", "exe/*", "README.md", "LICENSE"]
   s.bindir = "exe"
-  s.executables = ["flowctl-controlplane"]
+  s.executables = ["flowctl-controlplane", "flowctl-pipeline"]
   s.extensions = ["ext/flowctl/extconf.rb"]
   s.require_paths = ["lib"]
 end

@@ -52,6 +52,28 @@ RSpec.describe "clients against evil servers, and Client#close" do
     end
   end
 
+  describe "process(enum) with an Enumerable that raises" do
+    it "IOError, EOFError and an RPCError from the requests: the call is cancelled and the error raised in the caller" do
+      echo = Class.new { define_method(:process) { |requests, _call| requests.to_a } }
+      server = Flowctl::Server.new(port: 0)
+      server.handle(Flowctl::Processor::Service, echo.new)
+      server.start
+      client = Flowctl::Processor::Client.new("127.0.0.1:#{server.port}", tls: false, timeout: time_limit(30))
+      [IOError.new("io"), EOFError.new("eof"), Flowctl::Unavailable.new("gone")].each do |error|
+        requests = Enumerator.new do |y|
+          y << Flowctl::Processor::DataMessage.new(payload: "a")
+          raise error
+        end
+        started = Process.clock_gettime(Process::CLOCK_MONOTONIC)
+        expect { Timeout.timeout(time_limit(10)) { client.process(requests) { nil } } }.to raise_error(error.class)
+        expect(Process.clock_gettime(Process::CLOCK_MONOTONIC) - started).to be < time_limit(5)
+      end
+    ensure
+      client&.close
+      server&.stop(grace: 0.5)
+    end
+  end
+
   describe "Client#close with calls in flight" do
     let(:release) { Queue.new }
     let(:server) do
