@@ -144,6 +144,12 @@ RSpec.describe "Flowctl::Component processes" do
   end
 
   context "with the gem's embedded control plane (Flowctl::ControlPlane::Registry)" do
+    before do
+      unless Flowctl::ControlPlane::Registry.method_defined?(:register_component)
+        skip "the embedded control plane does not serve flowctl.v1 yet (issue 13)"
+      end
+    end
+
     let!(:cp_server) do
       s = Flowctl::Server.new(port: 0, tls: false)
       s.handle(Flowctl::V1::ControlPlaneService, Flowctl::ControlPlane::Registry.new)
