@@ -19,22 +19,22 @@ RSpec.describe "a run-time loaded service against the official grpc gem" do
     raise "grpc_tools_ruby_protoc failed"
   $LOAD_PATH.unshift(gen)
   require "acme/orders_services_pb"
-  OURS = Flowctl.load_descriptor_set(File.binread(set), root: root)
-  OrderF = OURS.fetch("acme.orders.v1.Order")
-  RequestF = OURS.fetch("acme.orders.v1.OrderRequest")
-  OrdersF = OURS.fetch("acme.orders.v1.Orders")
-  OrdersClient = Class.new(Flowctl::Client) { use_service OrdersF }
+  ACME_INTEROP_TYPES = Flowctl.load_descriptor_set(File.binread(set), root: root)
+  AcmeOrderF = ACME_INTEROP_TYPES.fetch("acme.orders.v1.Order")
+  AcmeRequestF = ACME_INTEROP_TYPES.fetch("acme.orders.v1.OrderRequest")
+  AcmeOrdersF = ACME_INTEROP_TYPES.fetch("acme.orders.v1.Orders")
+  AcmeOrdersClient = Class.new(Flowctl::Client) { use_service AcmeOrdersF }
 
   # The same behaviour on either side: get echoes the id into an order; watch sends three
   # orders; upload answers with the ids joined; sync answers each order with its lines doubled.
-  class FlowctlOrders
-    def get(req, _call) = OrderF.new(id: req.id, state: :STATE_PAID, labels: { "from" => "flowctl" })
-    def watch(req, _call) = 3.times { |i| yield OrderF.new(id: "#{req.id}-#{i}", priority: :PRIORITY_HIGH) }
-    def upload(orders, _call) = RequestF.new(id: orders.map(&:id).join(","))
-    def sync(orders, call) = orders.each { |o| call.write(OrderF.new(id: o.id, lines: o.lines + o.lines)) }
+  class AcmeFlowctlOrders
+    def get(req, _call) = AcmeOrderF.new(id: req.id, state: :STATE_PAID, labels: { "from" => "flowctl" })
+    def watch(req, _call) = 3.times { |i| yield AcmeOrderF.new(id: "#{req.id}-#{i}", priority: :PRIORITY_HIGH) }
+    def upload(orders, _call) = AcmeRequestF.new(id: orders.map(&:id).join(","))
+    def sync(orders, call) = orders.each { |o| call.write(AcmeOrderF.new(id: o.id, lines: o.lines + o.lines)) }
   end
 
-  class OfficialOrders < Acme::Orders::V1::Orders::Service
+  class AcmeOfficialOrders < Acme::Orders::V1::Orders::Service
     O = Acme::Orders::V1::Order
     def get(req, _call) = O.new(id: req.id, state: :STATE_PAID, labels: { "from" => "official" })
     def watch(req, _call) = Array.new(3) { |i| O.new(id: "#{req.id}-#{i}", priority: :PRIORITY_HIGH) }.each
@@ -42,11 +42,11 @@ RSpec.describe "a run-time loaded service against the official grpc gem" do
     def sync(orders) = orders.lazy.map { |o| O.new(id: o.id, lines: o.lines.to_a * 2) }
   end
 
-  def order(id) = OrderF.new(id: id, lines: [{ sku: id, quantity: 1 }], invoice_number: 0, discount_cents: 0)
+  def order(id) = AcmeOrderF.new(id: id, lines: [{ sku: id, quantity: 1 }], invoice_number: 0, discount_cents: 0)
 
   shared_examples "all four shapes" do
     it "calls unary, server streaming, client streaming and bidi" do
-      c = OrdersClient.new("127.0.0.1:#{port}", tls: false, timeout: time_limit(5))
+      c = AcmeOrdersClient.new("127.0.0.1:#{port}", tls: false, timeout: time_limit(5))
       got = c.get(id: "o1")
       expect([got.id, got.state]).to eq(["o1", :STATE_PAID])
       expect(c.watch(id: "w").map { |o| [o.id, o.priority] })
@@ -63,7 +63,7 @@ RSpec.describe "a run-time loaded service against the official grpc gem" do
     before(:all) do
       @server = GRPC::RpcServer.new
       @port = @server.add_http2_port("127.0.0.1:0", :this_port_is_insecure)
-      @server.handle(OfficialOrders)
+      @server.handle(AcmeOfficialOrders)
       @thread = Thread.new { @server.run }
       @server.wait_till_running(5)
     end
@@ -77,7 +77,7 @@ RSpec.describe "a run-time loaded service against the official grpc gem" do
   end
 
   context "the official gem's client, this gem's server" do
-    let(:server) { Flowctl::Server.new.handle(OrdersF, FlowctlOrders.new) }
+    let(:server) { Flowctl::Server.new.handle(AcmeOrdersF, AcmeFlowctlOrders.new) }
     let(:port) { server.port }
     before { server.start }
     after { server.stop(grace: 0) }

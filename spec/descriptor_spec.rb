@@ -6,10 +6,10 @@ require "tmpdir"
 # Descriptor sets loaded at run time (Flowctl.load_descriptor_set): the mechanism the
 # built-in protocols are loaded with too.
 RSpec.describe "descriptor sets" do
-  FIXTURES = File.expand_path("fixtures", __dir__)
+  DESCRIPTOR_FIXTURES = File.expand_path("fixtures", __dir__)
   ACME = (FlowctlSpecAcme = Module.new) # where the user's types go (types are the process's: loaded once)
 
-  def protoc_set(*files, dir: FIXTURES)
+  def protoc_set(*files, dir: DESCRIPTOR_FIXTURES)
     out = File.join(Dir.mktmpdir("flowctl-desc"), "set.pb")
     ok = system("protoc", "-I#{dir}", "-I/usr/include", "--include_imports", "--descriptor_set_out=#{out}",
                 *files.map { |f| File.join(dir, f) })
@@ -143,8 +143,8 @@ RSpec.describe "descriptor sets" do
 
     it "is byte-compatible both ways with google-protobuf classes generated from the same file" do
       out = Dir.mktmpdir("flowctl-gen")
-      system("grpc_tools_ruby_protoc", "-I#{FIXTURES}", "-I/usr/include", "--ruby_out=#{out}",
-             File.join(FIXTURES, "acme/orders.proto"), File.join(FIXTURES, "acme/common.proto")) or raise "protoc"
+      system("grpc_tools_ruby_protoc", "-I#{DESCRIPTOR_FIXTURES}", "-I/usr/include", "--ruby_out=#{out}",
+             File.join(DESCRIPTOR_FIXTURES, "acme/orders.proto"), File.join(DESCRIPTOR_FIXTURES, "acme/common.proto")) or raise "protoc"
       script = <<~RUBY
         $LOAD_PATH.unshift(#{out.inspect})
         require "acme/orders_pb"

@@ -14,15 +14,15 @@ require "tmpdir"
 RSpec.describe "proto3 JSON of flowctl.v1 and of every field type" do
   include MessageHelpers
 
-  FIXTURES = File.expand_path("fixtures", __dir__)
+  JSON_V1_FIXTURES = File.expand_path("fixtures", __dir__)
   OFFICIAL_V1 = File.expand_path("gen/official_v1", __dir__)
   JSONTEST = Module.new # where alltypes.proto's classes go
 
   def self.alltypes_set
     @alltypes_set ||= begin
       out = File.join(Dir.mktmpdir("flowctl-json"), "alltypes.pb")
-      system("protoc", "-I#{FIXTURES}", "-I/usr/include", "--include_imports", "--descriptor_set_out=#{out}",
-             File.join(FIXTURES, "json/alltypes.proto")) or raise "protoc failed on json/alltypes.proto"
+      system("protoc", "-I#{JSON_V1_FIXTURES}", "-I/usr/include", "--include_imports", "--descriptor_set_out=#{out}",
+             File.join(JSON_V1_FIXTURES, "json/alltypes.proto")) or raise "protoc failed on json/alltypes.proto"
       File.binread(out)
     end
   end
@@ -34,8 +34,8 @@ RSpec.describe "proto3 JSON of flowctl.v1 and of every field type" do
   def self.wkt_set
     @wkt_set ||= begin
       out = File.join(Dir.mktmpdir("flowctl-json"), "wkt.pb")
-      system("protoc", "-I#{FIXTURES}", "-I/usr/include", "--include_imports", "--descriptor_set_out=#{out}",
-             File.join(FIXTURES, "json/wkt.proto")) or raise "protoc failed on json/wkt.proto"
+      system("protoc", "-I#{JSON_V1_FIXTURES}", "-I/usr/include", "--include_imports", "--descriptor_set_out=#{out}",
+             File.join(JSON_V1_FIXTURES, "json/wkt.proto")) or raise "protoc failed on json/wkt.proto"
       File.binread(out)
     end
   end

@@ -256,3 +256,27 @@ RSpec.describe "Flowctl::Server: server streaming and client streaming" do
     end
   end
 end
+
+RSpec.describe "Server and client streams of this gem on both sides, through GC.compact" do
+  include Shapes::SpecHelpers
+
+  it "keep working when the heap is compacted while they are open (and under GC_STRESS=1)" do
+    server = Flowctl::Server.new(port: 0, tls: false, pool_size: 4).handle(Shapes.service, Shapes::Echo.flowctl)
+    client = Shapes.client("127.0.0.1:#{server.start}")
+    reading = client.server_stream_stream(payload: "r", metadata: {"count" => "4"})
+    writing = client.client_stream_stream(headers: {"x-h" => "v"})
+    writing << msg(1, "a")
+    expect(reading.read.metadata).to eq("i" => "0")
+    GC.compact if GC.respond_to?(:compact)
+    writing << msg(2, "b")
+    expect(reading.map { |m| m.metadata["i"] }).to eq(%w[1 2 3])
+    expect(writing.response).to eq(dm.new(payload: "ab", metadata: {"count" => "2"}))
+    GC.compact if GC.respond_to?(:compact)
+    expect([reading.status, writing.status, reading.trailing_metadata, writing.initial_metadata]).to eq([0, 0, {}, {}])
+    expect(client.bidi([msg(1), msg(2)]).map(&:payload)).to eq(%w[p p])
+    expect { client.client_stream(Enumerator.new { |y| y << msg(1); raise IOError, "enum" }) }.to raise_error(IOError, "enum")
+  ensure
+    client&.close
+    server&.stop(grace: 1)
+  end
+end

@@ -1,0 +1,78 @@
+/*
+ * pipeline_target.c — libFuzzer target: the input as a pipeline file.
+ *
+ * The first byte chooses whether commands are looked up (odd) or not; the rest is the
+ * text given to Flowctl::Pipeline::Definition.parse. fuzz/pipeline_check.rb checks the
+ * result: a Definition whose ids are unique, whose inputs exist and form no cycle, whose
+ * argv and env are Strings fit for exec; or a Flowctl::Pipeline::DefinitionError whose
+ * every problem names the file and a line within it. Any other exception, and any
+ * ASan/UBSan/LSan report, is a crash.
+ */
+#include "fuzz_ruby.h"
+#include <sanitizer/lsan_interface.h>
+#include <stdio.h>
+#include <stdlib.h>
+
+#ifndef FUZZ_SRC
+#define FUZZ_SRC "fuzz"
+#endif
+
+static VALUE checker;
+static ID id_check;
+static unsigned long inputs, accepted, refused;
+
+static void
+print_stats(void)
+{
+    fprintf(stderr, "pipeline_target: %lu inputs, %lu definitions accepted, %lu refused (DefinitionError)\n",
+            inputs, accepted, refused);
+}
+
+static VALUE
+load_checker(VALUE path)
+{
+    return rb_require(StringValueCStr(path));
+}
+
+int
+LLVMFuzzerInitialize(int *argc, char ***argv)
+{
+    fuzz_ruby_init(argc, argv);
+    VALUE path = rb_sprintf("%s/pipeline_check.rb", FUZZ_SRC);
+    int state = 0;
+    /* what loading the loader (psych, json, did_you_mean) and its first uses allocate
+     * lives as long as Ruby: made with LSan off, as fuzz_ruby_init does for the gem */
+    __lsan_disable();
+    rb_protect(load_checker, path, &state);
+    if (state) {
+        rb_p(rb_errinfo());
+        fuzz_bug("could not load %"PRIsVALUE, path);
+    }
+    checker = rb_path2class("FuzzPipeline");
+    rb_gc_register_mark_object(checker); /* pinned: GC.compact must not move it under us */
+    id_check = rb_intern("check");
+    rb_eval_string("FuzzPipeline.warm_up");
+    fuzz_lsan_roots();
+    __lsan_enable();
+    atexit(print_stats);
+    return 0;
+}
+
+int
+LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
+{
+    VALUE bytes = rb_str_new((const char *)data, (long)size), err;
+    VALUE r = fuzz_call(checker, id_check, 1, &bytes, &err);
+    if (r == Qundef) {
+        static const VALUE none[1] = {0};
+        VALUE shown = rb_inspect(bytes);
+        fprintf(stderr, "input: %s\n", StringValueCStr(shown));
+        fuzz_expect(err, none, "the pipeline loader");
+    }
+    inputs++;
+    if (r == ID2SYM(rb_intern("ok"))) accepted++;
+    else refused++;
+    RB_GC_GUARD(bytes);
+    fuzz_gc_tick();
+    return 0;
+}

@@ -1,0 +1,407 @@
+# frozen_string_literal: true
+
+module Flowctl
+  module Pipeline
+    # The data plane: moves events along the DAG of a Definition through links to the
+    # components (sources' StreamEvents, processors' Process, sinks' Consume).
+    #
+    # - Every processor and sink has one bounded inbox (Definition#queue_size events) that
+    #   all its inputs feed (fan-in); every producer pushes each event into the inbox of
+    #   each component that reads from it and accepts its type (fan-out, filtered by
+    #   input_event_types). A push waits while the inbox is full: a slow sink slows its
+    #   processors, which slows the sources (gRPC flow control does the rest); nothing is
+    #   dropped.
+    # - An event a processor replies with metadata "flowctl.error" set has failed: it is
+    #   counted and goes to the dead-letter sink when the pipeline declares one.
+    # - A link that breaks (the component died: UNAVAILABLE, CANCELLED, a closed
+    #   connection) is reopened once the hooks say the component is back; what had been
+    #   written to it and not acknowledged is written again first (processors acknowledge
+    #   an event by replying with its id, which acknowledges every event written before it;
+    #   sinks acknowledge at the end of their stream). Sources resume from the last event
+    #   routed (its resume token). Delivery is at-least-once across a crash, exactly once
+    #   without one. A stream that fails with another status (the component refused an
+    #   event) fails the events written to it and not acknowledged.
+    #
+    # hooks: #connect(component) -> a link once the component is ready (raises to give
+    # up); #broken(component, error) -> true to reconnect, false to fail the pipeline;
+    # optional #resume_token(component) -> a token to resume a source from when the
+    # router has none.
+    class Router
+      FAILED_KEY = "flowctl.error"
+      RESUME_KEY = "resume_token"
+      REPLAY_LIMIT = 10_000
+      # A sink's Consume stream is finished (its ConsumeResponse acknowledges what it
+      # got) and a new one opened after this many events, so that a sink crash replays
+      # at most that many.
+      SINK_BATCH = 1000
+      WAKE = Object.new.freeze
+      private_constant :WAKE
+      # Errors that mean the component (or its connection) went away: reconnect and replay.
+      TRANSPORT_ERRORS = [Flowctl::Unavailable, Flowctl::Cancelled, IOError].freeze
+
+      # The pipeline cannot go on (a component gave up); message names it.
+      class Failed < Flowctl::Error; end
+
+      # Per component counters; in_flight is read live.
+      Stats = Struct.new(:in, :out, :failed, :dropped, :replayed, :unprotected, :reconnects, keyword_init: true) do
+        def self.zero = new(in: 0, out: 0, failed: 0, dropped: 0, replayed: 0, unprotected: 0, reconnects: 0)
+      end
+
+      # One component's place in the data plane.
+      class Node
+        attr_reader :component, :inbox, :stats, :lock, :pending
+        attr_accessor :producers_left, :link, :cursor, :finished, :response
+
+        def initialize(component, queue_size)
+          @component = component
+          @inbox = component.source? ? nil : SizedQueue.new(queue_size)
+          @stats = Stats.zero
+          @lock = Mutex.new
+          @pending = []
+          @finished = false
+        end
+
+        def id = component.id
+        def in_flight = @lock.synchronize { (@inbox ? @inbox.size : 0) + @pending.size }
+      end
+
+      attr_reader :definition, :nodes
+
+      def initialize(definition, hooks)
+        @definition = definition
+        @hooks = hooks
+        @nodes = definition.components.to_h { |c| [c.id, Node.new(c, definition.queue_size)] }
+        @downstream = definition.components.to_h { |c| [c.id, definition.downstream(c.id).map { |d| @nodes[d] }] }
+        @dead = definition.dead_letter && @nodes[definition.dead_letter]
+        @nodes.each_value { |n| n.producers_left = n.component.inputs.size }
+        @targets = @nodes.transform_values { {} }
+        @stopping = false
+        @aborted = false
+        @threads = []
+        @errors = Queue.new
+      end
+
+      # Starts one driver thread per component (sinks first, sources last).
+      def start
+        order = @nodes.values.sort_by { |n| { sink: 0, processor: 1, source: 2 }[n.component.role] }
+        order.each { |n| @threads << spawn_driver(n) }
+        self
+      end
+
+      # Waits until every component has drained (true), the timeout passed (false), or a
+      # component failed (raises Failed).
+      def wait(timeout = nil)
+        deadline = timeout && monotonic + timeout
+        @threads.each do |t|
+          left = deadline && [deadline - monotonic, 0].max
+          return false unless t.join(left)
+        end
+        raise @errors.pop unless @errors.empty?
+
+        true
+      end
+
+      def finished? = @threads.none?(&:alive?)
+
+      # The first failure, if any, without waiting.
+      def failure = @errors.empty? ? nil : @errors.pop.tap { |e| @errors << e }
+
+      # Stops the sources (their streams are cancelled); the rest drains what is in flight.
+      def stop_sources
+        @stopping = true
+        @nodes.each_value { |n| n.link&.cancel if n.component.source? }
+      end
+
+      # Cancels everything at once (after the grace period).
+      def abort
+        @stopping = true
+        @aborted = true
+        @nodes.each_value do |n|
+          n.inbox&.close
+          n.link&.cancel
+        end
+        @threads.each { |t| t.join(2) }
+      end
+
+      # {id => {"in" =>, "out" =>, "failed" =>, "dropped" =>, "in_flight" =>, ...}}
+      def snapshot
+        @nodes.transform_values do |n|
+          n.stats.to_h.transform_keys(&:to_s).merge("in_flight" => n.in_flight)
+        end
+      end
+
+      private
+
+      def monotonic = Process.clock_gettime(Process::CLOCK_MONOTONIC)
+
+      def spawn_driver(node)
+        Thread.new do
+          Thread.current.name = "pipeline #{node.id}"
+          Thread.current.report_on_exception = false
+          drive(node)
+        rescue Failed => e
+          @errors << e
+          abort_later
+        rescue ClosedQueueError => e
+          raise_later(node, e) unless @aborted # an inbox closes under a push only when the run is aborted
+        rescue StandardError => e
+          @errors << Failed.new("#{node.component.label}: #{e.class}: #{e.message}")
+          abort_later
+        ensure
+          node.finished = true
+          @hooks.done(node.component) if @hooks.respond_to?(:done)
+          finish_downstream(node)
+        end
+      end
+
+      def abort_later
+        Thread.new { abort }
+      end
+
+      def raise_later(node, err)
+        @errors << Failed.new("#{node.component.label}: #{err.class}: #{err.message}")
+        abort_later
+      end
+
+      # Reconnects until the component's work is done; breaks in a row without an event
+      # getting through wait a little longer each time (50 ms doubling, at most 1 s).
+      def drive(node)
+        failures = 0
+        loop do
+          return if @aborted || (node.component.source? && @stopping)
+
+          link = @hooks.connect(node.component)
+          node.link = link
+          moved = node.stats.in + node.stats.out
+          begin
+            return run_link(node, link)
+          rescue *TRANSPORT_ERRORS, Flowctl::RPCError => e
+            link.cancel
+            return if @aborted || (node.component.source? && @stopping)
+
+            handle_break(node, e)
+            failures = node.stats.in + node.stats.out == moved ? failures + 1 : 0
+            sleep [0.05 * (2**[failures - 1, 5].min), 1.0].min if failures.positive?
+          ensure
+            node.link = nil
+          end
+        end
+      end
+
+      def handle_break(node, err)
+        transport = TRANSPORT_ERRORS.any? { |k| err.is_a?(k) }
+        fail_pending(node, err) unless transport
+        raise Failed, "#{node.component.label}: #{err.class}: #{err.message}" unless @hooks.broken(node.component, err)
+
+        node.stats.reconnects += 1
+      end
+
+      def run_link(node, link)
+        case node.component.role
+        when :source then run_source(node, link)
+        when :processor then run_processor(node, link)
+        else run_sink(node, link)
+        end
+      end
+
+      # --- sources -----------------------------------------------------------------
+
+      # node.cursor holds the last event routed; its resume token is worked out only when
+      # the stream has to be opened again.
+      def run_source(node, link)
+        token = node.cursor ? resume_token_of(node.cursor) : nil
+        token ||= @hooks.resume_token(node.component) if @hooks.respond_to?(:resume_token)
+        link.open(token)
+        link.each do |event|
+          node.stats.out += 1
+          route(node, event)
+          node.cursor = event
+        end
+      end
+
+      def resume_token_of(event)
+        meta = event.metadata
+        token = meta && meta[RESUME_KEY]
+        return token if token && !token.empty?
+
+        c = event.respond_to?(:stellar_cursor) ? event.stellar_cursor : nil
+        c ? "#{c.ledger_sequence}:#{c.index_in_ledger}" : event.id
+      end
+
+      # --- processors --------------------------------------------------------------
+
+      def run_processor(node, link)
+        stop = [false]
+        writer = Thread.new do
+          Thread.current.report_on_exception = false
+          feed(node, link, stop)
+        end
+        while (reply = link.read)
+          acknowledge(node, reply.id)
+          node.stats.out += 1
+          route(node, reply)
+        end
+        # the component ended the stream: fine once we had closed it, a break otherwise
+        raise IOError, "#{node.component.label} ended its Process stream early" unless writer.join(0.5) && writer.value == :closed
+
+        node.lock.synchronize { node.pending.clear }
+      ensure
+        stop_writer(node, link, writer, stop)
+      end
+
+      # Writes what was not acknowledged on the last link, then the inbox, then closes.
+      # Every event is remembered before it is written, so that a break loses none.
+      def feed(node, link, stop)
+        replay(node, link)
+        while (event = node.inbox.pop)
+          next if event.equal?(WAKE)
+
+          remember(node, event)
+          break if stop[0]
+
+          node.stats.in += 1
+          link.write(event)
+        end
+        return :stopped if stop[0]
+
+        link.close_write
+        :closed
+      rescue *TRANSPORT_ERRORS, Flowctl::RPCError, ClosedQueueError
+        link.cancel
+        :broken
+      end
+
+      # Wakes a writer waiting on an empty inbox (a marker it skips) and waits for it; one
+      # stuck in a write to a stream nobody reads any more gets the stream cancelled.
+      def stop_writer(node, link, writer, stop)
+        return unless writer
+
+        stop[0] = true
+        begin
+          node.inbox.push(WAKE, true)
+        rescue ThreadError, ClosedQueueError
+          nil # full (the writer is not waiting) or closed (it ends by itself)
+        end
+        return if writer.join(1)
+
+        link.cancel
+        writer.join
+      end
+
+      def replay(node, link)
+        again = node.lock.synchronize { node.pending.dup }
+        node.stats.replayed += again.size
+        again.each { |e| link.write(e) }
+      end
+
+      def remember(node, event)
+        node.lock.synchronize do
+          node.pending << event
+          if node.pending.size > REPLAY_LIMIT
+            node.pending.shift
+            node.stats.unprotected += 1
+          end
+        end
+      end
+
+      def acknowledge(node, id)
+        node.lock.synchronize do
+          pending = node.pending
+          if pending.first&.id == id # the usual case: replies in order, one per event
+            pending.shift
+          elsif (i = pending.index { |e| e.id == id })
+            pending.shift(i + 1)
+          end
+        end
+      end
+
+      def fail_pending(node, err)
+        failed = node.lock.synchronize { node.pending.slice!(0..) }
+        failed.each do |e|
+          node.stats.failed += 1
+          dead_letter(node, e, "#{err.class}: #{err.message}")
+        end
+      end
+
+      # --- sinks -------------------------------------------------------------------
+
+      def run_sink(node, link)
+        replay(node, link)
+        unacked = node.lock.synchronize { node.pending.size }
+        while (event = node.inbox.pop)
+          next if event.equal?(WAKE)
+
+          remember(node, event)
+          node.stats.in += 1
+          link.write(event)
+          unacked += 1
+          next if unacked < SINK_BATCH
+
+          checkpoint(node, link)
+          unacked = 0
+        end
+        checkpoint(node, link)
+      end
+
+      # Ends the current Consume stream: its response acknowledges what was written.
+      def checkpoint(node, link)
+        response = link.finish
+        node.lock.synchronize { node.pending.clear }
+        return unless response
+
+        node.stats.failed += response.events_failed.to_i
+        node.response = response
+      end
+
+      # --- routing -----------------------------------------------------------------
+
+      def route(node, event)
+        meta = event.metadata
+        reason = meta && meta[FAILED_KEY]
+        return dead_letter(node, event, reason, count: true) if reason
+
+        targets = targets_for(node, event.type)
+        if targets.empty?
+          node.stats.dropped += 1
+          return
+        end
+        targets.each { |d| d.inbox.push(event) }
+      end
+
+      # The readers of a node that take events of a type (worked out once per type; each
+      # driver thread only asks for its own node).
+      def targets_for(node, type)
+        cache = @targets.fetch(node.id)
+        cache[type] ||= @downstream[node.id].select { |d| !d.component.dead_letter && d.component.accepts?(type) }.freeze
+      end
+
+      def dead_letter(node, event, reason, count: false)
+        node.stats.failed += 1 if count
+        return unless @dead
+
+        copy = event.dup
+        copy.metadata = (event.metadata || {}).merge(FAILED_KEY => reason.to_s, "flowctl.failed_at" => node.id)
+        @dead.inbox.push(copy)
+      rescue ClosedQueueError
+        nil
+      end
+
+      # A component is done: those reading from it have one producer less; when none is
+      # left their inbox closes, and they drain it and finish.
+      def finish_downstream(node)
+        @downstream[node.id].each do |d|
+          close = d.lock.synchronize { (d.producers_left -= 1) <= 0 }
+          d.inbox.close if close
+        end
+        close_dead_letter
+      end
+
+      def close_dead_letter
+        return unless @dead
+
+        others = @nodes.each_value.reject { |n| n.equal?(@dead) }
+        @dead.inbox.close if others.all?(&:finished)
+      end
+    end
+  end
+end

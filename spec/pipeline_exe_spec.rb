@@ -1,0 +1,79 @@
+# frozen_string_literal: true
+
+require "spec_helper"
+require "flowctl/pipeline"
+require "open3"
+require "rbconfig"
+require "tmpdir"
+
+# exe/flowctl-pipeline: validate and runs (run is covered with real components in
+# spec/pipeline_e2e_spec.rb).
+RSpec.describe "exe/flowctl-pipeline" do
+  EXE = File.expand_path("../exe/flowctl-pipeline", __dir__)
+
+  around do |ex|
+    Dir.mktmpdir("flowctl-pipeline-exe") do |dir|
+      @dir = dir
+      ex.run
+    end
+  end
+
+  def sh(*args) = Open3.capture3(RbConfig.ruby, EXE, *args, chdir: @dir)
+
+  it "validates a file: every problem as file:line: component: message, exit 1" do
+    path = File.join(@dir, "bad.yaml")
+    File.write(path, <<~YAML)
+      apiVersion: flowctl/v1
+      kind: Pipeline
+      metadata: {name: bad}
+      spec:
+        sources:
+          - id: gen
+            command: [no-such-command-here]
+        sinks:
+          - id: out
+            command: [cat]
+            inputz: [gen]
+    YAML
+    out, err, st = sh("validate", path)
+    expect(st.exitstatus).to eq(1)
+    expect(out).to eq("")
+    expect(err.lines).to eq([%(#{path}:7: source "gen": command: "no-such-command-here" not found in PATH\n),
+                             %(#{path}:11: sink "out": unknown key "inputz" (did you mean "inputs"?)\n)])
+  end
+
+  it "validates a good file and prints the wiring, exit 0" do
+    path = File.join(@dir, "good.yaml")
+    File.write(path, "apiVersion: flowctl/v1\nkind: Pipeline\nmetadata: {name: ok}\nspec:\n" \
+                     "  sources: [{id: gen, command: [cat]}]\n  sinks: [{id: out, command: [cat]}]\n")
+    out, err, st = sh("validate", path)
+    expect([st.exitstatus, err]).to eq([0, ""])
+    expect(out).to eq(%(#{path}: pipeline "ok" is valid: 1 source(s), 0 processor(s), 1 sink(s)\n  source gen <- -\n  sink out <- gen\n))
+    _, err, st = sh("validate", File.join(@dir, "missing.yaml"))
+    expect(st.exitstatus).to eq(1)
+    expect(err).to include("No such file or directory")
+  end
+
+  it "lists recorded runs from the SQLite store, newest first, as a table or JSON lines" do
+    db = File.join(@dir, "runs.db")
+    store = Flowctl::Pipeline::RunStore.open(db)
+    a = store.create(name: "first", definition: "x", started_at: Time.now - 60)
+    store.update(a.id, status: "COMPLETED", counts: { "out" => { "role" => "sink", "in" => 42 } })
+    b = store.create(name: "second", definition: "y")
+    store.update(b.id, status: "FAILED", error: "sink \"out\": exited\nmore")
+    store.close
+    out, err, st = sh("runs", "--db", db)
+    expect([st.exitstatus, err]).to eq([0, ""])
+    lines = out.lines
+    expect(lines[0]).to start_with("ID")
+    expect(lines[1]).to start_with(b.id).and include("second", "FAILED", 'sink "out": exited')
+    expect(lines[2]).to start_with(a.id).and include("first", "COMPLETED", "42 events delivered to sinks")
+    out, = sh("runs", "--db", db, "--json")
+    expect(out.lines.map { |l| JSON.parse(l)["id"] }).to eq([b.id, a.id])
+    _, err, st = sh("runs", "--db", File.join(@dir, "none.db"))
+    expect([st.exitstatus, err]).to eq([0, "flowctl-pipeline: no runs recorded (#{@dir}/none.db does not exist)\n"])
+    _, err, st = sh("frobnicate")
+    expect(st.exitstatus).to eq(2)
+    expect(err).to include('unknown command "frobnicate"')
+  end
+end

@@ -1,0 +1,287 @@
+# frozen_string_literal: true
+
+require "spec_helper"
+require "flowctl/pipeline"
+
+# The data plane alone, with in-process links standing in for the components' streams:
+# fan-out, fan-in, event-type filters, backpressure, dead letters, replay after a break.
+RSpec.describe Flowctl::Pipeline::Router do
+  # fewer events under GC_STRESS (every allocation is a full GC there)
+  def self.n(count) = ENV["GC_STRESS"] == "1" ? [count / 10, 5].max : count
+  def n(count) = self.class.n(count)
+
+  RouterEv = Struct.new(:id, :type, :payload, :metadata, keyword_init: true) do
+    def dup = RouterEv.new(**to_h, metadata: metadata.dup)
+  end
+
+  # A source's StreamEvents: the events after the resume token.
+  class FakeSource
+    attr_reader :opened_with
+
+    def initialize(events, fail_after: nil)
+      @events = events
+      @fail_after = fail_after
+      @cancelled = false
+    end
+
+    def open(token)
+      @opened_with = token
+      @start = token ? @events.index { |e| e.id == token } + 1 : 0
+    end
+
+    def each
+      @events[@start..].each_with_index do |e, i|
+        raise Flowctl::Cancelled, "cancelled" if @cancelled
+        raise Flowctl::Unavailable, "source died" if @fail_after && i == @fail_after
+
+        yield e
+      end
+    end
+
+    def cancel = @cancelled = true
+  end
+
+  # A processor's Process: replies through a queue; fn maps one event to replies.
+  class FakeProcessor
+    def initialize(fn, die_after: nil, delay: 0)
+      @fn = fn
+      @replies = SizedQueue.new(4) # a stream's flow control
+      @die_after = die_after
+      @delay = delay
+      @n = 0
+    end
+
+    def write(e)
+      raise Flowctl::Unavailable, "gone" if @replies.closed?
+
+      @n += 1
+      if @die_after && @n > @die_after
+        @replies.close
+        raise Flowctl::Unavailable, "processor died"
+      end
+      sleep @delay if @delay.positive?
+      r = @fn.call(e)
+      (r.is_a?(Array) ? r : [r]).each { |x| @replies << x }
+    end
+
+    def close_write = @replies.close
+
+    def read
+      r = @replies.pop
+      raise Flowctl::Unavailable, "processor died" if r.nil? && @die_after && @n > @die_after
+
+      r
+    end
+
+    def cancel = @replies.close
+  end
+
+  class FakeSink
+    Response = Struct.new(:events_consumed, :events_failed, :errors)
+    attr_reader :got
+
+    def initialize(got, delay: 0)
+      @got = got
+      @delay = delay
+      @n = 0
+    end
+
+    def write(e)
+      sleep @delay if @delay.positive?
+      @got << e
+      @n += 1
+    end
+
+    def finish
+      n = @n
+      @n = 0
+      Response.new(n, 0, [])
+    end
+
+    def cancel; end
+  end
+
+  # Hooks: a fresh link per connect from the factory; every break may reconnect.
+  class Hooks
+    attr_reader :connects, :breaks
+
+    def initialize(&factory)
+      @factory = factory
+      @connects = Hash.new(0)
+      @breaks = []
+      @lock = Mutex.new
+    end
+
+    def connect(c)
+      n = @lock.synchronize { @connects[c.id] += 1 }
+      @factory.call(c, n)
+    end
+
+    def broken(c, err)
+      @lock.synchronize { @breaks << [c.id, err.class] }
+      true
+    end
+  end
+
+  def definition(yaml_spec, queue_size: 4)
+    Flowctl::Pipeline::Definition.parse(<<~YAML, check_commands: false)
+      apiVersion: flowctl/v1
+      kind: Pipeline
+      metadata: {name: t}
+      spec:
+        queue_size: #{queue_size}
+      #{yaml_spec.gsub(/^/, '  ')}
+    YAML
+  end
+
+  def events(prefix, n, type: "raw") = Array.new(n) { |i| RouterEv.new(id: "#{prefix}#{i}", type: type, payload: i.to_s, metadata: {}) }
+
+  it "delivers every event exactly once through a fan-out, a fan-in and a slow sink" do
+    d = definition(<<~YAML)
+      sources:
+        - {id: a, command: [x]}
+        - {id: b, command: [x]}
+      processors:
+        - {id: up, command: [x], inputs: [a, b]}
+        - {id: tag, command: [x], inputs: [a]}
+      sinks:
+        - {id: slow, command: [x], inputs: [up, tag]}
+        - {id: fast, command: [x], inputs: [up]}
+    YAML
+    got = { "slow" => Queue.new, "fast" => Queue.new }
+    hooks = Hooks.new do |c, _|
+      case c.id
+      when "a" then FakeSource.new(events("a", n(200)))
+      when "b" then FakeSource.new(events("b", n(150)))
+      when "up" then FakeProcessor.new(->(e) { RouterEv.new(id: e.id, type: "up", payload: e.payload.upcase, metadata: {}) })
+      when "tag" then FakeProcessor.new(->(e) { RouterEv.new(id: "t-#{e.id}", type: "tag", payload: e.payload, metadata: {}) })
+      when "slow" then FakeSink.new(got["slow"], delay: 0.0005)
+      else FakeSink.new(got["fast"])
+      end
+    end
+    router = described_class.new(d, hooks).start
+    expect(router.wait(time_limit(30))).to be(true)
+    slow = Array.new(got["slow"].size) { got["slow"].pop.id }
+    fast = Array.new(got["fast"].size) { got["fast"].pop.id }
+    expect(slow.tally.values.uniq).to eq([1])
+    expect(slow.sort).to eq((events("a", n(200)).map(&:id) + events("b", n(150)).map(&:id) + events("t-a", n(200)).map(&:id)).sort)
+    expect(fast.sort).to eq((events("a", n(200)) + events("b", n(150))).map(&:id).sort)
+    snap = router.snapshot
+    expect(snap["up"].values_at("in", "out", "failed", "dropped", "in_flight")).to eq([n(350), n(350), 0, 0, 0])
+    expect(snap["slow"]["in"]).to eq(n(550))
+    expect(hooks.breaks).to eq([])
+  end
+
+  it "applies backpressure: a blocked sink holds the sources back with bounded queues" do
+    d = definition(<<~YAML, queue_size: 3)
+      sources: [{id: a, command: [x]}]
+      processors: [{id: p, command: [x]}]
+      sinks: [{id: s, command: [x]}]
+    YAML
+    gate = Queue.new
+    got = Queue.new
+    sink = FakeSink.new(got)
+    sink.define_singleton_method(:write) { |e| gate.pop; got << e }
+    sink.define_singleton_method(:finish) { FakeSink::Response.new(0, 0, []) }
+    hooks = Hooks.new do |c, _|
+      { "a" => -> { FakeSource.new(events("a", 100)) }, "p" => -> { FakeProcessor.new(->(e) { e }) },
+        "s" => -> { sink } }.fetch(c.id).call
+    end
+    router = described_class.new(d, hooks).start
+    sleep 0.3
+    snap = router.snapshot
+    # inbox of p (3) + one in p's writer + p's stream (4) + one in p's reader + inbox of s (3) + one at the
+    # sink + one the source is pushing
+    expect(snap["a"]["out"]).to be <= 14
+    sleep 0.2
+    expect(router.snapshot["a"]["out"]).to eq(snap["a"]["out"])
+    100.times { gate << true }
+    expect(router.wait(time_limit(10))).to be(true)
+    expect(got.size).to eq(100)
+  end
+
+  it "filters by input_event_types, counts what nobody takes, and routes failures to the dead-letter sink" do
+    d = definition(<<~YAML)
+      dead_letter: dlq
+      sources: [{id: a, command: [x]}]
+      processors: [{id: p, command: [x]}]
+      sinks:
+        - {id: evens, command: [x], inputs: [p], input_event_types: [even]}
+        - {id: dlq, command: [x]}
+    YAML
+    got = { "evens" => Queue.new, "dlq" => Queue.new }
+    hooks = Hooks.new do |c, _|
+      case c.id
+      when "a" then FakeSource.new(events("a", 30))
+      when "p"
+        FakeProcessor.new(lambda do |e|
+          i = e.payload.to_i
+          meta = (i % 10).zero? ? { "flowctl.error" => "ten" } : {}
+          RouterEv.new(id: e.id, type: i.even? ? "even" : "odd", payload: e.payload, metadata: meta)
+        end)
+      else FakeSink.new(got[c.id])
+      end
+    end
+    router = described_class.new(d, hooks).start
+    expect(router.wait(time_limit(10))).to be(true)
+    expect(got["evens"].size).to eq(12) # 15 even, 3 of them failed
+    dead = Array.new(got["dlq"].size) { got["dlq"].pop }
+    expect(dead.map(&:id)).to eq(%w[a0 a10 a20])
+    expect(dead.first.metadata).to eq("flowctl.error" => "ten", "flowctl.failed_at" => "p")
+    snap = router.snapshot
+    expect(snap["p"].values_at("out", "failed", "dropped")).to eq([30, 3, 15])
+  end
+
+  it "reconnects a processor that died and writes again what it had not acknowledged: nothing lost" do
+    d = definition(<<~YAML)
+      sources: [{id: a, command: [x]}]
+      processors: [{id: p, command: [x]}]
+      sinks: [{id: s, command: [x]}]
+    YAML
+    got = Queue.new
+    hooks = Hooks.new do |c, attempt|
+      case c.id
+      when "a" then FakeSource.new(events("a", n(500)))
+      when "p" then FakeProcessor.new(->(e) { e }, die_after: attempt == 1 ? n(120) : nil)
+      else FakeSink.new(got)
+      end
+    end
+    router = described_class.new(d, hooks).start
+    expect(router.wait(time_limit(10))).to be(true)
+    ids = Array.new(got.size) { got.pop.id }
+    expect(ids.uniq.sort).to eq(events("a", n(500)).map(&:id).sort)
+    expect(hooks.breaks).to eq([["p", Flowctl::Unavailable]])
+    expect(router.snapshot["p"]["reconnects"]).to eq(1)
+  end
+
+  it "resumes a source that died from the last event it routed" do
+    d = definition(<<~YAML)
+      sources: [{id: a, command: [x]}]
+      sinks: [{id: s, command: [x]}]
+    YAML
+    got = Queue.new
+    sources = []
+    hooks = Hooks.new do |c, attempt|
+      if c.id == "a"
+        FakeSource.new(events("a", 50), fail_after: attempt == 1 ? 20 : nil).tap { |s| sources << s }
+      else
+        FakeSink.new(got)
+      end
+    end
+    router = described_class.new(d, hooks).start
+    expect(router.wait(time_limit(10))).to be(true)
+    expect(sources.map(&:opened_with)).to eq([nil, "a19"])
+    expect(Array.new(got.size) { got.pop.id }).to eq(events("a", 50).map(&:id))
+  end
+
+  it "fails the pipeline when the hooks give a component up, naming it" do
+    d = definition(<<~YAML)
+      sources: [{id: a, command: [x]}]
+      sinks: [{id: s, command: [x]}]
+    YAML
+    hooks = Hooks.new { |c, _| c.id == "a" ? FakeSource.new(events("a", 50), fail_after: 5) : FakeSink.new(Queue.new) }
+    hooks.define_singleton_method(:broken) { |_c, _e| false }
+    router = described_class.new(d, hooks).start
+    expect { router.wait(time_limit(10)) }.to raise_error(Flowctl::Pipeline::Router::Failed, /source "a": Flowctl::Unavailable: .*source died/)
+  end
+end
