@@ -8,7 +8,7 @@ require "timeout"
 # Issue 17: nothing a peer sends, and no closed stdout, stops flowctl-controlplane.
 RSpec.describe "flowctl-controlplane against odd metrics and a closed stdout" do
   CPH = Flowctl::ControlPlane
-  EXE = File.expand_path("../exe/flowctl-controlplane", __dir__)
+  CONTROLPLANE_EXE = File.expand_path("../exe/flowctl-controlplane", __dir__)
 
   it "Registry#table shows NaN and infinite metrics as sent (they are stored faithfully)" do
     registry = CPH::Registry.new
@@ -24,7 +24,7 @@ RSpec.describe "flowctl-controlplane against odd metrics and a closed stdout" do
     Dir.mktmpdir do |dir|
       err = File.join(dir, "err")
       r, w = IO.pipe
-      pid = Process.spawn(RbConfig.ruby, "-I#{FLOWCTL_LIB}", EXE, "--port", "0", *args, out: w, err: err)
+      pid = Process.spawn(RbConfig.ruby, "-I#{FLOWCTL_LIB}", CONTROLPLANE_EXE, "--port", "0", *args, out: w, err: err)
       w.close
       banner = Timeout.timeout(time_limit(10)) { r.gets }
       port = Integer(banner[/:(\d+) \(/, 1])
