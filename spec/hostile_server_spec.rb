@@ -7,6 +7,10 @@ require "timeout"
 # cost their own calls and connections, never the server.
 RSpec.describe "hostile peers against Flowctl::Server" do
   REGISTER = "/obsrvr.flow.controlplane.ControlPlane/RegisterProcessor"
+  # Floods measure service under load; under GC.stress every allocation of the server's
+  # workers is a full GC, and no flood can be served (one example ran 25 minutes). The C
+  # paths they take (lingering, offenses, the watchdog) are run by the other examples.
+  FLOOD = ENV["GC_STRESS"] == "1" ? { skip: "a flood cannot be served under GC.stress" } : {}
   PROCESS = "/obsrvr.flow.processor.ProcessorService/Process"
 
   let(:servers) { [] }
@@ -29,7 +33,8 @@ RSpec.describe "hostile peers against Flowctl::Server" do
 
   def now = Process.clock_gettime(Process::CLOCK_MONOTONIC)
 
-  it "a peer without the token that sends calls and never reads: the token's calls go on, its connection is shut" do
+  it "a peer without the token that sends calls and never reads: the token's calls go on, its connection is shut",
+     **FLOOD do
     server = serve(auth_token: "s3cret")
     good = client(server, "s3cret", timeout: 5) # measured: at most 0.6 s (one call, as the flood starts)
     flood = HostilePeer.spawn(<<~RUBY)
@@ -82,7 +87,8 @@ RSpec.describe "hostile peers against Flowctl::Server" do
 
   def rss_mb = File.read("/proc/self/status")[/VmRSS:\s+(\d+)/, 1].to_i / 1024
 
-  it "HTTP/2 rapid reset (HEADERS + RST_STREAM, 60,000 streams): the connection is shut, memory stays bounded" do
+  it "HTTP/2 rapid reset (HEADERS + RST_STREAM, 60,000 streams): the connection is shut, memory stays bounded",
+     **FLOOD do
     server = serve
     good = client(server, timeout: 5)
     expect(good.register_processor(processor_id: "before").success).to be(true)
@@ -185,7 +191,7 @@ RSpec.describe "hostile peers against Flowctl::Server" do
       end
       server = serve { |srv| srv.handle(Flowctl::Processor::Service, handler.new) }
       processor = Flowctl::Processor::Client.new("127.0.0.1:#{server.port}", tls: false, timeout: time_limit(10))
-      outcomes = Array.new(300) do
+      outcomes = Array.new(ENV["GC_STRESS"] == "1" ? 10 : 300) do
         stream = processor.process_stream
         stream.close_write
         nil while stream.read
@@ -193,7 +199,7 @@ RSpec.describe "hostile peers against Flowctl::Server" do
       rescue Flowctl::RPCError => e
         e.class
       end
-      expect(outcomes.tally).to eq(ok: 300)
+      expect(outcomes.tally).to eq(ok: outcomes.size)
       processor.close
     end
   end
