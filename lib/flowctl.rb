@@ -14,6 +14,8 @@ require_relative "flowctl/server"
 require_relative "flowctl/health"
 require_relative "flowctl/registry"
 require_relative "flowctl/heartbeat"
+require_relative "flowctl/heartbeat_v1"
+require_relative "flowctl/component"
 
 # Obsrvr flow control plane and processor protocol, native on gRPC C core and protobuf-c.
 # See README.md for an irb tour.

@@ -2,7 +2,8 @@
  * flowctl.h — the one internal header of the flowctl extension.
  *
  * Reading order: flowctl.c (Init) -> message.c/convert.c (messages) -> status.c
- * -> metadata.c -> wait.c -> channel.c -> call.c -> pump.c -> server.c -> heartbeat.c -> fork.c.
+ * -> metadata.c -> clock.c -> fork.c (gate, fork hooks) -> wait.c -> channel.c -> call.c -> pump.c -> server.c
+ * -> wire.h -> heartbeat_wire.c -> heartbeat.c -> heartbeat_class.c.
  *
  * Mechanism files return codes where they can; the Ruby-facing functions raise.
  */
@@ -123,6 +124,15 @@ void flowctl_decode_into(const flowctl_class *ci, VALUE msg, const uint8_t *p, s
 /* ---- reflect.c: a message class's field table for Ruby (descriptors, JSON) ---- */
 void init_flowctl_reflect(void);
 
+/* ---- clock.c: monotonic time (a leaf: depends on nothing of ours) ------- */
+/* A condition variable whose timed waits use CLOCK_MONOTONIC. */
+void flowctl_cond_init(pthread_cond_t *cond);
+int64_t flowctl_mono_ms(void);                           /* CLOCK_MONOTONIC in milliseconds */
+struct timespec flowctl_ts_add(struct timespec t, double seconds);
+struct timespec flowctl_mono_in(double seconds);         /* CLOCK_MONOTONIC, seconds from now */
+bool flowctl_mono_passed(const struct timespec *until);
+gpr_timespec flowctl_deadline_in(double seconds);         /* a gRPC deadline, seconds from now */
+
 /* ---- status.c: grpc_status_code -> Flowctl::RPCError subclasses --------- */
 void init_flowctl_status(void);
 /* Builds (does not raise) the RPCError subclass for code with details and trailing metadata. */
@@ -167,10 +177,6 @@ void flowctl_wait_finish(int interrupted);
  * true when one raises; it is kept for flowctl_wait_finish (the caller first makes sure
  * nothing is in flight). false: nothing to raise, go on waiting. */
 bool flowctl_wait_interrupted(void);
-/* CLOCK_MONOTONIC in milliseconds. */
-int64_t flowctl_mono_ms(void);
-/* A condition variable whose timed waits use CLOCK_MONOTONIC. */
-void flowctl_cond_init(pthread_cond_t *cond);
 /* Shuts down and destroys a pluck queue that has nothing in flight. */
 void flowctl_cq_destroy(grpc_completion_queue *cq);
 /* Ruby String <-> grpc_byte_buffer. */
@@ -263,7 +269,6 @@ typedef struct flowctl_pump {
 } flowctl_pump;
 
 void init_flowctl_pump(void);
-void flowctl_pump_atfork_child(void);
 
 /* The int-returning calls wait without the GVL and return 1 when an interrupt that
  * raises came (the call is cancelled, nothing in flight): let go of what you hold,
@@ -321,8 +326,132 @@ void flowctl_pump_destroy(flowctl_pump *p, bool cancel_call);
 void init_flowctl_call(void);
 void init_flowctl_server(void);
 void init_flowctl_heartbeat(void);
-/* Before a fork (fork.c): cancels the beats still inside gRPC so they leave it. */
-void flowctl_heartbeat_cancel_calls(void);
+void init_flowctl_heartbeat_class(void);
+
+/* ---- the native heartbeat: heartbeat_wire.c, heartbeat.c, heartbeat_class.c ----
+ * heartbeat_wire.c   the plan (what to send: paths, field numbers, value types; given by
+ *                    Ruby) -> request bytes, and reply bytes -> outcome. No gRPC, no Ruby.
+ * heartbeat.c        the engine: thread, schedule, backoff, re-registration, final beat,
+ *                    config snapshot, live list, fork hooks. No Ruby.
+ * heartbeat_class.c  Flowctl::Heartbeat: Ruby values -> plan and snapshot, stats, waits.
+ */
+#define HB_TEXT 256 /* error texts and reply messages kept by the thread */
+
+/* One request/reply pair, read-only once the thread runs. Field numbers 0: absent. */
+typedef struct flowctl_hb_plan {
+    char *register_path, *beat_path, *unregister_path; /* unregister_path NULL: no such call */
+    uint8_t *register_req;                /* the register request, encoded by Ruby */
+    size_t register_len;
+    bool register_first;                  /* register before the first beat (else only when forgotten) */
+    uint32_t reg_success, reg_message, reg_service_id; /* register reply: bool, string, string */
+    uint32_t beat_id, beat_status, beat_metrics, beat_timestamp; /* heartbeat request */
+    bool status_enum;                     /* status as an enum varint, else its name as a string */
+    bool metric_strings;                  /* map<string,string> metrics, else map<string,double> */
+    uint32_t beat_success, beat_message;  /* heartbeat reply; beat_success 0: the status says it all */
+    uint32_t unreg_id;                    /* unregister request: the service id */
+    uint32_t forgot_codes;                /* bit (1 << code): with forgot_details in the details ... */
+    char *forgot_details;                 /* ... the control plane forgot us: register again */
+    size_t n_statuses;                    /* the HealthStatus values: name and number */
+    char **status_names;
+    int32_t *status_numbers;
+    unsigned stopping;                    /* index of the final beat's status */
+} flowctl_hb_plan;
+
+/* What a beat sends besides status and time: immutable, refcounted, swapped under a lock. */
+typedef struct flowctl_hb_config {
+    atomic_int refs;
+    size_t n_metrics;
+    char **keys;
+    double *values; /* map<string,double> */
+    char **texts;   /* map<string,string> */
+} flowctl_hb_config;
+
+typedef struct flowctl_bytes {
+    uint8_t *p; /* malloc'd */
+    size_t len;
+} flowctl_bytes;
+
+typedef enum { HB_OK, HB_REJECTED, HB_FAILED } flowctl_hb_result;
+
+void flowctl_hb_plan_free(flowctl_hb_plan *plan);
+/* false when out of memory. */
+bool flowctl_hb_encode_beat(const flowctl_hb_plan *plan, const char *id, const flowctl_hb_config *c,
+                            unsigned status, const struct timespec *now, flowctl_bytes *out);
+bool flowctl_hb_encode_unregister(const flowctl_hb_plan *plan, const char *id, flowctl_bytes *out);
+/* A reply: HB_OK, HB_REJECTED (its success field is false; its message field goes to
+ * message) or HB_FAILED (it does not decode). With id_field, *id gets that string field
+ * (malloc'd; NULL when absent or empty). */
+flowctl_hb_result flowctl_hb_read_reply(const uint8_t *p, size_t len, uint32_t success_field, uint32_t message_field,
+                                        uint32_t id_field, char *message, size_t cap, char **id);
+
+/* heartbeat.c: the engine. The struct is its own; the binding uses these functions. */
+typedef struct flowctl_heartbeat flowctl_heartbeat;
+
+typedef struct flowctl_hb_stats {
+    uint64_t sent, failed, consecutive, registrations;
+    char last_error[HB_TEXT];
+    bool has_success;
+    struct timespec last_success;
+} flowctl_hb_stats;
+
+typedef struct flowctl_hb_error {
+    int code; /* grpc_status_code, or -1 when the control plane answered success: false */
+    char message[HB_TEXT];
+} flowctl_hb_error;
+
+/* Everything a thread needs, owned by the heartbeat once created (freed on failure too). */
+typedef struct flowctl_hb_settings {
+    flowctl_hb_plan *plan;
+    char *id;
+    grpc_metadata *headers; /* slices owned */
+    size_t n_headers;
+    double interval, call_timeout;
+    bool want_errors;
+    flowctl_hb_config *config;
+    unsigned status;
+} flowctl_hb_settings;
+
+flowctl_hb_config *flowctl_hb_config_new(size_t n, bool strings); /* NULL when out of memory */
+void flowctl_hb_config_unref(flowctl_hb_config *c);
+void flowctl_hb_settings_free(flowctl_hb_settings *s);
+flowctl_heartbeat *flowctl_hb_create(flowctl_hb_settings *s); /* takes s's contents; NULL: out of memory */
+int flowctl_hb_start(flowctl_heartbeat *hb, flowctl_channel *ch); /* 0 or an errno */
+void flowctl_hb_release(flowctl_heartbeat *hb); /* the owner lets go: stop, detach, unref; never blocks */
+bool flowctl_hb_dead(const flowctl_heartbeat *hb); /* made before a fork: only memory here */
+bool flowctl_hb_started(const flowctl_heartbeat *hb);
+bool flowctl_hb_joined(const flowctl_heartbeat *hb); /* a stop joined or detached the thread */
+size_t flowctl_hb_memsize(const flowctl_heartbeat *hb);
+const flowctl_hb_plan *flowctl_hb_plan_of(const flowctl_heartbeat *hb);
+void flowctl_hb_swap_config(flowctl_heartbeat *hb, flowctl_hb_config *c);
+flowctl_hb_config *flowctl_hb_take_config(flowctl_heartbeat *hb, unsigned *status); /* a ref */
+void flowctl_hb_set_status(flowctl_heartbeat *hb, unsigned status);
+void flowctl_hb_service_id(flowctl_heartbeat *hb, char *buf, size_t cap);
+void flowctl_hb_get_stats(flowctl_heartbeat *hb, flowctl_hb_stats *out);
+bool flowctl_hb_running(flowctl_heartbeat *hb);
+bool flowctl_hb_wants_errors(const flowctl_heartbeat *hb);
+void flowctl_hb_request_stop(flowctl_heartbeat *hb, double final_timeout);
+bool flowctl_hb_take_error(flowctl_heartbeat *hb, flowctl_hb_error *out);
+/* Waits (a blocking function for rb_nogvl; flowctl_hb_wait_ubf unblocks it). */
+typedef struct flowctl_hb_wait {
+    flowctl_heartbeat *hb;
+    bool for_error;               /* an error or the end, else the end only */
+    const struct timespec *until; /* CLOCK_MONOTONIC, or NULL: no limit */
+    bool interrupted, done;
+} flowctl_hb_wait;
+void *flowctl_hb_wait_nogvl(void *wait);
+void flowctl_hb_wait_ubf(void *wait);
+/* After a wait for the end: joins the finished thread, or detaches it (false) when it
+ * has not finished. Once only: true when another caller did it first. */
+bool flowctl_hb_join(flowctl_heartbeat *hb, bool finished);
+/* Every heartbeat of this process: stop them all; count them. */
+void flowctl_hb_stop_all_request(double final_timeout);
+typedef struct flowctl_hb_all_wait {
+    struct timespec until;
+    bool interrupted;
+} flowctl_hb_all_wait;
+void *flowctl_hb_all_wait_nogvl(void *wait);
+void flowctl_hb_all_wait_ubf(void *wait);
+int flowctl_hb_live_count(void);
 
 /* ---- auth.c: the bearer token check of a server --------------------------- */
 /* True when md carries "authorization: Bearer <token>" (scheme in any case, constant time). */
@@ -372,6 +501,22 @@ bool flowctl_conn_offend(flowctl_offenders *t, const char *peer, int64_t now_ms,
 extern pid_t flowctl_pid;
 void flowctl_fork_env(void);
 void init_flowctl_fork(void);
+/*
+ * Fork hooks, registered at load by the files that keep threads or process-wide state
+ * (fork.c calls none of them by name). All run inside fork(), in pthread_atfork
+ * handlers, in registration order; none may call Ruby or block on gRPC.
+ *   evict   before a fork, when our threads have not left gRPC 0.2 s after the gate
+ *           closed: make them leave (cancel what they wait for)
+ *   child   in the child, before gRPC core restarts: forget the parent's threads and
+ *           reinitialise the locks they may have held
+ * Either may be NULL.
+ */
+typedef struct flowctl_fork_hooks {
+    const char *name;
+    void (*evict)(void);
+    void (*child)(void);
+} flowctl_fork_hooks;
+void flowctl_fork_register(const flowctl_fork_hooks *hooks);
 /* Raises Flowctl::Error in a forked child where gRPC core could not be prepared. */
 void flowctl_fork_check(void);
 /* The channel arg every channel and server of ours carries: it tells fork.c which

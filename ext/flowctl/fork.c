@@ -26,6 +26,9 @@
  *   alone: using them raises IOError, freeing them frees memory only, and every socket
  *   gRPC core made for them is pointed at a dead socket before gRPC's threads start
  *   there, so the child can never read or write its parent's connections (below).
+ * - files that keep threads or process-wide state (pump.c, heartbeat.c) register their
+ *   own hooks (flowctl_fork_register): this file calls none of them by name, so the
+ *   threading core depends one way: clock.c <- fork.c <- wait.c, pump.c, heartbeat.c.
  * gRPC core still skips its handlers when a thread that is not ours is inside gRPC
  * (the official grpc gem): the child is then told so by a Flowctl::Error from
  * flowctl_fork_check() (new channels, new heartbeats) instead of hanging.
@@ -70,15 +73,32 @@ static bool gate_closed;          /* (gate_lock) a fork is being prepared */
 static __thread unsigned gate_depth; /* this thread's nested stretches (the outermost one counts) */
 static unsigned gate_inside;      /* (gate_lock) threads of ours inside gRPC now */
 
-static struct timespec
-mono_in(double seconds)
+/* ---- fork hooks, registered by the files that need them ------------------- */
+
+#define MAX_HOOKS 8
+static const flowctl_fork_hooks *hooks[MAX_HOOKS];
+static size_t n_hooks;
+
+/* At load, from an init_flowctl_* function (the GVL held, before any fork). */
+void
+flowctl_fork_register(const flowctl_fork_hooks *h)
 {
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    double s = (double)t.tv_sec + (double)t.tv_nsec / 1e9 + seconds;
-    t.tv_sec = (time_t)s;
-    t.tv_nsec = (long)((s - (double)t.tv_sec) * 1e9);
-    return t;
+    if (n_hooks == MAX_HOOKS) rb_raise(rb_eRuntimeError, "flowctl: too many fork hooks (%s)", h->name);
+    hooks[n_hooks++] = h;
+}
+
+static void
+run_evict_hooks(void)
+{
+    for (size_t i = 0; i < n_hooks; i++)
+        if (hooks[i]->evict) hooks[i]->evict();
+}
+
+static void
+run_child_hooks(void)
+{
+    for (size_t i = 0; i < n_hooks; i++)
+        if (hooks[i]->child) hooks[i]->child();
 }
 
 void
@@ -100,7 +120,7 @@ flowctl_gate_enter_unless(const atomic_bool *woken)
     }
     pthread_mutex_lock(&gate_lock);
     while (gate_closed && !atomic_load(woken)) {
-        struct timespec t = mono_in(0.02);
+        struct timespec t = flowctl_mono_in(0.02);
         pthread_cond_timedwait(&gate_cond, &gate_lock, &t);
     }
     bool in = !gate_closed;
@@ -132,19 +152,20 @@ gate_wait_empty(struct timespec until)
 }
 
 /* Closes the gate and waits for our threads to leave gRPC: waits poll every 20 ms and
- * acceptors every 50 ms; a beat still running after 0.2 s is cancelled. Gives up after
+ * acceptors every 50 ms; after 0.2 s the evict hooks make the others leave (a heartbeat
+ * cancels its beat). Gives up after
  * about `seconds` (gRPC core then finds a thread inside and skips its handlers). */
 static void
 gate_close(double seconds)
 {
     pthread_mutex_lock(&gate_lock);
     gate_closed = true;
-    bool empty = gate_wait_empty(mono_in(0.2));
+    bool empty = gate_wait_empty(flowctl_mono_in(0.2));
     pthread_mutex_unlock(&gate_lock);
     if (empty) return;
-    flowctl_heartbeat_cancel_calls();
+    run_evict_hooks();
     pthread_mutex_lock(&gate_lock);
-    gate_wait_empty(mono_in(seconds));
+    gate_wait_empty(flowctl_mono_in(seconds));
     pthread_mutex_unlock(&gate_lock);
 }
 
@@ -244,7 +265,7 @@ joined_threads_asleep(unsigned long long *runs)
 static void
 settle_grpc_threads(void)
 {
-    struct timespec limit = mono_in(0.1), ms = {0, 1000000}, now;
+    struct timespec limit = flowctl_mono_in(0.1), ms = {0, 1000000}, now;
     unsigned long long before, after;
     do {
         bool a = joined_threads_asleep(&before);
@@ -482,7 +503,7 @@ fork_child(void)
     pthread_mutex_unlock(&sockets_lock);
     disown_parent_sockets(); /* before gRPC core's threads start again in this child */
     gate_atfork_child();
-    flowctl_pump_atfork_child();
+    run_child_hooks();
     if (child_broken) {
         /* a child of a child that could not use gRPC: nor can this one */
     } else if (!fork_support) {

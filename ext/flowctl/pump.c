@@ -312,8 +312,8 @@ drive_forget(flowctl_pump *p)
 }
 
 /* In a forked child: the driver thread is the parent's; start afresh. */
-void
-flowctl_pump_atfork_child(void)
+static void
+pump_atfork_child(void)
 {
     pthread_mutex_init(&drive_mu, NULL);
     flowctl_cond_init(&drive_cond);
@@ -325,7 +325,9 @@ flowctl_pump_atfork_child(void)
 void
 init_flowctl_pump(void)
 {
+    static const flowctl_fork_hooks hooks = {.name = "pump", .child = pump_atfork_child};
     flowctl_cond_init(&drive_cond);
+    flowctl_fork_register(&hooks);
 }
 
 static void

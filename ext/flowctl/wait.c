@@ -177,24 +177,6 @@ flowctl_wait_finish(int interrupted)
     rb_raise(eCancelled, "call cancelled by an interrupt");
 }
 
-int64_t
-flowctl_mono_ms(void)
-{
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return (int64_t)t.tv_sec * 1000 + t.tv_nsec / 1000000;
-}
-
-void
-flowctl_cond_init(pthread_cond_t *cond)
-{
-    pthread_condattr_t a;
-    pthread_condattr_init(&a);
-    pthread_condattr_setclock(&a, CLOCK_MONOTONIC);
-    pthread_cond_init(cond, &a);
-    pthread_condattr_destroy(&a);
-}
-
 void
 flowctl_cq_destroy(grpc_completion_queue *cq)
 {
