@@ -233,10 +233,11 @@ RSpec.describe "Flowctl::ControlPlane::Registry persistence" do
       r = cp::Registry.new(db: ARGV[0], janitor_interval: nil, flush_interval: 0.001)
       i = 0
       loop do
-        id = "c\#{i}"
-        r.register_processor(cp::RegisterProcessorRequest.new(processor_id: id, endpoint: "h:\#{i}", metadata: { "n" => i.to_s }))
+        n = i % 200 # at most 200 ids (the parent may read the acks slowly): later ones register again
+        id = "c\#{n}"
+        r.register_processor(cp::RegisterProcessorRequest.new(processor_id: id, endpoint: "h:\#{n}", metadata: { "n" => n.to_s }))
         puts id # acknowledged: on disk
-        20.times { |j| r.processor_heartbeat(cp::ProcessorHeartbeatRequest.new(processor_id: "c\#{j * 7 % (i + 1)}", status: "HEALTHY", metrics: { "m" => j.to_f })) }
+        20.times { |j| r.processor_heartbeat(cp::ProcessorHeartbeatRequest.new(processor_id: "c\#{j * 7 % (n + 1)}", status: "HEALTHY", metrics: { "m" => j.to_f })) }
         i += 1
       end
     RUBY
