@@ -13,7 +13,16 @@ Gem::Specification.new do |s|
   s.license = "Apache-2.0"
   s.homepage = "https://github.com/withObsrvr/flowctl-ruby"
   s.required_ruby_version = ">= 3.0"
-  s.files = Dir["lib/**/*.rb", "ext/**/*.{c,h,rb}", "proto/**/*.proto", "exe/*", "README.md", "LICENSE"]
+  s.metadata = {
+    "source_code_uri" => s.homepage,
+    "changelog_uri" => "#{s.homepage}/blob/main/CHANGELOG.md",
+    "bug_tracker_uri" => "#{s.homepage}/issues",
+    "documentation_uri" => "#{s.homepage}#readme",
+    "rubygems_mfa_required" => "true"
+  }
+  # lib/flowctl/protocols.pb: the descriptor set the built-in message classes are made from
+  s.files = Dir["lib/**/*.{rb,pb}", "ext/**/*.{c,h,rb}", "proto/**/*.proto", "proto/**/README.md", "sig/**/*.rbs",
+                "exe/*", "README.md", "CHANGELOG.md", "LICENSE"]
   s.bindir = "exe"
   s.executables = ["flowctl-controlplane", "flowctl-pipeline"]
   s.extensions = ["ext/flowctl/extconf.rb"]

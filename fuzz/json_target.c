@@ -37,7 +37,7 @@ static int n_classes;
 static VALUE ignoring; /* ->(k, t) { k.decode_json(t, ignore_unknown_fields: true) } */
 static unsigned long inputs, accepted, rejected, ignoring_accepted, upb_both, upb_only, flowctl_only, upb_skipped,
     upb_negative_duration;
-static VALUE negative_duration; /* /"-0(\.[0-9]*)?s"/ : upb drops its sign */
+static VALUE negative_duration; /* /"-0+(\.[0-9]*)?s"/ : upb drops its sign */
 
 static void
 print_stats(void)
@@ -63,7 +63,7 @@ LLVMFuzzerInitialize(int *argc, char ***argv)
     allowed_decode[0] = fuzz_eDecodeError;
     ignoring = rb_eval_string("->(k, t) { k.decode_json(t, ignore_unknown_fields: true) }");
     rb_gc_register_mark_object(ignoring);
-    negative_duration = rb_eval_string("/\"-0(\\.[0-9]*)?s\"/n");
+    negative_duration = rb_eval_string("/\"-0+(\\.[0-9]*)?s\"/n");
     rb_gc_register_mark_object(negative_duration);
     /* what Ruby allocates once here (classes, descriptors, caches) is never freed: made
      * with LeakSanitizer off, as fuzz_ruby.c does for the gem's start-up */

@@ -40,6 +40,61 @@ RSpec.describe "Flowctl::Heartbeat configuration" do
     end
   end
 
+  describe "Go durations (FLOWCTL_HEARTBEAT_INTERVAL as flowctl run sets it)" do
+    it "reads every form Go's time.ParseDuration reads, exactly" do
+      p = Flowctl::Heartbeat.method(:parse_interval)
+      {"1m30s" => 90.0, "1h2m3.5s" => 3723.5, "1.5h" => 5400.0, "2h45m" => 9900.0, ".5s" => 0.5, "1.s" => 1.0,
+       "250us" => 0.00025, "250\u00b5s" => 0.00025, "250\u03bcs" => 0.00025, "1500000ns" => 0.0015, "+10s" => 10.0,
+       "1m0.001s" => 60.001, "100ms100ms" => 0.2}.each do |text, seconds|
+        expect(p.call(text)).to eq(seconds), text
+      end
+      expect(Flowctl::Duration.parse("0")).to eq(0.0)
+      expect(Flowctl::Duration.parse("-1m30s")).to eq(-90.0)
+    end
+
+    it "rejects what Go rejects, naming the variable" do
+      ["1d", "10 s", "1m30", "--1s", "1.2.3s", "s", ".s", "1sm", "1S", "1e3s", "", " ", "0x10s", "1_000ms"].each do |bad|
+        expect { Flowctl::Heartbeat.parse_interval(bad, name: "FLOWCTL_HEARTBEAT_INTERVAL") }
+          .to raise_error(ArgumentError, /FLOWCTL_HEARTBEAT_INTERVAL: #{Regexp.escape(bad.inspect)} is not a duration/)
+      end
+      expect { Flowctl::Heartbeat.parse_interval("-1s", name: "X") }.to raise_error(ArgumentError, /X: "-1s" must be more than zero/)
+      expect { Flowctl::Duration.parse(:ten) }.to raise_error(TypeError, /duration String/)
+    end
+  end
+
+  describe "the plans given to the native thread" do
+    # The field number a message class writes for one field (numbers below 16: one byte of key).
+    def number(klass, **field) = klass.new(**field).to_proto.getbyte(0) >> 3
+
+    it "name the seed's field numbers as its message classes have them" do
+      cp = Flowctl::ControlPlane
+      Flowctl::Heartbeat::Seed::PLANS.each do |kind, plan|
+        k = kind.capitalize
+        beat = cp.const_get(:"#{k}HeartbeatRequest")
+        expect(plan.values_at(:beat_id, :beat_timestamp, :beat_metrics, :beat_status))
+          .to eq([number(beat, "#{kind}_id": "x"), number(beat, timestamp: Time.now), number(beat, metrics: {"a" => 1.0}),
+                  number(beat, status: "HEALTHY")])
+        reply = cp.const_get(:"#{k}HeartbeatResponse")
+        expect(plan.values_at(:beat_success, :beat_message)).to eq([number(reply, success: true), number(reply, message: "m")])
+        reg = cp.const_get(:"Register#{k}Response")
+        expect(plan.values_at(:register_success, :register_message)).to eq([number(reg, success: true), number(reg, message: "m")])
+        expect(plan[:statuses].to_h).to eq(Flowctl::Common::HealthStatus.values.transform_keys(&:to_s))
+        expect(plan[:statuses][plan[:stopping]].first).to eq("STOPPING")
+      end
+    end
+
+    it "name flowctl.v1's field numbers as its message classes have them" do
+      v1 = Flowctl::V1
+      plan = v1::HeartbeatProtocol::PLAN
+      expect(plan.values_at(:beat_id, :beat_status, :beat_metrics))
+        .to eq([number(v1::HeartbeatRequest, service_id: "x"), number(v1::HeartbeatRequest, status: 2),
+                number(v1::HeartbeatRequest, metrics: {"a" => "1"})])
+      expect(plan[:register_service_id]).to eq(number(v1::RegisterResponse, service_id: "x"))
+      expect(plan[:unregister_id]).to eq(number(v1::UnregisterRequest, service_id: "x"))
+      expect(plan[:statuses][plan[:stopping]]).to eq(["HEALTH_STATUS_STOPPING", 5])
+    end
+  end
+
   describe "config_from_env" do
     it "is nil unless ENABLE_FLOWCTL is true" do
       expect(Flowctl::Heartbeat.config_from_env({})).to be_nil

@@ -75,7 +75,7 @@ RSpec.describe "Flowctl::Heartbeat and the process" do
   # Each fork scenario runs in a fresh Ruby process: gRPC core can only prepare for a fork
   # when no other thread is inside gRPC, which this spec process (servers, official gem)
   # cannot promise.
-  describe "fork" do
+  describe "fork", if: Flowctl::Native.fork_internals? do
     FORK_SCRIPT = <<~'RUBY'
       require "json"
       port = Integer(ARGV[0])

@@ -182,6 +182,7 @@ RSpec.describe "proto3 JSON" do
 
     it "unknown fields when asked to ignore them" do
       expect(cr.decode_json('{"bogus":{"x":[1]},"name":"n"}', ignore_unknown_fields: true)).to eq(cr.new(name: "n"))
+      expect(cr.decode_json('{"bogus":1,"bogus":2}', ignore_unknown_fields: true)).to eq(cr.new)
     end
 
     it "what google-protobuf accepts, to the same message" do
@@ -200,7 +201,8 @@ RSpec.describe "proto3 JSON" do
     # What google-protobuf 3.21 (upb) accepts of the texts below: a field given twice, a
     # lone surrogate, an empty text, invalid UTF-8 in a key, a string that is no number in
     # a double, dates past the end of a month, hour 24, offset 24:00.
-    UPB_LAX = ['{"processorId":"a","processor_id":"b"}', '{"processorId":"\\ud800x"}', "",
+    UPB_LAX = ['{"processorId":"a","processor_id":"b"}', '{"processorId":"a","processorId":"b"}',
+               '{"inputEventTypes":["a"],"name":"n","inputEventTypes":["b"]}', '{"metadata":{"k":"a","k":"b"}}', '{"processorId":"\\ud800x"}', "",
                "{\"metadata\":{\"\xFF\":\"\"}}", '{"metrics":{"x":"abc"}}', '{"timestamp":"2020-02-30T00:00:00Z"}',
                '{"timestamp":"2020-01-01T24:00:00Z"}', '{"timestamp":"2020-01-01T00:00:00+24:00"}'].freeze
 
@@ -221,6 +223,10 @@ RSpec.describe "proto3 JSON" do
       [hb, '{"timestamp":12}'] => ["timestamp", /RFC 3339/],
       [hb, '{"bogus":1}'] => [nil, /unknown field "bogus"/],
       [hb, '{"processorId":"a","processor_id":"b"}'] => ["processor_id", /given twice/],
+      [hb, '{"processorId":"a","processorId":"b"}'] => ["processor_id", /given twice/],
+      [cr, '{"inputEventTypes":["a"],"name":"n","inputEventTypes":["b"]}'] => ["input_event_types", /given twice/],
+      [dm, '{"metadata":{"k":"a","k":"b"}}'] => ["metadata", /map key "k" given twice/],
+      [cr, '{"bogus":1,"bogus":2}'] => [nil, /given twice|unknown field/],
       [cr, '{"maxConcurrent":2147483648}'] => ["max_concurrent", /out of range for int32/],
       [cr, '{"maxConcurrent":"99999999999999999999999"}'] => ["max_concurrent", /out of range/],
       [cr, '{"maxConcurrent":1.5}'] => ["max_concurrent", /not an integer/],

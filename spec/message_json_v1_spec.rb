@@ -250,13 +250,14 @@ RSpec.describe "proto3 JSON of flowctl.v1 and of every field type" do
       '{"durations":["1s",null]}' => ["durations[1]", /null/],
       '{"i64":"x"}' => ["i64", /expected an integer/],
       '{"mask":"a_b"}' => ["mask", /invalid FieldMask path/],
-      '{"any":{"@type":"type.googleapis.com/nope.X"}}' => ["any", /not a loaded type/],
+      '{"any":{"@type":"type.googleapis.com/nope.X"}}' => ["any", /not host\/name of a loaded type/],
+      '{"any":{"@type":"google.protobuf.Duration","value":"1s"}}' => ["any", /not host\/name/],
       '{"any":{}}' => ["any", /needs a string "@type"/],
       '{"any":{"@type":"type.googleapis.com/google.protobuf.Duration","seconds":1}}' => ["any", /takes "value"/],
       '{"value":{"a":1e400}}' => ['value["a"]', /out of range/],
       "{\"value\":\"\xFF\"}" => ["value", /invalid UTF-8/],
       "{\"mask\":\"a\xFF\"}" => ["mask", /invalid UTF-8/],
-      "{\"any\":{\"@type\":\"\xFF\"}}" => ["any", /not a loaded type|UTF-8/]
+      "{\"any\":{\"@type\":\"\xFF\"}}" => ["any", /not host\/name|UTF-8/]
     }.each do |text, (path, message)|
       it "raises DecodeError at #{path} for #{text.inspect}" do
         expect { known.decode_json(text) }.to raise_error(Flowctl::DecodeError, message) { |e| expect(e.path).to eq(path) }

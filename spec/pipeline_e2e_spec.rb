@@ -10,7 +10,7 @@ require "open3"
 # the embedded control plane): routing, exactly-once delivery, crashes, live configuration,
 # persistence, the executable and its signals.
 RSpec.describe "flowctl-pipeline with real components" do
-  COMPONENTS = File.expand_path("fixtures/pipeline/components.rb", __dir__)
+  E2E_COMPONENTS = File.expand_path("fixtures/pipeline/components.rb", __dir__)
   PIPELINE_EXE = File.expand_path("../exe/flowctl-pipeline", __dir__)
 
   before do
@@ -35,7 +35,7 @@ RSpec.describe "flowctl-pipeline with real components" do
   # A component line for the YAML: kind of components.rb, config keys, extra YAML.
   def comp(id, kind, config = {}, extra = "")
     cfg = { "pids_dir" => @pids }.merge(config).map { |k, v| "#{k}: '#{v}'" }.join(", ")
-    "{id: #{id}, command: [#{RbConfig.ruby}, #{COMPONENTS}, #{kind}], config: {#{cfg}}#{extra}}"
+    "{id: #{id}, command: [#{RbConfig.ruby}, #{E2E_COMPONENTS}, #{kind}], config: {#{cfg}}#{extra}}"
   end
 
   def pipeline(body, name: "e2e", grace: "5s")

@@ -9,7 +9,7 @@ require "tmpdir"
 # exe/flowctl-pipeline: validate and runs (run is covered with real components in
 # spec/pipeline_e2e_spec.rb).
 RSpec.describe "exe/flowctl-pipeline" do
-  EXE = File.expand_path("../exe/flowctl-pipeline", __dir__)
+  PIPELINE_EXE = File.expand_path("../exe/flowctl-pipeline", __dir__)
 
   around do |ex|
     Dir.mktmpdir("flowctl-pipeline-exe") do |dir|
@@ -18,7 +18,7 @@ RSpec.describe "exe/flowctl-pipeline" do
     end
   end
 
-  def sh(*args) = Open3.capture3(RbConfig.ruby, EXE, *args, chdir: @dir)
+  def sh(*args) = Open3.capture3(RbConfig.ruby, PIPELINE_EXE, *args, chdir: @dir)
 
   it "validates a file: every problem as file:line: component: message, exit 1" do
     path = File.join(@dir, "bad.yaml")

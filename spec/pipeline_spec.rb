@@ -29,14 +29,15 @@ RSpec.describe "examples/pipeline.rb" do
     table = out[/== control plane: 2 component\(s\)\n(.*?)\n\n/m, 1]
     expect(table).not_to be_nil, out
     rows = table.lines.map(&:split)
-    expect(rows[0]).to eq(%w[KIND ID ENDPOINT STATUS LAST_HEARTBEAT METRICS])
+    expect(rows[0]).to eq(%w[KIND PROTOCOL ID ENDPOINT STATUS LAST_HEARTBEAT METRICS])
     processor = rows.find { |r| r[0] == "processor" }
     consumer = rows.find { |r| r[0] == "consumer" }
-    expect(processor[1]).to match(/\Aprocessor-\h{8}\z/)
-    expect(processor[2]).to match(/\A127\.0\.0\.1:\d+\z/)
-    expect(processor[3]).to eq("HEALTHY")
+    expect(processor[1]).to eq("seed")
+    expect(processor[2]).to match(/\Aprocessor-\h{8}\z/)
+    expect(processor[3]).to match(/\A127\.0\.0\.1:\d+\z/)
+    expect(processor[4]).to eq("HEALTHY")
     expect(processor.last(2)).to eq(%w[processed=5 rejected=1])
-    expect(consumer.values_at(1, 3)).to eq(%w[payments-dashboard HEALTHY])
+    expect(consumer.values_at(1, 2, 4)).to eq(%w[seed payments-dashboard HEALTHY])
     expect(consumer.last).to eq("received=5")
     expect(out).to include("== pipeline OK: 5 events processed")
     expect(err).to eq("")

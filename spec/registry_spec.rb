@@ -15,7 +15,8 @@ RSpec.describe Flowctl::ControlPlane::Registry do
   end
 
   let(:clock) { FakeClock.new }
-  let(:registry) { described_class.new(ttl: 30, clock: clock) }
+  let(:registry) { described_class.new(ttl: 30, clock: clock, janitor_interval: nil) }
+  after { registry.close }
 
   describe "registration" do
     it "keeps the id, endpoint and metadata of each kind of component" do
@@ -57,11 +58,14 @@ RSpec.describe Flowctl::ControlPlane::Registry do
       expect(registry.size).to eq(1)
     end
 
-    it "keeps ids of different kinds apart" do
+    it "keeps one namespace of ids: registering an id as another kind replaces it, and a heartbeat of the wrong kind is refused" do
       registry.register_processor(CPM::RegisterProcessorRequest.new(processor_id: "same"))
       registry.register_source(CPM::RegisterSourceRequest.new(source_id: "same"))
-      expect(registry.components.map(&:kind)).to eq(%i[processor source])
+      expect(registry.components.map { |c| [c.kind, c.id] }).to eq([%i[source] + ["same"]])
       expect(registry.consumer_heartbeat(CPM::ConsumerHeartbeatRequest.new(consumer_id: "same")).success).to be(false)
+      expect(registry.source_heartbeat(CPM::SourceHeartbeatRequest.new(source_id: "same")).success).to be(true)
+      expect(registry.component(:processor, "same")).to be_nil
+      expect(registry.component("same").kind).to eq(:source)
     end
   end
 
@@ -72,7 +76,7 @@ RSpec.describe Flowctl::ControlPlane::Registry do
       sent = Time.at(1_699_999_999, 250_000, :usec)
       r = registry.source_heartbeat(CPM::SourceHeartbeatRequest.new(source_id: "s1", status: "HEALTHY", timestamp: sent,
                                                                     metrics: { "events" => 12.0, "lag" => 0.5 }))
-      expect(r).to eq(CPM::SourceHeartbeatResponse.new(success: true, message: "heartbeat recorded for source s1"))
+      expect(r).to eq(CPM::SourceHeartbeatResponse.new(success: true, message: "heartbeat recorded"))
       c = registry.component(:source, "s1")
       expect([c.status, c.metrics, c.last_heartbeat, c.heartbeats]).to eq(["HEALTHY", { "events" => 12.0, "lag" => 0.5 }, clock.now, 1])
       expect(c.reported_at).to eq(sent)
@@ -133,10 +137,10 @@ RSpec.describe Flowctl::ControlPlane::Registry do
     clock.advance(40)
     registry.source_heartbeat(CPM::SourceHeartbeatRequest.new(source_id: "s1"))
     lines = registry.table.lines.map(&:rstrip)
-    expect(lines[0].split).to eq(%w[KIND ID ENDPOINT STATUS LAST_HEARTBEAT METRICS])
-    expect(lines[1].split).to eq(["processor", "p1", "h:1", "HEALTHY", "(stale)", "40.0s", "ago", "n=3"])
-    expect(lines[2].split).to eq(["source", "s1", "-", "STARTING", "0.0s", "ago", "-"])
-    expect(described_class.new.table).to eq("(no components registered)")
+    expect(lines[0].split).to eq(%w[KIND PROTOCOL ID ENDPOINT STATUS LAST_HEARTBEAT METRICS])
+    expect(lines[1].split).to eq(["processor", "seed", "p1", "h:1", "HEALTHY", "(stale)", "40.0s", "ago", "n=3"])
+    expect(lines[2].split).to eq(["source", "seed", "s1", "-", "STARTING", "0.0s", "ago", "-"])
+    expect(described_class.new(janitor_interval: nil).table).to eq("(no components registered)")
   end
 
   it "is safe to use from many threads at once" do

@@ -96,6 +96,7 @@ static grpc_call *
 create_call(flowctl_channel *ch, VALUE path, grpc_completion_queue *cq, gpr_timespec deadline)
 {
     grpc_slice method = grpc_slice_from_copied_buffer(RSTRING_PTR(path), (size_t)RSTRING_LEN(path));
+    flowctl_channel_note_call(ch);
     grpc_call *call = grpc_channel_create_call(ch->channel, NULL, GRPC_PROPAGATE_DEFAULTS, cq, method, NULL,
                                                deadline, NULL);
     grpc_slice_unref(method);
@@ -167,6 +168,7 @@ typedef struct {
     int interrupted;
     flowctl_channel *ch; /* referenced while the call runs (a close meanwhile must not free it) */
     bool waiting;        /* counted in ch->unary_inflight */
+    flowctl_tracked track; /* Client#close cancels it */
 } unary_ctx;
 
 static void
@@ -198,6 +200,7 @@ unary_body(VALUE arg)
     u->ch = flowctl_channel_get(u->channel);
     flowctl_channel_ref(u->ch);
     u->call = create_call(u->ch, u->path, u->cq, u->deadline);
+    flowctl_channel_track(u->ch, &u->track, u->call);
     u->send_buf = flowctl_buffer_from_str(u->request);
     unary_ops(u, ops);
     atomic_fetch_add(&u->ch->unary_inflight, 1);
@@ -220,6 +223,7 @@ static VALUE
 unary_cleanup(VALUE arg)
 {
     unary_ctx *u = (unary_ctx *)arg;
+    flowctl_channel_untrack(&u->track);
     if (u->call) grpc_call_unref(u->call);
     if (u->ch) {
         if (u->waiting) atomic_fetch_sub(&u->ch->unary_inflight, 1);
@@ -279,6 +283,7 @@ typedef struct {
     grpc_status_code status;
     VALUE initial_md, trailing_md, details, error; /* Ruby values once known */
     pid_t pid;                  /* in a forked child the call is the parent's: leave it */
+    flowctl_tracked track;      /* Client#close cancels it */
 } stream_t;
 
 static bool
@@ -296,6 +301,7 @@ stream_release(stream_t *s)
         return;
     }
     flowctl_pump_destroy(&s->pump, !s->status_done);
+    flowctl_channel_untrack(&s->track);
     grpc_call_unref(s->pump.call);
     s->pump.call = NULL;
 }
@@ -483,6 +489,7 @@ stream_initialize(int argc, VALUE *argv, VALUE self)
     flowctl_metadata_from_hash(headers, &md);
     grpc_completion_queue *cq = grpc_completion_queue_create_for_next(NULL);
     flowctl_pump_init(&s->pump, create_call(ch, path, cq, deadline), cq);
+    flowctl_channel_track(ch, &s->track, s->pump.call);
     s->pid = flowctl_pid;
     grpc_byte_buffer *req = NIL_P(request) ? NULL : flowctl_buffer_from_str(request);
     grpc_op ops[3];

@@ -22,7 +22,11 @@ flowctl_channel_unref(flowctl_channel *ch)
 {
     if (atomic_fetch_sub(&ch->refs, 1) != 1) return;
     /* in a forked child its sockets are gone and their numbers may be reused: leave it */
-    if (ch->channel && ch->pid == flowctl_pid) grpc_channel_destroy(ch->channel);
+    if (ch->channel && ch->pid == flowctl_pid) {
+        flowctl_watch_forget(ch->watch);
+        grpc_channel_destroy(ch->channel);
+    }
+    pthread_mutex_destroy(&ch->calls_mu);
     free(ch->target);
     free(ch);
 }
@@ -128,6 +132,8 @@ channel_initialize(VALUE self, VALUE target, VALUE tls, VALUE args)
     atomic_init(&ch->closed, false);
     atomic_init(&ch->unary_us, 0);
     atomic_init(&ch->unary_inflight, 0);
+    pthread_mutex_init(&ch->calls_mu, NULL);
+    ch->watch = flowctl_watch_channel(ch);
     w->ch = ch;
     return self;
 }
@@ -156,12 +162,51 @@ channel_state(int argc, VALUE *argv, VALUE self)
 }
 
 /* call-seq: channel.close -> nil (idempotent) */
+void
+flowctl_channel_track(flowctl_channel *ch, flowctl_tracked *t, grpc_call *call)
+{
+    flowctl_channel_ref(ch);
+    t->call = call;
+    t->ch = ch;
+    t->prev = NULL;
+    pthread_mutex_lock(&ch->calls_mu);
+    t->next = ch->calls;
+    if (ch->calls) ch->calls->prev = t;
+    ch->calls = t;
+    pthread_mutex_unlock(&ch->calls_mu);
+}
+
+void
+flowctl_channel_untrack(flowctl_tracked *t)
+{
+    flowctl_channel *ch = t->ch;
+    if (!ch) return;
+    pthread_mutex_lock(&ch->calls_mu);
+    if (t->prev) t->prev->next = t->next; else ch->calls = t->next;
+    if (t->next) t->next->prev = t->prev;
+    pthread_mutex_unlock(&ch->calls_mu);
+    t->ch = NULL;
+    flowctl_channel_unref(ch);
+}
+
+/* Client#close: every call in flight ends at once with CANCELLED (readers and writers
+ * waiting on them wake up); grpc_call_cancel_with_status only queues the cancellation. */
+static void
+cancel_tracked(flowctl_channel *ch)
+{
+    pthread_mutex_lock(&ch->calls_mu);
+    for (flowctl_tracked *t = ch->calls; t; t = t->next)
+        grpc_call_cancel_with_status(t->call, GRPC_STATUS_CANCELLED, "the client was closed", NULL);
+    pthread_mutex_unlock(&ch->calls_mu);
+}
+
 static VALUE
 channel_close(VALUE self)
 {
     channel_wrapper *w = rb_check_typeddata(self, &channel_type);
     if (w->ch) {
         atomic_store(&w->ch->closed, true);
+        cancel_tracked(w->ch);
         flowctl_channel_unref(w->ch);
         w->ch = NULL;
     }

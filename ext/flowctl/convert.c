@@ -13,13 +13,12 @@
  * The field types and numbers come from the protobuf-c descriptors.
  */
 #include "flowctl.h"
+#include "wire.h"
 #include <math.h>
 
 #define MAX_DEPTH 100
 
 static int utf8_index;
-
-enum { WT_VARINT = 0, WT_I64 = 1, WT_LEN = 2, WT_SGROUP = 3, WT_EGROUP = 4, WT_I32 = 5 };
 
 const char *const flowctl_type_names[] = {
     [PROTOBUF_C_TYPE_INT32] = "int32", [PROTOBUF_C_TYPE_SINT32] = "sint32",
@@ -246,120 +245,6 @@ flowctl_convert_field(const flowctl_class *ci, const flowctl_field *f, VALUE v)
  * allocated, so a failing encode of a large message leaves no garbage behind.
  */
 #define WB_STACK 4096
-typedef struct {
-    char *p;
-    size_t len, cap;
-    bool counting; /* out of room: only b->len advances */
-} wbuf;
-
-/* Where n bytes go, or NULL while only counting. */
-static inline char *
-wb_dst(wbuf *b, size_t n)
-{
-    if (b->counting || b->len + n > b->cap) {
-        b->counting = true;
-        b->len += n;
-        return NULL;
-    }
-    char *d = b->p + b->len;
-    b->len += n;
-    return d;
-}
-
-static inline void
-wb_byte(wbuf *b, uint8_t c)
-{
-    char *d = wb_dst(b, 1);
-    if (d) *d = (char)c;
-}
-
-static inline void
-wb_varint(wbuf *b, uint64_t v)
-{
-    uint8_t tmp[10], n = 0;
-    while (v >= 0x80) { tmp[n++] = (uint8_t)(v | 0x80); v >>= 7; }
-    tmp[n++] = (uint8_t)v;
-    char *d = wb_dst(b, n);
-    if (d) memcpy(d, tmp, n);
-}
-
-static inline void
-wb_bytes(wbuf *b, const void *src, size_t n)
-{
-    char *d = wb_dst(b, n);
-    if (d) memcpy(d, src, n);
-}
-
-static inline void
-wb_fixed32(wbuf *b, uint32_t v)
-{
-    uint8_t x[4] = {(uint8_t)v, (uint8_t)(v >> 8), (uint8_t)(v >> 16), (uint8_t)(v >> 24)};
-    wb_bytes(b, x, 4);
-}
-
-static inline void
-wb_fixed64(wbuf *b, uint64_t v)
-{
-    uint8_t x[8];
-    for (int i = 0; i < 8; i++) x[i] = (uint8_t)(v >> (8 * i));
-    wb_bytes(b, x, 8);
-}
-
-/* A length-delimited value: its length and bytes, with one bounds check. */
-static inline void
-wb_lenbytes(wbuf *b, const char *src, size_t n)
-{
-    uint8_t tmp[10], vs = 0;
-    uint64_t v = n;
-    while (v >= 0x80) { tmp[vs++] = (uint8_t)(v | 0x80); v >>= 7; }
-    tmp[vs++] = (uint8_t)v;
-    char *d = wb_dst(b, vs + n);
-    if (d) {
-        memcpy(d, tmp, vs);
-        memcpy(d + vs, src, n);
-    }
-}
-
-static inline void
-wb_tag(wbuf *b, uint32_t number, int wt)
-{
-    wb_varint(b, ((uint64_t)number << 3) | (uint64_t)wt);
-}
-
-static unsigned
-varint_size(uint64_t v)
-{
-    unsigned n = 1;
-    while (v >= 0x80) { v >>= 7; n++; }
-    return n;
-}
-
-/* Length-delimited nesting: reserve one byte for the length, fix it up afterwards. */
-static size_t
-wb_open(wbuf *b)
-{
-    size_t at = b->len;
-    wb_dst(b, 1);
-    return at;
-}
-
-static void
-wb_close(wbuf *b, size_t at)
-{
-    size_t n = b->len - at - 1;
-    unsigned vs = varint_size(n);
-    if (b->counting) {
-        b->len += vs - 1;
-        return;
-    }
-    if (vs > 1) {
-        if (!wb_dst(b, vs - 1)) return; /* no room to move it: the second pass writes it */
-        memmove(b->p + at + vs, b->p + at + 1, n);
-    }
-    uint8_t *p = (uint8_t *)b->p + at;
-    while (n >= 0x80) { *p++ = (uint8_t)(n | 0x80); n >>= 7; }
-    *p = (uint8_t)n;
-}
 
 static int
 wire_type(int type)

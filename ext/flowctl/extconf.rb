@@ -21,23 +21,31 @@ need("libprotobuf-c", "protobuf-c")
 have_header("grpc/grpc.h") or abort "flowctl: grpc/grpc.h not found. Install it with:\n  sudo #{APT}"
 have_header("protobuf-c/protobuf-c.h") or abort "flowctl: protobuf-c.h not found. Install it with:\n  sudo #{APT}"
 have_func("rb_gc_mark_movable", "ruby.h")
+have_func("rb_ext_ractor_safe", "ruby.h")
 have_func("pthread_atfork", "pthread.h")
 have_func("rb_hash_stlike_foreach") # exported by libruby though not in its headers
 
-# fork.c calls gRPC core functions that libgrpc exports with C++ linkage (Debian's 1.51):
-# its fork handlers and the socket mutator. Without them the extension could not load.
+# fork.c calls gRPC core functions that libgrpc exports with C++ linkage (Debian's 1.51): its
+# fork handlers and the socket mutator. Without them (another gRPC build, or
+# --disable-fork-internals / FLOWCTL_NO_GRPC_CXX=1, which pretends they are absent) the gem
+# builds and works, except that a forked child cannot use gRPC (README: Fork).
 GRPC_CXX_SYMBOLS = %w[_Z12grpc_preforkv _Z20grpc_postfork_parentv _Z19grpc_postfork_childv
-                      _Z15gpr_default_logP17gpr_log_func_args
                       _Z24grpc_socket_mutator_initP19grpc_socket_mutatorPK26grpc_socket_mutator_vtable
                       _Z26grpc_socket_mutator_to_argP19grpc_socket_mutator].freeze
-GRPC_CXX_SYMBOLS.each do |sym|
-  checking_for("#{sym} in libgrpc") do
-    try_link("void f(void) __asm__(\"#{sym}\");\nint main(void) { f(); return 0; }\n")
-  end or abort <<~MSG
-    flowctl: libgrpc does not export #{sym}, which flowctl's fork support uses
-    (gRPC C core 1.51 as Debian 12 ships it). Install it with:
-      sudo #{APT}
-  MSG
+if enable_config("fork-internals", ENV["FLOWCTL_NO_GRPC_CXX"] != "1")
+  missing = GRPC_CXX_SYMBOLS.reject do |sym|
+    checking_for("#{sym} in libgrpc") do
+      try_link("void f(void) __asm__(\"#{sym}\");\nint main(void) { f(); return 0; }\n")
+    end
+  end
+  if missing.empty?
+    $defs << "-DFLOWCTL_FORK_INTERNALS"
+  else
+    warn "flowctl: libgrpc does not export #{missing.join(', ')} (gRPC C core 1.51 as Debian 12 ships it does):\n" \
+         "  building without gRPC core's fork handlers; a forked child will not be able to use gRPC."
+  end
+else
+  message "flowctl: building without gRPC core's fork internals (asked): a forked child will not be able to use gRPC\n"
 end
 
 # The protoc-c output lives in generated/ (one folder per proto package). generated/registry.c

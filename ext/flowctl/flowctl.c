@@ -19,16 +19,20 @@ Init_flowctl(void)
     eFlowctlError = rb_define_class_under(mFlowctl, "Error", rb_eStandardError);
     eFlowctlDecodeError = rb_define_class_under(mFlowctl, "DecodeError", eFlowctlError);
 
+    init_flowctl_log();
     init_flowctl_status();
     init_flowctl_metadata();
     init_flowctl_wait();
+    init_flowctl_watch();
     init_flowctl_descriptor();
     init_flowctl_message();
     init_flowctl_reflect();
     init_flowctl_channel();
     init_flowctl_call();
+    init_flowctl_fiber();
     init_flowctl_pump();
     init_flowctl_server();
     init_flowctl_heartbeat();
+    init_flowctl_heartbeat_class();
     init_flowctl_fork();
 }

@@ -2,7 +2,8 @@
  * flowctl.h — the one internal header of the flowctl extension.
  *
  * Reading order: flowctl.c (Init) -> message.c/convert.c (messages) -> status.c
- * -> metadata.c -> wait.c -> channel.c -> call.c -> pump.c -> server.c -> heartbeat.c -> fork.c.
+ * -> metadata.c -> log.c -> clock.c -> fork.c (gate, fork hooks) -> wait.c -> watch.c -> channel.c -> call.c
+ * -> fiber.c -> pump.c -> server.c -> wire.h -> heartbeat_wire.c -> heartbeat.c -> heartbeat_class.c.
  *
  * Mechanism files return codes where they can; the Ruby-facing functions raise.
  */
@@ -23,6 +24,7 @@
 #include <grpc/byte_buffer.h>
 #include <grpc/byte_buffer_reader.h>
 #include <grpc/slice.h>
+#include <grpc/support/log.h>
 #include <grpc/support/time.h>
 #include <protobuf-c/protobuf-c.h>
 
@@ -38,6 +40,17 @@ extern VALUE mFlowctl;       /* Flowctl */
 extern VALUE mFlowctlNative; /* Flowctl::Native: primitives the Ruby layer builds on */
 extern VALUE eFlowctlError;  /* Flowctl::Error < StandardError */
 extern VALUE eFlowctlDecodeError;
+
+/* Methods defined while this is on may be called from any Ractor (rb_ext_ractor_safe). */
+static inline void
+flowctl_ractor_safe(bool on)
+{
+#ifdef HAVE_RB_EXT_RACTOR_SAFE
+    rb_ext_ractor_safe(on);
+#else
+    (void)on;
+#endif
+}
 
 /* ---- message.c + convert.c: generic message classes from protobuf-c descriptors ---- */
 enum flowctl_field_kind { FK_SINGULAR, FK_REPEATED, FK_MAP };
@@ -123,6 +136,15 @@ void flowctl_decode_into(const flowctl_class *ci, VALUE msg, const uint8_t *p, s
 /* ---- reflect.c: a message class's field table for Ruby (descriptors, JSON) ---- */
 void init_flowctl_reflect(void);
 
+/* ---- clock.c: monotonic time (a leaf: depends on nothing of ours) ------- */
+/* A condition variable whose timed waits use CLOCK_MONOTONIC. */
+void flowctl_cond_init(pthread_cond_t *cond);
+int64_t flowctl_mono_ms(void);                           /* CLOCK_MONOTONIC in milliseconds */
+struct timespec flowctl_ts_add(struct timespec t, double seconds);
+struct timespec flowctl_mono_in(double seconds);         /* CLOCK_MONOTONIC, seconds from now */
+bool flowctl_mono_passed(const struct timespec *until);
+gpr_timespec flowctl_deadline_in(double seconds);         /* a gRPC deadline, seconds from now */
+
 /* ---- status.c: grpc_status_code -> Flowctl::RPCError subclasses --------- */
 void init_flowctl_status(void);
 /* Builds (does not raise) the RPCError subclass for code with details and trailing metadata. */
@@ -167,13 +189,37 @@ void flowctl_wait_finish(int interrupted);
  * true when one raises; it is kept for flowctl_wait_finish (the caller first makes sure
  * nothing is in flight). false: nothing to raise, go on waiting. */
 bool flowctl_wait_interrupted(void);
-/* A condition variable whose timed waits use CLOCK_MONOTONIC. */
-void flowctl_cond_init(pthread_cond_t *cond);
+/* Counts an interrupted wait that lets go of the GVL to wait for its cancelled batch. */
+void flowctl_wait_note_cancel_wait(void);
 /* Shuts down and destroys a pluck queue that has nothing in flight. */
 void flowctl_cq_destroy(grpc_completion_queue *cq);
 /* Ruby String <-> grpc_byte_buffer. */
 grpc_byte_buffer *flowctl_buffer_from_str(VALUE str);
 VALUE flowctl_str_from_buffer(grpc_byte_buffer *buf); /* binary String; does not destroy buf */
+
+/* ---- log.c: gRPC core's log lines (dropped, stderr when asked, or Flowctl.logger) ---- */
+void init_flowctl_log(void);
+void flowctl_log_line(gpr_log_func_args *args); /* the gpr log function */
+void flowctl_log_apply_verbosity(int cap);        /* gRPC's verbosity: what is wanted, at most cap */
+void flowctl_log_atfork_child(void);
+
+/* ---- watch.c: the thread that polls idle connections -------------------- */
+/* A tag on the shared queue of watch.c: its thread calls on_done(tag, success). */
+typedef struct flowctl_cq_tag {
+    void (*on_done)(struct flowctl_cq_tag *tag, bool ok);
+} flowctl_cq_tag;
+void init_flowctl_watch(void);
+/* Keeps channel's connections polled while no call is (NULL if no thread could start:
+ * the channel then works as before). */
+typedef struct flowctl_channel flowctl_channel;
+struct flowctl_watch *flowctl_watch_channel(flowctl_channel *ch);
+/* Before grpc_channel_destroy: the watch lets go of the channel. */
+void flowctl_watch_forget(struct flowctl_watch *w);
+/* The shared `next` queue (the thread started), or NULL when no thread could start. */
+grpc_completion_queue *flowctl_watch_cq(void);
+/* Wakes the thread (fork.c: after closing the gate, so that it steps out of gRPC). */
+void flowctl_watch_kick(void);
+void flowctl_watch_atfork_child(void);
 
 /* ---- chanargs.c: channel args (a Hash Flowctl::ChannelArgs.normalize made) ---- */
 /* Fills args (room for RHASH_SIZE(hash) entries; the strings stay the Hash's: keep it
@@ -181,21 +227,41 @@ VALUE flowctl_str_from_buffer(grpc_byte_buffer *buf); /* binary String; does not
 size_t flowctl_channel_args_fill(VALUE hash, grpc_arg *args);
 
 /* ---- channel.c: grpc_channel + credentials ---------------------------------- */
-typedef struct flowctl_channel {
+/* A call in flight on a channel, listed so that closing the channel cancels it. */
+typedef struct flowctl_tracked {
+    grpc_call *call;
+    flowctl_channel *ch;        /* referenced while listed; NULL when not listed */
+    struct flowctl_tracked *prev, *next;
+} flowctl_tracked;
+
+struct flowctl_channel {
     grpc_channel *channel;      /* NULL once closed */
+    struct flowctl_watch *watch; /* watch.c keeps it polled while idle (NULL: not watched) */
     char *target;
     atomic_int refs;            /* the Ruby object holds one; each heartbeat thread one more */
     atomic_bool closed;
     pid_t pid;                  /* creator: in a forked child the channel is dead (fork.c) */
     atomic_uint unary_us;       /* recent unary round trips, microseconds (moving average; 0: none yet) */
     atomic_int unary_inflight;  /* unary calls waiting on this channel now */
-} flowctl_channel;
+    atomic_uint calls_started;  /* flowctl_channel_note_call: watch.c parks while it moves */
+    pthread_mutex_t calls_mu;   /* guards calls */
+    flowctl_tracked *calls;     /* Ruby's calls in flight (unary and streams) */
+};
 
 void init_flowctl_channel(void);
 /* The channel of a Flowctl::Native::Channel (raises IOError when closed). */
 flowctl_channel *flowctl_channel_get(VALUE rb_channel);
 void flowctl_channel_ref(flowctl_channel *ch);
 void flowctl_channel_unref(flowctl_channel *ch);     /* destroys the channel at zero; never blocks long */
+/* A call starts on ch: its idle watch stands aside while calls keep coming (watch.c). */
+static inline void
+flowctl_channel_note_call(flowctl_channel *ch)
+{
+    atomic_fetch_add_explicit(&ch->calls_started, 1, memory_order_relaxed);
+}
+/* Lists call (referencing ch) until untrack; closing the channel cancels what is listed. */
+void flowctl_channel_track(flowctl_channel *ch, flowctl_tracked *t, grpc_call *call);
+void flowctl_channel_untrack(flowctl_tracked *t); /* before grpc_call_unref; idempotent */
 
 /* ---- pump.c: the engine of a bidi stream ------------------------------------ */
 #define PUMP_SENDQ 64             /* messages written and not yet taken by gRPC */
@@ -235,6 +301,9 @@ typedef struct flowctl_pump {
     bool initial_inflight, initial_done;
     flowctl_pump_extra *extras;
     int extras_inflight;
+    int64_t send_timeout_ms;     /* a wait on sends the peer does not take gives up after it (0: never) */
+    int64_t send_progress_ms;    /* CLOCK_MONOTONIC: when a send last completed */
+    bool send_timed_out;         /* a wait on sends gave up: the call was cancelled */
     flowctl_pump_extra close_extra; /* a server's RECV_CLOSE_ON_SERVER, started early (watch_close) */
     grpc_op close_op;
     int close_cancelled;
@@ -244,7 +313,6 @@ typedef struct flowctl_pump {
 } flowctl_pump;
 
 void init_flowctl_pump(void);
-void flowctl_pump_atfork_child(void);
 
 /* The int-returning calls wait without the GVL and return 1 when an interrupt that
  * raises came (the call is cancelled, nothing in flight): let go of what you hold,
@@ -263,6 +331,18 @@ bool flowctl_pump_take_initial_md(flowctl_pump *p);
  * nothing is in flight) until a monotonic deadline; false when that passed first. */
 bool flowctl_pump_start(flowctl_pump *p, const grpc_op *ops, size_t n);
 bool flowctl_pump_drain(flowctl_pump *p, gpr_timespec until);
+/* For native threads: takes what has completed without waiting; true when nothing is
+ * in flight any more. */
+bool flowctl_pump_collect(flowctl_pump *p);
+/* Waits until the batches started with flowctl_pump_start have completed (bounded as sends). */
+int flowctl_pump_wait_extras(flowctl_pump *p);
+/* Waits on sends (write, flush, close_write, run) give up after ms without progress:
+ * the call is cancelled, the send fails and flowctl_pump_send_timed_out tells why. */
+void flowctl_pump_set_send_timeout(flowctl_pump *p, int64_t ms);
+bool flowctl_pump_send_timed_out(flowctl_pump *p);
+/* After a server's status: writes from now on fail (a writer waiting for room wakes and
+ * fails), without cancelling the call (which could reset the stream before the status). */
+void flowctl_pump_close_sends(flowctl_pump *p);
 /* Queues a message (waits while the queue is full); *failed: the call is over. */
 int flowctl_pump_write(flowctl_pump *p, VALUE bytes, bool *failed);
 /* Half-closes after the queued messages; waits until gRPC has taken them all. */
@@ -286,12 +366,182 @@ bool flowctl_pump_recv_failed(flowctl_pump *p);
 /* Cancels (when asked), drains, frees the queues and the completion queue. */
 void flowctl_pump_destroy(flowctl_pump *p, bool cancel_call);
 
+/* ---- fiber.c: unary calls completed on watch.c's queue (Fiber schedulers) ---- */
+void init_flowctl_fiber(void);
+void flowctl_fiber_atfork_child(void);
+
 /* ---- call.c, server.c, heartbeat.c --------------------------------------- */
 void init_flowctl_call(void);
 void init_flowctl_server(void);
 void init_flowctl_heartbeat(void);
-/* Before a fork (fork.c): cancels the beats still inside gRPC so they leave it. */
-void flowctl_heartbeat_cancel_calls(void);
+void init_flowctl_heartbeat_class(void);
+
+/* ---- the native heartbeat: heartbeat_wire.c, heartbeat.c, heartbeat_class.c ----
+ * heartbeat_wire.c   the plan (what to send: paths, field numbers, value types; given by
+ *                    Ruby) -> request bytes, and reply bytes -> outcome. No gRPC, no Ruby.
+ * heartbeat.c        the engine: thread, schedule, backoff, re-registration, final beat,
+ *                    config snapshot, live list, fork hooks. No Ruby.
+ * heartbeat_class.c  Flowctl::Heartbeat: Ruby values -> plan and snapshot, stats, waits.
+ */
+#define HB_TEXT 256 /* error texts and reply messages kept by the thread */
+
+/* One request/reply pair, read-only once the thread runs. Field numbers 0: absent. */
+typedef struct flowctl_hb_plan {
+    char *register_path, *beat_path, *unregister_path; /* unregister_path NULL: no such call */
+    uint8_t *register_req;                /* the register request, encoded by Ruby */
+    size_t register_len;
+    bool register_first;                  /* register before the first beat (else only when forgotten) */
+    uint32_t reg_success, reg_message, reg_service_id; /* register reply: bool, string, string */
+    uint32_t beat_id, beat_status, beat_metrics, beat_timestamp; /* heartbeat request */
+    bool status_enum;                     /* status as an enum varint, else its name as a string */
+    bool metric_strings;                  /* map<string,string> metrics, else map<string,double> */
+    uint32_t beat_success, beat_message;  /* heartbeat reply; beat_success 0: the status says it all */
+    uint32_t unreg_id;                    /* unregister request: the service id */
+    uint32_t forgot_codes;                /* bit (1 << code): with forgot_details in the details ... */
+    char *forgot_details;                 /* ... the control plane forgot us: register again */
+    size_t n_statuses;                    /* the HealthStatus values: name and number */
+    char **status_names;
+    int32_t *status_numbers;
+    unsigned stopping;                    /* index of the final beat's status */
+} flowctl_hb_plan;
+
+/* What a beat sends besides status and time: immutable, refcounted, swapped under a lock. */
+typedef struct flowctl_hb_config {
+    atomic_int refs;
+    size_t n_metrics;
+    char **keys;
+    double *values; /* map<string,double> */
+    char **texts;   /* map<string,string> */
+} flowctl_hb_config;
+
+typedef struct flowctl_bytes {
+    uint8_t *p; /* malloc'd */
+    size_t len;
+} flowctl_bytes;
+
+typedef enum { HB_OK, HB_REJECTED, HB_FAILED } flowctl_hb_result;
+
+void flowctl_hb_plan_free(flowctl_hb_plan *plan);
+/* false when out of memory. */
+bool flowctl_hb_encode_beat(const flowctl_hb_plan *plan, const char *id, const flowctl_hb_config *c,
+                            unsigned status, const struct timespec *now, flowctl_bytes *out);
+bool flowctl_hb_encode_unregister(const flowctl_hb_plan *plan, const char *id, flowctl_bytes *out);
+/* A reply: HB_OK, HB_REJECTED (its success field is false; its message field goes to
+ * message) or HB_FAILED (it does not decode). With id_field, *id gets that string field
+ * (malloc'd; NULL when absent or empty). */
+flowctl_hb_result flowctl_hb_read_reply(const uint8_t *p, size_t len, uint32_t success_field, uint32_t message_field,
+                                        uint32_t id_field, char *message, size_t cap, char **id);
+
+/* heartbeat.c: the engine. The struct is its own; the binding uses these functions. */
+typedef struct flowctl_heartbeat flowctl_heartbeat;
+
+typedef struct flowctl_hb_stats {
+    uint64_t sent, failed, consecutive, registrations;
+    char last_error[HB_TEXT];
+    bool has_success;
+    struct timespec last_success;
+} flowctl_hb_stats;
+
+typedef struct flowctl_hb_error {
+    int code; /* grpc_status_code, or -1 when the control plane answered success: false */
+    char message[HB_TEXT];
+} flowctl_hb_error;
+
+/* Everything a thread needs, owned by the heartbeat once created (freed on failure too). */
+typedef struct flowctl_hb_settings {
+    flowctl_hb_plan *plan;
+    char *id;
+    grpc_metadata *headers; /* slices owned */
+    size_t n_headers;
+    double interval, call_timeout;
+    bool want_errors;
+    flowctl_hb_config *config;
+    unsigned status;
+} flowctl_hb_settings;
+
+flowctl_hb_config *flowctl_hb_config_new(size_t n, bool strings); /* NULL when out of memory */
+void flowctl_hb_config_unref(flowctl_hb_config *c);
+void flowctl_hb_settings_free(flowctl_hb_settings *s);
+flowctl_heartbeat *flowctl_hb_create(flowctl_hb_settings *s); /* takes s's contents; NULL: out of memory */
+int flowctl_hb_start(flowctl_heartbeat *hb, flowctl_channel *ch); /* 0 or an errno */
+void flowctl_hb_release(flowctl_heartbeat *hb); /* the owner lets go: stop, detach, unref; never blocks */
+bool flowctl_hb_dead(const flowctl_heartbeat *hb); /* made before a fork: only memory here */
+bool flowctl_hb_started(const flowctl_heartbeat *hb);
+bool flowctl_hb_joined(const flowctl_heartbeat *hb); /* a stop joined or detached the thread */
+size_t flowctl_hb_memsize(const flowctl_heartbeat *hb);
+const flowctl_hb_plan *flowctl_hb_plan_of(const flowctl_heartbeat *hb);
+void flowctl_hb_swap_config(flowctl_heartbeat *hb, flowctl_hb_config *c);
+flowctl_hb_config *flowctl_hb_take_config(flowctl_heartbeat *hb, unsigned *status); /* a ref */
+void flowctl_hb_set_status(flowctl_heartbeat *hb, unsigned status);
+void flowctl_hb_service_id(flowctl_heartbeat *hb, char *buf, size_t cap);
+void flowctl_hb_get_stats(flowctl_heartbeat *hb, flowctl_hb_stats *out);
+bool flowctl_hb_running(flowctl_heartbeat *hb);
+bool flowctl_hb_wants_errors(const flowctl_heartbeat *hb);
+void flowctl_hb_request_stop(flowctl_heartbeat *hb, double final_timeout);
+bool flowctl_hb_take_error(flowctl_heartbeat *hb, flowctl_hb_error *out);
+/* Waits (a blocking function for rb_nogvl; flowctl_hb_wait_ubf unblocks it). */
+typedef struct flowctl_hb_wait {
+    flowctl_heartbeat *hb;
+    bool for_error;               /* an error or the end, else the end only */
+    const struct timespec *until; /* CLOCK_MONOTONIC, or NULL: no limit */
+    bool interrupted, done;
+} flowctl_hb_wait;
+void *flowctl_hb_wait_nogvl(void *wait);
+void flowctl_hb_wait_ubf(void *wait);
+/* After a wait for the end: joins the finished thread, or detaches it (false) when it
+ * has not finished. Once only: true when another caller did it first. */
+bool flowctl_hb_join(flowctl_heartbeat *hb, bool finished);
+/* Every heartbeat of this process: stop them all; count them. */
+void flowctl_hb_stop_all_request(double final_timeout);
+typedef struct flowctl_hb_all_wait {
+    struct timespec until;
+    bool interrupted;
+} flowctl_hb_all_wait;
+void *flowctl_hb_all_wait_nogvl(void *wait);
+void flowctl_hb_all_wait_ubf(void *wait);
+int flowctl_hb_live_count(void);
+
+/* ---- auth.c: the bearer token check of a server --------------------------- */
+/* True when md carries "authorization: Bearer <token>" (scheme in any case, constant time). */
+bool flowctl_bearer_ok(const char *token, size_t len, const grpc_metadata_array *md);
+
+/* ---- conn.c: a server's TCP connections (by local port) ------------------ */
+/* Shuts down (shutdown(2), never close) the connections to ports whose remote address
+ * is peer, written as grpc_call_get_peer writes it; returns how many. */
+int flowctl_conn_shutdown(const char *peer, const int *ports, int n_ports);
+/* The accepted connections on ports (listeners not counted); -1 when unknown. */
+int flowctl_conn_count(const int *ports, int n_ports);
+/* Shuts down the connection on ports that received the most bytes over the next ms
+ * milliseconds (it sleeps that long); 1 when there was one. */
+int flowctl_conn_shutdown_busiest(const int *ports, int n_ports, int ms);
+/* The local port of a TCP socket (0 for anything else); true for a listening socket. */
+int flowctl_conn_local_port(int fd);
+bool flowctl_conn_listening(int fd);
+/* 1 when a listener on ports has a connection waiting to be accepted, 0 when none has,
+ * -1 when there is no listener. */
+int flowctl_conn_listener_pending(const int *ports, int n_ports);
+/* shutdown(2) on the listeners on ports: the port is free to listen on again. */
+int flowctl_conn_close_listeners(const int *ports, int n_ports);
+/* When fewer than limit/reserve_div (at least 16) descriptors are left below the soft
+ * RLIMIT_NOFILE, shuts down the connections on ports idle longest (to half the reserve
+ * more); returns how many. */
+int flowctl_conn_shed_idle(const int *ports, int n_ports, int reserve_div);
+/* Descriptors left below the soft RLIMIT_NOFILE (0 when none is left to count them). */
+int flowctl_conn_fds_left(void);
+/* This process's resident memory (0 when unknown). */
+size_t flowctl_rss_bytes(void);
+#define FLOWCTL_OFFENDERS 64
+typedef struct flowctl_offender {
+    uint64_t hash;     /* of the peer string */
+    int64_t since_ms;  /* the one-second window's start */
+    int count;
+} flowctl_offender;
+typedef struct flowctl_offenders {
+    flowctl_offender e[FLOWCTL_OFFENDERS];
+} flowctl_offenders;
+/* Counts one offense of peer; true when that makes more than limit within a second
+ * (the count starts again). One thread at a time. */
+bool flowctl_conn_offend(flowctl_offenders *t, const char *peer, int64_t now_ms, int limit);
 
 /* ---- fork.c: fork handlers (pthread_atfork) and the gate ---------------- */
 /* This process's id, kept by the fork handlers (getpid() is a system call). Objects
@@ -299,6 +549,23 @@ void flowctl_heartbeat_cancel_calls(void);
 extern pid_t flowctl_pid;
 void flowctl_fork_env(void);
 void init_flowctl_fork(void);
+/*
+ * Fork hooks, registered at load by the files that keep threads or process-wide state
+ * (fork.c calls none of them by name). All run inside fork(), in pthread_atfork
+ * handlers, in registration order; none may call Ruby or block on gRPC.
+ *   evict   before a fork, when our threads have not left gRPC 0.2 s after the gate
+ *           closed: make them leave (cancel what they wait for)
+ *   child   in the child, before gRPC core restarts: forget the parent's threads and
+ *           reinitialise the locks they may have held
+ * Either may be NULL.
+ */
+typedef struct flowctl_fork_hooks {
+    const char *name;
+    void (*close)(void);  /* the gate just closed: wake a thread that waits inside gRPC without a time limit */
+    void (*evict)(void);  /* 0.2 s later, threads still inside: make them leave */
+    void (*child)(void);  /* in the child, before gRPC core's threads start again */
+} flowctl_fork_hooks;
+void flowctl_fork_register(const flowctl_fork_hooks *hooks);
 /* Raises Flowctl::Error in a forked child where gRPC core could not be prepared. */
 void flowctl_fork_check(void);
 /* The channel arg every channel and server of ours carries: it tells fork.c which

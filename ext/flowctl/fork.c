@@ -26,6 +26,9 @@
  *   alone: using them raises IOError, freeing them frees memory only, and every socket
  *   gRPC core made for them is pointed at a dead socket before gRPC's threads start
  *   there, so the child can never read or write its parent's connections (below).
+ * - files that keep threads or process-wide state (pump.c, heartbeat.c) register their
+ *   own hooks (flowctl_fork_register): this file calls none of them by name, so the
+ *   threading core depends one way: clock.c <- fork.c <- wait.c, pump.c, heartbeat.c.
  * gRPC core still skips its handlers when a thread that is not ours is inside gRPC
  * (the official grpc gem): the child is then told so by a Flowctl::Error from
  * flowctl_fork_check() (new channels, new heartbeats) instead of hanging.
@@ -48,18 +51,30 @@
 
 #include <grpc/support/log.h>
 
+#ifdef FLOWCTL_FORK_INTERNALS
 /* libgrpc.so 1.51 exports these with C++ linkage (grpc/impl/codegen/fork.h lacks an
- * extern "C" guard), hence the mangled names. */
+ * extern "C" guard), hence the mangled names. extconf.rb checks that they are there. */
 void flowctl_grpc_prefork(void) __asm__("_Z12grpc_preforkv");
 void flowctl_grpc_postfork_parent(void) __asm__("_Z20grpc_postfork_parentv");
 void flowctl_grpc_postfork_child(void) __asm__("_Z19grpc_postfork_childv");
-void flowctl_gpr_default_log(gpr_log_func_args *args) __asm__("_Z15gpr_default_logP17gpr_log_func_args");
+static const bool fork_internals = true;
+#else
+/*
+ * Built without them (a libgrpc that does not export them, or --disable-fork-internals /
+ * FLOWCTL_NO_GRPC_CXX=1): gRPC core cannot be prepared for a fork, so a forked child cannot
+ * use gRPC (flowctl_fork_check says so) and keeps the parent's sockets open; the parent is
+ * not affected. The rest of the gem works the same.
+ */
+static void flowctl_grpc_prefork(void) {}
+static void flowctl_grpc_postfork_parent(void) {}
+static void flowctl_grpc_postfork_child(void) {}
+static const bool fork_internals = false;
+#endif
 
 pid_t flowctl_pid;
 static bool fork_support; /* GRPC_ENABLE_FORK_SUPPORT was on when grpc_init ran */
 static bool prepared;     /* fork_prepare ran grpc_prefork for the fork under way */
 static atomic_bool skipped; /* ... and gRPC core said it skipped its handlers */
-static int forward_min;   /* the GRPC_VERBOSITY the user asked for (3: none) */
 static const char *child_broken; /* in a child whose gRPC core was not prepared: why */
 
 /* ---- the gate ------------------------------------------------------------ */
@@ -70,15 +85,39 @@ static bool gate_closed;          /* (gate_lock) a fork is being prepared */
 static __thread unsigned gate_depth; /* this thread's nested stretches (the outermost one counts) */
 static unsigned gate_inside;      /* (gate_lock) threads of ours inside gRPC now */
 
-static struct timespec
-mono_in(double seconds)
+/* ---- fork hooks, registered by the files that need them ------------------- */
+
+#define MAX_HOOKS 8
+static const flowctl_fork_hooks *hooks[MAX_HOOKS];
+static size_t n_hooks;
+
+/* At load, from an init_flowctl_* function (the GVL held, before any fork). */
+void
+flowctl_fork_register(const flowctl_fork_hooks *h)
 {
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    double s = (double)t.tv_sec + (double)t.tv_nsec / 1e9 + seconds;
-    t.tv_sec = (time_t)s;
-    t.tv_nsec = (long)((s - (double)t.tv_sec) * 1e9);
-    return t;
+    if (n_hooks == MAX_HOOKS) rb_raise(rb_eRuntimeError, "flowctl: too many fork hooks (%s)", h->name);
+    hooks[n_hooks++] = h;
+}
+
+static void
+run_close_hooks(void)
+{
+    for (size_t i = 0; i < n_hooks; i++)
+        if (hooks[i]->close) hooks[i]->close();
+}
+
+static void
+run_evict_hooks(void)
+{
+    for (size_t i = 0; i < n_hooks; i++)
+        if (hooks[i]->evict) hooks[i]->evict();
+}
+
+static void
+run_child_hooks(void)
+{
+    for (size_t i = 0; i < n_hooks; i++)
+        if (hooks[i]->child) hooks[i]->child();
 }
 
 void
@@ -100,7 +139,7 @@ flowctl_gate_enter_unless(const atomic_bool *woken)
     }
     pthread_mutex_lock(&gate_lock);
     while (gate_closed && !atomic_load(woken)) {
-        struct timespec t = mono_in(0.02);
+        struct timespec t = flowctl_mono_in(0.02);
         pthread_cond_timedwait(&gate_cond, &gate_lock, &t);
     }
     bool in = !gate_closed;
@@ -132,19 +171,23 @@ gate_wait_empty(struct timespec until)
 }
 
 /* Closes the gate and waits for our threads to leave gRPC: waits poll every 20 ms and
- * acceptors every 50 ms; a beat still running after 0.2 s is cancelled. Gives up after
+ * acceptors every 50 ms; after 0.2 s the evict hooks make the others leave (a heartbeat
+ * cancels its beat). Gives up after
  * about `seconds` (gRPC core then finds a thread inside and skips its handlers). */
 static void
 gate_close(double seconds)
 {
     pthread_mutex_lock(&gate_lock);
     gate_closed = true;
-    bool empty = gate_wait_empty(mono_in(0.2));
+    pthread_mutex_unlock(&gate_lock);
+    run_close_hooks();
+    pthread_mutex_lock(&gate_lock);
+    bool empty = gate_wait_empty(flowctl_mono_in(0.2));
     pthread_mutex_unlock(&gate_lock);
     if (empty) return;
-    flowctl_heartbeat_cancel_calls();
+    run_evict_hooks();
     pthread_mutex_lock(&gate_lock);
-    gate_wait_empty(mono_in(seconds));
+    gate_wait_empty(flowctl_mono_in(seconds));
     pthread_mutex_unlock(&gate_lock);
 }
 
@@ -244,7 +287,7 @@ joined_threads_asleep(unsigned long long *runs)
 static void
 settle_grpc_threads(void)
 {
-    struct timespec limit = mono_in(0.1), ms = {0, 1000000}, now;
+    struct timespec limit = flowctl_mono_in(0.1), ms = {0, 1000000}, now;
     unsigned long long before, after;
     do {
         bool a = joined_threads_asleep(&before);
@@ -288,14 +331,15 @@ struct grpc_socket_mutator {
     gpr_refcount refcount;
 };
 
+static pthread_mutex_t sockets_lock = PTHREAD_MUTEX_INITIALIZER;
+static ino_t *socket_inode; /* (sockets_lock) by fd number: the socket gRPC made there, 0: none */
+static size_t socket_slots;  /* (sockets_lock) */
+
+#ifdef FLOWCTL_FORK_INTERNALS /* (without: no socket is noted, a child keeps its parent's) */
 void flowctl_grpc_socket_mutator_init(grpc_socket_mutator *m, const socket_mutator_vtable *v)
     __asm__("_Z24grpc_socket_mutator_initP19grpc_socket_mutatorPK26grpc_socket_mutator_vtable");
 grpc_arg flowctl_grpc_socket_mutator_to_arg(grpc_socket_mutator *m)
     __asm__("_Z26grpc_socket_mutator_to_argP19grpc_socket_mutator");
-
-static pthread_mutex_t sockets_lock = PTHREAD_MUTEX_INITIALIZER;
-static ino_t *socket_inode; /* (sockets_lock) by fd number: the socket gRPC made there, 0: none */
-static size_t socket_slots;  /* (sockets_lock) */
 
 static bool
 note_socket(int fd, grpc_socket_mutator *m)
@@ -340,32 +384,17 @@ noting_init(void)
 {
     flowctl_grpc_socket_mutator_init(&noting_mutator, &noting_vtable);
 }
+#endif
 
 grpc_arg
 flowctl_fork_socket_arg(void)
 {
+#ifdef FLOWCTL_FORK_INTERNALS
     pthread_once(&noting_once, noting_init);
     return flowctl_grpc_socket_mutator_to_arg(&noting_mutator);
-}
-
-/* The local port of a TCP socket, 0 when fd is something else. */
-static int
-tcp_port(int fd)
-{
-    struct sockaddr_storage addr;
-    socklen_t len = sizeof(addr);
-    if (getsockname(fd, (struct sockaddr *)&addr, &len) != 0) return 0;
-    if (addr.ss_family == AF_INET) return ntohs(((struct sockaddr_in *)&addr)->sin_port);
-    if (addr.ss_family == AF_INET6) return ntohs(((struct sockaddr_in6 *)&addr)->sin6_port);
-    return 0;
-}
-
-static bool
-accepting(int fd)
-{
-    int on = 0;
-    socklen_t len = sizeof(on);
-    return getsockopt(fd, SOL_SOCKET, SO_ACCEPTCONN, &on, &len) == 0 && on;
+#else
+    return (grpc_arg){.type = GRPC_ARG_INTEGER, .key = "flowctl.no_socket_mutator", .value.integer = 1};
+#endif
 }
 
 #define MAX_LISTENERS 64
@@ -390,15 +419,15 @@ disown_parent_sockets(void)
         if (!ino || (int)fd == dead[0] || fstat((int)fd, &st) != 0 || !S_ISSOCK(st.st_mode) || st.st_ino != ino)
             continue;
         int port;
-        if (n_ports < MAX_LISTENERS && accepting((int)fd) && (port = tcp_port((int)fd)) > 0)
+        if (n_ports < MAX_LISTENERS && flowctl_conn_listening((int)fd) && (port = flowctl_conn_local_port((int)fd)) > 0)
             ports[n_ports++] = port;
         while (dup3(dead[0], (int)fd, O_CLOEXEC) < 0 && errno == EINTR) {}
     }
     DIR *d = n_ports ? opendir("/proc/self/fd") : NULL;
     for (struct dirent *e; d && (e = readdir(d));) {
         int fd = atoi(e->d_name);
-        if (e->d_name[0] == '.' || fd == dirfd(d) || fd == dead[0] || accepting(fd)) continue;
-        int port = tcp_port(fd);
+        if (e->d_name[0] == '.' || fd == dirfd(d) || fd == dead[0] || flowctl_conn_listening(fd)) continue;
+        int port = flowctl_conn_local_port(fd);
         for (int i = 0; port && i < n_ports; i++) {
             if (ports[i] != port) continue;
             while (dup3(dead[0], fd, O_CLOEXEC) < 0 && errno == EINTR) {}
@@ -417,30 +446,18 @@ static void
 fork_log(gpr_log_func_args *a)
 {
     if (a->message && strstr(a->message, "skipping fork() handlers")) atomic_store(&skipped, true);
-    if ((int)a->severity >= forward_min) flowctl_gpr_default_log(a);
-}
-
-static int
-user_verbosity(void)
-{
-    const char *v = getenv("GRPC_VERBOSITY");
-    if (!v) return GPR_LOG_SEVERITY_ERROR;
-    if (strcasecmp(v, "DEBUG") == 0) return GPR_LOG_SEVERITY_DEBUG;
-    if (strcasecmp(v, "INFO") == 0) return GPR_LOG_SEVERITY_INFO;
-    if (strcasecmp(v, "NONE") == 0) return GPR_LOG_SEVERITY_ERROR + 1;
-    return GPR_LOG_SEVERITY_ERROR;
+    flowctl_log_line(a); /* where gRPC's lines go otherwise (log.c) */
 }
 
 static void
 prefork_watched(void)
 {
-    forward_min = user_verbosity();
     atomic_store(&skipped, false);
-    gpr_set_log_verbosity(forward_min < GPR_LOG_SEVERITY_INFO ? GPR_LOG_SEVERITY_DEBUG : GPR_LOG_SEVERITY_INFO);
+    flowctl_log_apply_verbosity(GPR_LOG_SEVERITY_INFO);
     gpr_set_log_function(fork_log);
     flowctl_grpc_prefork();
-    gpr_set_log_function(flowctl_gpr_default_log);
-    gpr_set_log_verbosity(forward_min > GPR_LOG_SEVERITY_ERROR ? GPR_LOG_SEVERITY_ERROR : (gpr_log_severity)forward_min);
+    gpr_set_log_function(flowctl_log_line);
+    flowctl_log_apply_verbosity(GPR_LOG_SEVERITY_ERROR);
 }
 
 void
@@ -477,8 +494,12 @@ flowctl_fork_env(void)
 static void
 fork_prepare(void)
 {
+    if (!fork_internals) { /* nothing to prepare gRPC core with: the child will not use it */
+        pthread_mutex_lock(&sockets_lock);
+        return;
+    }
     gate_close(2.0);
-    prepared = fork_support && !child_broken;
+    prepared = fork_internals && fork_support && !child_broken;
     if (prepared) {
         settle_grpc_threads();
         prefork_watched();
@@ -502,9 +523,13 @@ fork_child(void)
     pthread_mutex_unlock(&sockets_lock);
     disown_parent_sockets(); /* before gRPC core's threads start again in this child */
     gate_atfork_child();
-    flowctl_pump_atfork_child();
+    run_child_hooks();
     if (child_broken) {
         /* a child of a child that could not use gRPC: nor can this one */
+    } else if (!fork_internals) {
+        child_broken = "this build of flowctl has no gRPC core fork support (libgrpc's grpc_prefork family was not "
+                       "found when it was compiled, or it was built with FLOWCTL_NO_GRPC_CXX=1), so gRPC core cannot "
+                       "run in a child; exec a new program instead";
     } else if (!fork_support) {
         child_broken = "gRPC fork support is off (GRPC_ENABLE_FORK_SUPPORT is set to something else than 1), "
                        "so gRPC core cannot run in a child; exec a new program instead";
@@ -525,6 +550,13 @@ native_fork_usable_p(VALUE mod)
     return child_broken ? Qfalse : Qtrue;
 }
 
+/* call-seq: Flowctl::Native.fork_internals? -> true or false (built with gRPC core's fork handlers) */
+static VALUE
+native_fork_internals_p(VALUE mod)
+{
+    return fork_internals ? Qtrue : Qfalse;
+}
+
 /* call-seq: Flowctl::Native.fork_support? -> true or false (gRPC core's fork support is on) */
 static VALUE
 native_fork_support_p(VALUE mod)
@@ -539,5 +571,6 @@ init_flowctl_fork(void)
     if (pthread_atfork(fork_prepare, fork_parent, fork_child) != 0)
         rb_raise(rb_eRuntimeError, "flowctl: pthread_atfork failed");
     rb_define_module_function(mFlowctlNative, "fork_support?", native_fork_support_p, 0);
+    rb_define_module_function(mFlowctlNative, "fork_internals?", native_fork_internals_p, 0);
     rb_define_module_function(mFlowctlNative, "grpc_usable?", native_fork_usable_p, 0);
 }

@@ -48,7 +48,9 @@ static const rb_data_type_t msg_type = {
     .wrap_struct_name = "Flowctl::Message",
     .function = {.dmark = msg_mark, .dfree = RUBY_TYPED_DEFAULT_FREE, .dsize = msg_memsize,
                  .dcompact = msg_compact},
-    .flags = RUBY_TYPED_FREE_IMMEDIATELY | RUBY_TYPED_WB_PROTECTED,
+    /* FROZEN_SHAREABLE: a frozen message (its maps, lists and nested messages frozen with
+     * it) may be shared between Ractors (Ractor.make_shareable). */
+    .flags = RUBY_TYPED_FREE_IMMEDIATELY | RUBY_TYPED_WB_PROTECTED | RUBY_TYPED_FROZEN_SHAREABLE,
 };
 
 VALUE
@@ -716,6 +718,10 @@ init_flowctl_message(void)
 
     cFlowctlMessage = rb_define_class_under(mFlowctl, "Message", rb_cObject);
     rb_undef_alloc_func(cFlowctlMessage);
+    /* A message's methods touch only the message, its class's field table (built before the
+     * class is visible) and frozen shared defaults: any Ractor may call them. (Loading a
+     * descriptor set, below, changes the lookup tables: main Ractor only.) */
+    flowctl_ractor_safe(true);
     rb_define_method(cFlowctlMessage, "initialize", msg_initialize, -1);
     rb_define_method(cFlowctlMessage, "initialize_copy", msg_initialize_copy, 1);
     rb_define_method(cFlowctlMessage, "[]", msg_aref, 1);
@@ -731,6 +737,7 @@ init_flowctl_message(void)
     rb_define_singleton_method(cFlowctlMessage, "encode", msg_s_encode, 1);
     rb_define_singleton_method(cFlowctlMessage, "fields", msg_s_fields, 0);
     rb_define_singleton_method(cFlowctlMessage, "descriptor_name", msg_s_descriptor_name, 0);
+    flowctl_ractor_safe(false);
 
     rb_define_module_function(mFlowctlNative, "define_bootstrap", native_define_bootstrap, 1);
     rb_define_module_function(mFlowctlNative, "define_message", native_define_message, 3);

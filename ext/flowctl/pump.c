@@ -104,6 +104,7 @@ on_send(flowctl_pump *p, bool ok)
         p->close_done = true;
     }
     if (!ok) p->send_failed = true;
+    p->send_progress_ms = flowctl_mono_ms();
     start_send_locked(p);
 }
 
@@ -311,8 +312,8 @@ drive_forget(flowctl_pump *p)
 }
 
 /* In a forked child: the driver thread is the parent's; start afresh. */
-void
-flowctl_pump_atfork_child(void)
+static void
+pump_atfork_child(void)
 {
     pthread_mutex_init(&drive_mu, NULL);
     flowctl_cond_init(&drive_cond);
@@ -324,7 +325,9 @@ flowctl_pump_atfork_child(void)
 void
 init_flowctl_pump(void)
 {
+    static const flowctl_fork_hooks hooks = {.name = "pump", .child = pump_atfork_child};
     flowctl_cond_init(&drive_cond);
+    flowctl_fork_register(&hooks);
 }
 
 static void
@@ -346,9 +349,26 @@ struct wait_arg {
     void *arg;
     atomic_bool woken;
     bool done;
+    bool bounded;          /* a wait for the peer to take what we send: p->send_timeout applies */
+    bool expired;          /* ... and it ran out */
+    int64_t started_ms;
 };
 
-/* Polls (or waits for the poller) until pred holds or the thread is woken. */
+
+/*
+ * A wait on sends expires when the peer has taken nothing for send_timeout: no send
+ * completed since the wait began (a peer that reads slowly but reads is never cut off).
+ */
+static bool
+send_stalled(flowctl_pump *p, const struct wait_arg *w)
+{
+    if (!w->bounded || p->send_timeout_ms <= 0) return false;
+    int64_t since = p->send_progress_ms > w->started_ms ? p->send_progress_ms : w->started_ms;
+    return flowctl_mono_ms() - since > p->send_timeout_ms;
+}
+
+/* Polls (or waits for the poller) until pred holds, the thread is woken, or a bounded
+ * wait on sends stalls. */
 static void *
 wait_nogvl(void *a)
 {
@@ -356,7 +376,7 @@ wait_nogvl(void *a)
     flowctl_pump *p = w->p;
     pthread_mutex_lock(&p->mu);
     p->waiters++;
-    while (!(w->done = w->pred(p, w->arg)) && !atomic_load(&w->woken)) {
+    while (!(w->done = w->pred(p, w->arg)) && !atomic_load(&w->woken) && !(w->expired = send_stalled(p, w))) {
         if (p->polling) cond_wait_ms(p, POLL_MS);
         else poll_once(p, &w->woken);
     }
@@ -414,19 +434,43 @@ collect_now(flowctl_pump *p, pump_pred pred, void *arg)
     return !p->polling && take_completed(p, false, PUMP_SENDQ, pred, arg);
 }
 
+/* A bounded wait that stalled: the peer does not read. The call is cancelled and
+ * drained; what the caller waited for failed (send_failed, send_timed_out). */
+static void
+give_up_stalled(flowctl_pump *p)
+{
+    grpc_call_cancel(p->call, NULL);
+    rb_nogvl(drain_nogvl, p, NULL, NULL, 0);
+    pthread_mutex_lock(&p->mu);
+    p->send_failed = p->send_timed_out = true;
+    pthread_mutex_unlock(&p->mu);
+}
+
 static int
-pump_wait(flowctl_pump *p, pump_pred pred, void *arg)
+pump_wait(flowctl_pump *p, pump_pred pred, void *arg, bool bounded)
 {
     pthread_mutex_lock(&p->mu);
     bool done = pred(p, arg) || collect_now(p, pred, arg);
     pthread_mutex_unlock(&p->mu);
+    int64_t started = flowctl_mono_ms();
     while (!done) {
-        struct wait_arg w = {.p = p, .pred = pred, .arg = arg};
+        struct wait_arg w = {.p = p, .pred = pred, .arg = arg, .bounded = bounded, .started_ms = started};
         rb_nogvl(wait_nogvl, &w, wait_ubf, &w, RB_NOGVL_INTR_FAIL | RB_NOGVL_UBF_ASYNC_SAFE);
         if (w.done) break;
+        if (w.expired) {
+            give_up_stalled(p);
+            return 0;
+        }
         if (!flowctl_wait_interrupted()) continue;
         grpc_call_cancel(p->call, NULL);
-        rb_nogvl(drain_nogvl, p, NULL, NULL, 0);
+        /* the cancelled batches have mostly completed already: keep the GVL if so (wait.c) */
+        pthread_mutex_lock(&p->mu);
+        bool drained = nothing_in_flight(p, NULL) || collect_now(p, nothing_in_flight, NULL);
+        pthread_mutex_unlock(&p->mu);
+        if (!drained) {
+            flowctl_wait_note_cancel_wait();
+            rb_nogvl(drain_nogvl, p, NULL, NULL, 0);
+        }
         return 1;
     }
     /* leaving: someone must start what stays queued */
@@ -476,7 +520,7 @@ send_room(flowctl_pump *p, void *unused)
 int
 flowctl_pump_write(flowctl_pump *p, VALUE bytes, bool *failed)
 {
-    int interrupted = pump_wait(p, send_room, NULL);
+    int interrupted = pump_wait(p, send_room, NULL, true);
     if (interrupted) return 1;
     pthread_mutex_lock(&p->mu);
     *failed = p->send_failed;
@@ -503,7 +547,7 @@ flowctl_pump_close_write(flowctl_pump *p)
     p->close_wanted = true;
     start_send_locked(p);
     pthread_mutex_unlock(&p->mu);
-    return pump_wait(p, closed, NULL);
+    return pump_wait(p, closed, NULL, true);
 }
 
 static bool
@@ -516,7 +560,7 @@ int
 flowctl_pump_read(flowctl_pump *p, grpc_byte_buffer **out)
 {
     *out = NULL;
-    int interrupted = pump_wait(p, readable, NULL);
+    int interrupted = pump_wait(p, readable, NULL, false);
     if (interrupted) return 1;
     pthread_mutex_lock(&p->mu);
     if (p->recv_len > 0) {
@@ -540,7 +584,7 @@ initial_arrived(flowctl_pump *p, void *unused)
 int
 flowctl_pump_wait_initial(flowctl_pump *p)
 {
-    return pump_wait(p, initial_arrived, NULL);
+    return pump_wait(p, initial_arrived, NULL, false);
 }
 
 static bool
@@ -562,7 +606,7 @@ flowctl_pump_run(flowctl_pump *p, const grpc_op *ops, size_t n, bool *ok)
     }
     pthread_mutex_unlock(&p->mu);
     if (err != GRPC_CALL_OK) rb_raise(eFlowctlError, "gRPC refused the batch: %s", grpc_call_error_to_string(err));
-    int interrupted = pump_wait(p, extra_done, &x);
+    int interrupted = pump_wait(p, extra_done, &x, true);
     pthread_mutex_lock(&p->mu);
     for (flowctl_pump_extra **l = &p->extras; *l; l = &(*l)->next) {
         if (*l == &x) {
@@ -591,10 +635,22 @@ sends_done(flowctl_pump *p, void *unused)
     return (p->send_len == 0 && !p->send_inflight) || p->send_failed;
 }
 
+static bool
+no_extras(flowctl_pump *p, void *unused)
+{
+    return p->extras_inflight == 0;
+}
+
+int
+flowctl_pump_wait_extras(flowctl_pump *p)
+{
+    return pump_wait(p, no_extras, NULL, true);
+}
+
 int
 flowctl_pump_flush(flowctl_pump *p)
 {
-    return pump_wait(p, sends_done, NULL);
+    return pump_wait(p, sends_done, NULL, true);
 }
 
 bool
@@ -621,6 +677,42 @@ bool
 flowctl_pump_drain(flowctl_pump *p, gpr_timespec until)
 {
     return drain_until(p, until);
+}
+
+bool
+flowctl_pump_collect(flowctl_pump *p)
+{
+    pthread_mutex_lock(&p->mu);
+    if (!p->polling) take_completed(p, true, INT_MAX, NULL, NULL);
+    bool idle = nothing_in_flight(p, NULL);
+    pthread_mutex_unlock(&p->mu);
+    return idle;
+}
+
+void
+flowctl_pump_set_send_timeout(flowctl_pump *p, int64_t ms)
+{
+    pthread_mutex_lock(&p->mu);
+    p->send_timeout_ms = ms;
+    pthread_mutex_unlock(&p->mu);
+}
+
+void
+flowctl_pump_close_sends(flowctl_pump *p)
+{
+    pthread_mutex_lock(&p->mu);
+    p->send_failed = true;
+    pthread_cond_broadcast(&p->cond);
+    pthread_mutex_unlock(&p->mu);
+}
+
+bool
+flowctl_pump_send_timed_out(flowctl_pump *p)
+{
+    pthread_mutex_lock(&p->mu);
+    bool t = p->send_timed_out;
+    pthread_mutex_unlock(&p->mu);
+    return t;
 }
 
 bool
@@ -671,7 +763,7 @@ flowctl_pump_peer_gone(flowctl_pump *p)
 int
 flowctl_pump_wait_close(flowctl_pump *p, int *cancelled)
 {
-    int interrupted = pump_wait(p, extra_done, &p->close_extra);
+    int interrupted = pump_wait(p, extra_done, &p->close_extra, false);
     *cancelled = p->close_extra.done ? p->close_cancelled : 1;
     return interrupted;
 }

@@ -38,6 +38,14 @@ class_for(int code)
 }
 
 static VALUE
+error_message(int c, const char *name, VALUE details)
+{
+    VALUE msg = rb_sprintf("%d:%s", c, name);
+    if (RSTRING_LEN(details) > 0) msg = rb_sprintf("%"PRIsVALUE": %"PRIsVALUE, msg, details);
+    return msg;
+}
+
+static VALUE
 default_code(VALUE klass)
 {
     VALUE code = rb_const_get_at(klass, rb_intern("CODE"));
@@ -71,8 +79,7 @@ rpc_error_initialize(int argc, VALUE *argv, VALUE self)
     if (NIL_P(metadata)) metadata = rb_hash_new();
     Check_Type(metadata, T_HASH);
 
-    VALUE msg = rb_sprintf("%d:%s", c, status_names[c][0]);
-    if (RSTRING_LEN(details) > 0) msg = rb_sprintf("%"PRIsVALUE": %"PRIsVALUE, msg, details);
+    VALUE msg = error_message(c, status_names[c][0], details);
     rb_call_super(1, &msg);
     rb_ivar_set(self, id_code, INT2FIX(c));
     rb_ivar_set(self, id_details, details);
@@ -96,14 +103,39 @@ rpc_error_for_code(VALUE klass, VALUE code)
     return class_for(NUM2INT(code));
 }
 
+/* What a peer sent as details, as valid UTF-8 (invalid bytes become U+FFFD). */
+static VALUE
+scrubbed(VALUE details)
+{
+    if (NIL_P(details)) return rb_str_new_cstr("");
+    details = rb_str_dup(details);
+    rb_enc_associate(details, rb_utf8_encoding());
+    if (rb_enc_str_coderange(details) != ENC_CODERANGE_BROKEN) return details;
+    VALUE clean = rb_str_scrub(details, Qnil);
+    return NIL_P(clean) ? details : clean;
+}
+
+/*
+ * The error for a status a peer sent: its details scrubbed to valid UTF-8; a code
+ * outside 0..16 gives a Flowctl::RPCError carrying that code ("42:UNKNOWN_CODE").
+ */
 VALUE
 flowctl_status_error(grpc_status_code code, VALUE details, VALUE metadata)
 {
+    details = scrubbed(details);
+    if (NIL_P(metadata)) metadata = rb_hash_new();
+    bool known = (int)code >= 0 && (int)code < STATUS_COUNT;
     VALUE kw = rb_hash_new();
-    rb_hash_aset(kw, ID2SYM(id_code), INT2FIX(code));
-    rb_hash_aset(kw, ID2SYM(id_metadata), NIL_P(metadata) ? rb_hash_new() : metadata);
-    VALUE args[2] = {NIL_P(details) ? rb_str_new_cstr("") : details, kw};
-    return rb_class_new_instance_kw(2, args, class_for(code), RB_PASS_KEYWORDS);
+    rb_hash_aset(kw, ID2SYM(id_code), INT2FIX(known ? (int)code : GRPC_STATUS_UNKNOWN));
+    rb_hash_aset(kw, ID2SYM(id_metadata), metadata);
+    VALUE args[2] = {details, kw};
+    if (known) return rb_class_new_instance_kw(2, args, class_for(code), RB_PASS_KEYWORDS);
+    /* RPCError.new refuses such a code (a handler must use a real one): built as UNKNOWN,
+     * then given the code the peer sent */
+    VALUE err = rb_class_new_instance_kw(2, args, eRPCError, RB_PASS_KEYWORDS);
+    rb_ivar_set(err, id_code, INT2NUM((int)code));
+    rb_ivar_set(err, rb_intern("mesg"), error_message((int)code, "UNKNOWN_CODE", details));
+    return err;
 }
 
 void
@@ -121,11 +153,13 @@ init_flowctl_status(void)
 
     eRPCError = rb_define_class_under(mFlowctl, "RPCError", eFlowctlError);
     rb_define_const(eRPCError, "CODE", INT2FIX(GRPC_STATUS_UNKNOWN));
+    flowctl_ractor_safe(true); /* ivars of the error and the frozen table below: any Ractor */
     rb_define_method(eRPCError, "initialize", rpc_error_initialize, -1);
     rb_define_method(eRPCError, "code", rpc_error_code, 0);
     rb_define_method(eRPCError, "details", rpc_error_details, 0);
     rb_define_method(eRPCError, "metadata", rpc_error_metadata, 0);
     rb_define_singleton_method(eRPCError, "for_code", rpc_error_for_code, 1);
+    flowctl_ractor_safe(false);
 
     VALUE names = rb_hash_new();
     for (int c = 1; c < STATUS_COUNT; c++) {

@@ -45,6 +45,7 @@ unsigned flowctl_spin_max_us = 100;
  * where a spinner only takes the CPU from the peer that is to answer). Re-read every 100 ms. */
 static atomic_int spinners;
 static atomic_ulong spins_started, spins_answered; /* Flowctl::Native.spin_stats */
+static atomic_ulong cancel_waits; /* ... interrupted waits that let go of the GVL for the cancelled batch */
 static atomic_int spin_slots;
 static atomic_llong spin_slots_read_ms;
 
@@ -118,6 +119,18 @@ pluck_until_done(void *p)
     return NULL;
 }
 
+/* With the GVL, a few looks without waiting (a cancelled call's tag is usually there
+ * already); true when the tag has completed. */
+static bool
+pluck_now(struct pluck_arg *a)
+{
+    for (int i = 0; i < 3; i++) {
+        a->ev = grpc_completion_queue_pluck(a->cq, a->tag, gpr_inf_past(GPR_CLOCK_MONOTONIC), NULL);
+        if (a->ev.type != GRPC_QUEUE_TIMEOUT) return true;
+    }
+    return false;
+}
+
 static void
 pluck_ubf(void *p)
 {
@@ -160,9 +173,14 @@ flowctl_wait_tag_spin(grpc_completion_queue *cq, void *tag, grpc_call *call, int
         if (a.ev.type != GRPC_QUEUE_TIMEOUT) return a.ev;
         if (!flowctl_wait_interrupted()) continue; /* nothing to raise: keep waiting */
         if (call) grpc_call_cancel(call, NULL);
-        /* cancelled: the tag completes promptly; no unblock function, it must complete */
-        rb_nogvl(pluck_until_done, &a, NULL, NULL, 0);
         *interrupted = 1;
+        /* Cancelled: the tag completes promptly, most often within the cancel itself. Look
+         * for it before letting go of the GVL: with another Ruby thread busy, each time this
+         * thread gives the GVL away it waits a scheduler quantum to get it back. */
+        if (pluck_now(&a)) return a.ev;
+        /* no unblock function: it must complete */
+        flowctl_wait_note_cancel_wait();
+        rb_nogvl(pluck_until_done, &a, NULL, NULL, 0);
         return a.ev;
     }
 }
@@ -175,16 +193,6 @@ flowctl_wait_finish(int interrupted)
     pending_state = 0;
     if (state) rb_jump_tag(state);
     rb_raise(eCancelled, "call cancelled by an interrupt");
-}
-
-void
-flowctl_cond_init(pthread_cond_t *cond)
-{
-    pthread_condattr_t a;
-    pthread_condattr_init(&a);
-    pthread_condattr_setclock(&a, CLOCK_MONOTONIC);
-    pthread_cond_init(cond, &a);
-    pthread_condattr_destroy(&a);
 }
 
 void
@@ -251,13 +259,23 @@ spin_set(VALUE mod, VALUE us)
     return us;
 }
 
-/* call-seq: Flowctl::Native.spin_stats -> {started: n, answered: n} (process-wide, since load) */
+void
+flowctl_wait_note_cancel_wait(void)
+{
+    atomic_fetch_add(&cancel_waits, 1);
+}
+
+/* call-seq: Flowctl::Native.spin_stats -> {started: n, answered: n, cancel_waits: n} (process-wide, since load)
+ *
+ * cancel_waits: interrupted waits that had to let go of the GVL again to wait for their
+ * cancelled batch (each costs one more GVL hand-off). */
 static VALUE
 spin_stats(VALUE mod)
 {
     VALUE h = rb_hash_new();
     rb_hash_aset(h, ID2SYM(rb_intern("started")), ULONG2NUM(atomic_load(&spins_started)));
     rb_hash_aset(h, ID2SYM(rb_intern("answered")), ULONG2NUM(atomic_load(&spins_answered)));
+    rb_hash_aset(h, ID2SYM(rb_intern("cancel_waits")), ULONG2NUM(atomic_load(&cancel_waits)));
     return h;
 }
 

@@ -75,18 +75,26 @@ module Flowctl
           call_server_streaming(rpc, request, fields, timeout, headers, &block)
         end
         define_method(:"#{rpc.method_name}_stream") do |request = nil, timeout: UNSET, headers: nil, **fields, &block|
-          bytes = build_request(rpc, request, fields).to_proto
-          open_call(ServerStreamCall.new(rpc, new_stream(rpc, timeout, headers, bytes)), &block)
+          req = build_request(rpc, request, fields)
+          call = intercepted(rpc, headers, timeout, request: req) do |md|
+            ServerStreamCall.new(rpc, new_stream(rpc, timeout, md, req.to_proto))
+          end
+          open_call(call, &block)
         end
       end
 
       def define_client_streaming(rpc)
         define_method(rpc.method_name) do |requests, timeout: UNSET, headers: nil|
           check_requests(rpc, requests)
-          ClientStreamCall.new(rpc, new_stream(rpc, timeout, headers)).run(requests)
+          intercepted(rpc, headers, timeout, requests: requests) do |md|
+            ClientStreamCall.new(rpc, new_stream(rpc, timeout, md)).run(requests)
+          end
         end
         define_method(:"#{rpc.method_name}_stream") do |timeout: UNSET, headers: nil, &block|
-          open_call(ClientStreamCall.new(rpc, new_stream(rpc, timeout, headers)), &block)
+          call = intercepted(rpc, headers, timeout, requests: nil) do |md|
+            ClientStreamCall.new(rpc, new_stream(rpc, timeout, md))
+          end
+          open_call(call, &block)
         end
       end
 
@@ -95,7 +103,10 @@ module Flowctl
           call_bidi(rpc, requests, timeout, headers, &block)
         end
         define_method(:"#{rpc.method_name}_stream") do |timeout: UNSET, headers: nil, &block|
-          open_call(BidiCall.new(rpc, new_stream(rpc, timeout, headers)), &block)
+          call = intercepted(rpc, headers, timeout, requests: nil) do |md|
+            BidiCall.new(rpc, new_stream(rpc, timeout, md))
+          end
+          open_call(call, &block)
         end
       end
     end
@@ -107,13 +118,15 @@ module Flowctl
     # tls: nil or true (TLS with the system roots), a Flowctl::TLS (own roots, mTLS), or
     # false (plaintext, only when asked for).
     # headers: gRPC metadata sent with every call ("-bin" keys carry binary values).
-    def initialize(target, timeout: 5.0, tls: nil, headers: {}, channel_args: {})
+    # interceptors: Flowctl::ClientInterceptor objects around every call (see interceptors.rb).
+    def initialize(target, timeout: 5.0, tls: nil, headers: {}, channel_args: {}, interceptors: [])
       raise TypeError, "target must be a String (given #{target.class})" unless target.is_a?(String)
       raise ArgumentError, "target must not be empty" if target.empty?
 
       @target = target.dup.freeze
       @timeout = self.class.check_timeout(timeout)
       @headers = normalize_headers(headers).freeze
+      @interceptors = Interception.check(interceptors, "Client")
       @channel = Native::Channel.new(@target, native_tls(tls), ChannelArgs.normalize(channel_args))
     end
 
@@ -141,10 +154,29 @@ module Flowctl
     private
 
     def call_unary(rpc, request, fields, timeout, headers)
-      bytes = build_request(rpc, request, fields).to_proto
-      body, initial, trailing = Native::Call.unary(@channel, rpc.path, bytes, call_timeout(timeout),
-                                                   call_headers(headers))
-      [rpc.response_class.decode(body), initial, trailing]
+      req = build_request(rpc, request, fields)
+      timeout = call_timeout(timeout)
+      initial = trailing = nil
+      response = intercepted(rpc, headers, timeout, request: req) do |md|
+        args = [@channel, rpc.path, req.to_proto, timeout, md]
+        # under a Fiber scheduler the call yields to it instead of blocking the thread
+        body, initial, trailing = FiberCalls.scheduled? ? FiberCalls.unary(*args) : Native::Call.unary(*args)
+        rpc.response_class.decode(body)
+      end
+      [response, initial, trailing]
+    end
+
+    # Runs the block (given the call's headers) through the client's interceptors.
+    def intercepted(rpc, headers, timeout, **args)
+      return yield(call_headers(headers)) if @interceptors.empty?
+
+      md = Interception::Metadata.new.update(call_headers(headers))
+      timeout = nil if timeout.equal?(UNSET) # a stream without a deadline
+      info = ClientCallInfo.new(rpc: rpc, method_path: rpc.path, timeout: timeout, target: @target)
+      Interception.run(@interceptors, Interception::SHAPES.fetch(rpc.shape),
+                       { call: info, method: rpc.path, metadata: md, **args }) do
+        yield Interception::Metadata.new.update(normalize_headers(md))
+      end
     end
 
     def call_bidi(rpc, requests, timeout, headers, &block)
@@ -154,25 +186,30 @@ module Flowctl
       headers = call_headers(headers)
       return enum_for(:call_bidi, rpc, requests, timeout, headers) unless block
 
-      BidiCall.new(rpc, Native::Stream.new(@channel, rpc.path, timeout, headers)).run(requests, &block)
+      intercepted(rpc, headers, timeout, requests: requests) do |md|
+        BidiCall.new(rpc, Native::Stream.new(@channel, rpc.path, timeout, md)).run(requests, &block)
+      end
     end
 
     # The request is built and checked now, the call starts when replies are asked for.
     def call_server_streaming(rpc, request, fields, timeout, headers, &block)
-      bytes = build_request(rpc, request, fields).to_proto
+      req = build_request(rpc, request, fields)
+      bytes = req.to_proto
       timeout = stream_timeout(timeout)
       headers = call_headers(headers)
-      return enum_for(:server_streaming_bytes, rpc, bytes, timeout, headers) unless block
+      return enum_for(:server_streaming_bytes, rpc, bytes, timeout, headers, req) unless block
 
-      server_streaming_bytes(rpc, bytes, timeout, headers, &block)
+      server_streaming_bytes(rpc, bytes, timeout, headers, req, &block)
     end
 
-    def server_streaming_bytes(rpc, bytes, timeout, headers, &block)
-      call = ServerStreamCall.new(rpc, Native::Stream.new(@channel, rpc.path, timeout, headers, bytes))
-      begin
-        call.each(&block)
-      ensure
-        call.cancel unless call.finished? # the block left early
+    def server_streaming_bytes(rpc, bytes, timeout, headers, request = nil, &block)
+      intercepted(rpc, headers, timeout, request: request) do |md|
+        call = ServerStreamCall.new(rpc, Native::Stream.new(@channel, rpc.path, timeout, md, bytes))
+        begin
+          call.each(&block)
+        ensure
+          call.cancel unless call.finished? # the block left early
+        end
       end
     end
 
@@ -203,8 +240,9 @@ module Flowctl
     def build_request(rpc, request, fields)
       klass = rpc.request_class
       if request.nil?
-        klass.new(**fields)
+        klass.new(**fields) # an unknown keyword: ArgumentError naming it and the fields
       elsif !fields.empty?
+        check_keywords(rpc, klass, fields)
         raise ArgumentError, "#{rpc.method_name}: give a request or its fields as keywords, not both"
       elsif request.is_a?(klass)
         request
@@ -215,11 +253,23 @@ module Flowctl
       end
     end
 
+    # A keyword that is neither a per-call option nor a field of the request (wait_for_ready:,
+    # metadata: of another request, a typo) is named as such.
+    def check_keywords(rpc, klass, fields)
+      unknown = fields.keys - klass.fields.map(&:to_sym)
+      return if unknown.empty?
+
+      raise ArgumentError, "#{rpc.method_name}: unknown keyword(s) #{unknown.map(&:inspect).join(', ')}: " \
+                           "the per-call options are timeout: and headers:, the fields of #{klass} " \
+                           "#{klass.fields.map(&:to_sym).inspect}"
+    end
+
     def call_timeout(timeout)
       timeout.equal?(UNSET) ? @timeout : self.class.check_timeout(timeout)
     end
 
     def call_headers(headers)
+      return headers if headers.instance_of?(Interception::Metadata) # final: what the interceptors left
       return @headers if headers.nil? || (headers.is_a?(Hash) && headers.empty?)
 
       @headers.empty? ? normalize_headers(headers) : @headers.merge(normalize_headers(headers))
@@ -277,7 +327,7 @@ module Flowctl
 
     # The next reply, decoded, or nil at the end (raising the call's error, if any).
     def read_reply
-      bytes = @stream.read
+      bytes = FiberCalls.blocking(@stream) { @stream.read } # under a Fiber scheduler: off this thread
       return nil if bytes.nil?
 
       begin
@@ -345,7 +395,7 @@ module Flowctl
 
     # Tells the server that no more requests follow. Idempotent.
     def close_write
-      @stream.close_write
+      FiberCalls.blocking(@stream) { @stream.close_write }
       self
     end
   end
@@ -377,7 +427,7 @@ module Flowctl
       if reply.nil?
         raise Internal.new("the server sent no response message", metadata: trailing_metadata || {})
       end
-      unless @stream.read.nil? # the end, and the status
+      unless FiberCalls.blocking(@stream) { @stream.read }.nil? # the end, and the status
         cancel
         raise Internal, "the server sent more than one response message to #{@rpc.name}"
       end

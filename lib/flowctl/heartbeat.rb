@@ -1,6 +1,7 @@
 # frozen_string_literal: true
 
 require "socket"
+require_relative "duration"
 
 module Flowctl
   # Registration and heartbeats to the control plane from a native thread that never
@@ -21,36 +22,70 @@ module Flowctl
   # (it forgot the component) gets it registered again. Nothing is raised into the
   # program: pass on_error: ->(error) { ... } to hear about failures on a Ruby thread.
   class Heartbeat
-    KINDS = %i[processor source consumer].freeze
-    STATUSES = statuses # HealthStatus names, from the enum descriptor
+    # The seed protocol (obsrvr.flow.controlplane): what its beats send and how its
+    # replies read, for the native thread (ext/flowctl/heartbeat_wire.c). Field numbers
+    # are those of proto/controlplane/controlplane.proto; paths come from the service.
+    module Seed
+      KINDS = %i[processor source consumer].freeze
+      STATUSES = Common::HealthStatus.values.sort_by { |_, n| n }.map { |name, _| name.to_s.freeze }.freeze
 
-    # What FLOWCTL_HEARTBEAT_INTERVAL accepts: "500ms", "10s", "1m", "1h", or seconds ("2.5").
-    DURATION = /\A\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*\z/.freeze
-    UNITS = {"ms" => 0.001, "s" => 1, "m" => 60, "h" => 3600, nil => 1}.freeze
+      PLANS = KINDS.to_h do |kind|
+        rpc = ->(name) { ControlPlane::Service.rpc(name).path }
+        [kind, {
+          register_path: rpc.call(:"register_#{kind}"), beat_path: rpc.call(:"#{kind}_heartbeat"),
+          # Register<Kind>Response{<kind>_id = 1, success = 2, message = 3}
+          register_success: 2, register_message: 3,
+          # <Kind>HeartbeatRequest{<kind>_id = 1, timestamp = 2, metrics = 3 map<string,double>, status = 4 string}
+          beat_id: 1, beat_timestamp: 2, beat_metrics: 3, beat_status: 4, status_enum: false, metric_strings: false,
+          # <Kind>HeartbeatResponse{success = 1, message = 2}: success: false means "register again"
+          beat_success: 1, beat_message: 2,
+          statuses: STATUSES.map { |name| [name, Common::HealthStatus.value(name)] },
+          stopping: STATUSES.index("STOPPING")
+        }.freeze]
+      end.freeze
 
-    attr_reader :kind, :id, :interval, :timeout
+      module_function
+
+      def register_request(kind, id, endpoint, metadata)
+        klass = ControlPlane.const_get(:"Register#{kind.capitalize}Request")
+        klass.new("#{kind}_id": id, endpoint: endpoint, metadata: metadata).to_proto
+      end
+
+      # {"name" => Numeric}: the native side sends each number as a double
+      def metrics(metrics)
+        Heartbeat.check_metrics(metrics, "Numeric") do |name, value|
+          next if value.is_a?(Numeric)
+
+          raise TypeError, "metric #{name.to_s.inspect} must be Numeric (given #{value.class})"
+        end
+      end
+
+      def status_index(status) = STATUSES.index(Heartbeat.check_status(status))
+      def status_value(name) = name
+    end
+
+    KINDS = Seed::KINDS
+    STATUSES = Seed::STATUSES # HealthStatus names, from the enum
+
+    attr_reader :kind, :id, :interval, :timeout, :protocol
 
     # Use Client#start_heartbeat; this is the same with the channel given explicitly
     # (a Flowctl::Native::Channel).
     def initialize(channel, kind, id:, interval:, status: "HEALTHY", metrics: {}, register: nil, headers: {},
                    timeout: nil, on_error: nil)
       @kind = Heartbeat.check_kind(kind)
-      @id = Heartbeat.check_id(id)
-      @interval = Heartbeat.check_interval(interval)
-      @timeout = timeout.nil? ? @interval.clamp(1.0, 5.0) : Heartbeat.check_seconds(:timeout, timeout)
-      if !on_error.nil? && !on_error.respond_to?(:call)
-        raise TypeError, "on_error must respond to #call (given #{on_error.class})"
-      end
-
-      start_native(channel, @kind, @id, @interval, Heartbeat.check_status(status), metrics,
-                   Heartbeat.register_args(register), headers || {}, @timeout, !on_error.nil?)
-      @error_thread = on_error && start_error_thread(on_error)
+      id = Heartbeat.check_id(id)
+      endpoint, metadata = Heartbeat.register_args(register)
+      request = Seed.register_request(@kind, id, endpoint || "", metadata || {})
+      start(channel, Seed, Seed::PLANS.fetch(@kind).merge(register_first: !endpoint.nil?), request,
+            id: id, interval: interval, status: status, metrics: metrics, headers: headers, timeout: timeout,
+            on_error: on_error)
     end
 
-    # Stops the thread: a final beat with status STOPPING (bounded by timeout seconds),
-    # then joins. Calling it again does nothing. Returns true; false in the rare case
-    # where the thread did not finish within timeout + 2 seconds (it is then left to end
-    # on its own).
+    # Stops the thread: a final beat with status STOPPING (and for flowctl.v1 an
+    # UnregisterComponent), bounded by timeout seconds, then joins. Calling it again does
+    # nothing. Returns true; false in the rare case where the thread did not finish
+    # within timeout + 2 seconds (it is then left to end on its own).
     def stop(timeout = 1.0)
       timeout = Heartbeat.check_seconds(:timeout, timeout, allow_zero: true)
       joined = native_stop(timeout)
@@ -58,8 +93,18 @@ module Flowctl
       joined
     end
 
+    # What the next beat sends: a HealthStatus name (a String for the seed protocol,
+    # a Symbol such as :HEALTH_STATUS_HEALTHY for flowctl.v1).
+    def status = @protocol.status_value(native_status)
+
     def status=(status)
-      native_set_status(Heartbeat.check_status(status))
+      native_set_status(@protocol.status_index(status))
+    end
+
+    # What the next beats send: {name => Numeric} (flowctl.v1 also takes Strings; its
+    # numbers are sent as their decimal text).
+    def metrics=(metrics)
+      native_set_metrics(@protocol.metrics(metrics))
     end
 
     def inspect
@@ -67,22 +112,43 @@ module Flowctl
     end
 
     class << self
-      # Starts a heartbeat from the environment (the flowctl SDK's variables):
+      # Starts a heartbeat from the environment (the variables `flowctl run` and the
+      # flowctl SDK set):
       #   ENABLE_FLOWCTL              "true"/"1" to enable; otherwise returns nil
       #   FLOWCTL_ENDPOINT            control plane address (default "localhost:8080")
       #   FLOWCTL_COMPONENT_ID        the component id (default "<kind>-<hostname>-<pid>")
-      #   FLOWCTL_HEARTBEAT_INTERVAL  "10s", "500ms", "1m" or seconds (default 10s)
+      #   FLOWCTL_HEARTBEAT_INTERVAL  a Go duration ("10s", "500ms", "1m30s") or seconds (default 10s)
+      #   FLOWCTL_SERVICE_ID          set by `flowctl run`: the protocol is flowctl.v1
+      # protocol: :v1 or :seed overrides the choice (FLOWCTL_PROTOCOL too). flowctl.v1 takes
+      # component: {...ComponentInfo fields} (register: {endpoint:, metadata:} goes into it).
       # Other keywords go to start_heartbeat (register:, metrics:, status:, on_error:, ...);
       # client: keywords (tls:, headers:, channel_args:) go to the client. Without tls:,
       # a loopback endpoint (localhost, 127.0.0.1, [::1]) is reached in plaintext and any
       # other one with TLS (the client's default).
-      def from_env(kind = :processor, env: ENV, client: {}, **opts)
+      def from_env(kind = :processor, env: ENV, client: {}, protocol: nil, **opts)
         config = config_from_env(env, kind: kind)
         return nil unless config
 
         client = {tls: false}.merge(client) if loopback?(config[:endpoint])
+        if protocol_from_env(env, protocol) == :v1
+          return V1::HeartbeatMethods.from_env(kind, config, env, client, opts)
+        end
+
         cp = ControlPlane::Client.new(config[:endpoint], **client)
         cp.start_heartbeat(kind, id: config[:id], interval: config[:interval], **opts)
+      end
+
+      # :v1 or :seed: protocol: when given, else FLOWCTL_PROTOCOL ("v1", "seed"), else
+      # :v1 when FLOWCTL_SERVICE_ID is set (as `flowctl run` does), else :seed.
+      def protocol_from_env(env = ENV, protocol = nil)
+        chosen = protocol || nonempty(env, "FLOWCTL_PROTOCOL")
+        return nonempty(env, "FLOWCTL_SERVICE_ID") ? :v1 : :seed if chosen.nil?
+
+        name = chosen.to_s.downcase.delete_prefix("flowctl.")
+        return :v1 if name == "v1"
+        return :seed if name == "seed"
+
+        raise ArgumentError, "unknown heartbeat protocol #{chosen.inspect} (expected :v1 or :seed)"
       end
 
       # @api private
@@ -105,16 +171,12 @@ module Flowctl
         }
       end
 
-      # "10s" -> 10.0, "500ms" -> 0.5, "1m" -> 60.0, "2.5" -> 2.5, 3 -> 3.0
+      # A Go duration or seconds, more than zero and at most a day (Flowctl::Duration):
+      # "10s" -> 10.0, "500ms" -> 0.5, "1m30s" -> 90.0, "2.5" -> 2.5, 3 -> 3.0
       def parse_interval(value, name: "interval")
         return check_interval(value) if value.is_a?(Numeric)
 
-        m = DURATION.match(value.to_s)
-        unless m
-          raise ArgumentError, "#{name}: #{value.inspect} is not a duration (use e.g. \"10s\", \"500ms\", \"1m\" or seconds)"
-        end
-
-        seconds = Float(m[1]) * UNITS.fetch(m[2])
+        seconds = Duration.parse(value.to_s, name: name)
         raise ArgumentError, "#{name}: #{value.inspect} must be more than zero" unless seconds.positive?
         raise ArgumentError, "#{name}: #{value.inspect} is longer than a day" if seconds > 86_400
 
@@ -135,7 +197,34 @@ module Flowctl
         raise TypeError, "id must be a String (given #{id.class})" unless id.is_a?(String)
         raise ArgumentError, "id must not be empty" if id.empty?
 
-        id.dup.freeze
+        check_text(id, "id").dup.force_encoding(Encoding::UTF_8).freeze
+      end
+
+      # @api private: a String the thread sends: String or Symbol, UTF-8, no NUL byte.
+      # Returns the String (allocates nothing for a String: metrics= runs often).
+      def check_text(value, what)
+        text = value.is_a?(Symbol) ? value.to_s : value
+        raise TypeError, "#{what} must be a String or Symbol (given #{value.class})" unless text.is_a?(String)
+        raise ArgumentError, "#{what} must not contain NUL bytes (given #{text.inspect})" if text.include?("\0")
+
+        enc = text.encoding
+        utf8ish = enc == Encoding::UTF_8 || enc == Encoding::US_ASCII || (enc == Encoding::BINARY && text.ascii_only?)
+        raise ArgumentError, "#{what} must be valid UTF-8 (given #{text.inspect} in #{enc})" unless utf8ish && text.valid_encoding?
+
+        text
+      end
+
+      # @api private: metrics (a Hash, or nil for none), each name checked and each value
+      # given to the block (which raises on a bad one); `values` names what they may be.
+      # Returns the Hash itself: the native side converts names and numbers.
+      def check_metrics(metrics, values)
+        return {} if metrics.nil?
+        raise TypeError, "metrics must be a Hash of name => #{values} (given #{metrics.class})" unless metrics.is_a?(Hash)
+
+        metrics.each do |name, value|
+          check_text(name, "metric name")
+          yield name, value
+        end
       end
 
       # @api private
@@ -182,10 +271,20 @@ module Flowctl
           metadata = register.fetch(:metadata, {}) || {}
           raise TypeError, "register: metadata must be a Hash (given #{metadata.class})" unless metadata.is_a?(Hash)
 
-          [register.fetch(:endpoint, "").to_s, metadata]
+          metadata = metadata.to_h do |k, v|
+            [check_text(k, "register metadata key").to_s, check_text(v, "register metadata value").to_s]
+          end
+          [check_text(register.fetch(:endpoint, "").to_s, "register endpoint"), metadata]
         else
           raise TypeError, "register: must be a Hash {endpoint:, metadata:}, true or nil (given #{register.class})"
         end
+      end
+
+      # Stops every heartbeat thread of this process (also those whose Heartbeat was
+      # garbage collected) and waits at most about timeout + 1 seconds for them. Returns
+      # the number of threads still running (0 normally). Registered with at_exit.
+      def stop_all(timeout = 1.0)
+        native_stop_all(check_seconds(:timeout, timeout, allow_zero: true))
       end
 
       private
@@ -201,6 +300,22 @@ module Flowctl
     end
 
     private
+
+    # Common to both protocols: protocol is Seed or V1 (status and metrics checks), plan
+    # its Hash for the native thread, request the encoded register request.
+    def start(channel, protocol, plan, request, id:, interval:, status:, metrics:, headers:, timeout:, on_error:)
+      @protocol = protocol
+      @id = id
+      @interval = Heartbeat.check_interval(interval)
+      @timeout = timeout.nil? ? @interval.clamp(1.0, 5.0) : Heartbeat.check_seconds(:timeout, timeout)
+      if !on_error.nil? && !on_error.respond_to?(:call)
+        raise TypeError, "on_error must respond to #call (given #{on_error.class})"
+      end
+
+      start_native(channel, plan, request, id, @interval, protocol.status_index(status), protocol.metrics(metrics),
+                   headers || {}, @timeout, !on_error.nil?)
+      @error_thread = on_error && start_error_thread(on_error)
+    end
 
     # The on_error: callback runs here, on a Ruby thread; the native thread only queues.
     def start_error_thread(callback)

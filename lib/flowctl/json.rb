@@ -155,9 +155,21 @@ module Flowctl
 
     def parse(klass, text)
       ::JSON.parse(guard(keep_negative_zero(text)), allow_nan: false, max_nesting: MAX_NESTING, create_additions: false,
-                                                decimal_class: nil)
+                                                decimal_class: nil, object_class: JSONObject)
     rescue ::JSON::ParserError, EncodingError, ArgumentError => e
       raise DecodeError, "invalid JSON for #{klass.descriptor_name}: #{e.message[0, 200]}"
+    end
+
+    # A JSON object as parsed: a Hash that remembers the keys it was given twice (a
+    # plain Hash would keep the last value silently; the decoder refuses them, naming
+    # the field, as protobuf-go does; upb appended to a list given twice).
+    class JSONObject < Hash
+      attr_reader :twice
+
+      def []=(key, value)
+        (@twice ||= []) << key if key?(key)
+        super
+      end
     end
 
     # json 2.6's parser quotes a bare Infinity or NaN it refuses from 7 (NaN: 2) bytes

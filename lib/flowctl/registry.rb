@@ -1,162 +1,212 @@
 # frozen_string_literal: true
 
-require "securerandom"
+require "socket"
+require_relative "control_plane/component"
+require_relative "control_plane/store"
+require_relative "control_plane/ticker"
+require_relative "control_plane/janitor"
+require_relative "control_plane/seed_service"
+require_relative "control_plane/v1_service"
+require_relative "control_plane/table"
 
 module Flowctl
   module ControlPlane
-    # The embedded, in-memory control plane: a handler for Flowctl::ControlPlane::Service that
-    # implements all six RPCs and remembers every registered processor, source and consumer.
+    # The embedded control plane: one set of components served through both protocols, the
+    # seed's obsrvr.flow.controlplane.ControlPlane (SeedService) and flowctl.v1's
+    # ControlPlaneService (V1Service), so a component registered through either is listed by both.
     #
-    #   registry = Flowctl::ControlPlane::Registry.new(ttl: 30)
-    #   server = Flowctl::Server.new(port: 0, tls: false)
-    #   server.handle(Flowctl::ControlPlane::Service, registry)
-    #   server.start
+    #   registry = Flowctl::ControlPlane::Registry.new(ttl: 30, db: "controlplane.db")
+    #   server = registry.serve(port: 0)          # a Flowctl::Server with both services, started
+    #   # or: server.handle(Flowctl::ControlPlane::Service, registry)
+    #   #     server.handle(Flowctl::V1::ControlPlaneService, registry)
     #   registry.components  # => [#<struct Flowctl::ControlPlane::Registry::Component kind=:processor, ...>]
+    #   registry.close       # stops the janitor, writes and closes the database
     #
-    # Registration assigns an id ("processor-3f9a1c2e") when the request has none, and answers with
-    # it. A heartbeat for an id it does not know answers success: false with a message saying so
-    # (the heartbeat thread then registers again). A component whose last registration or heartbeat
-    # is older than ttl seconds is stale; a later heartbeat makes it fresh again. Thread-safe.
+    # Where things are (lib/flowctl/control_plane/): component.rb (Component, Entry), store.rb
+    # (the table and its rules, limits), seed_service.rb and v1_service.rb (the two protocols),
+    # janitor.rb + ticker.rb (TTL -> UNHEALTHY), persistence.rb (SQLite), table.rb (the text table).
+    #
+    # ttl: seconds without a heartbeat after which a HEALTHY component is marked UNHEALTHY by the
+    # janitor (upstream's --heartbeat-ttl) and counts as stale?. janitor_interval: seconds between
+    # janitor runs (upstream's --janitor-interval; nil: no janitor thread, call #sweep).
+    # db: an SQLite file to keep the components in (see Persistence; needs ruby-sqlite3).
+    # flush_interval: seconds between heartbeat writes to db; refresh_interval: a heartbeat that
+    # changes only metrics and time is written when the stored one is older (default ttl / 3);
+    # synchronous: SQLite's (NORMAL: a commit survives a crash of the process, FULL: of the machine).
+    # limits: Hash overriding Limits.
+    # endpoint: "host:port" announced as connection_info's control_plane_endpoint (#serve sets it).
+    # clock: anything with #call returning the current Time (tests pass a fake clock).
     class Registry
-      KINDS = %i[processor source consumer].freeze
+      include SeedService
+      include V1Service
 
-      # One registered component, as #components returns it (a frozen snapshot).
-      # kind: :processor, :source or :consumer; status: the last heartbeat's status String
-      # ("STARTING" until the first heartbeat); metrics: Hash of String => Float;
-      # last_heartbeat, registered_at: Time (server clock); reported_at: the timestamp the
-      # component put in its last heartbeat (its own clock; nil when it sent none).
-      Component = Struct.new(:kind, :id, :endpoint, :metadata, :status, :metrics, :last_heartbeat,
-                             :registered_at, :reported_at, :heartbeats, :stale, keyword_init: true) do
-        def stale? = stale
+      KINDS = SeedService::KINDS
+      WILDCARD = ["0.0.0.0", "::", "[::]", ""].freeze
+
+      attr_reader :janitor_interval, :db
+      # The Persistence of db: (nil without one): later tables (pipeline runs, configuration
+      # versions) add Persistence::MIGRATIONS and write through persistence.transaction { |db| }.
+      attr_reader :persistence
+      attr_accessor :endpoint
+
+      def initialize(ttl: 30, janitor_interval: 10, db: nil, flush_interval: 1.0, refresh_interval: nil,
+                     synchronous: "NORMAL", limits: nil, endpoint: nil, clock: nil)
+        @ttl = Registry.seconds(:ttl, ttl)
+        @janitor_interval = janitor_interval && Registry.seconds(:janitor_interval, janitor_interval)
+        flush_interval = Registry.seconds(:flush_interval, flush_interval)
+        @endpoint = endpoint
+        @clock = clock || -> { Process.clock_gettime(Process::CLOCK_REALTIME) }
+        @store = Store.new(ttl: @ttl, clock: clock, limits: Limits.build(limits))
+        refresh = Registry.seconds(:refresh_interval, refresh_interval || @ttl / 3.0)
+        @db = db && open_db(db, flush_interval, refresh, synchronous)
+        @janitor = @janitor_interval && Janitor.new(@store, @janitor_interval)
+        ObjectSpace.define_finalizer(self, Registry.closer(@janitor, @persistence))
       end
 
-      attr_reader :ttl
-
-      # ttl: seconds without a heartbeat after which a component counts as stale.
-      # clock: anything with #call returning the current Time (tests pass a fake clock).
-      def initialize(ttl: 30, clock: nil)
-        raise ArgumentError, "ttl must be a positive number of seconds (given #{ttl.inspect})" unless ttl.is_a?(Numeric) && ttl.positive?
-
-        @ttl = ttl
-        @clock = clock || -> { Time.now }
-        @lock = Mutex.new
-        @entries = {} # [kind, id] => Hash of the Component's fields
-      end
-
-      KINDS.each do |kind|
-        cap = kind.to_s.capitalize
-        response = ControlPlane.const_get(:"Register#{cap}Response")
-        beat_response = ControlPlane.const_get(:"#{cap}HeartbeatResponse")
-        id_field = :"#{kind}_id"
-
-        # register_processor / register_source / register_consumer (request, call) -> response
-        define_method(:"register_#{kind}") do |request, _call = nil|
-          id, again = register(kind, request.public_send(id_field), request.endpoint, request.metadata)
-          response.new(id_field => id, success: true,
-                       message: "#{again ? 're-registered' : 'registered'} #{kind} #{id}")
-        end
-
-        # processor_heartbeat / source_heartbeat / consumer_heartbeat (request, call) -> response
-        define_method(:"#{kind}_heartbeat") do |request, _call = nil|
-          id = request.public_send(id_field)
-          if heartbeat(kind, id, request.status, request.metrics, request.timestamp)
-            beat_response.new(success: true, message: "heartbeat recorded for #{kind} #{id}")
-          else
-            beat_response.new(success: false,
-                              message: "unknown #{kind} #{id.inspect}: not registered with this control plane, register first")
-          end
-        end
-      end
+      def ttl = @store.ttl
+      def limits = @store.limits
 
       # call-seq: registry.components(kind: nil) -> Array of Component (oldest registration first)
       def components(kind: nil)
-        raise ArgumentError, "kind must be one of #{KINDS.inspect} (given #{kind.inspect})" unless kind.nil? || KINDS.include?(kind)
+        kinds = KINDS + [:unspecified]
+        raise ArgumentError, "kind must be one of #{kinds.inspect} (given #{kind.inspect})" unless kind.nil? || kinds.include?(kind)
 
-        now = @clock.call
-        @lock.synchronize do
-          @entries.each_value.filter_map { |e| snapshot(e, now) if kind.nil? || e[:kind] == kind }
-        end
+        kind ? @store.select { |e| e.kind == kind } : @store.select
       end
 
-      # call-seq: registry.component(:processor, "p1") -> Component or nil
-      def component(kind, id)
-        now = @clock.call
-        @lock.synchronize do
-          e = @entries[[kind, id]]
-          e && snapshot(e, now)
-        end
+      # call-seq:
+      #   registry.component("p1") -> Component or nil
+      #   registry.component(:processor, "p1") -> Component or nil (only of that kind)
+      def component(kind_or_id, id = nil)
+        c = @store.get(id || kind_or_id)
+        c if c && (id.nil? || c.kind == kind_or_id)
       end
 
       # Components that missed their TTL.
       def stale_components = components.select(&:stale?)
 
-      # Forgets a component; true when it was known.
-      def remove(kind, id)
-        @lock.synchronize { !@entries.delete([kind, id]).nil? }
+      # call-seq: registry.remove("p1") / registry.remove(:processor, "p1") -> true when it was known
+      def remove(kind_or_id, id = nil)
+        return false if id && component(kind_or_id, id).nil?
+
+        gone = @store.unregister(id || kind_or_id)
+        committed!
+        gone
       end
 
       # Forgets every stale component; returns those it removed.
       def prune
-        gone = stale_components
-        @lock.synchronize { gone.each { |c| @entries.delete([c.kind, c.id]) } }
-        gone
+        stale_components.each { |c| @store.unregister(c.id) }.tap { committed! }
       end
 
-      def size = @lock.synchronize { @entries.size }
+      # The janitor's pass, now: HEALTHY components past the TTL become UNHEALTHY. -> their ids
+      def sweep = @store.sweep
 
-      # A text table of the components (what flowctl-controlplane prints).
-      def table
-        rows = components.map do |c|
-          age = c.last_heartbeat ? format("%.1fs ago", @clock.call - c.last_heartbeat) : "-"
-          metrics = c.metrics.map { |k, v| "#{k}=#{format_number(v)}" }.join(" ")
-          [c.kind.to_s, c.id, c.endpoint.empty? ? "-" : c.endpoint, c.stale? ? "#{c.status} (stale)" : c.status,
-           age, metrics.empty? ? "-" : metrics]
+      def size = @store.size
+
+      # Counts every change (a display redraws only when it moved).
+      def version = @store.version
+
+      # A text table of the components: at most `rows` of them (nil: all), oldest first. With
+      # summary: true, or when rows cuts the list, a line of counts by status and protocol comes
+      # first. One pass over the components, plus `rows` rows.
+      def table(rows: nil, summary: false)
+        by_status, by_protocol, list = @store.summary(rows)
+        total = by_status.values.sum
+        lines = []
+        lines << summary_line(by_status, by_protocol) if summary || list.size < total
+        lines << Table.render(list, @clock.call.to_f) unless list.empty? && total.positive?
+        lines << "(#{total - list.size} more not shown)" if list.size < total
+        lines.join("\n")
+      end
+
+      # "12 components: 10 HEALTHY, 2 UNHEALTHY; v1 11, seed 1"
+      def summary_line(by_status = nil, by_protocol = nil)
+        by_status, by_protocol, = @store.summary(0) if by_status.nil?
+        total = by_status.values.sum
+        return "0 components" if total.zero?
+
+        "#{total} component#{'s' unless total == 1}: " \
+          "#{by_status.map { |s, n| "#{n} #{Table.safe(s)}" }.join(', ')}; " \
+          "#{by_protocol.map { |p, n| "#{p} #{n}" }.join(', ')}"
+      end
+
+      # call-seq: registry.serve(host: "127.0.0.1", port: 0, **server_options) -> Flowctl::Server (started)
+      #
+      # Serves both protocols on one port and announces that address in RegisterResponse's
+      # connection_info (announce: "host:port" overrides it; a wildcard host announces this
+      # machine's hostname). Admission: pool_size workers (default 16) and up to max_waiting calls
+      # (default 4096) queued for at most max_wait seconds (default 5) before RESOURCE_EXHAUSTED, so
+      # heartbeat bursts queue instead of failing (see Flowctl::Server).
+      def serve(host: "127.0.0.1", port: 0, announce: nil, pool_size: 16, max_waiting: 4096, max_wait: 5.0, **opts)
+        server = Server.new(host: host, port: port, pool_size: pool_size, max_waiting: max_waiting, max_wait: max_wait,
+                            **opts)
+        server.handle(Service, self)
+        server.handle(Flowctl::V1::ControlPlaneService, self) if defined?(Flowctl::V1::ControlPlaneService)
+        bound = server.start
+        @endpoint = announce || Registry.announced(host, bound)
+        server
+      end
+
+      # Stops the janitor, writes what is pending and closes the database. Idempotent.
+      def close
+        @janitor&.stop
+        @persistence&.close
+        nil
+      end
+
+      def inspect
+        "#<Flowctl::ControlPlane::Registry ttl: #{ttl} components: #{size}#{" db: #{@db}" if @db}>"
+      end
+
+      class << self
+        # A seed metric (a double) as flowctl.v1's map<string, string> value: integers without
+        # ".0", others with every digit (Float#to_s), "NaN", "Infinity", "-Infinity".
+        def format_number(v)
+          return v.to_s unless v.is_a?(Float)
+          return "NaN" if v.nan?
+          return v.positive? ? "Infinity" : "-Infinity" if v.infinite?
+          return v.to_i.to_s if v == v.round && v.abs < 1e15
+
+          v.to_s
         end
-        format_table(%w[KIND ID ENDPOINT STATUS LAST_HEARTBEAT METRICS], rows)
-      end
 
-      def inspect = "#<Flowctl::ControlPlane::Registry ttl: #{ttl} components: #{size}>"
+        # "host:port" for connection_info: the host served on, or the hostname for a wildcard.
+        def announced(host, port)
+          host = Socket.gethostname if WILDCARD.include?(host)
+          "#{host.include?(':') && !host.start_with?('[') ? "[#{host}]" : host}:#{port}"
+        end
+
+        def seconds(name, value)
+          return value if value.is_a?(Numeric) && value.positive? && value.finite?
+
+          raise ArgumentError, "#{name} must be a positive number of seconds (given #{value.inspect})"
+        end
+
+        # The finalizer of a registry that was never closed: its threads end after their next
+        # run (the writer's is a last flush). No Mutex may be taken in a finalizer.
+        def closer(janitor, persistence)
+          proc do
+            janitor&.stop_later
+            persistence&.close_later
+          end
+        end
+      end
 
       private
 
-      def register(kind, id, endpoint, metadata)
-        now = @clock.call
-        @lock.synchronize do
-          id = "#{kind}-#{SecureRandom.hex(4)}" if id.nil? || id.empty?
-          entry = @entries[[kind, id]]
-          again = !entry.nil?
-          entry ||= @entries[[kind, id]] = { kind: kind, id: id.dup.freeze, registered_at: now, metrics: {}.freeze,
-                                             status: "STARTING", reported_at: nil, heartbeats: 0 }
-          entry.merge!(endpoint: endpoint.dup.freeze, metadata: metadata.to_h.freeze, last_heartbeat: now)
-          [id, again]
-        end
-      end
+      attr_reader :store
 
-      def heartbeat(kind, id, status, metrics, timestamp)
-        now = @clock.call
-        @lock.synchronize do
-          entry = @entries[[kind, id]] or return false
-          entry[:status] = status.dup.freeze unless status.nil? || status.empty?
-          entry[:metrics] = metrics.to_h.freeze
-          entry[:reported_at] = timestamp
-          entry[:last_heartbeat] = now
-          entry[:heartbeats] += 1
-          true
-        end
-      end
+      # Registrations and unregistrations reply once they are on disk (with db:).
+      def committed! = @persistence&.commit
 
-      def snapshot(entry, now)
-        Component.new(**entry, stale: now - entry[:last_heartbeat] > @ttl).freeze
-      end
-
-      def format_number(v) = v == v.to_i ? v.to_i.to_s : format("%.3g", v)
-
-      def format_table(header, rows)
-        return "(no components registered)" if rows.empty?
-
-        widths = header.each_index.map { |i| ([header] + rows).map { |r| r[i].to_s.size }.max }
-        ([header] + rows).map { |r| r.each_with_index.map { |cell, i| cell.to_s.ljust(widths[i]) }.join("  ").rstrip }
-                         .join("\n")
+      def open_db(path, flush_interval, refresh, synchronous)
+        require_relative "control_plane/persistence"
+        @persistence = Persistence.new(path, flush_interval: flush_interval, synchronous: synchronous)
+        @store.restore(@persistence.load)
+        @store.persist_refresh = (refresh * 1e9).to_i
+        @persistence.attach(@store)
+        path
       end
     end
   end

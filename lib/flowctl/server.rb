@@ -36,32 +36,59 @@ module Flowctl
   # client_auth: :require for mTLS) serves TLS; tls: nil (the default) serves plaintext on a loopback
   # host only and raises ArgumentError for any other host, so nothing is exposed in clear by accident.
   #
-  # auth_token: "s3cret" makes every call carry "authorization: Bearer s3cret" metadata; any other
-  # call ends with UNAUTHENTICATED before a handler runs.
+  # auth_token: "s3cret" makes every call carry "authorization: Bearer s3cret" metadata (the scheme
+  # in any case, RFC 6750; the token compared in constant time); the native acceptor answers any
+  # other call with UNAUTHENTICATED itself, so it never reaches a worker or a handler.
   #
   # pool_size: worker threads serve that many calls at once. A call that arrives while every
   # worker is busy may wait max_wait seconds (default 0.1) for one to finish, if fewer than
   # max_waiting calls (default pool_size) already wait; otherwise, and when the wait runs
   # out, it ends with RESOURCE_EXHAUSTED. Nothing queues without bound. A bidi stream holds
   # its worker for as long as it is open.
+  #
+  # Slow and hostile peers cost their own calls, never the server: a worker never waits for
+  # a status to reach the client (a status that cannot leave at once is sent by the native
+  # acceptor while the worker serves the next call); a peer that takes nothing the server
+  # sends for write_timeout seconds (default 30; nil: no limit) gets that call cancelled
+  # (Flowctl::Cancelled in the handler's write), and its connection is shut down when a status
+  # could not leave, or when it holds the most of more than 1,024 statuses waiting to leave.
+  # Floods that never reach a worker (HTTP/2 rapid reset, CVE-2023-44487, is handled inside gRPC
+  # core 1.51, which has no limit for it) show as memory: when the process grew by more than
+  # memory_burst bytes (default 128 MB; nil: off) within two seconds, or when gRPC core held the
+  # acceptor for a second without a call for it, the connection that sends the most is shut down.
+  # Keepalive (KEEPALIVE_ARGS, overridable with channel_args:) pings every connection every
+  # 60 s and drops one that does not answer within 20 s: dead and stuck peers go.
   class Server
     DEFAULT_POOL_SIZE = 32
+    DEFAULT_WRITE_TIMEOUT = 30.0
+    DEFAULT_MEMORY_BURST = 128 << 20
+    KEEPALIVE_ARGS = {
+      "grpc.keepalive_time_ms" => 60_000,
+      "grpc.keepalive_timeout_ms" => 20_000,
+      "grpc.keepalive_permit_without_calls" => 1, # idle connections are checked too
+      "grpc.http2.max_pings_without_data" => 0    # ... however long they stay idle
+    }.freeze
     LOOPBACK = %w[127.0.0.1 localhost ::1 [::1]].freeze
+
+    STATS_BEFORE_START = { accepted: 0, rejected: 0, idle: 0, queued: 0, lingering: 0, stuck_closed: 0, dropped: 0,
+                           idle_shed: 0, listener_stopped: false,
+                           unauthenticated: 0, abusive_closed: 0, memory_closed: 0, stall_closed: 0,
+                           reset_early: 0 }.freeze
 
     OK = 0
     UNKNOWN = 2
     INTERNAL = 13
     UNIMPLEMENTED = 12
-    UNAUTHENTICATED = 16
 
     attr_reader :host, :port, :pool_size
 
     def initialize(host: "127.0.0.1", port: 0, tls: nil, auth_token: nil, pool_size: DEFAULT_POOL_SIZE,
-                   max_waiting: nil, max_wait: 0.1, channel_args: {})
+                   max_waiting: nil, max_wait: 0.1, write_timeout: DEFAULT_WRITE_TIMEOUT,
+                   memory_burst: DEFAULT_MEMORY_BURST, channel_args: {}, interceptors: [])
       @host = String(host)
       @requested_port = Integer(port)
       @tls = check_tls(tls)
-      @auth = auth_header(auth_token)
+      @auth_token = check_token(auth_token)
       @pool_size = Integer(pool_size)
       raise ArgumentError, "pool_size must be at least 1 (given #{pool_size})" if @pool_size < 1
 
@@ -70,8 +97,20 @@ module Flowctl
       raise ArgumentError, "max_waiting must not be negative (given #{max_waiting})" if @max_waiting.negative?
       raise ArgumentError, "max_wait must not be negative (given #{max_wait})" if @max_wait.negative?
 
+      @write_timeout = write_timeout.nil? ? 0.0 : Float(write_timeout)
+      unless @write_timeout.positive? || write_timeout.nil?
+        raise ArgumentError, "write_timeout must be positive or nil (given #{write_timeout.inspect})"
+      end
+
+      @memory_burst = memory_burst.nil? ? nil : Integer(memory_burst)
+      if @memory_burst && @memory_burst < (1 << 20)
+        raise ArgumentError, "memory_burst must be at least 1 MB (1048576) or nil (given #{memory_burst.inspect})"
+      end
+
       # no SO_REUSEPORT unless asked: a second server on a taken port must fail, not share it
-      @channel_args = ChannelArgs.normalize({ "grpc.so_reuseport" => 0 }.merge(ChannelArgs.normalize(channel_args)))
+      @channel_args = ChannelArgs.normalize({ "grpc.so_reuseport" => 0 }.merge(KEEPALIVE_ARGS,
+                                                                              ChannelArgs.normalize(channel_args)))
+      @interceptors = Interception.check(interceptors, "Server")
       @routes = {}
       @state = :new
       @lock = Mutex.new
@@ -105,26 +144,28 @@ module Flowctl
         raise "server already started" unless @state == :new
         raise ArgumentError, "no handlers: call #handle first" if @routes.empty?
 
-        @native = Native::Server.new(@channel_args)
-        begin
-          @port = @native.add_port(address, @tls ? @tls.to_native << @tls.client_auth : false)
-        rescue StandardError
-          @native.close
-          raise
-        end
+        Server.raise_nofile_limit
+        @native, @port = listen(address)
         @routes.freeze
         @pid = Process.pid
-        @workers = Array.new(@pool_size) { |i| spawn_worker(i) } # they wait for calls before any arrive
-        begin
-          @native.start(@max_waiting, @max_wait)
-        rescue StandardError
-          @native.close # never started: ends the workers' wait
-          @workers.each(&:join)
-          raise
-        end
+        @workers = start_native(@native)
+        @retired = []
         @state = :running
+        @monitor = spawn_monitor
       end
       @port
+    end
+
+    # The soft limit of open descriptors up to the hard one (gRPC core 1.51 stops accepting for
+    # good when it runs out of them); false when it could not.
+    def self.raise_nofile_limit
+      soft, hard = Process.getrlimit(:NOFILE)
+      return true if soft == hard
+
+      Process.setrlimit(:NOFILE, hard, hard)
+      true
+    rescue SystemCallError, NotImplementedError
+      false
     end
 
     def running? = @state == :running && !forked?
@@ -140,21 +181,23 @@ module Flowctl
         @state = forked? ? :stopped : :stopping
       end
       return nil if forked? # the parent's server: nothing of it runs in this process
-      @native.shutdown
-      done = @native.wait_shutdown(Float(grace)) || force_stop
-      others.each(&:join)
-      if done
-        @native.close
-      else
-        warn "flowctl server: calls still hold the server after stop; leaving it to the garbage collector"
-      end
+      @monitor.join unless @monitor.equal?(Thread.current)
+      stop_native(@native, @workers, grace)
+      @retired.each(&:join) # servers replaced after their listener stopped (restart_listener)
       @state = :stopped
       nil
     end
 
-    # {accepted:, rejected:, idle:, queued:} as counted by the native acceptor.
+    # {accepted:, rejected:, idle:, queued:, lingering:, unauthenticated:, stuck_closed:, abusive_closed:,
+    # memory_closed:, stall_closed:, reset_early:} as counted by the native acceptor: lingering, statuses still on their way;
+    # unauthenticated, calls refused for their token; reset_early, calls the peer cancelled before a
+    # worker got them (HTTP/2 rapid reset); *_closed, connections shut down because
+    # their peer did not read (stuck), had more than 200 calls refused or reset in a second (abusive), or
+    # sent the most while memory grew by memory_burst (memory) or gRPC held the acceptor (stall);
+    # dropped, calls that came out of gRPC core from a connection already shut; idle_shed,
+    # connections shut near the descriptor limit; listener_stopped, see restart_listener.
     def stats
-      @native ? @native.stats : { accepted: 0, rejected: 0, idle: 0, queued: 0 }
+      @native ? @native.stats : STATS_BEFORE_START
     end
 
     def inspect
@@ -283,12 +326,13 @@ module Flowctl
       end
     end
 
-    def auth_header(token)
+    def check_token(token)
       return nil if token.nil?
       raise TypeError, "auth_token must be a String (given #{token.class})" unless token.is_a?(String)
       raise ArgumentError, "auth_token must not be empty" if token.empty?
+      raise ArgumentError, "auth_token must not contain spaces or control characters" if token.match?(/[\x00-\x20\x7f]/n)
 
-      "Bearer #{token}".b.freeze
+      token.b.freeze
     end
 
     def address
@@ -298,10 +342,81 @@ module Flowctl
 
     def address_for_display = @port ? address.sub(/:\d+\z/, ":#{@port}") : address
 
-    def spawn_worker(index)
+    # A native server listening on addr: [native, bound port].
+    def listen(addr)
+      native = Native::Server.new(@channel_args)
+      [native, native.add_port(addr, @tls ? @tls.to_native << @tls.client_auth : false)]
+    rescue StandardError
+      native&.close
+      raise
+    end
+
+    # Starts native with a fresh pool of workers; returns them.
+    def start_native(native)
+      workers = Array.new(@pool_size) { |i| spawn_worker(i, native) } # they wait for calls before any arrive
+      native.start(@max_waiting, @max_wait, @write_timeout, @auth_token, @memory_burst)
+      workers
+    rescue StandardError
+      native.close # never started: ends the workers' wait
+      workers&.each(&:join)
+      raise
+    end
+
+    def stop_native(native, workers, grace)
+      native.shutdown
+      done = native.wait_shutdown(Float(grace)) || force_stop(native, workers)
+      workers.each { |t| t.join unless t.equal?(Thread.current) }
+      if done
+        native.close
+      else
+        warn "flowctl server: calls still hold the server after stop; leaving it to the garbage collector"
+      end
+    end
+
+    # Watches the native server for a listener gRPC core gave up on (see server.c, 2d).
+    def spawn_monitor
+      Thread.new do
+        Thread.current.name = "flowctl-server-monitor"
+        Thread.current.report_on_exception = false
+        while @state == :running
+          sleep 0.25
+          restart_listener if @state == :running && @native.stats[:listener_stopped]
+        end
+      end
+    end
+
+    # gRPC core 1.51 stops accepting for good after accept4 fails (EMFILE): the current native
+    # server stops taking connections (those it has go on to the end of their calls, then it is
+    # closed), and a new one listens on the same port, tried every 0.1 s while descriptors are
+    # short.
+    def restart_listener
+      warn "flowctl server: gRPC core stopped accepting connections on port #{@port} (accept4 failed: " \
+           "out of file descriptors?); starting a new listener on it"
+      old, old_workers = @native, @workers
+      old.shutdown
+      old.release_listeners
+      addr = address.sub(/:\d+\z/, ":#{@port}")
+      native = nil
+      while native.nil? && @state == :running
+        native = begin
+          listen(addr).first
+        rescue ArgumentError, SystemCallError
+          sleep 0.1
+          nil
+        end
+      end
+      return native&.close unless @state == :running
+
+      workers = start_native(native)
+      @lock.synchronize { @native, @workers = native, workers }
+      warn "flowctl server: listening again on port #{@port}"
+      @retired << Thread.new { stop_native(old, old_workers, 30) }
+    end
+
+    def spawn_worker(index, native)
       Thread.new do
         Thread.current.name = "flowctl-server-#{index}"
-        while (ncall = @native.next_call)
+        while (ncall = native.next_call)
           begin
             serve(ncall)
           rescue Exception => e # rubocop:disable Lint/RescueException -- a worker outlives any call
@@ -313,28 +428,24 @@ module Flowctl
 
     # After the grace period: cancel every call, give handlers a second to notice, then kill
     # the workers still busy (their ensure releases the calls). True once the server is done.
-    def force_stop
-      @native.cancel_all
+    def force_stop(native, workers)
+      native.cancel_all
+      others = workers.reject { |t| t.equal?(Thread.current) }
       limit = Process.clock_gettime(Process::CLOCK_MONOTONIC) + 1.0
       others.each { |t| t.join([limit - Process.clock_gettime(Process::CLOCK_MONOTONIC), 0].max) }
       others.each { |t| t.kill if t.alive? }
       others.each(&:join)
-      @native.wait_shutdown(10)
+      native.wait_shutdown(10)
     end
 
     # In a child forked while this server ran: the server, its threads and its calls are the parent's.
     def forked? = @pid && @pid != Process.pid
-
-    # The workers, less the current thread (a handler may stop its own server).
-    def others = @workers.reject { |t| t.equal?(Thread.current) }
 
     # One call, start to end. The ensure releases the native call whatever happened.
     def serve(ncall)
       route = @routes[ncall.method_path]
       if route.nil?
         ncall.finish(UNIMPLEMENTED, "unknown method #{ncall.method_path}", nil)
-      elsif @auth && !authorized?(ncall)
-        ncall.finish(UNAUTHENTICATED, "missing or wrong authorization bearer token", nil)
       else
         run(ncall, route)
       end
@@ -342,17 +453,6 @@ module Flowctl
       nil # the client went away while we answered; nothing left to tell it
     ensure
       ncall.cancel
-    end
-
-    def authorized?(ncall)
-      given = ncall.header("authorization")
-      !given.nil? && given.bytesize == @auth.bytesize && secure_equal(given.b, @auth)
-    end
-
-    def secure_equal(a, b)
-      diff = 0
-      a.each_byte.with_index { |c, i| diff |= c ^ b.getbyte(i) }
-      diff.zero?
     end
 
     def run(ncall, route)
@@ -390,8 +490,18 @@ module Flowctl
     end
 
     def run_unary(ncall, route, call)
-      reply = invoke(route, read_request(ncall, route.rpc), call)
+      request = read_request(ncall, route.rpc)
+      reply = intercepted(route, call, request: request) { invoke(route, request, call) }
       Server.encode_reply(route.rpc, reply)
+    end
+
+    # Runs the block through the server's interceptors (last one first, as the grpc gem).
+    def intercepted(route, call, **args, &block)
+      return yield if @interceptors.empty?
+
+      method = route.handler.method(route.rpc.method_name)
+      Interception.run(@interceptors, Interception::SHAPES.fetch(route.rpc.shape), { call: call, method: method, **args },
+                       &block)
     end
 
     # The one request of a unary or server streaming call.
@@ -406,18 +516,23 @@ module Flowctl
 
     def run_server_streaming(ncall, route, call)
       request = read_request(ncall, route.rpc)
-      result = invoke(route, request, call) { |reply| call.write(reply) }
-      write_all(call, result) unless result.equal?(request)
+      intercepted(route, call, request: request) do
+        result = invoke(route, request, call) { |reply| call.write(reply) }
+        write_all(call, result) unless result.equal?(request)
+      end
     end
 
     def run_client_streaming(ncall, route, call)
-      Server.encode_reply(route.rpc, invoke(route, Requests.new(ncall, route.rpc.request_class), call))
+      reply = intercepted(route, call) { invoke(route, Requests.new(ncall, route.rpc.request_class), call) }
+      Server.encode_reply(route.rpc, reply)
     end
 
     def run_bidi(ncall, route, call)
       requests = Requests.new(ncall, route.rpc.request_class)
-      result = invoke(route, requests, call) { |reply| call.write(reply) }
-      write_all(call, result) unless result.equal?(requests)
+      intercepted(route, call, requests: requests) do
+        result = invoke(route, requests, call) { |reply| call.write(reply) }
+        write_all(call, result) unless result.equal?(requests)
+      end
     end
 
     # Calls the handler's method with the request(s), and the call unless it takes one argument.

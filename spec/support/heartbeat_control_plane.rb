@@ -76,8 +76,8 @@ class RecordingControlPlane
   def start
     gen = File.expand_path("../gen", __dir__)
     @out, w = IO.pipe
-    @pid = Process.spawn(RbConfig.ruby, "-e", SCRIPT, gen, @port.to_s, @strict ? "strict" : "lenient",
-                         out: w, err: File::NULL)
+    script, *args = spawn_args
+    @pid = Process.spawn(RbConfig.ruby, "-e", script, gen, @port.to_s, *args, out: w, err: File::NULL)
     w.close
     line = @out.gets or raise "control plane subprocess did not start"
     @port = JSON.parse(line).fetch("port")
@@ -129,6 +129,11 @@ class RecordingControlPlane
   end
 
   private
+
+  # The script the subprocess runs and its arguments after the gen dir and the port.
+  def spawn_args
+    [SCRIPT, @strict ? "strict" : "lenient"]
+  end
 
   def read_events(io)
     io.each_line do |line|

@@ -34,6 +34,7 @@ module Flowctl
         fail!("expected an object for #{klass.descriptor_name}, got #{what(tree)}") unless tree.is_a?(Hash)
 
         desc = klass.descriptor
+        twice(desc, tree)
         msg = klass.new
         seen = {} # field => the key it was given by; oneof number => the key of its member
         tree.each do |key, v|
@@ -50,6 +51,16 @@ module Flowctl
           end
         end
         msg
+      end
+
+      # A key given twice in the object of a message (JSON.parse kept the last value).
+      def twice(desc, tree)
+        key = tree.respond_to?(:twice) && tree.twice&.first or return
+        f = desc.field(key)
+        return if f.nil? && @ignore_unknown
+
+        problem = Problem.new(DecodeError, "field given twice (#{key.inspect})")
+        raise f ? problem.at(f.name) : problem
       end
 
       def unknown(klass, key)
@@ -101,6 +112,7 @@ module Flowctl
 
       def map(f, v)
         fail!("expected an object, got #{what(v)}") unless v.is_a?(Hash)
+        fail!("map key #{v.twice.first.inspect} given twice") if v.respond_to?(:twice) && v.twice
 
         out = {}
         v.each do |k, e|

@@ -17,8 +17,11 @@ module Flowctl
     DURATION_SECONDS = 315_576_000_000 # 10000 years
     DURATION = /\A(-)?([0-9]+)(?:\.([0-9]{1,9}))?s\z/
 
-    # The class of a full message name (Any's type URL), or nil.
-    def self.class_named(name)
+    TYPE_URL = %r{\A[^/]+/(?:.*/)?([^/]+)\z} # "type.googleapis.com/x.Y", as upb takes it
+
+    # The class of an Any's type URL, or nil (no host, or a type not loaded).
+    def self.class_of_url(url)
+      name = TYPE_URL.match(url)&.[](1) or return nil
       Native.message_class(name)
     rescue ArgumentError
       nil
@@ -77,8 +80,8 @@ module Flowctl
         url = msg[:type_url]
         raise Problem.new(ArgumentError, "google.protobuf.Any without a type_url has no JSON") if url.empty?
 
-        klass = ProtoJSON.class_named(url.split("/").last.to_s)
-        raise Problem.new(ArgumentError, "google.protobuf.Any holds #{url.inspect}, a type not loaded") unless klass
+        klass = ProtoJSON.class_of_url(url)
+        raise Problem.new(ArgumentError, "google.protobuf.Any holds #{url.inspect}: no host/ or a type not loaded") unless klass
 
         inner = klass.decode(msg[:value])
         text = +""
@@ -157,9 +160,11 @@ module Flowctl
       def wk_any(klass, tree)
         fail!("expected an object for google.protobuf.Any, got #{what(tree)}") unless tree.is_a?(Hash)
 
+        fail!("key #{tree.twice.first.inspect} given twice") if tree.respond_to?(:twice) && tree.twice
         url = tree["@type"]
         fail!("google.protobuf.Any needs a string \"@type\"") unless url.is_a?(String)
-        inner = ProtoJSON.class_named(url.split("/").last.to_s) or fail!("\"@type\" #{url.inspect} is not a loaded type")
+        inner = ProtoJSON.class_of_url(url) or
+          fail!("\"@type\" #{url.inspect} is not host/name of a loaded type (type.googleapis.com/x.Y)")
 
         rest = tree.reject { |k, _| k == "@type" }
         msg = if WELL_KNOWN.key?(inner.descriptor_name)

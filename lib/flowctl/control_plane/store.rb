@@ -1,0 +1,312 @@
+# frozen_string_literal: true
+
+module Flowctl
+  module ControlPlane
+    class Registry
+      # How much the control plane takes in before it refuses (RESOURCE_EXHAUSTED or
+      # INVALID_ARGUMENT): a flood of registrations with unique ids, oversized registrations
+      # and metrics that only ever grow (metrics merge, keys are never removed) all stop at
+      # these bounds, so memory stays bounded (about max_bytes plus ~1.4 KB per component).
+      #
+      # max_components: distinct service ids (RESOURCE_EXHAUSTED for one more; re-registering a
+      #   known id is always accepted).
+      # max_registration_bytes: the strings of one registration together (ids, names, event
+      #   types, endpoint, metadata keys and values): INVALID_ARGUMENT beyond it.
+      # max_metrics: metric keys per component (RESOURCE_EXHAUSTED for a heartbeat adding more).
+      # max_metric_bytes: one metric's key plus value (INVALID_ARGUMENT).
+      # max_bytes: all the strings the registry holds, with their objects (RESOURCE_EXHAUSTED).
+      Limits = Struct.new(:max_components, :max_registration_bytes, :max_metrics, :max_metric_bytes, :max_bytes,
+                          keyword_init: true) do
+        def self.default
+          new(max_components: 100_000, max_registration_bytes: 64 * 1024, max_metrics: 256, max_metric_bytes: 4096,
+              max_bytes: 256 * 1024 * 1024)
+        end
+
+        def self.build(given)
+          limits = default
+          (given || {}).each do |key, value|
+            raise ArgumentError, "unknown limit #{key.inspect} (limits: #{members.join(', ')})" unless members.include?(key.to_sym)
+            raise ArgumentError, "limit #{key} must be a positive Integer (given #{value.inspect})" unless value.is_a?(Integer) && value.positive?
+
+            limits[key.to_sym] = value
+          end
+          limits.freeze
+        end
+      end
+
+      # The components, keyed by service id, and every rule that changes them: the two
+      # protocols' handlers (V1Service, SeedService), the janitor and persistence go through
+      # these methods only. Thread-safe: one Mutex guards the table; nothing slow runs under it.
+      #
+      # Changes are counted (#version, for a display that redraws only on change) and, once
+      # #persist_refresh is set (Persistence), noted as dirty (#take_dirty): :full for a
+      # registration, :beat for a status change (heartbeat or janitor), :gone for an
+      # unregistration. A heartbeat that changes only metrics and time is noted when the
+      # component's last noted change is older than persist_refresh (nanoseconds): the stored
+      # last heartbeat stays within that of the truth without a write per heartbeat.
+      class Store
+        HEALTHY = "HEALTHY"
+        UNHEALTHY = "UNHEALTHY"
+        STARTING = "STARTING"
+        OBJECT = 40 # bytes of a Ruby object slot
+
+        attr_reader :ttl, :limits, :version
+        attr_accessor :persist_refresh
+
+        # clock: nil (the real time) or anything with #call returning a Time or Float seconds.
+        def initialize(ttl:, clock:, limits:)
+          @ttl = ttl
+          @clock = clock
+          @limits = limits
+          @lock = Mutex.new
+          @entries = {}
+          @dirty = {}
+          @bytes = 0
+          @version = 0
+        end
+
+        # Integer nanoseconds since the epoch (as exact as upstream's timestamps, no allocation).
+        def now
+          return Process.clock_gettime(Process::CLOCK_REALTIME, :nanosecond) if @clock.nil?
+
+          t = @clock.call
+          t.is_a?(Time) ? t.to_i * 1_000_000_000 + t.nsec : (t * 1e9).to_i
+        end
+
+        # Registers or overwrites a component. fields: kind, protocol, endpoint, metadata and
+        # the ComponentInfo fields. reset: true (flowctl.v1, as upstream) overwrites status
+        # (HEALTHY), metrics (emptied), registered_at and last_heartbeat; reset: false (the
+        # seed) keeps registered_at, status and metrics of a known id, a new one is STARTING.
+        # Raises ResourceExhausted past the limits; returns true when the id was known.
+        def register(id, reset:, **fields)
+          size = Store.registration_bytes(id, fields)
+          check_registration_size(size)
+          t = now
+          @lock.synchronize do
+            old = @entries[id]
+            check_room(size - (old ? old_bytes(old) : 0), old)
+            entry = Entry.new(id: id, registered_at: t, last_heartbeat: t, status: reset ? HEALTHY : STARTING, **fields)
+            if old && !reset
+              entry.registered_at = old.registered_at
+              entry.status = old.status
+              entry.metrics = old.metrics
+              entry.heartbeats = old.heartbeats
+              entry.reported_at = old.reported_at
+            end
+            @bytes += size + metric_bytes(entry.metrics) - (old ? old_bytes(old) + metric_bytes(old.metrics) : 0)
+            @entries[id] = entry
+            entry.saved_at = t
+            touch(id, :full)
+            !old.nil?
+          end
+        end
+
+        # A heartbeat: status nil keeps the status, else stores it; metrics merge key by key.
+        # kind: a seed heartbeat's kind, which must match (a component registered as
+        # :unspecified matches any). false when the id is not known (or of another kind).
+        def heartbeat(id, status, metrics, kind: nil, reported_at: nil)
+          t = now
+          @lock.synchronize do
+            entry = @entries[id]
+            return false if entry.nil? || (kind && entry.kind != kind && entry.kind != :unspecified)
+
+            merge_metrics(entry, metrics) unless metrics.empty?
+            changed = status && status != entry.status
+            entry.status = status if changed
+            entry.reported_at = reported_at if reported_at
+            entry.last_heartbeat = t
+            entry.heartbeats += 1
+            if @persist_refresh && (changed || t - entry.saved_at >= @persist_refresh)
+              entry.saved_at = t
+              touch(id, :beat)
+            else
+              @version += 1
+            end
+            true
+          end
+        end
+
+        # Forgets a component; true when it was known.
+        def unregister(id)
+          @lock.synchronize do
+            old = @entries.delete(id) or return false
+            @bytes -= old_bytes(old) + metric_bytes(old.metrics)
+            touch(id, :gone)
+            true
+          end
+        end
+
+        # The janitor's rule (upstream's): a HEALTHY component whose last heartbeat is older than
+        # the TTL becomes UNHEALTHY; nothing else changes, nothing is removed. Returns the ids.
+        def sweep
+          limit = now - (@ttl * 1e9).to_i
+          @lock.synchronize do
+            @entries.each_value.filter_map do |e|
+              next unless e.status == HEALTHY && e.last_heartbeat < limit
+
+              e.status = UNHEALTHY
+              touch(e.id, :beat)
+              e.id
+            end
+          end
+        end
+
+        def size = @lock.synchronize { @entries.size }
+        def bytes = @lock.synchronize { @bytes }
+
+        # A snapshot of one component, or nil.
+        def get(id)
+          t = now
+          @lock.synchronize do
+            e = @entries[id]
+            e&.snapshot(@ttl, t)
+          end
+        end
+
+        # Snapshots of the components the block selects (all without a block), in
+        # registration order. The block sees the Entry, under the lock: it must be quick.
+        def select
+          t = now
+          @lock.synchronize do
+            @entries.each_value.filter_map { |e| e.snapshot(@ttl, t) if !block_given? || yield(e) }
+          end
+        end
+
+        # Counts by status and by protocol ({"HEALTHY" => 10, ...}, {v1: 11, seed: 1}) and the first
+        # `rows` components' snapshots, in one pass that allocates nothing per component: what the
+        # display needs at 10,000 components.
+        def summary(rows)
+          t = now
+          @lock.synchronize do
+            by_status = Hash.new(0)
+            by_protocol = Hash.new(0)
+            @entries.each_value do |e|
+              by_status[e.status] += 1
+              by_protocol[e.protocol] += 1
+            end
+            [by_status, by_protocol, @entries.each_value.first(rows || @entries.size).map { |e| e.snapshot(@ttl, t) }]
+          end
+        end
+
+        # Persistence: up to max of the changes since they were last taken, as
+        # [[id, :full | :beat | :gone, row or nil], ...], each row built under the lock (consistent).
+        def take_dirty(max = nil)
+          @lock.synchronize do
+            n = max ? [max, @dirty.size].min : @dirty.size
+            Array.new(n) do
+              id, what = @dirty.shift
+              e = @entries[id]
+              if e.nil? then [id, :gone, nil]
+              else [id, what, what == :full ? e.to_row : e.beat_row]
+              end
+            end
+          end
+        end
+
+        def dirty_count = @lock.synchronize { @dirty.size }
+
+        # Persistence: changes that could not be written are taken again next time.
+        def requeue(changes)
+          @lock.synchronize do
+            changes.each { |id, what, _row| @dirty[id] = @dirty[id] == :full ? :full : (@dirty[id] || what) }
+          end
+        end
+
+        # Persistence: puts loaded entries back (a restart); counts them against the limits.
+        def restore(entries)
+          @lock.synchronize do
+            entries.each do |e|
+              @entries[e.id] = e
+              @bytes += old_bytes(e) + metric_bytes(e.metrics)
+            end
+            @version += 1
+          end
+        end
+
+        # Changes not yet taken by persistence.
+        def dirty? = @lock.synchronize { !@dirty.empty? }
+
+        # The bytes of strings a registration holds.
+        # Each String in a list or map also counts the Ruby object that holds it (OBJECT), so that
+        # 60,000 one-byte event types cost what they occupy.
+        def self.registration_bytes(id, fields)
+          n = id.bytesize + fields[:endpoint].to_s.bytesize
+          %i[name description version info_id].each { |f| n += fields[f].to_s.bytesize }
+          %i[input_event_types output_event_types].each { |f| fields[f]&.each { |s| n += s.bytesize + OBJECT } }
+          fields[:metadata]&.each { |k, v| n += k.bytesize + v.bytesize + 2 * OBJECT }
+          n
+        end
+
+        private
+
+        def touch(id, what)
+          @version += 1
+          return unless @persist_refresh
+
+          @dirty[id] = @dirty[id] == :full && what == :beat ? :full : what
+        end
+
+        def check_registration_size(size)
+          return if size <= @limits.max_registration_bytes
+
+          raise Flowctl::InvalidArgument, "registration too large: #{size} bytes of ids, names, event types, " \
+                                          "endpoint and metadata (limit #{@limits.max_registration_bytes})"
+        end
+
+        def check_room(growth, old)
+          if old.nil? && @entries.size >= @limits.max_components
+            raise Flowctl::ResourceExhausted, "control plane full: #{@entries.size} components registered " \
+                                              "(limit #{@limits.max_components}); unregister some first"
+          end
+          return if growth <= 0 || @bytes + growth <= @limits.max_bytes
+
+          raise Flowctl::ResourceExhausted, "control plane full: #{@bytes} bytes held (limit #{@limits.max_bytes})"
+        end
+
+        def old_bytes(entry) = Store.registration_bytes(entry.id, entry_fields(entry))
+
+        def entry_fields(e)
+          { endpoint: e.endpoint, name: e.name, description: e.description, version: e.version, info_id: e.info_id,
+            input_event_types: e.input_event_types, output_event_types: e.output_event_types, metadata: e.metadata }
+        end
+
+        def metric_bytes(metrics)
+          metrics.sum { |k, v| k.bytesize + (v.is_a?(String) ? v.bytesize : 8) + 2 * OBJECT }
+        end
+
+        # Checks every new metric against the limits before changing anything.
+        def merge_metrics(entry, metrics)
+          current = entry.metrics
+          added = 0
+          growth = 0
+          metrics.each do |k, v|
+            vsize = v.is_a?(String) ? v.bytesize : 8
+            if k.bytesize + vsize > @limits.max_metric_bytes
+              raise Flowctl::InvalidArgument, "metric #{k[0, 64].inspect} too large: #{k.bytesize + vsize} bytes " \
+                                              "(limit #{@limits.max_metric_bytes})"
+            end
+            old = current[k]
+            if old.nil?
+              added += 1
+              growth += k.bytesize + vsize + 2 * OBJECT
+            else
+              growth += vsize - (old.is_a?(String) ? old.bytesize : 8)
+            end
+          end
+          if current.size + added > @limits.max_metrics
+            raise Flowctl::ResourceExhausted, "too many metrics for #{entry.id}: #{current.size + added} keys " \
+                                              "(limit #{@limits.max_metrics}; keys are never removed)"
+          end
+          if growth.positive? && @bytes + growth > @limits.max_bytes
+            raise Flowctl::ResourceExhausted, "control plane full: #{@bytes} bytes held (limit #{@limits.max_bytes})"
+          end
+
+          @bytes += growth
+          # an unchanged value keeps the object already stored: fewer short-lived objects reach
+          # the old generation (10,000 components' metrics are mostly old objects)
+          metrics.each { |k, v| current[k] = v unless current[k] == v }
+        end
+      end
+    end
+  end
+end
