@@ -142,14 +142,32 @@ module Flowctl
       end
 
       def persist_schema(id, schema)
-        @db&.execute("INSERT OR REPLACE INTO config_schemas (component_id, schema) VALUES (?, ?)",
-                     [id, JSON.generate(schema.to_h)])
+        write("INSERT OR REPLACE INTO config_schemas (component_id, schema) VALUES (?, ?)", [id, JSON.generate(schema.to_h)])
       end
 
       def persist_version(v)
-        @db&.execute("INSERT INTO config_versions (component_id, version, config, created_at, author, comment) " \
-                     "VALUES (?, ?, ?, ?, ?, ?)", [v.component_id, v.version, JSON.generate(v.values), v.created_at.to_f,
-                                                    v.author, v.comment])
+        write("INSERT INTO config_versions (component_id, version, config, created_at, author, comment) " \
+              "VALUES (?, ?, ?, ?, ?, ?)", [v.component_id, v.version, JSON.generate(v.values), v.created_at.to_f,
+                                             v.author, v.comment])
+      end
+
+      # The file is shared with the control plane's own tables: a write that still finds it
+      # busy after busy_timeout is tried again a few times.
+      def write(statement, binds)
+        return unless @db
+
+        attempts = 0
+        begin
+          @db.execute(statement, binds)
+        rescue ::SQLite3::BusyException, ::SQLite3::LockedException
+          attempts += 1
+          raise if attempts > 3
+
+          sleep 0.05 * attempts
+          retry
+        end
+      rescue ::SQLite3::Exception => e
+        raise Flowctl::Error, "config store: #{e.class}: #{e.message}"
       end
     end
   end

@@ -154,10 +154,21 @@ module Flowctl
                   ended_at: ended && Time.at(ended), counts: JSON.parse(counts), error: error)
         end
 
+        # The file is shared with the control plane's own tables (WAL, their writer thread):
+        # a write that still finds it busy after busy_timeout is tried again a few times.
         def sql(statement, binds)
-          @lock.synchronize { @db.execute(statement, binds) }
+          attempts = 0
+          begin
+            @lock.synchronize { @db.execute(statement, binds) }
+          rescue ::SQLite3::BusyException, ::SQLite3::LockedException
+            attempts += 1
+            raise if attempts > 3
+
+            sleep 0.05 * attempts
+            retry
+          end
         rescue ::SQLite3::Exception => e
-          raise Flowctl::Error, "run store #{@path}: #{e.message}"
+          raise Flowctl::Error, "run store #{@path}: #{e.class}: #{e.message}"
         end
       end
     end

@@ -109,7 +109,7 @@ module Flowctl
         @supervisor.start_all
         return ["STOPPED", nil] if @stop_requested
 
-        @store.update(@run_id, status: "RUNNING")
+        store_update(status: "RUNNING")
         @router = Router.new(@definition, @supervisor).start
         watch
       rescue StartError, Router::Failed => e
@@ -139,7 +139,7 @@ module Flowctl
 
           progress&.update(@router.snapshot, @supervisor.restarts, "RUNNING")
           if monotonic - last_record > 5
-            @store.update(@run_id, counts: counts)
+            store_update(counts: counts)
             last_record = monotonic
           end
         end
@@ -189,6 +189,13 @@ module Flowctl
       def record(status, error)
         say "run #{@run_id}: #{status}#{error ? ": #{error}" : ''}"
         @store.update(@run_id, status: status, counts: counts, error: error)
+      end
+
+      # A record made while the pipeline runs: a store that fails is reported, the run goes on.
+      def store_update(**fields)
+        @store.update(@run_id, **fields)
+      rescue Flowctl::Error => e
+        say "could not record the run: #{e.message}"
       end
 
       def cleanup
