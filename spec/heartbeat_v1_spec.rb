@@ -190,7 +190,7 @@ RSpec.describe "Flowctl::Heartbeat on flowctl.v1" do
 
   # In a process of its own: the suite's process may hold threads of the official grpc gem
   # (earlier specs' peers) inside gRPC core, and then no child of it can use gRPC.
-  FORK_SCRIPT = <<~'RUBY'
+  V1_FORK_SCRIPT = <<~'RUBY'
     require "flowctl"
     port, component = Integer(ARGV[0]), Marshal.load(ARGV[1].unpack1("m"))
     client = Flowctl::V1::ControlPlaneClient.new("127.0.0.1:#{port}", tls: false)
@@ -216,7 +216,7 @@ RSpec.describe "Flowctl::Heartbeat on flowctl.v1" do
   RUBY
 
   it "leaves the heartbeat to the parent across fork; a child starts its own" do
-    out, err, status = Open3.capture3(RbConfig.ruby, "-I", FLOWCTL_LIB, "-e", FORK_SCRIPT, cp.port.to_s,
+    out, err, status = Open3.capture3(RbConfig.ruby, "-I", FLOWCTL_LIB, "-e", V1_FORK_SCRIPT, cp.port.to_s,
                                       [Marshal.dump(COMPONENT)].pack("m0"))
     expect(status).to be_success, err
     expect(Marshal.load(out.unpack1("m"))).to eq([false, 1, true, true, true])
