@@ -11,7 +11,7 @@ require "open3"
 # persistence, the executable and its signals.
 RSpec.describe "flowctl-pipeline with real components" do
   E2E_COMPONENTS = File.expand_path("fixtures/pipeline/components.rb", __dir__)
-  PIPELINE_EXE = File.expand_path("../exe/flowctl-pipeline", __dir__)
+  PIPELINE_EXE = File.expand_path("../exe/flowctl-pipeline", __dir__) unless defined?(PIPELINE_EXE)
 
   before do
     skip "needs Flowctl::Component (the component SDK)" unless defined?(Flowctl::Component::Source)

@@ -9,7 +9,7 @@ require "tmpdir"
 # exe/flowctl-pipeline: validate and runs (run is covered with real components in
 # spec/pipeline_e2e_spec.rb).
 RSpec.describe "exe/flowctl-pipeline" do
-  PIPELINE_EXE = File.expand_path("../exe/flowctl-pipeline", __dir__)
+  PIPELINE_EXE = File.expand_path("../exe/flowctl-pipeline", __dir__) unless defined?(PIPELINE_EXE)
 
   around do |ex|
     Dir.mktmpdir("flowctl-pipeline-exe") do |dir|
