@@ -199,6 +199,13 @@ RSpec.describe "descriptor sets" do
       end
     end
 
+    it "names a type whose name holds a dot or a NUL (found by fuzzing)" do
+      ["\u0000.A", "A.", "A.B"].each do |name|
+        expect { load(set_of(file("bad/n.proto", messages: [message(name)]))) }
+          .to raise_error(Flowctl::DescriptorError, /is not a valid name/)
+      end
+    end
+
     it "names an enum value without a number (found by fuzzing)" do
       enum = Flowctl::Protobuf::EnumDescriptorProto.new(name: "E", value: [{ name: "E_ZERO" }])
       expect { load(set_of(file("bad/e.proto", enums: [enum]))) }

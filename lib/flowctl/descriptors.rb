@@ -157,8 +157,9 @@ module Flowctl
         file.service.each { |s| collect_service(file, pkg, prefix, s) }
       end
 
-      def claim(file, full, kind)
-        fail!(file.name, "#{full}: #{full.split('.').last.inspect} is not a valid name") unless full.split(".").last.match?(IDENT)
+      # name: the type's own name (no dots), full: its package (checked) and outer types + name
+      def claim(file, full, kind, name)
+        fail!(file.name, "#{full.inspect}: #{name.inspect} is not a valid name") unless name.to_s.match?(IDENT)
         if @new_kinds.key?(full) || @kinds.key?(full) || Native.descriptor_kind(full)
           where = @file_of[full] || "a descriptor set loaded before"
           fail!(file.name, "#{full} is defined twice (also in #{where})")
@@ -169,7 +170,7 @@ module Flowctl
 
       def collect_enum(file, pkg, prefix, enum, outer)
         full = "#{prefix}#{enum.name}"
-        claim(file, full, :enum)
+        claim(file, full, :enum, enum.name)
         fail!(file.name, "enum #{full} has no values") if enum.value.empty?
         seen = {}
         values = enum.value.map do |v|
@@ -185,7 +186,7 @@ module Flowctl
 
       def collect_message(file, pkg, prefix, msg, outer)
         full = "#{prefix}#{msg.name}"
-        claim(file, full, :message)
+        claim(file, full, :message, msg.name)
         entry = msg.options&.map_entry ? true : false
         @messages << [full, pkg, msg.field.map { |f| [file, f] }, outer, entry, msg]
         msg.enum_type.each { |e| collect_enum(file, pkg, "#{full}.", e, full) }
@@ -220,7 +221,7 @@ module Flowctl
 
       def collect_service(file, pkg, prefix, svc)
         full = "#{prefix}#{svc.name}"
-        claim(file, full, :service)
+        claim(file, full, :service, svc.name)
         seen = {}
         methods = svc[:method].map do |m|  # `method` is Object#method: read by name
           fail!(file.name, "service #{full}: method name #{m.name.inspect} is not valid") unless m.name.to_s.match?(IDENT)
