@@ -171,24 +171,33 @@ typedef struct {
     flowctl_tracked track; /* Client#close cancels it */
 } unary_ctx;
 
-static void
-unary_ops(unary_ctx *u, grpc_op ops[6])
+void
+flowctl_unary_ops(grpc_op ops[6], const flowctl_metadata *send_md, grpc_byte_buffer *send_buf,
+                  grpc_metadata_array *recv_initial, grpc_byte_buffer **recv_buf, grpc_status_code *status,
+                  grpc_slice *details, grpc_metadata_array *recv_trailing)
 {
     memset(ops, 0, sizeof(grpc_op) * 6);
     ops[0].op = GRPC_OP_SEND_INITIAL_METADATA;
-    ops[0].data.send_initial_metadata.count = u->send_md.count;
-    ops[0].data.send_initial_metadata.metadata = u->send_md.md;
+    ops[0].data.send_initial_metadata.count = send_md->count;
+    ops[0].data.send_initial_metadata.metadata = send_md->md;
     ops[1].op = GRPC_OP_SEND_MESSAGE;
-    ops[1].data.send_message.send_message = u->send_buf;
+    ops[1].data.send_message.send_message = send_buf;
     ops[2].op = GRPC_OP_SEND_CLOSE_FROM_CLIENT;
     ops[3].op = GRPC_OP_RECV_INITIAL_METADATA;
-    ops[3].data.recv_initial_metadata.recv_initial_metadata = &u->recv_initial;
+    ops[3].data.recv_initial_metadata.recv_initial_metadata = recv_initial;
     ops[4].op = GRPC_OP_RECV_MESSAGE;
-    ops[4].data.recv_message.recv_message = &u->recv_buf;
+    ops[4].data.recv_message.recv_message = recv_buf;
     ops[5].op = GRPC_OP_RECV_STATUS_ON_CLIENT;
-    ops[5].data.recv_status_on_client.status = &u->status;
-    ops[5].data.recv_status_on_client.status_details = &u->details;
-    ops[5].data.recv_status_on_client.trailing_metadata = &u->recv_trailing;
+    ops[5].data.recv_status_on_client.status = status;
+    ops[5].data.recv_status_on_client.status_details = details;
+    ops[5].data.recv_status_on_client.trailing_metadata = recv_trailing;
+}
+
+static void
+unary_ops(unary_ctx *u, grpc_op ops[6])
+{
+    flowctl_unary_ops(ops, &u->send_md, u->send_buf, &u->recv_initial, &u->recv_buf, &u->status, &u->details,
+                      &u->recv_trailing);
 }
 
 static VALUE

@@ -147,22 +147,8 @@ fiber_call_get(VALUE self)
 static void
 fiber_call_ops(fiber_call *fc)
 {
-    grpc_op *ops = fc->ops;
-    memset(ops, 0, sizeof(fc->ops));
-    ops[0].op = GRPC_OP_SEND_INITIAL_METADATA;
-    ops[0].data.send_initial_metadata.count = fc->send_md.count;
-    ops[0].data.send_initial_metadata.metadata = fc->send_md.md;
-    ops[1].op = GRPC_OP_SEND_MESSAGE;
-    ops[1].data.send_message.send_message = fc->send_buf;
-    ops[2].op = GRPC_OP_SEND_CLOSE_FROM_CLIENT;
-    ops[3].op = GRPC_OP_RECV_INITIAL_METADATA;
-    ops[3].data.recv_initial_metadata.recv_initial_metadata = &fc->recv_initial;
-    ops[4].op = GRPC_OP_RECV_MESSAGE;
-    ops[4].data.recv_message.recv_message = &fc->recv_buf;
-    ops[5].op = GRPC_OP_RECV_STATUS_ON_CLIENT;
-    ops[5].data.recv_status_on_client.status = &fc->status;
-    ops[5].data.recv_status_on_client.status_details = &fc->details;
-    ops[5].data.recv_status_on_client.trailing_metadata = &fc->recv_trailing;
+    flowctl_unary_ops(fc->ops, &fc->send_md, fc->send_buf, &fc->recv_initial, &fc->recv_buf, &fc->status,
+                      &fc->details, &fc->recv_trailing);
 }
 
 /*

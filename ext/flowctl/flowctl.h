@@ -372,6 +372,11 @@ void flowctl_fiber_atfork_child(void);
 
 /* ---- call.c, server.c, heartbeat.c --------------------------------------- */
 void init_flowctl_call(void);
+/* call.c: the six ops of a unary call (send metadata, message and half-close; receive metadata,
+ * message and status), for call.c's own unary calls and fiber.c's. */
+void flowctl_unary_ops(grpc_op ops[6], const flowctl_metadata *send_md, grpc_byte_buffer *send_buf,
+                       grpc_metadata_array *recv_initial, grpc_byte_buffer **recv_buf, grpc_status_code *status,
+                       grpc_slice *details, grpc_metadata_array *recv_trailing);
 void init_flowctl_server(void);
 void init_flowctl_heartbeat(void);
 void init_flowctl_heartbeat_class(void);
