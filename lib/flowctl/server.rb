@@ -114,6 +114,7 @@ module Flowctl
       @routes = {}
       @state = :new
       @lock = Mutex.new
+      @monitor_wake = ConditionVariable.new # stop wakes the monitor instead of waiting out its 0.25 s
       @port = nil
     end
 
@@ -179,6 +180,7 @@ module Flowctl
         return nil unless @state == :running
 
         @state = forked? ? :stopped : :stopping
+        @monitor_wake.broadcast
       end
       return nil if forked? # the parent's server: nothing of it runs in this process
       @monitor.join unless @monitor.equal?(Thread.current)
@@ -378,9 +380,11 @@ module Flowctl
       Thread.new do
         Thread.current.name = "flowctl-server-monitor"
         Thread.current.report_on_exception = false
-        while @state == :running
-          sleep 0.25
-          restart_listener if @state == :running && @native.stats[:listener_stopped]
+        loop do
+          @lock.synchronize { @monitor_wake.wait(@lock, 0.25) if @state == :running }
+          break unless @state == :running
+
+          restart_listener if @native.stats[:listener_stopped]
         end
       end
     end
