@@ -54,6 +54,20 @@ RSpec.describe "exe/flowctl-pipeline" do
     expect(err).to include("No such file or directory")
   end
 
+  it "takes wiring: discovery from the file or --wiring, and refuses it with a dead-letter sink before starting anything" do
+    path = File.join(@dir, "dlq.yaml")
+    File.write(path, "apiVersion: flowctl/v1\nkind: Pipeline\nmetadata: {name: d}\nspec:\n  dead_letter: dlq\n" \
+                     "  sources: [{id: gen, command: [cat]}]\n  sinks: [{id: out, command: [cat]}, {id: dlq, command: [cat]}]\n")
+    _, err, st = sh("run", path, "--no-db", "--wiring", "discovery")
+    expect([st.exitstatus, err]).to eq([1, %(flowctl-pipeline: wiring: discovery cannot route to the dead-letter sink "dlq"\n)])
+    _, err, st = sh("run", path, "--wiring", "magic")
+    expect([st.exitstatus, err]).to eq([2, "flowctl-pipeline: invalid argument: --wiring magic\n"])
+    File.write(path, File.read(path).sub("  dead_letter: dlq\n", "  wiring: discovery\n").sub(", {id: dlq, command: [cat]}", ""))
+    out, _, st = sh("validate", path)
+    expect(st.exitstatus).to eq(0)
+    expect(out.lines.first).to end_with("1 sink(s); the components wire themselves (wiring: discovery)\n")
+  end
+
   it "lists recorded runs from the SQLite store, newest first, as a table or JSON lines" do
     db = File.join(@dir, "runs.db")
     store = Flowctl::Pipeline::RunStore.open(db)
