@@ -27,11 +27,11 @@ module Flowctl
 
     module_function
 
-    def client(control_plane)
+    def client(control_plane, timeout: 5)
       return control_plane if control_plane.respond_to?(:discover_components)
 
       klass = Flowctl::V1.const_defined?(:ControlPlaneClient, false) ? Flowctl::V1::ControlPlaneClient : generic_client
-      klass.new(control_plane, tls: Heartbeat.loopback?(control_plane) ? false : nil, timeout: 5)
+      klass.new(control_plane, tls: Heartbeat.loopback?(control_plane) ? false : nil, timeout: timeout)
     end
 
     def generic_client
@@ -40,21 +40,23 @@ module Flowctl
 
     # ComponentInfos of the components that match: type (:source, :processor, :consumer or
     # nil: any), event_types (any of them among a component's input or output types),
-    # metadata (every pair equal). control_plane: "host:port" or a ControlPlaneClient.
-    def discover(control_plane, type: nil, event_types: [], metadata: {})
+    # metadata (every pair equal). control_plane: "host:port" or a ControlPlaneClient;
+    # timeout: the call's deadline in seconds.
+    def discover(control_plane, type: nil, event_types: [], metadata: {}, timeout: 5)
       t = TYPES.fetch(type) { raise ArgumentError, "type must be one of #{TYPES.keys.compact.inspect} or nil (given #{type.inspect})" }
-      c = client(control_plane)
+      c = client(control_plane, timeout: timeout)
       c.discover_components(type: t, event_types: Array(event_types), metadata_filters: metadata).components
     ensure
       c.close if c && !c.equal?(control_plane)
     end
 
     # {id => ComponentInfo} of these component ids once every one is registered (polls
-    # every 0.1 s); NotFound naming the missing ones after timeout seconds.
+    # every 0.1 s); NotFound naming the missing ones after timeout seconds (which also
+    # bounds each DiscoverComponents call).
     def resolve(control_plane, ids, timeout: 30)
       deadline = Process.clock_gettime(Process::CLOCK_MONOTONIC) + timeout
       loop do
-        found = discover(control_plane).select { |i| ids.include?(i.id) && !i.endpoint.empty? }.to_h { |i| [i.id, i] }
+        found = discover(control_plane, timeout: timeout).select { |i| ids.include?(i.id) && !i.endpoint.empty? }.to_h { |i| [i.id, i] }
         return found if (ids - found.keys).empty?
         if Process.clock_gettime(Process::CLOCK_MONOTONIC) > deadline
           raise NotFound, "not registered with #{control_plane} within #{timeout}s: #{(ids - found.keys).join(', ')}"
