@@ -157,14 +157,14 @@ flowctl_server_queue_locked(server_t *s, call_slot *slot)
  * one before it lets go of the GVL (flowctl_server_try_take), and an idle worker is woken
  *   - while another serves calls: only when none took one for STALE_US (the busy ones are
  *     held: a slow handler, a stream);
- *   - while none does: at once when few calls are in flight (a lone call waits for
- *     nothing), else when WAKE_BATCH calls are queued or the first waited WAKE_DELAY_US,
- *     so that under load a worker wakes for a few calls at a time.
- * The acceptor looks again when the first queued call becomes due (next_expiry).
+ *   - while none does: at most once every WAKE_GAP_US, unless WAKE_BATCH calls are queued:
+ *     a lone call waits for nothing, and under load a worker wakes for a few calls at a time.
+ * The acceptor looks again when the queued calls become due (next_expiry). The signal is
+ * sent once s->mu is let go of, so that the woken worker does not wait for it.
  */
 #define STALE_US 1000
 #define WAKE_BATCH 4
-#define WAKE_DELAY_US 200
+#define WAKE_GAP_US 200
 
 static bool
 waiting_unwoken(server_t *s)
@@ -177,19 +177,18 @@ static int64_t
 wake_due_us(server_t *s)
 {
     if (s->holding > 0) return s->last_take_us + STALE_US;
-    if (s->queued >= WAKE_BATCH || s->queued + s->awaiting + s->n_lingering <= WAKE_BATCH) return 0;
-    return s->queue_head->queued_us + WAKE_DELAY_US;
+    return s->queued >= WAKE_BATCH ? 0 : s->last_wake_us + WAKE_GAP_US;
 }
 
-void
+bool
 flowctl_server_wake_locked(server_t *s)
 {
-    if (!waiting_unwoken(s)) return;
-    int64_t due = wake_due_us(s);
-    if (due == 0 || mono_us() >= due) {
-        s->signalled++;
-        pthread_cond_signal(&s->work);
-    }
+    if (!waiting_unwoken(s)) return false;
+    int64_t due = wake_due_us(s), now = mono_us();
+    if (now < due) return false;
+    s->signalled++;
+    s->last_wake_us = now;
+    return true;
 }
 
 /*
@@ -230,6 +229,10 @@ remember_shut(server_t *s, const char *peer)
 static bool
 drop_if_shut(server_t *s, call_slot *slot)
 {
+    pthread_mutex_lock(&s->mu);
+    bool none = s->shut_peers[0][0] == '\0'; /* filled from the first: none shut yet, no peer to look up */
+    pthread_mutex_unlock(&s->mu);
+    if (none) return false;
     char *peer = grpc_call_get_peer(slot->call);
     bool shut = false;
     pthread_mutex_lock(&s->mu);
@@ -299,14 +302,17 @@ on_request(server_t *s, call_slot *slot, bool success)
         reject_call(s, slot, GRPC_STATUS_UNAUTHENTICATED, AUTH_MESSAGE);
         return;
     }
+    /* once queued, a worker may take the call, end it and free the slot: not looked at after */
+    bool unary = slot->unary >= 0;
     pthread_mutex_lock(&s->mu);
     bool admitted = admit_locked(s);
-    if (admitted && slot->unary >= 0) s->awaiting++; /* queued once its request is read */
+    if (admitted && unary) s->awaiting++; /* queued once its request is read */
     else if (admitted) flowctl_server_queue_locked(s, slot);
     else s->rejected++;
-    if (admitted && slot->unary < 0) flowctl_server_wake_locked(s);
+    bool wake = admitted && !unary && flowctl_server_wake_locked(s);
     pthread_mutex_unlock(&s->mu);
-    if (admitted && slot->unary >= 0) {
+    if (wake) pthread_cond_signal(&s->work);
+    if (admitted && unary) {
         flowctl_unary_accepted(s, slot);
     } else if (!admitted) {
         flowctl_server_offense(s, slot);
@@ -612,8 +618,9 @@ acceptor_step(server_t *s)
     grpc_event ev = grpc_completion_queue_next(s->notify_cq, next_expiry(s), NULL);
     atomic_store(&s->acceptor_beat_ms, flowctl_mono_ms());
     pthread_mutex_lock(&s->mu);
-    flowctl_server_wake_locked(s);
+    bool wake = flowctl_server_wake_locked(s);
     pthread_mutex_unlock(&s->mu);
+    if (wake) pthread_cond_signal(&s->work);
     sweep_lingering(s, ev.type == GRPC_QUEUE_TIMEOUT);
     if (ev.type == GRPC_QUEUE_TIMEOUT) {
         reject_expired(s);
@@ -890,8 +897,9 @@ flowctl_server_take(server_t *s, const bool *stop)
     }
     slot = pop_locked(s);
     s->idle--;
-    flowctl_server_wake_locked(s); /* more calls for more workers? */
+    bool wake = flowctl_server_wake_locked(s); /* more calls for more workers? */
     pthread_mutex_unlock(&s->mu);
+    if (wake) pthread_cond_signal(&s->work);
     return slot;
 }
 

@@ -112,6 +112,7 @@ typedef struct {
     int holding;                      /* (mu) calls taken by workers and not let go of yet */
     int signalled;                    /* (mu) idle workers woken, not yet awake */
     int64_t last_take_us;             /* (mu) when a worker last took a call */
+    int64_t last_wake_us;             /* (mu) when an idle worker was last woken */
     call_slot *flying;                /* (mu) unary calls whose status is in flight (counted in n_lingering) */
 } server_t;
 
@@ -194,8 +195,9 @@ void flowctl_unary_sweep(server_t *s, int64_t now);
 /* ---- server_engine.c, for server_unary.c ---- */
 /* Queues an admitted call for a worker (s->mu held); false when shutting down. */
 bool flowctl_server_queue_locked(server_t *s, call_slot *slot);
-/* After queueing (s->mu held): wakes an idle worker if one is wanted (server_engine.c, 2). */
-void flowctl_server_wake_locked(server_t *s);
+/* After queueing (s->mu held): true when an idle worker is wanted (server_engine.c, 2): the
+ * caller signals s->work once it has let go of s->mu. */
+bool flowctl_server_wake_locked(server_t *s);
 void flowctl_server_close_stuck(server_t *s, const char *peer);
 void flowctl_server_unlinger(server_t *s); /* one lingering status fewer (mu taken) */
 

@@ -117,8 +117,9 @@ on_recv(server_t *s, call_slot *slot, bool success)
     if (!success) s->reset_early++;
     bool queued = success && flowctl_server_queue_locked(s, slot);
     if (success && !queued) s->rejected++;
-    if (queued) flowctl_server_wake_locked(s);
+    bool wake = queued && flowctl_server_wake_locked(s);
     pthread_mutex_unlock(&s->mu);
+    if (wake) pthread_cond_signal(&s->work);
     if (queued) {
         /* a worker takes it */
     } else if (!success) { /* reset before its request (HTTP/2 rapid reset): an offense */
