@@ -157,8 +157,10 @@ flowctl_server_queue_locked(server_t *s, call_slot *slot)
  * one before it lets go of the GVL (flowctl_server_try_take), and an idle worker is woken
  *   - while another serves calls: only when none took one for STALE_US (the busy ones are
  *     held: a slow handler, a stream);
- *   - while none does: at most once every WAKE_GAP_US, unless WAKE_BATCH calls are queued:
- *     a lone call waits for nothing, and under load a worker wakes for a few calls at a time.
+ *   - while none does: at once while few calls are in the server (a lone call, a few
+ *     clients calling one after the other: they wait for nothing), else at most once every
+ *     WAKE_GAP_US unless WAKE_BATCH calls are queued: under load a worker wakes for a few
+ *     calls at a time.
  * The acceptor looks again when the queued calls become due (next_expiry). The signal is
  * sent once s->mu is let go of, so that the woken worker does not wait for it.
  */
@@ -177,7 +179,8 @@ static int64_t
 wake_due_us(server_t *s)
 {
     if (s->holding > 0) return s->last_take_us + STALE_US;
-    return s->queued >= WAKE_BATCH ? 0 : s->last_wake_us + WAKE_GAP_US;
+    bool few = s->queued + s->awaiting + s->n_lingering <= WAKE_BATCH; /* calls in the server, not in gRPC */
+    return s->queued >= WAKE_BATCH || few ? 0 : s->last_wake_us + WAKE_GAP_US;
 }
 
 bool
