@@ -76,7 +76,7 @@ RSpec.describe "Flowctl clients in everyday use" do
 
     it "lets a stopping server go before its grace period ends (the client reads the GOAWAY and closes)" do
       server = start_server
-      c = client(server.port)
+      c = client(server.port, timeout: time_limit(5)) # (an in-process server under GC.stress takes seconds)
       c.register_processor(processor_id: "idle")
       sleep 0.3 # idle: no call in flight
       t0 = now
