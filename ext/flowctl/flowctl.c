@@ -30,6 +30,7 @@ void
 Init_flowctl(void)
 {
     flowctl_fork_env();
+    flowctl_channel_env();
     absl_deadlock_detection_off();
     grpc_init();
 
