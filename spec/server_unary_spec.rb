@@ -8,7 +8,20 @@ require "timeout"
 # without waiting; workers take queued calls one after the other and an idle one is woken
 # only when needed. What a handler sees and what a client gets must be as for any call.
 RSpec.describe "Flowctl::Server unary calls" do
-  before(:all) { Official.load! }
+  before(:all) do
+    Official.load!
+    # one call from each client here, outside GC.stress: what they load on first use is not parsed under it
+    warm = Flowctl::Server.new(port: 0, tls: false)
+    warm.handle(Flowctl::ControlPlane::Service, Class.new { def register_processor(_req, _call) = {} }.new)
+    warm.start
+    client = Flowctl::ControlPlane::Client.new("127.0.0.1:#{warm.port}", tls: false)
+    client.register_processor(processor_id: "warm")
+    Obsrvr::Flow::Controlplane::ControlPlane::Stub.new("127.0.0.1:#{warm.port}", :this_channel_is_insecure)
+      .register_processor(Obsrvr::Flow::Controlplane::RegisterProcessorRequest.new, return_op: true).execute
+  ensure
+    client&.close
+    warm&.stop(grace: 0.5)
+  end
 
   let(:cp) { Obsrvr::Flow::Controlplane }
   let(:servers) { [] }
