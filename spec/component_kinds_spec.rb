@@ -79,6 +79,25 @@ RSpec.describe "Flowctl::Component kinds" do
       expect(log_io.string).to include("a message that is no event failed")
     end
 
+    it "replies a failed event marked flowctl.error with failed_events: :reply (the default under flowctl-pipeline)" do
+      inputs = %w[1 x 5].each_with_index.map { |p, i| event(i, payload: p).tap { |e| e.metadata = { "k" => "v" } } }
+      rt = start(square, id: "sq", failed_events: :reply)
+      replies = client(V1::ProcessorClient, rt).process(inputs).to_a
+      expect(replies.map { |r| [r.id, r.type, r.payload] }).to eq([%w[0 squared 1], %w[1 number x], %w[2 number 5]])
+      expect(replies[1].metadata).to eq("k" => "v", "flowctl.error" => 'ArgumentError: invalid value for Integer(): "x"',
+                                        "flowctl.failed_at" => "sq")
+      expect(replies[2].metadata["flowctl.error"]).to start_with("TypeError: expected a Flowctl::V1::Event")
+      expect(rt.metrics.to_numbers).to include("events_failed" => 2, "events_emitted" => 1)
+      expect(rt.component.dead).to eq([["1", ArgumentError], ["2", TypeError]])
+
+      under_runner = start(square, env: { "FLOWCTL_INPUTS" => "src" })
+      expect(under_runner.settings.failed_events).to eq(:reply)
+      expect(client(V1::ProcessorClient, under_runner).process([event(0, payload: "x")]).map(&:id)).to eq(["0"])
+      expect(start(square).settings.failed_events).to eq(:drop)
+      expect(start(square, env: { "FLOWCTL_INPUTS" => "src", "FLOWCTL_FAILED_EVENTS" => "drop" }).settings.failed_events).to eq(:drop)
+      expect { start(square, failed_events: :keep) }.to raise_error(ArgumentError, /failed_events: :keep must be one of drop, reply/)
+    end
+
     it "answers GetInfo and HealthCheck" do
       rt = start(square, id: "sq-1")
       c = client(V1::ProcessorClient, rt)

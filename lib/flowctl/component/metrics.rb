@@ -20,7 +20,7 @@ module Flowctl
       STANDARD = %w[events_received events_emitted events_failed events_dropped].freeze
       NAME = /\A[a-zA-Z_][a-zA-Z0-9_]*\z/.freeze
       RESERVED = (STANDARD + %w[in_flight last_event_time latency_avg_ms latency_p50_ms latency_p99_ms
-                                uptime_seconds]).freeze
+                                uptime_seconds config_version config_refused_version config_error]).freeze
 
       def initialize
         @lock = Mutex.new
@@ -32,9 +32,24 @@ module Flowctl
         @in_flight = 0
         @last_event_at = nil
         @started_at = Time.now
+        @config = nil # live configuration (LiveConfig): {version:, refused_version:, error:}
       end
 
       attr_reader :started_at
+
+      # Live configuration: the version applied (reported as "config_version" from now on;
+      # a refusal reported before is over).
+      def config_version=(version)
+        @lock.synchronize { @config = { version: version, refused_version: nil, error: nil }.freeze }
+      end
+
+      # Live configuration: a version was refused (reported as "config_refused_version" and
+      # "config_error" until a later one is applied; then they read 0 and "").
+      def config_refused(version, reason)
+        @lock.synchronize do
+          @config = { version: @config ? @config[:version] : 0, refused_version: version, error: reason.to_s }.freeze
+        end
+      end
 
       # An event arrived (received += 1).
       def received(n = 1) = @lock.synchronize { @counts["events_received"] += n }
@@ -95,12 +110,13 @@ module Flowctl
       def snapshot
         @lock.synchronize do
           { counts: @counts.dup, counters: @user_counters.dup, gauges: @user_gauges.dup, buckets: @buckets.dup,
-            latency_sum: @latency_sum, in_flight: @in_flight, last_event_at: @last_event_at }
+            latency_sum: @latency_sum, in_flight: @in_flight, last_event_at: @last_event_at, config: @config }
         end
       end
 
       # Numbers by name: the standard counters, in_flight, latency (ms), last_event_time (Unix
-      # seconds, 0 before the first event), uptime, then the component's own.
+      # seconds, 0 before the first event), uptime, config_version (and config_refused_version)
+      # with live configuration, then the component's own.
       def to_numbers(snap = snapshot)
         n = snap[:buckets].sum
         out = snap[:counts].dup
@@ -110,6 +126,10 @@ module Flowctl
         out["latency_p99_ms"] = quantile(snap[:buckets], 0.99)
         out["last_event_time"] = snap[:last_event_at] ? snap[:last_event_at].round(3) : 0
         out["uptime_seconds"] = (Time.now - @started_at).round(3)
+        if (cfg = snap[:config])
+          out["config_version"] = cfg[:version]
+          out["config_refused_version"] = cfg[:refused_version] || 0 # 0: none (a control plane merges heartbeat keys)
+        end
         out.merge(snap[:counters]).merge(snap[:gauges])
       end
 
@@ -119,6 +139,7 @@ module Flowctl
         out = to_numbers(snap).transform_values { |v| format_number(v) }
         last = snap[:last_event_at]
         out["last_event_time"] = last ? Time.at(last).utc.strftime("%Y-%m-%dT%H:%M:%S.%3NZ") : ""
+        out["config_error"] = snap[:config][:error].to_s if snap[:config]
         out
       end
 

@@ -14,7 +14,16 @@ module Flowctl
     # it yields its outputs one by one. It serves ProcessorService.Process (a bidi stream: each
     # stream's events are processed in order, one at a time); with protocols: [:v1, :seed] also
     # the seed's ProcessorService (DataMessages; see SeedProcessor).
+    #
+    # An event whose #process raised is failed (counted, logged, handed to #dead_letter) and
+    # then, by settings.failed_events: dropped (:drop, the default), or replied marked
+    # (:reply, the default under flowctl-pipeline): a copy of the input with metadata
+    # "flowctl.error" = "<Class>: <message>" and "flowctl.failed_at" = the component id,
+    # which flowctl-pipeline counts as failed and routes to the pipeline's dead-letter sink.
     class Processor < Base
+      FAILED_KEY = "flowctl.error"
+      FAILED_AT_KEY = "flowctl.failed_at"
+
       def self.kind = :processor
 
       def process(_event)
@@ -36,14 +45,24 @@ module Flowctl
         end
       end
 
-      # The outputs of one event (an Array of Events; empty when it failed).
+      # The outputs of one event (an Array of Events; when it failed, empty or the event
+      # marked failed: see the class comment).
       def self.apply(runtime, component, event)
         result = runtime.run_event(event) do
           yielded = nil
           returned = component.process(event) { |out| (yielded ||= []) << out }
           Services.events(yielded || returned)
         end
-        result.is_a?(Runtime::Failure) ? [] : result
+        return result unless result.is_a?(Runtime::Failure)
+
+        runtime.settings.failed_events == :reply ? [mark_failed(event, result.error, runtime.settings.id)] : []
+      end
+
+      # A copy of event with the failure in its metadata.
+      def self.mark_failed(event, error, id)
+        copy = event.dup
+        copy.metadata = event.metadata.merge(FAILED_KEY => "#{error.class}: #{error.message}", FAILED_AT_KEY => id)
+        copy
       end
 
       # Sends outputs; those the peer can no longer take (it went away) count as dropped.

@@ -14,11 +14,16 @@ module Flowctl
     class Runtime
       LAST_CALLS = 0.5 # seconds for unary calls in flight once every stream has ended
 
-      attr_reader :component, :settings, :metrics, :logger, :port, :gate, :registration, :grpc_health
+      attr_reader :component, :settings, :metrics, :logger, :port, :gate, :registration, :grpc_health, :live_config
+
+      # The component's configuration now: settings.config, then each live version applied
+      # (LiveConfig). A frozen Hash, swapped whole.
+      attr_accessor :config
 
       def initialize(component, settings, logger: nil)
         @component = component
         @settings = settings
+        @config = settings.config
         @metrics = Metrics.new
         @gate = Gate.new(settings.max_concurrent)
         @logger = logger || default_logger(settings.id)
@@ -127,6 +132,8 @@ module Flowctl
         # even with no call left: once the streams are done, unary calls get at most LAST_CALLS.
         left = [deadline - clock, 0].max
         @server&.stop(grace: drained ? [left, LAST_CALLS].min : left)
+        stop_live_config
+        @discovery&.close
         @registration&.stop
         @health&.stop
         component.teardown
@@ -201,10 +208,28 @@ module Flowctl
 
       def inspect = "#<#{self.class} #{kind} #{settings.id} #{endpoint} #{status}>"
 
-      # Registration calls this once the control plane has the component.
+      # Registration calls this once the control plane has the component: ready, and live
+      # configuration is watched from now on (LiveConfig).
       def registered!
         @ready = true
         sync_grpc_health
+        start_live_config
+      end
+
+      # call-seq: discover(type: nil, event_types: [], metadata: {}) -> [Flowctl::V1::ComponentInfo]
+      #
+      # The components registered with this component's control plane that match (see
+      # Flowctl::Discovery.discover). Flowctl::Error when the component runs standalone.
+      def discover(type: nil, event_types: [], metadata: {})
+        raise Flowctl::Error, "component #{settings.id} runs standalone (no control plane): nothing to discover" unless settings.enabled
+
+        require_relative "../discovery"
+        client = @lock.synchronize do
+          raise Flowctl::Error, "component #{settings.id} is stopped" if @stopped
+
+          @discovery ||= Flowctl::Discovery.client(settings.control_plane)
+        end
+        Flowctl::Discovery.discover(client, type: type, event_types: event_types, metadata: metadata)
       end
 
       private
@@ -254,6 +279,21 @@ module Flowctl
         else
           registered!
         end
+      end
+
+      def start_live_config
+        @lock.synchronize do
+          return if @stopped || @live_config || !LiveConfig.wanted?(self)
+
+          @live_config = LiveConfig.new(self).start
+        end
+      rescue StandardError => e
+        logger.error("live configuration: #{e.class}: #{e.message}")
+      end
+
+      def stop_live_config
+        live = @lock.synchronize { @live_config }
+        live&.stop
       end
 
       def sync_grpc_health
