@@ -12,7 +12,8 @@ module Flowctl
     #
     # Read as the protocol's heartbeat map (#to_heartbeat, String => String), as numbers
     # (#to_numbers, for the seed's map<string,double>), as JSON-ready Hash (#to_h) and in the
-    # Prometheus text format (#to_prometheus). Thread-safe.
+    # Prometheus text format (#to_prometheus). Thread-safe. A stream counts its events in a
+    # Tally of its own (#tally, #retire): no lock per event.
     class Metrics
       # Latency buckets in seconds: 50 µs .. 10 s.
       BUCKETS = [0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
@@ -33,6 +34,29 @@ module Flowctl
         @last_event_at = nil
         @started_at = Time.now
         @config = nil # live configuration (LiveConfig): {version:, refused_version:, error:}
+        @tallies = []
+        # CLOCK_REALTIME - CLOCK_MONOTONIC: a tally's monotonic last event time as Unix time
+        @epoch = Process.clock_gettime(Process::CLOCK_REALTIME) - Process.clock_gettime(Process::CLOCK_MONOTONIC)
+      end
+
+      # A new Tally for a stream, counted in every snapshot until #retire.
+      def tally
+        t = Tally.new
+        @lock.synchronize { @tallies << t }
+        t
+      end
+
+      # A stream ended: its counts become part of the totals.
+      def retire(tally)
+        @lock.synchronize do
+          next unless @tallies.delete(tally)
+
+          add_tally(tally, @counts, @buckets)
+          @latency_sum += tally.latency_sum
+          @in_flight += tally.in_flight
+          @last_event_at = latest(@last_event_at, tally)
+        end
+        nil
       end
 
       attr_reader :started_at
@@ -109,8 +133,17 @@ module Flowctl
       # A consistent copy of everything.
       def snapshot
         @lock.synchronize do
-          { counts: @counts.dup, counters: @user_counters.dup, gauges: @user_gauges.dup, buckets: @buckets.dup,
-            latency_sum: @latency_sum, in_flight: @in_flight, last_event_at: @last_event_at, config: @config }
+          counts = @counts.dup
+          buckets = @buckets.dup
+          snap = { counts: counts, counters: @user_counters.dup, gauges: @user_gauges.dup, buckets: buckets,
+                   latency_sum: @latency_sum, in_flight: @in_flight, last_event_at: @last_event_at, config: @config }
+          @tallies.each do |t|
+            add_tally(t, counts, buckets)
+            snap[:latency_sum] += t.latency_sum
+            snap[:in_flight] += t.in_flight
+            snap[:last_event_at] = latest(snap[:last_event_at], t)
+          end
+          snap
         end
       end
 
@@ -151,6 +184,21 @@ module Flowctl
       end
 
       private
+
+      # under @lock
+      def add_tally(tally, counts, buckets)
+        counts["events_received"] += tally.received
+        counts["events_emitted"] += tally.emitted
+        counts["events_failed"] += tally.failed
+        tally.buckets.each_with_index { |n, i| buckets[i] += n }
+      end
+
+      def latest(unix, tally)
+        return unix unless tally.last_at
+
+        t = tally.last_at + @epoch
+        unix.nil? || t > unix ? t : unix
+      end
 
       def check_name(name)
         key = name.to_s

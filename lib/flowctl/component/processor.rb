@@ -35,20 +35,21 @@ module Flowctl
         include Services::Common
 
         def process(requests, call)
-          @runtime.stream do
-            while (event = @runtime.read(requests))
-              outputs = Processor.apply(@runtime, @component, event)
-              Processor.write(@runtime, call, outputs)
+          runtime = @runtime
+          component = @component
+          runtime.stream do |tally|
+            while (event = runtime.read(requests))
+              Processor.write(runtime, call, Processor.apply(runtime, component, event, tally))
             end
           end
-          @runtime.check_stopping
+          runtime.check_stopping
         end
       end
 
       # The outputs of one event (an Array of Events; when it failed, empty or the event
       # marked failed: see the class comment).
-      def self.apply(runtime, component, event)
-        result = runtime.run_event(event) do
+      def self.apply(runtime, component, event, tally)
+        result = runtime.run_event(event, tally) do
           yielded = nil
           returned = component.process(event) { |out| (yielded ||= []) << out }
           Services.events(yielded || returned)

@@ -143,8 +143,14 @@ module Flowctl
         self
       end
 
-      # Runs a stream's handler so that #stop can end it (see Streams).
-      def stream(&block) = @streams.run(&block)
+      # Runs a stream's handler so that #stop can end it (see Streams); yields the stream's
+      # Metrics::Tally, where #run_event counts its events without a lock.
+      def stream
+        tally = metrics.tally
+        @streams.run { yield tally }
+      ensure
+        metrics.retire(tally) if tally
+      end
 
       # Reads the next request of a stream, or nil when the stream is to end (shutdown). A
       # message that is not a valid event fails that event (counted, logged) and the stream
@@ -171,10 +177,11 @@ module Flowctl
       # One event through the component's method: max_concurrent, metrics, and failures
       # (counted, logged, handed to #dead_letter). Returns the block's result, or a
       # Runtime::Failure with the error when it raised.
-      def run_event(event, outputs: true, &block)
-        return measure(event, outputs, &block) if gate.limit.nil?
+      # tally: the stream's (#stream).
+      def run_event(event, tally, outputs: true, &block)
+        return measure(event, tally, outputs, &block) if gate.limit.nil?
 
-        gate.pass { measure(event, outputs, &block) }
+        gate.pass { measure(event, tally, outputs, &block) }
       end
 
       # What #run_event returns for an event whose processing raised.
@@ -234,21 +241,20 @@ module Flowctl
 
       private
 
-      def measure(event, outputs)
-        metrics.begin_event
+      # The per-event path of every processor and consumer: keep it lean (bench/pipeline.rb).
+      def measure(event, tally, outputs)
+        tally.begin_event
         t0 = clock
-        emitted = 0
-        begin
-          result = yield
-          emitted = outputs ? count_outputs(result) : 0
-          result
-        rescue StandardError, ScriptError => e
-          emitted = nil
-          failed(event, e)
-          Failure.new(e)
-        ensure
-          metrics.end_event(clock - t0, emitted: emitted || 0, failed: emitted.nil?)
-        end
+        emitted = nil
+        result = yield
+        emitted = outputs ? count_outputs(result) : 0
+        result
+      rescue StandardError, ScriptError => e
+        failed(event, e)
+        Failure.new(e)
+      ensure
+        t1 = clock
+        tally.end_event(t1 - t0, t1, emitted || 0, emitted.nil?)
       end
 
       def default_logger(id)

@@ -25,9 +25,9 @@ module Flowctl
       end
 
       def process(requests, call)
-        @runtime.stream do
+        @runtime.stream do |tally|
           while (msg = @runtime.read(requests))
-            outputs = Processor.apply(@runtime, @component, to_event(msg))
+            outputs = Processor.apply(@runtime, @component, to_event(msg), tally)
             Processor.write(@runtime, call, outputs.map { |e| to_message(e) })
           end
         end

@@ -46,8 +46,22 @@ module Flowctl
         end
       end
 
-      # The next request (requests.read), or nil once stopping.
-      def read(requests) = interruptible { requests.read }
+      # The next request (requests.read), or nil once stopping. #interruptible with the block
+      # inlined: this runs once per event.
+      def read(requests)
+        return nil if @stopping
+
+        threads = @threads
+        t = Thread.current
+        threads[t] = true
+        begin
+          Thread.handle_interrupt(ALLOW) { requests.read }
+        ensure
+          threads[t] = false
+        end
+      rescue Stopping
+        nil
+      end
 
       # Runs the block where shutdown may raise Stopping into it (the block is waiting, with no
       # event in hand); returns its value, or nil when stopping (before or during the block).
