@@ -2,6 +2,7 @@
 
 require_relative "spec_helper"
 require "open3"
+require "timeout"
 
 # Each kind in this process (Klass.start), standalone, through the gem's flowctl.v1 clients:
 # the method's results, failures, max_concurrent, state, shutdown of open streams, the seed's
@@ -285,6 +286,22 @@ RSpec.describe "Flowctl::Component kinds" do
       expect(reply.errors).to eq(["event 2: ArgumentError: odd one"])
       expect(rt.component.seen).to eq(%w[1 3])
     end
+  end
+
+  it "ends streams that wait for their next event at once at shutdown (their calls are cancelled), not after the grace" do
+    rt = start(square)
+    sink_rt = start(Class.new(Flowctl::Component::Consumer) { def consume(_event) = nil })
+    calls = [client(V1::ProcessorClient, rt).process_stream, client(V1::ConsumerClient, sink_rt).consume_stream]
+    calls.each { |c| c.write(event(3)) }
+    expect(calls.first.read.payload).to eq("9")
+    Timeout.timeout(time_limit(10)) { sleep 0.01 until sink_rt.metrics.to_numbers["events_received"] == 1 }
+    t0 = Process.clock_gettime(Process::CLOCK_MONOTONIC)
+    [rt, sink_rt].map { |r| Thread.new { r.stop(grace: 20) } }.each(&:join)
+    expect(Process.clock_gettime(Process::CLOCK_MONOTONIC) - t0).to be < time_limit(5)
+    expect { calls.first.read }.to raise_error(Flowctl::RPCError)
+    expect { calls.last.response }.to raise_error(Flowctl::RPCError)
+    expect(rt.metrics.to_numbers).to include("events_received" => 1, "events_emitted" => 1, "events_dropped" => 0)
+    calls.each(&:cancel)
   end
 
   it "answers grpc.health.v1 Check to the official grpc gem's health stub" do

@@ -21,6 +21,7 @@ module Flowctl
     # "flowctl.error" = "<Class>: <message>" and "flowctl.failed_at" = the component id,
     # which flowctl-pipeline counts as failed and routes to the pipeline's dead-letter sink.
     class Processor < Base
+      EVENT = Flowctl::V1::Event
       FAILED_KEY = "flowctl.error"
       FAILED_AT_KEY = "flowctl.failed_at"
 
@@ -48,13 +49,14 @@ module Flowctl
 
       # The outputs of one event (an Array of Events; when it failed, empty or the event
       # marked failed: see the class comment).
+      # An Event (the usual case: one in, one out) or an Array of them.
       def self.apply(runtime, component, event, tally)
         result = runtime.run_event(event, tally) do
           yielded = nil
           returned = component.process(event) { |out| (yielded ||= []) << out }
-          Services.events(yielded || returned)
+          yielded.nil? && returned.instance_of?(EVENT) ? returned : Services.events(yielded || returned)
         end
-        return result unless result.is_a?(Runtime::Failure)
+        return result unless result.instance_of?(Runtime::Failure)
 
         runtime.settings.failed_events == :reply ? [mark_failed(event, result.error, runtime.settings.id)] : []
       end
@@ -66,14 +68,24 @@ module Flowctl
         copy
       end
 
-      # Sends outputs; those the peer can no longer take (it went away) count as dropped.
+      # Sends outputs (an Event or an Array); those the peer can no longer take (it went
+      # away) count as dropped.
       def self.write(runtime, call, outputs)
+        return write_one(runtime, call, outputs) if outputs.instance_of?(EVENT)
+
         outputs.each_with_index do |out, i|
           call.write(out)
         rescue Flowctl::Error
           runtime.metrics.dropped(outputs.size - i)
           raise
         end
+      end
+
+      def self.write_one(runtime, call, event)
+        call.write(event)
+      rescue Flowctl::Error
+        runtime.metrics.dropped
+        raise
       end
     end
   end

@@ -28,6 +28,7 @@ module Flowctl
         @runtime.stream do |tally|
           while (msg = @runtime.read(requests))
             outputs = Processor.apply(@runtime, @component, to_event(msg), tally)
+            outputs = [outputs] if outputs.instance_of?(Processor::EVENT)
             Processor.write(@runtime, call, outputs.map { |e| to_message(e) })
           end
         end
