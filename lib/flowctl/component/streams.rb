@@ -81,11 +81,17 @@ module Flowctl
       end
 
       # Inside #interruptible: runs the block where no Stopping can arrive (an event is in hand).
+      # (Once per event of a source: the flags are set here without #waiting's calls; the
+      # thread is inside #run, so its key exists.)
       def critical
-        waiting(false)
-        Thread.handle_interrupt(DEFER) { yield }
-      ensure
-        waiting(true)
+        threads = @threads
+        t = Thread.current
+        threads[t] = false
+        begin
+          Thread.handle_interrupt(DEFER) { yield }
+        ensure
+          threads[t] = true
+        end
       end
 
       # Stops the streams (see the class comment); true when all have ended by the deadline.
