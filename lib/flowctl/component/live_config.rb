@@ -31,7 +31,8 @@ module Flowctl
       end
 
       def start
-        require_relative "../config"
+        require_relative "../config/service" # not ../config: its require "flowctl" may find another copy
+        require_relative "../config/watcher"
         @runtime.metrics.config_version = 0
         @watcher = Flowctl::Config::Watcher.start(
           endpoint: @runtime.settings.control_plane, component_id: @runtime.settings.id, schema: method(:schema),
