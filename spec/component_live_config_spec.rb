@@ -164,6 +164,23 @@ RSpec.describe "Flowctl::Component live configuration and discovery" do
     expect(beat("mul")).to include("config_refused_version" => "0", "config_error" => "") # the refusal is over
   end
 
+  it "follows a control plane that lost its versions (restarted without its file) from its first version again" do
+    rt = start(multiplier, "mul")
+    expect(next_seen(rt)).to eq([1, "x", 1])
+    cfg.update_config(component_id: "mul", values: { "factor" => "7" }, merge: true)
+    expect(next_seen(rt)).to eq([7, "x", 2])
+    port = @plane.port
+    @plane.stop
+    @cfg.close
+    @cfg = nil
+    @plane = plane_class.new(File.join(@dir, "empty.db")).start(port)
+    expect(next_seen(rt)).to eq([7, "x", 1]) # version 1 of the new one: the values the component runs with
+    expect(cfg.get_config(component_id: "mul").values).to eq("factor" => "7", "label" => "\"x\"")
+    v2 = cfg.update_config(component_id: "mul", values: { "factor" => "9" }, merge: true)
+    expect(next_seen(rt)).to eq([9, "x", v2.version])
+    wait_until(10, "config_version 2 in the heartbeat") { beat("mul")["config_version"] == "2" }
+  end
+
   it "checks a version against its declarations itself (a control plane that never got the schema)" do
     rt = start(multiplier, "mul", live_config: true)
     expect(next_seen(rt)).to eq([1, "x", 1])
