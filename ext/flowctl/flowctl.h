@@ -121,6 +121,18 @@ extern const char *const flowctl_type_names[];
 /* After field i of a oneof was set: its siblings become unset. */
 void flowctl_msg_clear_oneof(VALUE msg, flowctl_msg *m, unsigned i);
 
+/*
+ * Hash iteration on hot paths (convert.c, json_write.c): rb_hash_stlike_foreach (exported
+ * by libruby, used when extconf finds it) skips rb_hash_foreach's rb_ensure frame, most of
+ * the cost of a small map. The callback gets VALUEs as st_data_t and never changes the Hash.
+ */
+#ifdef HAVE_RB_HASH_STLIKE_FOREACH
+int rb_hash_stlike_foreach(VALUE hash, st_foreach_callback_func *func, st_data_t arg);
+#define flowctl_hash_each(h, fn, arg) rb_hash_stlike_foreach((h), (fn), (st_data_t)(arg))
+#else
+#define flowctl_hash_each(h, fn, arg) rb_hash_foreach((h), (int (*)(VALUE, VALUE, VALUE))(fn), (VALUE)(arg))
+#endif
+
 /* ---- descriptor.c: protobuf-c descriptors built at run time from descriptor sets ---- */
 void init_flowctl_descriptor(void);
 /* Every message and enum descriptor by full proto name (protoc-c's and built ones). */
@@ -135,6 +147,25 @@ void flowctl_decode_into(const flowctl_class *ci, VALUE msg, const uint8_t *p, s
 
 /* ---- reflect.c: a message class's field table for Ruby (descriptors, JSON) ---- */
 void init_flowctl_reflect(void);
+
+/* ---- json_write.c + json_class.c: proto3 JSON printed in C (json_text.h: the text) ---- */
+enum { FLOWCTL_JSON_EMIT_DEFAULTS = 1, FLOWCTL_JSON_PROTO_NAMES = 2, FLOWCTL_JSON_ENUM_INTS = 4 };
+typedef enum {
+    JSON_OK,
+    JSON_FALLBACK,  /* something only the Ruby encoder prints (or names as an error) */
+    JSON_NO_PLAN,   /* a class whose JSON names Ruby has not given yet */
+    JSON_NO_MEMORY
+} flowctl_json_result;
+typedef struct flowctl_json_plan flowctl_json_plan;
+struct jbuf;
+/* A class's JSON field names in declaration order (index[i]: the field in ci->fields);
+ * special: a well-known type the Ruby encoder prints. false when out of memory. */
+bool flowctl_json_plan_add(const flowctl_class *ci, bool special, const unsigned *index, const char *const *json_names,
+                           unsigned n);
+/* msg's JSON into b; on JSON_NO_PLAN *missing is the class without a plan. */
+flowctl_json_result flowctl_json_write(struct jbuf *b, VALUE msg, unsigned flags, const flowctl_class **missing);
+void init_flowctl_json_write(void);
+void init_flowctl_json_class(void);
 
 /* ---- clock.c: monotonic time (a leaf: depends on nothing of ours) ------- */
 /* A condition variable whose timed waits use CLOCK_MONOTONIC. */

@@ -26,8 +26,10 @@ module Flowctl
   # unknown number as a number); bytes in base64; Timestamps in RFC 3339 with 0, 3, 6 or
   # 9 fractional digits; doubles as upb prints them (shortest of %.15g/%.17g that reads
   # back; floats %.6g/%.9g); NaN and infinities as "NaN", "Infinity", "-Infinity"; map
-  # entries in the order of the Hash (upb prints them in its hash table's order); the
-  # well-known types in their own forms (json/well_known.rb).
+  # entries in the order upb prints a map built by inserting them in the Hash's order
+  # (its hash table's: json_order.c), which is the map google-protobuf decodes from
+  # msg.to_proto or builds from the same Hash; the well-known types in their own forms
+  # (json/well_known.rb).
   #
   # Reading accepts both lowerCamelCase and .proto names, numbers as numbers or strings,
   # enums by name or number, null as "the default", base64 standard or URL-safe with or
@@ -63,8 +65,38 @@ module Flowctl
 
     # The JSON text of a message (options as google-protobuf's encode_json:
     # emit_defaults:, preserve_proto_fieldnames:, format_enums_as_integers:).
+    #
+    # The text comes from C (ext/flowctl/json_write.c) when it can print the message;
+    # the Ruby encoder prints the rest (the well-known types with a form of their own)
+    # and names what is wrong in a message that cannot be printed.
     def encode(msg, options = {})
-      Encoder.new(Encoder.options(options)).encode(msg)
+      options = Encoder.options(options) unless options.equal?(NO_OPTIONS)
+      flags = Encoder.flags(options)
+      loop do
+        out = Native.json_encode(msg, flags)
+        return out if out.is_a?(String)
+        return Encoder.new(options).encode(msg) if out.nil?
+
+        plan(out)
+      end
+    end
+
+    NO_OPTIONS = {}.freeze
+
+    # Gives the C printer a class's JSON names, in declaration order (once per class).
+    def plan(klass)
+      desc = klass.descriptor
+      Native.json_plan(klass, WELL_KNOWN.key?(desc.name), desc.fields.map { |f| [f.name, f.json_name] })
+    end
+
+    # The entries of a map in the order google-protobuf prints them: the order of its
+    # hash table (ext/flowctl/json_order.c) after inserting them in the order given.
+    # entries: [[key bytes, ...], ...] (String keys' bytes; integers packed in native
+    # order at their C size, booleans as one byte).
+    def upb_order(entries)
+      return entries if entries.size < 2
+
+      Native.json_map_order(entries.map(&:first)).map { |i| entries[i] }
     end
 
     # What is wrong with one value, raised inside the encoder or decoder and passed up
@@ -214,9 +246,9 @@ module Flowctl
     #   msg.to_json(json_state)     -> what JSON.generate / JSON.pretty_generate write for msg
     def to_json(*args)
       state = args.first
-      return ProtoJSON.encode(self, state || {}) if state.nil? || state.is_a?(Hash)
+      return ProtoJSON.encode(self, state || ProtoJSON::NO_OPTIONS) if state.nil? || state.is_a?(Hash)
 
-      text = ProtoJSON.encode(self)
+      text = ProtoJSON.encode(self, ProtoJSON::NO_OPTIONS)
       # JSON.generate's default (compact) state writes the text as it is; another layout
       # (pretty_generate) re-generates it from its parsed form.
       return text unless state.respond_to?(:indent) && !(state.indent.empty? && state.space.empty? && state.object_nl.empty?)
