@@ -420,6 +420,59 @@ RSpec.describe "proto3 JSON of flowctl.v1 and of every field type" do
       end
     end
 
+    # json_read.c reads plain text in C and leaves everything else to the Ruby decoder:
+    # what it reads must be what the Ruby decoder reads, on printed texts and on broken ones.
+    def c_read(klass, text)
+      loop do
+        out = Flowctl::Native.json_decode(klass, text)
+        return out unless out.is_a?(Class)
+
+        Flowctl::ProtoJSON.plan(out)
+      end
+    end
+
+    def ruby_read(klass, text, ignore)
+      Flowctl::ProtoJSON.ruby_decode(klass, text, ignore)
+    rescue Flowctl::DecodeError
+      :rejected
+    end
+
+    MUTATIONS = ["", " ", ",", "}", "]", "{", "[", "\"", ":", "null", "-0", "1e3", "\\u00e9", "\\n", "\xFF",
+                 "\"NaN\"", "true", "==", "T", "Z", "+01:00", "9999999999999999999999"].freeze
+
+    it "reads in C exactly what the Ruby decoder reads, printed or broken" do
+      rng = Random.new(77)
+      classes = V1_CLASSES + %w[Scalars Optionals Repeats Maps OneOf Nested Declared].map { |n| jt(n) }
+      read_in_c = printed = 0
+      classes.each do |klass|
+        scaled(25, 3).times do
+          msg = random_message(klass, rng, max_entries: 4)
+          texts = [msg.to_json, klass.encode_json(msg, preserve_proto_fieldnames: true),
+                   klass.encode_json(msg, emit_defaults: true), official(klass).encode_json(official(klass).decode(msg.to_proto))]
+          texts += Array.new(6) do
+            t = texts.sample(random: rng).b
+            at = rng.rand(0..t.size)
+            cut = rng.rand(0..2)
+            (t[0, at] + MUTATIONS.sample(random: rng).b + (t[at + cut..] || "")).force_encoding(Encoding::UTF_8)
+          end
+          texts.each_with_index do |text, i|
+            ours = c_read(klass, text)
+            printed += 1 if i < 4
+            next if ours.nil?
+
+            read_in_c += 1 if i < 4
+            [false, true].each do |ignore|
+              theirs = ruby_read(klass, text, ignore)
+              expect(theirs).not_to eq(:rejected), "C read what Ruby rejects (ignore #{ignore}): #{text.inspect[0, 300]}"
+              expect(canon(ours)).to eq(canon(theirs)), "#{klass} #{text.inspect[0, 300]}"
+            end
+          end
+        end
+      end
+      warn "read in C: #{read_in_c} of #{printed}" if ENV["JSON_DEBUG"]
+      expect(read_in_c).to be > printed / 2 # most printed texts are read in C
+    end
+
     it "describes the fields of a loaded class" do
       f = jt("Maps").field_info(:s32_sub)
       expect([f.label, f.key_type, f.type, f.type_name, f.message_class]).to eq([:map, :sint32, :message, "jsontest.v1.Scalars", jt("Scalars")])

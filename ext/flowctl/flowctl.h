@@ -118,6 +118,8 @@ VALUE flowctl_msg_new(const flowctl_class *ci);          /* all fields at their 
 VALUE flowctl_field_default(const flowctl_field *f);
 /* "int32", "string", ... by ProtobufCType (convert.c) */
 extern const char *const flowctl_type_names[];
+/* Sets field i as msg[name] = v does (converted and checked; raises as the setter does). */
+VALUE flowctl_msg_set(VALUE msg, unsigned i, VALUE v);
 /* After field i of a oneof was set: its siblings become unset. */
 void flowctl_msg_clear_oneof(VALUE msg, flowctl_msg *m, unsigned i);
 
@@ -156,15 +158,30 @@ typedef enum {
     JSON_NO_PLAN,   /* a class whose JSON names Ruby has not given yet */
     JSON_NO_MEMORY
 } flowctl_json_result;
-typedef struct flowctl_json_plan flowctl_json_plan;
+/* What Ruby gave for one field of a class: printed as key ("\"jsonName\":") or proto_key. */
+typedef struct flowctl_json_name {
+    unsigned index;              /* into ci->fields / the message's vals */
+    char *key, *proto_key;
+    size_t key_len, proto_key_len;
+} flowctl_json_name;
+typedef struct flowctl_json_plan {
+    bool special;                /* a well-known type: the Ruby layer reads and prints it */
+    unsigned n;
+    flowctl_json_name fields[];  /* declaration order */
+} flowctl_json_plan;
 struct jbuf;
 /* A class's JSON field names in declaration order (index[i]: the field in ci->fields);
  * special: a well-known type the Ruby encoder prints. false when out of memory. */
 bool flowctl_json_plan_add(const flowctl_class *ci, bool special, const unsigned *index, const char *const *json_names,
                            unsigned n);
+const flowctl_json_plan *flowctl_json_plan_of(const flowctl_class *ci); /* NULL: none given yet */
 /* msg's JSON into b; on JSON_NO_PLAN *missing is the class without a plan. */
 flowctl_json_result flowctl_json_write(struct jbuf *b, VALUE msg, unsigned flags, const flowctl_class **missing);
 void init_flowctl_json_write(void);
+/* json_read.c: a message of ci from JSON text, or JSON_FALLBACK for anything the Ruby
+ * decoder must read (or name as an error); may raise (only as a setter would). */
+flowctl_json_result flowctl_json_read(const flowctl_class *ci, const char *text, size_t len, VALUE *out,
+                                      const flowctl_class **missing);
 void init_flowctl_json_class(void);
 
 /* ---- clock.c: monotonic time (a leaf: depends on nothing of ours) ------- */

@@ -4,6 +4,7 @@
  *   Flowctl::Native.json_plan(klass, special, [[name, json_name], ...])
  *   Flowctl::Native.json_encode(msg, flags) -> String, nil or a Class
  *   Flowctl::Native.json_map_order([key bytes, ...]) -> [index, ...]
+ *   Flowctl::Native.json_decode(klass, text) -> message, nil or a Class
  *
  * The Ruby layer decides the names and which classes are special; this file only
  * turns its arguments into C and the engine's result into Ruby.
@@ -120,6 +121,48 @@ native_json_map_order(VALUE mod, VALUE keys)
     return out;
 }
 
+struct json_decode_args {
+    const flowctl_class *ci;
+    VALUE text;
+    flowctl_json_result result;
+    const flowctl_class *missing;
+    VALUE out;
+};
+
+static VALUE
+json_decode_protected(VALUE p)
+{
+    struct json_decode_args *a = (struct json_decode_args *)p;
+    a->result = flowctl_json_read(a->ci, RSTRING_PTR(a->text), (size_t)RSTRING_LEN(a->text), &a->out, &a->missing);
+    return Qnil;
+}
+
+/*
+ * call-seq: Flowctl::Native.json_decode(klass, text) -> message, nil or Class
+ *
+ * A message of klass read from proto3 JSON text by json_read.c; nil when the Ruby
+ * decoder must read the text (or name what is wrong with it); a message class when that
+ * class needs its json_plan first. Raises nothing of its own: an error inside (a setter
+ * refusing a value) gives nil too, so the Ruby decoder reports it.
+ */
+static VALUE
+native_json_decode(VALUE mod, VALUE klass, VALUE text)
+{
+    struct json_decode_args a = {.ci = class_arg(klass), .text = text, .out = Qnil};
+    Check_Type(text, T_STRING);
+    int enc = ENCODING_GET(text);
+    if (enc != rb_utf8_encindex() && enc != rb_ascii8bit_encindex()) return Qnil;
+    int state = 0;
+    rb_protect(json_decode_protected, (VALUE)&a, &state);
+    if (state) {
+        rb_set_errinfo(Qnil);
+        return Qnil;
+    }
+    RB_GC_GUARD(text);
+    if (a.result == JSON_NO_PLAN) return a.missing->klass;
+    return a.result == JSON_OK ? a.out : Qnil;
+}
+
 void
 init_flowctl_json_class(void)
 {
@@ -127,4 +170,5 @@ init_flowctl_json_class(void)
     rb_define_module_function(mFlowctlNative, "json_plan", native_json_plan, 3);
     rb_define_module_function(mFlowctlNative, "json_encode", native_json_encode, 2);
     rb_define_module_function(mFlowctlNative, "json_map_order", native_json_map_order, 1);
+    rb_define_module_function(mFlowctlNative, "json_decode", native_json_decode, 2);
 }

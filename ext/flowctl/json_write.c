@@ -19,17 +19,7 @@
 #define MAX_DEPTH 100
 #define MAP_STACK 16 /* map entries ordered without malloc */
 
-typedef struct {
-    unsigned index;              /* into ci->fields / the message's vals */
-    char *key, *proto_key;       /* "\"jsonName\":" and "\"proto_name\":" */
-    size_t key_len, proto_key_len;
-} plan_field;
-
-struct flowctl_json_plan {
-    bool special;
-    unsigned n;
-    plan_field fields[];         /* declaration order */
-};
+typedef flowctl_json_name plan_field;
 
 static st_table *plans; /* const flowctl_class * -> flowctl_json_plan * (classes live forever) */
 
@@ -73,6 +63,13 @@ flowctl_json_plan_add(const flowctl_class *ci, bool special, const unsigned *ind
     }
     st_insert(plans, (st_data_t)ci, (st_data_t)p);
     return true;
+}
+
+const flowctl_json_plan *
+flowctl_json_plan_of(const flowctl_class *ci)
+{
+    st_data_t p;
+    return st_lookup(plans, (st_data_t)ci, &p) ? (const flowctl_json_plan *)p : NULL;
 }
 
 /* ---- scalars -------------------------------------------------------------- */
@@ -400,12 +397,11 @@ static flowctl_json_result
 write_message(jctx *c, VALUE msg)
 {
     flowctl_msg *m = RTYPEDDATA_DATA(msg);
-    st_data_t found;
-    if (!st_lookup(plans, (st_data_t)m->ci, &found)) {
+    const flowctl_json_plan *p = flowctl_json_plan_of(m->ci);
+    if (!p) {
         c->missing = m->ci;
         return JSON_NO_PLAN;
     }
-    const flowctl_json_plan *p = (const flowctl_json_plan *)found;
     if (p->special || c->depth >= MAX_DEPTH) return JSON_FALLBACK;
     c->depth++;
     bool proto_names = (c->flags & FLOWCTL_JSON_PROTO_NAMES) != 0, first = true;

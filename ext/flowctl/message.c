@@ -155,6 +155,12 @@ field_set(VALUE self, unsigned i, VALUE v)
     return v;
 }
 
+VALUE
+flowctl_msg_set(VALUE msg, unsigned i, VALUE v)
+{
+    return field_set(msg, i, v);
+}
+
 void
 flowctl_msg_clear_oneof(VALUE msg, flowctl_msg *m, unsigned i)
 {
