@@ -466,6 +466,9 @@ RSpec.describe "proto3 JSON of flowctl.v1 and of every field type" do
               expect(theirs).not_to eq(:rejected), "C read what Ruby rejects (ignore #{ignore}): #{text.inspect[0, 300]}"
               expect(canon(ours)).to eq(canon(theirs)), "#{klass} #{text.inspect[0, 300]}"
             end
+            strings = klass.descriptor.map { |f| ours[f.name] }.grep(String)
+            expect(strings).to all(be_frozen)
+            expect(klass.new(**ours.to_h)).to eq(ours) unless ours.inspect.include?("NaN")
           end
         end
       end

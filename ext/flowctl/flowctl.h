@@ -118,8 +118,11 @@ VALUE flowctl_msg_new(const flowctl_class *ci);          /* all fields at their 
 VALUE flowctl_field_default(const flowctl_field *f);
 /* "int32", "string", ... by ProtobufCType (convert.c) */
 extern const char *const flowctl_type_names[];
-/* Sets field i as msg[name] = v does (converted and checked; raises as the setter does). */
-VALUE flowctl_msg_set(VALUE msg, unsigned i, VALUE v);
+/* Stores v (not nil) in field i of a new, unfrozen message, v being what the setter's
+ * conversion makes (frozen UTF-8 Strings, frozen binary ones for bytes, enum Symbols of
+ * known values, Floats rounded to float, a Time in range, fresh Hash/Array of such
+ * values); json_read.c builds such values. */
+void flowctl_msg_put(VALUE msg, unsigned i, VALUE v);
 /* After field i of a oneof was set: its siblings become unset. */
 void flowctl_msg_clear_oneof(VALUE msg, flowctl_msg *m, unsigned i);
 

@@ -77,57 +77,50 @@ key_hash(const char *p, size_t len)
     return (uint32_t)mix(mix(a ^ SALT[1], b ^ state), SALT[1] ^ total);
 }
 
-#define EMPTY SIZE_MAX
+#define EMPTY UINT32_MAX
+#define SCRATCH 512 /* uint32_t words on the stack: maps of up to 54 entries need no malloc */
 
 typedef struct {
-    size_t size, count, max;
-    size_t *entry;    /* slot -> index of the key there, or EMPTY */
-    size_t *next;     /* slot -> next slot of its chain, or EMPTY */
-    uint32_t *hash;   /* key index -> its hash */
+    uint32_t size, count, max;
+    uint32_t *entry;        /* slot -> index of the key there, or EMPTY */
+    uint32_t *next;         /* slot -> next slot of its chain, or EMPTY */
+    const uint32_t *hash;   /* key index -> its hash */
 } table;
 
-static bool
-table_init(table *t, size_t size)
+/* The table at 2 * size words of mem. */
+static void
+table_init(table *t, uint32_t size, uint32_t *mem)
 {
     t->size = size;
     t->count = 0;
-    t->max = (size_t)((double)size * 0.85);
-    t->entry = malloc(size * sizeof(size_t));
-    t->next = malloc(size * sizeof(size_t));
-    if (!t->entry || !t->next) return false;
-    for (size_t i = 0; i < size; i++) t->entry[i] = t->next[i] = EMPTY;
-    return true;
+    t->max = (uint32_t)((double)size * 0.85);
+    t->entry = mem;
+    t->next = mem + size;
+    for (uint32_t i = 0; i < 2 * size; i++) mem[i] = EMPTY;
 }
 
-static void
-table_free(table *t)
+static uint32_t
+free_slot_after(const table *t, uint32_t from)
 {
-    free(t->entry);
-    free(t->next);
-}
-
-static size_t
-free_slot_after(const table *t, size_t from)
-{
-    for (size_t s = from + 1; s < t->size; s++)
+    for (uint32_t s = from + 1; s < t->size; s++)
         if (t->entry[s] == EMPTY) return s;
-    for (size_t s = 0; s < t->size; s++)
+    for (uint32_t s = 0; s < t->size; s++)
         if (t->entry[s] == EMPTY) return s;
     return EMPTY; /* cannot happen: the table is never full */
 }
 
 static void
-table_put(table *t, size_t key)
+table_put(table *t, uint32_t key)
 {
-    size_t mask = t->size - 1, main = t->hash[key] & mask;
+    uint32_t mask = t->size - 1, main = t->hash[key] & mask;
     t->count++;
     if (t->entry[main] == EMPTY) {
         t->entry[main] = key;
         t->next[main] = EMPTY;
         return;
     }
-    size_t spare = free_slot_after(t, main);
-    size_t head = t->hash[t->entry[main]] & mask; /* where the occupant's chain starts */
+    uint32_t spare = free_slot_after(t, main);
+    uint32_t head = t->hash[t->entry[main]] & mask; /* where the occupant's chain starts */
     if (head == main) {
         t->entry[spare] = key;
         t->next[spare] = t->next[main];
@@ -136,27 +129,22 @@ table_put(table *t, size_t key)
     }
     t->entry[spare] = t->entry[main];
     t->next[spare] = t->next[main];
-    size_t s = head;
+    uint32_t s = head;
     while (t->next[s] != main) s = t->next[s];
     t->next[s] = spare;
     t->entry[main] = key;
     t->next[main] = EMPTY;
 }
 
-/* Doubles the table, re-inserting its keys in slot order (as upb resizes). */
-static bool
-table_grow(table *t)
+/* Doubles the table into mem, re-inserting its keys in slot order (as upb resizes). */
+static void
+table_grow(table *t, uint32_t *mem)
 {
     table bigger = {.hash = t->hash};
-    if (!table_init(&bigger, t->size * 2)) {
-        table_free(&bigger);
-        return false;
-    }
-    for (size_t s = 0; s < t->size; s++)
+    table_init(&bigger, t->size * 2, mem);
+    for (uint32_t s = 0; s < t->size; s++)
         if (t->entry[s] != EMPTY) table_put(&bigger, t->entry[s]);
-    table_free(t);
     *t = bigger;
-    return true;
 }
 
 bool
@@ -166,17 +154,25 @@ json_upb_map_order(const json_key *keys, size_t n, size_t *order)
         if (n == 1) order[0] = 0;
         return true;
     }
-    table t = {.hash = malloc(n * sizeof(uint32_t))};
-    bool ok = t.hash && table_init(&t, 8);
-    for (size_t i = 0; ok && i < n; i++) {
-        t.hash[i] = key_hash(keys[i].p, keys[i].len);
-        if (t.count == t.max && !table_grow(&t)) ok = false;
-        else table_put(&t, i);
+    if (n >= UINT32_MAX / 8) return false;
+    uint32_t last = 8; /* the size the table ends at */
+    while ((uint32_t)((double)last * 0.85) < n) last *= 2;
+    /* the hashes, then two areas for tables (one grows into the other), each 2 * last words */
+    size_t words = n + 4 * (size_t)last;
+    uint32_t stack[SCRATCH], *mem = words <= SCRATCH ? stack : malloc(words * sizeof(uint32_t));
+    if (!mem) return false;
+    uint32_t *hash = mem, *area[2] = {mem + n, mem + n + 2 * last};
+    int cur = 0;
+    table t = {.hash = hash};
+    table_init(&t, 8, area[cur]);
+    for (uint32_t i = 0; i < n; i++) {
+        hash[i] = key_hash(keys[i].p, keys[i].len);
+        if (t.count == t.max) table_grow(&t, area[cur ^= 1]);
+        table_put(&t, i);
     }
     size_t out = 0;
-    for (size_t s = 0; ok && s < t.size; s++)
+    for (uint32_t s = 0; s < t.size; s++)
         if (t.entry[s] != EMPTY) order[out++] = t.entry[s];
-    table_free(&t);
-    free(t.hash);
-    return ok;
+    if (mem != stack) free(mem);
+    return true;
 }

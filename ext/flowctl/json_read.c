@@ -12,9 +12,10 @@
  * not RFC 3339 or not a date, invalid UTF-8, a well-known type with a form of its own,
  * nesting past 64 objects and arrays (the Ruby decoder's limit is 100), and any text
  * that is not JSON. What it accepts, it reads to the message the Ruby decoder reads
- * (spec/message_json_v1_spec.rb and fuzz/json_target.c compare both). Values go through
- * the fields' setters (flowctl_msg_set), so the message holds what it would hold after
- * msg[name] = value.
+ * (spec/message_json_v1_spec.rb and fuzz/json_target.c compare both). Values are built
+ * as the fields' setters convert them (frozen strings, enum names as Symbols, floats
+ * rounded) and stored as they are (flowctl_msg_put): the message holds what it would
+ * hold after msg[name] = value.
  */
 #include "flowctl.h"
 #include <float.h>
@@ -132,13 +133,23 @@ ascii_escape(const char *p, const char *end)
     return hi * 16 + lo;
 }
 
-/* A string value as a UTF-8 String (the escapes of one character; other \u escapes are
- * the Ruby decoder's). */
-static flowctl_json_result
-string_value(reader *r, VALUE *out)
+/* A frozen UTF-8 String of n bytes at s, its coderange known when it is all ASCII (so
+ * that the setter need not scan it again); Qnil when it is not valid UTF-8. */
+static VALUE
+utf8_string(const char *s, size_t n, bool ascii)
 {
-    if (!eat(r, '"')) return JSON_FALLBACK;
-    VALUE str = rb_utf8_str_new(NULL, 0);
+    VALUE str = rb_utf8_str_new(s, (long)n);
+    if (ascii) ENC_CODERANGE_SET(str, ENC_CODERANGE_7BIT);
+    else if (!utf8_valid(str)) return Qnil;
+    return rb_obj_freeze(str);
+}
+
+/* The rest of a string with escapes (the escapes of one character; other \u escapes are
+ * the Ruby decoder's), from the first backslash at r->p. */
+static flowctl_json_result
+escaped_string(reader *r, const char *start, VALUE *out)
+{
+    VALUE str = rb_utf8_str_new(start, r->p - start);
     const char *run = r->p;
     for (;;) {
         if (r->p >= r->end) return JSON_FALLBACK;
@@ -161,8 +172,28 @@ string_value(reader *r, VALUE *out)
     rb_str_cat(str, run, r->p - run);
     r->p++;
     if (!utf8_valid(str)) return JSON_FALLBACK;
-    *out = str;
+    *out = rb_obj_freeze(str);
     return JSON_OK;
+}
+
+/* A string value as a frozen UTF-8 String. */
+static flowctl_json_result
+string_value(reader *r, VALUE *out)
+{
+    if (!eat(r, '"')) return JSON_FALLBACK;
+    const char *start = r->p;
+    unsigned char high = 0;
+    while (r->p < r->end) {
+        unsigned char c = (unsigned char)*r->p;
+        if (c == '"' || c == '\\' || c < 0x20) break;
+        high |= c;
+        r->p++;
+    }
+    if (r->p >= r->end || (unsigned char)*r->p < 0x20) return JSON_FALLBACK;
+    if (*r->p == '\\') return escaped_string(r, start, out);
+    *out = utf8_string(start, (size_t)(r->p - start), high < 0x80);
+    r->p++;
+    return NIL_P(*out) ? JSON_FALLBACK : JSON_OK;
 }
 
 /* A JSON number token: -?(0|[1-9][0-9]*)(.[0-9]+)?([eE][+-]?[0-9]+)?; *integral when it
@@ -274,14 +305,19 @@ double_value(reader *r, int type, VALUE *out)
     double d = strtod(buf, NULL);
     double float_limit = ldexp(1.0, 128) - ldexp(1.0, 103);
     if (isinf(d) || (type == PROTOBUF_C_TYPE_FLOAT && fabs(d) >= float_limit)) return JSON_FALLBACK;
-    *out = DBL2NUM(d);
+    *out = DBL2NUM(type == PROTOBUF_C_TYPE_FLOAT ? (double)(float)d : d);
     return JSON_OK;
 }
 
 static flowctl_json_result
 enum_value(reader *r, const ProtobufCEnumDescriptor *ed, VALUE *out)
 {
-    if (!peek(r, '"')) return integer_value(r, PROTOBUF_C_TYPE_ENUM, out);
+    if (!peek(r, '"')) {
+        TRY(integer_value(r, PROTOBUF_C_TYPE_ENUM, out));
+        const ProtobufCEnumValue *ev = protobuf_c_enum_descriptor_get_value(ed, FIX2INT(*out));
+        if (ev) *out = ID2SYM(rb_intern(ev->name)); /* a known number reads as its name (proto3 enums are open) */
+        return JSON_OK;
+    }
     const char *s;
     size_t n;
     char name[NAME_MAX_LEN];
@@ -329,7 +365,7 @@ bytes_value(reader *r, VALUE *out)
         if (digits > 3) d[len++] = (char)v;
     }
     rb_str_set_len(str, (long)len);
-    *out = str;
+    *out = rb_obj_freeze(str);
     return JSON_OK;
 }
 
@@ -466,8 +502,10 @@ map_key(reader *r, const ProtobufCFieldDescriptor *kd, VALUE *out)
     size_t n;
     if (!raw_string(r, &s, &n)) return JSON_FALLBACK;
     if (kd->type == PROTOBUF_C_TYPE_STRING) {
-        *out = rb_utf8_str_new(s, (long)n);
-        return utf8_valid(*out) ? JSON_OK : JSON_FALLBACK;
+        bool ascii = true;
+        for (size_t i = 0; i < n && ascii; i++) ascii = (unsigned char)s[i] < 0x80;
+        *out = utf8_string(s, n, ascii);
+        return NIL_P(*out) ? JSON_FALLBACK : JSON_OK;
     }
     if (kd->type == PROTOBUF_C_TYPE_BOOL) {
         if (n == 4 && memcmp(s, "true", 4) == 0) *out = Qtrue;
@@ -564,7 +602,7 @@ read_member(reader *r, const flowctl_json_plan *p, VALUE msg, uint8_t *given)
     given[name->index] = 2;
     VALUE v;
     TRY(read_field(r, msg, f, &v));
-    flowctl_msg_set(msg, name->index, v);
+    flowctl_msg_put(msg, name->index, v);
     return JSON_OK;
 }
 

@@ -33,17 +33,24 @@ jb_free(jbuf *b)
     b->heap = false;
 }
 
+/* 1 for the bytes a JSON string cannot hold as they are: controls, '"' and '\\'. */
+static const uint8_t needs_escape[256] = {
+    [0 ... 0x1f] = 1, ['"'] = 1, ['\\'] = 1,
+};
+
 void
 jb_string(jbuf *b, const char *s, size_t n)
 {
     static const char hex[] = "0123456789abcdef";
+    const uint8_t *u = (const uint8_t *)s;
     jb_char(b, '"');
-    size_t run = 0; /* bytes before i that need no escape, written in one piece */
-    for (size_t i = 0; i < n; i++) {
-        unsigned char c = (unsigned char)s[i];
-        if (c >= 0x20 && c != '"' && c != '\\') continue;
+    size_t i = 0, run = 0; /* bytes from run to i need no escape: written in one piece */
+    for (;;) {
+        while (i < n && !needs_escape[u[i]]) i++;
         jb_put(b, s + run, i - run);
-        run = i + 1;
+        if (i == n) break;
+        unsigned char c = u[i++];
+        run = i;
         switch (c) {
         case '"': jb_lit(b, "\\\""); break;
         case '\\': jb_lit(b, "\\\\"); break;
@@ -53,12 +60,11 @@ jb_string(jbuf *b, const char *s, size_t n)
         case '\f': jb_lit(b, "\\f"); break;
         case '\b': jb_lit(b, "\\b"); break;
         default: {
-            char u[6] = {'\\', 'u', '0', '0', hex[c >> 4], hex[c & 15]};
-            jb_put(b, u, 6);
+            char esc[6] = {'\\', 'u', '0', '0', hex[c >> 4], hex[c & 15]};
+            jb_put(b, esc, 6);
         }
         }
     }
-    jb_put(b, s + run, n - run);
     jb_char(b, '"');
 }
 

@@ -17,7 +17,7 @@
 #include "json_text.h"
 
 #define MAX_DEPTH 100
-#define MAP_STACK 16 /* map entries ordered without malloc */
+#define MAP_STACK 64 /* map entries ordered without malloc */
 
 typedef flowctl_json_name plan_field;
 

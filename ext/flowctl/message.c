@@ -155,10 +155,14 @@ field_set(VALUE self, unsigned i, VALUE v)
     return v;
 }
 
-VALUE
-flowctl_msg_set(VALUE msg, unsigned i, VALUE v)
+void
+flowctl_msg_put(VALUE msg, unsigned i, VALUE v)
 {
-    return field_set(msg, i, v);
+    flowctl_msg *m = flowctl_msg_get(msg);
+    const flowctl_field *f = &m->ci->fields[i];
+    if (f->ts_slot >= 0) *flowctl_msg_ts(m, f) = rb_time_timespec(v);
+    RB_OBJ_WRITE(msg, &m->vals[i], v);
+    if (f->oneof) flowctl_msg_clear_oneof(msg, m, i);
 }
 
 void

@@ -69,16 +69,15 @@ module Flowctl
     # The text comes from C (ext/flowctl/json_write.c) when it can print the message;
     # the Ruby encoder prints the rest (the well-known types with a form of their own)
     # and names what is wrong in a message that cannot be printed.
-    def encode(msg, options = {})
-      options = Encoder.options(options) unless options.equal?(NO_OPTIONS)
-      flags = Encoder.flags(options)
-      loop do
-        out = Native.json_encode(msg, flags)
-        return out if out.is_a?(String)
-        return Encoder.new(options).encode(msg) if out.nil?
-
+    def encode(msg, options = NO_OPTIONS)
+      flags = 0
+      flags = Encoder.flags(options = Encoder.options(options)) unless options.equal?(NO_OPTIONS)
+      out = Native.json_encode(msg, flags)
+      while out.is_a?(Class)
         plan(out)
+        out = Native.json_encode(msg, flags)
       end
+      out || Encoder.new(options).encode(msg)
     end
 
     NO_OPTIONS = {}.freeze
@@ -185,14 +184,12 @@ module Flowctl
     def decode(klass, text, ignore_unknown_fields: false)
       raise TypeError, "#{klass}.decode_json takes a String (given #{text.class})" unless text.is_a?(String)
 
-      loop do
-        out = Native.json_decode(klass, text)
-        break if out.nil?
-        return out unless out.is_a?(Class)
-
+      out = Native.json_decode(klass, text)
+      while out.is_a?(Class)
         plan(out)
+        out = Native.json_decode(klass, text)
       end
-      ruby_decode(klass, text, ignore_unknown_fields)
+      out || ruby_decode(klass, text, ignore_unknown_fields)
     end
 
     # The Ruby decoder alone (what the C reader falls back to; the specs compare both).
@@ -242,7 +239,7 @@ module Flowctl
     # The proto3 JSON of msg, as google-protobuf prints it. Options: emit_defaults: (print
     # fields at their default too), preserve_proto_fieldnames: (.proto names instead of
     # lowerCamelCase), format_enums_as_integers:.
-    def self.encode_json(msg, options = {})
+    def self.encode_json(msg, options = ProtoJSON::NO_OPTIONS)
       raise TypeError, "#{self}.encode_json needs a #{self} (given #{msg.class})" unless msg.is_a?(self)
 
       ProtoJSON.encode(msg, options)
@@ -260,6 +257,10 @@ module Flowctl
     #   msg.to_json(options_hash)   -> String (encode_json's options)
     #   msg.to_json(json_state)     -> what JSON.generate / JSON.pretty_generate write for msg
     def to_json(*args)
+      if args.empty? # the common call: straight to the C printer
+        text = Native.json_encode(self, 0)
+        return text if text.is_a?(String)
+      end
       state = args.first
       return ProtoJSON.encode(self, state || ProtoJSON::NO_OPTIONS) if state.nil? || state.is_a?(Hash)
 
