@@ -1,7 +1,8 @@
 /*
  * flowctl.h — the one internal header of the flowctl extension.
  *
- * Reading order: flowctl.c (Init) -> message.c/convert.c (messages) -> status.c
+ * Reading order: flowctl.c (Init) -> message.c/convert.c (messages) -> reflect.c -> json_text.h,
+ * json_text.c, json_order.c -> json_write.c, json_read.c, json_class.c (proto3 JSON) -> status.c
  * -> metadata.c -> log.c -> clock.c -> fork.c (gate, fork hooks) -> wait.c -> watch.c -> channel.c -> call.c
  * -> fiber.c -> pump.c -> server.c -> wire.h -> heartbeat_wire.c -> heartbeat.c -> heartbeat_class.c.
  *
