@@ -547,12 +547,10 @@ read_map(reader *r, const flowctl_field *f, VALUE *out)
 
 /* The field a key names: a .proto name first (as the Ruby layer looks up), then a JSON name. */
 static const flowctl_json_name *
-field_named(const flowctl_json_plan *p, const flowctl_class *ci, const char *s, size_t n)
+field_named(const flowctl_json_plan *p, const char *s, size_t n)
 {
-    for (unsigned i = 0; i < p->n; i++) {
-        const char *name = ci->fields[p->fields[i].index].name;
-        if (strlen(name) == n && memcmp(name, s, n) == 0) return &p->fields[i];
-    }
+    for (unsigned i = 0; i < p->n; i++) /* the keys are the names quoted, with a colon: "name": */
+        if (p->fields[i].proto_key_len == n + 3 && memcmp(p->fields[i].proto_key + 1, s, n) == 0) return &p->fields[i];
     for (unsigned i = 0; i < p->n; i++)
         if (p->fields[i].key_len == n + 3 && memcmp(p->fields[i].key + 1, s, n) == 0) return &p->fields[i];
     return NULL;
@@ -586,7 +584,7 @@ read_member(reader *r, const flowctl_json_plan *p, VALUE msg, uint8_t *given)
     const char *s;
     size_t n;
     if (!raw_string(r, &s, &n) || !eat(r, ':')) return JSON_FALLBACK;
-    const flowctl_json_name *name = field_named(p, ci, s, n);
+    const flowctl_json_name *name = field_named(p, s, n);
     if (!name || given[name->index]) return JSON_FALLBACK;
     const flowctl_field *f = &ci->fields[name->index];
     given[name->index] = 1;
