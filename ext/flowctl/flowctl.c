@@ -33,6 +33,7 @@ Init_flowctl(void)
     init_flowctl_fiber();
     init_flowctl_pump();
     init_flowctl_server();
+    init_flowctl_server_call();
     init_flowctl_heartbeat();
     init_flowctl_heartbeat_class();
     init_flowctl_fork();

@@ -4,7 +4,8 @@
  * Reading order: flowctl.c (Init) -> message.c/convert.c (messages) -> reflect.c -> json_text.h,
  * json_text.c, json_order.c -> json_write.c, json_read.c, json_class.c (proto3 JSON) -> status.c
  * -> metadata.c -> log.c -> clock.c -> fork.c (gate, fork hooks) -> wait.c -> watch.c -> channel.c -> call.c
- * -> fiber.c -> pump.c -> server.c -> wire.h -> heartbeat_wire.c -> heartbeat.c -> heartbeat_class.c.
+ * -> fiber.c -> pump.c -> server_engine.h/.c -> server.c -> server_call.c -> wire.h -> heartbeat_wire.c
+ * -> heartbeat.c -> heartbeat_class.c.
  *
  * Mechanism files return codes where they can; the Ruby-facing functions raise.
  */
@@ -430,6 +431,7 @@ void flowctl_unary_ops(grpc_op ops[6], const flowctl_metadata *send_md, grpc_byt
                        grpc_metadata_array *recv_initial, grpc_byte_buffer **recv_buf, grpc_status_code *status,
                        grpc_slice *details, grpc_metadata_array *recv_trailing);
 void init_flowctl_server(void);
+void init_flowctl_server_call(void);
 void init_flowctl_heartbeat(void);
 void init_flowctl_heartbeat_class(void);
 

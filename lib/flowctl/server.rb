@@ -375,7 +375,7 @@ module Flowctl
       end
     end
 
-    # Watches the native server for a listener gRPC core gave up on (see server.c, 2d).
+    # Watches the native server for a listener gRPC core gave up on (see ext/flowctl/server_engine.c, 2d).
     def spawn_monitor
       Thread.new do
         Thread.current.name = "flowctl-server-monitor"
