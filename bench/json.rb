@@ -9,7 +9,8 @@
 # Messages: a flowctl.v1 HeartbeatRequest (id, enum, 3 metrics), one with 40 metrics, an
 # Event with a 1 KiB payload, 2 metadata entries, a Timestamp and a cursor, and a
 # ListComponentsResponse of 50 ComponentStatusResponses (a large message). The texts of
-# both gems must be equal byte for byte before anything is timed. The official classes are spec/gen/official_v1's,
+# both gems must be equal byte for byte before anything is timed (BENCH_ANY_ORDER=1 lets an
+# older flowctl that printed maps in Hash order run: docs/performance.md's "before"). The official classes are spec/gen/official_v1's,
 # looked up by name. Ratios are flowctl/google (> 1.0 = flowctl faster).
 
 $LOAD_PATH.unshift File.expand_path("../lib", __dir__)
