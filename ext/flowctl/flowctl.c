@@ -12,6 +12,7 @@ void
 Init_flowctl(void)
 {
     flowctl_fork_env();
+    flowctl_channel_env();
     grpc_init();
 
     mFlowctl = rb_define_module("Flowctl");

@@ -256,18 +256,13 @@ void flowctl_log_line(gpr_log_func_args *args); /* the gpr log function */
 void flowctl_log_apply_verbosity(int cap);        /* gRPC's verbosity: what is wanted, at most cap */
 void flowctl_log_atfork_child(void);
 
-/* ---- watch.c: the thread that polls idle connections -------------------- */
+/* ---- watch.c: a shared `next` queue and its thread (fiber calls complete there) ---- */
 /* A tag on the shared queue of watch.c: its thread calls on_done(tag, success). */
 typedef struct flowctl_cq_tag {
     void (*on_done)(struct flowctl_cq_tag *tag, bool ok);
 } flowctl_cq_tag;
 void init_flowctl_watch(void);
-/* Keeps channel's connections polled while no call is (NULL if no thread could start:
- * the channel then works as before). */
 typedef struct flowctl_channel flowctl_channel;
-struct flowctl_watch *flowctl_watch_channel(flowctl_channel *ch);
-/* Before grpc_channel_destroy: the watch lets go of the channel. */
-void flowctl_watch_forget(struct flowctl_watch *w);
 /* The shared `next` queue (the thread started), or NULL when no thread could start. */
 grpc_completion_queue *flowctl_watch_cq(void);
 /* Wakes the thread (fork.c: after closing the gate, so that it steps out of gRPC). */
@@ -289,29 +284,24 @@ typedef struct flowctl_tracked {
 
 struct flowctl_channel {
     grpc_channel *channel;      /* NULL once closed */
-    struct flowctl_watch *watch; /* watch.c keeps it polled while idle (NULL: not watched) */
     char *target;
     atomic_int refs;            /* the Ruby object holds one; each heartbeat thread one more */
     atomic_bool closed;
     pid_t pid;                  /* creator: in a forked child the channel is dead (fork.c) */
     atomic_uint unary_us;       /* recent unary round trips, microseconds (moving average; 0: none yet) */
     atomic_int unary_inflight;  /* unary calls waiting on this channel now */
-    atomic_uint calls_started;  /* flowctl_channel_note_call: watch.c parks while it moves */
     pthread_mutex_t calls_mu;   /* guards calls */
     flowctl_tracked *calls;     /* Ruby's calls in flight (unary and streams) */
 };
 
 void init_flowctl_channel(void);
+/* Before grpc_init: gRPC's backup poller polls idle connections every 10 ms (unless the
+ * environment sets GRPC_CLIENT_CHANNEL_BACKUP_POLL_INTERVAL_MS). */
+void flowctl_channel_env(void);
 /* The channel of a Flowctl::Native::Channel (raises IOError when closed). */
 flowctl_channel *flowctl_channel_get(VALUE rb_channel);
 void flowctl_channel_ref(flowctl_channel *ch);
 void flowctl_channel_unref(flowctl_channel *ch);     /* destroys the channel at zero; never blocks long */
-/* A call starts on ch: its idle watch stands aside while calls keep coming (watch.c). */
-static inline void
-flowctl_channel_note_call(flowctl_channel *ch)
-{
-    atomic_fetch_add_explicit(&ch->calls_started, 1, memory_order_relaxed);
-}
 /* Lists call (referencing ch) until untrack; closing the channel cancels what is listed. */
 void flowctl_channel_track(flowctl_channel *ch, flowctl_tracked *t, grpc_call *call);
 void flowctl_channel_untrack(flowctl_tracked *t); /* before grpc_call_unref; idempotent */
@@ -607,6 +597,8 @@ bool flowctl_conn_offend(flowctl_offenders *t, const char *peer, int64_t now_ms,
  * record it; in a forked child, those of the parent are left alone. */
 extern pid_t flowctl_pid;
 void flowctl_fork_env(void);
+/* setenv(name, value) unless the environment sets name (to something not empty). */
+void flowctl_default_env(const char *name, const char *value);
 void init_flowctl_fork(void);
 /*
  * Fork hooks, registered at load by the files that keep threads or process-wide state
