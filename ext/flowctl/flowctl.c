@@ -47,6 +47,7 @@ Init_flowctl(void)
     init_flowctl_descriptor();
     init_flowctl_message();
     init_flowctl_reflect();
+    init_flowctl_json_class();
     init_flowctl_channel();
     init_flowctl_call();
     init_flowctl_fiber();

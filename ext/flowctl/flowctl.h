@@ -1,7 +1,8 @@
 /*
  * flowctl.h — the one internal header of the flowctl extension.
  *
- * Reading order: flowctl.c (Init) -> message.c/convert.c (messages) -> status.c
+ * Reading order: flowctl.c (Init) -> message.c/convert.c (messages) -> reflect.c -> json_text.h,
+ * json_text.c, json_order.c -> json_write.c, json_read.c, json_class.c (proto3 JSON) -> status.c
  * -> metadata.c -> log.c -> clock.c -> fork.c (gate, fork hooks) -> wait.c -> watch.c -> channel.c -> call.c
  * -> fiber.c -> pump.c -> server_engine.h/.c -> server_unary.c -> server.c -> server_call.c -> wire.h
  * -> heartbeat_wire.c -> heartbeat.c -> heartbeat_class.c.
@@ -119,8 +120,25 @@ VALUE flowctl_msg_new(const flowctl_class *ci);          /* all fields at their 
 VALUE flowctl_field_default(const flowctl_field *f);
 /* "int32", "string", ... by ProtobufCType (convert.c) */
 extern const char *const flowctl_type_names[];
+/* Stores v (not nil) in field i of a new, unfrozen message, v being what the setter's
+ * conversion makes (frozen UTF-8 Strings, frozen binary ones for bytes, enum Symbols of
+ * known values, Floats rounded to float, a Time in range, fresh Hash/Array of such
+ * values); json_read.c builds such values. */
+void flowctl_msg_put(VALUE msg, unsigned i, VALUE v);
 /* After field i of a oneof was set: its siblings become unset. */
 void flowctl_msg_clear_oneof(VALUE msg, flowctl_msg *m, unsigned i);
+
+/*
+ * Hash iteration on hot paths (convert.c, json_write.c): rb_hash_stlike_foreach (exported
+ * by libruby, used when extconf finds it) skips rb_hash_foreach's rb_ensure frame, most of
+ * the cost of a small map. The callback gets VALUEs as st_data_t and never changes the Hash.
+ */
+#ifdef HAVE_RB_HASH_STLIKE_FOREACH
+int rb_hash_stlike_foreach(VALUE hash, st_foreach_callback_func *func, st_data_t arg);
+#define flowctl_hash_each(h, fn, arg) rb_hash_stlike_foreach((h), (fn), (st_data_t)(arg))
+#else
+#define flowctl_hash_each(h, fn, arg) rb_hash_foreach((h), (int (*)(VALUE, VALUE, VALUE))(fn), (VALUE)(arg))
+#endif
 
 /* ---- descriptor.c: protobuf-c descriptors built at run time from descriptor sets ---- */
 void init_flowctl_descriptor(void);
@@ -136,6 +154,40 @@ void flowctl_decode_into(const flowctl_class *ci, VALUE msg, const uint8_t *p, s
 
 /* ---- reflect.c: a message class's field table for Ruby (descriptors, JSON) ---- */
 void init_flowctl_reflect(void);
+
+/* ---- json_write.c + json_class.c: proto3 JSON printed in C (json_text.h: the text) ---- */
+enum { FLOWCTL_JSON_EMIT_DEFAULTS = 1, FLOWCTL_JSON_PROTO_NAMES = 2, FLOWCTL_JSON_ENUM_INTS = 4 };
+typedef enum {
+    JSON_OK,
+    JSON_FALLBACK,  /* something only the Ruby encoder prints (or names as an error) */
+    JSON_NO_PLAN,   /* a class whose JSON names Ruby has not given yet */
+    JSON_NO_MEMORY
+} flowctl_json_result;
+/* What Ruby gave for one field of a class: printed as key ("\"jsonName\":") or proto_key. */
+typedef struct flowctl_json_name {
+    unsigned index;              /* into ci->fields / the message's vals */
+    char *key, *proto_key;
+    size_t key_len, proto_key_len;
+} flowctl_json_name;
+typedef struct flowctl_json_plan {
+    bool special;                /* a well-known type: the Ruby layer reads and prints it */
+    unsigned n;
+    flowctl_json_name fields[];  /* declaration order */
+} flowctl_json_plan;
+struct jbuf;
+/* A class's JSON field names in declaration order (index[i]: the field in ci->fields);
+ * special: a well-known type the Ruby encoder prints. false when out of memory. */
+bool flowctl_json_plan_add(const flowctl_class *ci, bool special, const unsigned *index, const char *const *json_names,
+                           unsigned n);
+const flowctl_json_plan *flowctl_json_plan_of(const flowctl_class *ci); /* NULL: none given yet */
+/* msg's JSON into b; on JSON_NO_PLAN *missing is the class without a plan. */
+flowctl_json_result flowctl_json_write(struct jbuf *b, VALUE msg, unsigned flags, const flowctl_class **missing);
+void init_flowctl_json_write(void);
+/* json_read.c: a message of ci from JSON text, or JSON_FALLBACK for anything the Ruby
+ * decoder must read (or name as an error); may raise (only as a setter would). */
+flowctl_json_result flowctl_json_read(const flowctl_class *ci, const char *text, size_t len, VALUE *out,
+                                      const flowctl_class **missing);
+void init_flowctl_json_class(void);
 
 /* ---- clock.c: monotonic time (a leaf: depends on nothing of ours) ------- */
 /* A condition variable whose timed waits use CLOCK_MONOTONIC. */

@@ -282,6 +282,10 @@ module Flowctl
         self
       end
 
+      # Ends the call (CANCELLED) from any thread: a #read waiting on it raises
+      # Flowctl::Cancelled. Idempotent.
+      def cancel = @native.cancel
+
       # The next request, or nil once the client has closed its side.
       def read
         return nil if @done
