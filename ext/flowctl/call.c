@@ -96,7 +96,6 @@ static grpc_call *
 create_call(flowctl_channel *ch, VALUE path, grpc_completion_queue *cq, gpr_timespec deadline)
 {
     grpc_slice method = grpc_slice_from_copied_buffer(RSTRING_PTR(path), (size_t)RSTRING_LEN(path));
-    flowctl_channel_note_call(ch);
     grpc_call *call = grpc_channel_create_call(ch->channel, NULL, GRPC_PROPAGATE_DEFAULTS, cq, method, NULL,
                                                deadline, NULL);
     grpc_slice_unref(method);
