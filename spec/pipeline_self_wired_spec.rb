@@ -61,6 +61,32 @@ RSpec.describe "flowctl-pipeline with components that wire themselves (wiring: d
     expect_no_component_left
   end
 
+  it "self-wires SDK components: a Component::Processor serves its outputs as a source, a Component::Consumer pulls" do
+    # components.rb's SpecProcessor and SpecSink as they are: FLOWCTL_WIRING=discovery is all they get.
+    # FAIL_EVERY 50: #process raises on i % 50 == 0; the SDK replies the input marked failed (failed_events
+    # :reply under FLOWCTL_INPUTS), so those arrive unchanged (type raw, payload i).
+    sdk = ->(id, kind, config, extra) { source(id, config, extra).sub(", source]", ", #{kind}]") }
+    d = pipeline(<<~YAML)
+      sources:
+        - #{source('a', 'count' => 150)}
+        - #{source('b', 'count' => 60)}
+      processors:
+        - #{sdk.call('p', 'processor', { 'out_type' => 'tripled', 'factor' => 3, 'fail_every' => 50 }, ', inputs: [a, b]')}
+      sinks:
+        - #{sdk.call('s', 'sink', { 'out_file' => out('s') }, ', inputs: [p]')}
+    YAML
+    r = runner(d)
+    run = r.run
+    expect(run.status).to eq("COMPLETED"), "#{run.error}\n#{runner_messages}"
+    expect(r.router).to be_a(Flowctl::Pipeline::SelfWired) # the runner opened no stream
+    line = ->(src, i) { (i % 50).zero? ? "#{src}-#{i} raw #{i}" : "#{src}-#{i} tripled #{3 * i}" }
+    want = (0...150).map { |i| line.call("a", i) } + (0...60).map { |i| line.call("b", i) }
+    expect(lines("s").sort).to eq(want.sort) # every event, once, through the processor's #process
+    expect(run.counts["s"]).to include("role" => "sink", "restarts" => 0) # it exited 0 when its input ended
+    expect(File.read(Dir[File.join(@dir, "logs", "p*")].first)).to include("every 50th fails")
+    expect_no_component_left
+  end
+
   it "restarts a processor killed with SIGKILL; its reader finds it again and resumes the source behind it" do
     d = pipeline(<<~YAML)
       sources: [#{source('a', 'count' => 1500, 'delay_ms' => 1)}]

@@ -13,10 +13,35 @@ module Flowctl
     # at a time per stream, and the ConsumeResponse counts what was consumed and what failed
     # (with the first MAX_ERRORS error messages). At shutdown a stream ends after the event it
     # is consuming and still answers: events_consumed is exactly what was consumed.
+    # With FLOWCTL_WIRING=discovery it reads its inputs itself (Consumer.run).
     class Consumer < Base
       MAX_ERRORS = 100
 
       def self.kind = :consumer
+
+      # call-seq: Klass.run(**overrides) -> nil
+      #
+      # As Base.run; with FLOWCTL_WIRING=discovery (SelfWiring) the consumer also pulls its
+      # inputs (Flowctl::Discovery::Upstream) into #consume, and shuts down when they end (or
+      # on a signal); an input that fails for good is raised after the shutdown.
+      def self.run(**opts)
+        runtime = start(**opts)
+        env = SelfWiring.env(runtime.settings)
+        upstream = env && Flowctl::Discovery::Upstream.from_env(env)
+        runtime.wait_for_signal(&(upstream && -> { pull(runtime, upstream) }))
+        nil
+      end
+
+      # Every event of upstream through #consume (metrics, failures, max_concurrent), until
+      # the inputs end or shutdown.
+      def self.pull(runtime, upstream)
+        component = runtime.component
+        SelfWiring.stream(runtime) do |tally|
+          upstream.each do |event|
+            SelfWiring.critical(runtime) { runtime.run_event(event, tally, outputs: false) { component.consume(event) } }
+          end
+        end
+      end
 
       def consume(_event)
         raise NotImplementedError, "#{self.class} must define consume(event)"

@@ -13,7 +13,8 @@ module Flowctl
     # #process returns nil (no output), an Event, a Hash of its fields, or an Array of them; or
     # it yields its outputs one by one. It serves ProcessorService.Process (a bidi stream: each
     # stream's events are processed in order, one at a time); with protocols: [:v1, :seed] also
-    # the seed's ProcessorService (DataMessages; see SeedProcessor).
+    # the seed's ProcessorService (DataMessages; see SeedProcessor). With FLOWCTL_WIRING=discovery
+    # it also serves its outputs as a source (SourceHandler).
     #
     # An event whose #process raised is failed (counted, logged, handed to #dead_letter) and
     # then, by settings.failed_events: dropped (:drop, the default), or replied marked
@@ -42,6 +43,32 @@ module Flowctl
             while (event = runtime.read(requests))
               Processor.write(runtime, call, Processor.apply(runtime, component, event, tally))
             end
+          end
+          runtime.check_stopping
+        end
+      end
+
+      # With FLOWCTL_WIRING=discovery (SelfWiring): the processor's outputs served as a
+      # source, next to its ProcessorService. Each reader's StreamEvents opens the processor's
+      # inputs (Flowctl::Discovery::Relay: the reader's params and resume token) and sends
+      # what #process makes of each event, as Handler does (metrics, failures, max_concurrent).
+      class SourceHandler
+        include Services::Common
+
+        def initialize(runtime, env)
+          super(runtime)
+          @env = env
+        end
+
+        def stream_events(request, call)
+          runtime = @runtime
+          component = @component
+          SelfWiring.stream(runtime) do |tally|
+            relay = Flowctl::Discovery::Relay.from_env(@env) do |event|
+              SelfWiring.critical(runtime) { Processor.write(runtime, call, Processor.apply(runtime, component, event, tally)) }
+              nil
+            end
+            relay.stream_events(request, call)
           end
           runtime.check_stopping
         end

@@ -99,17 +99,27 @@ module Flowctl
         raise
       end
 
-      # Blocks until SIGTERM or SIGINT, then #stop. Restores the previous handlers.
-      def wait_for_signal
+      # Blocks until SIGTERM or SIGINT, then #stop. Restores the previous handlers. With a
+      # block: runs it on a thread meanwhile and also stops when it returns; then raises what
+      # it raised.
+      def wait_for_signal(&work)
         r, w = IO.pipe
         old = %w[TERM INT].to_h { |sig| [sig, trap(sig) { w.write_nonblock(sig[0], exception: false) }] }
+        worker = work && Thread.new do
+          Thread.current.report_on_exception = false
+          work.call
+        ensure
+          w.write_nonblock("E", exception: false)
+        end
         begin
           IO.select([r])
         ensure
           old.each { |sig, handler| trap(sig, handler || "DEFAULT") }
         end
-        logger.info("signal received: draining (grace #{settings.grace}s)")
+        logger.info("#{r.read_nonblock(1) == 'E' ? 'done' : 'signal received'}: draining (grace #{settings.grace}s)")
         stop
+        worker.kill unless worker.nil? || worker.join(LAST_CALLS)
+        worker&.value
       ensure
         r&.close
         w&.close

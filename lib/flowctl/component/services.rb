@@ -9,7 +9,8 @@ module Flowctl
       module_function
 
       # Mounts the component's services on server: its flowctl.v1 service (protocols include
-      # :v1), the seed's ProcessorService (a processor with protocols including :seed), and
+      # :v1), the seed's ProcessorService (a processor with protocols including :seed), a
+      # processor's outputs as a SourceService under FLOWCTL_WIRING=discovery (SelfWiring), and
       # grpc.health.v1 (the runtime's Flowctl::Health).
       def mount(server, runtime)
         klass = runtime.component.class
@@ -20,6 +21,9 @@ module Flowctl
           raise ArgumentError, "the seed protocol has no #{klass.kind} service; use protocols: [:v1]" unless klass.kind == :processor
 
           server.handle(Flowctl::Processor::Service, SeedProcessor.new(runtime))
+        end
+        if klass.kind == :processor && (env = SelfWiring.env(runtime.settings))
+          server.handle(Flowctl::V1::SourceService, Processor::SourceHandler.new(runtime, env))
         end
         server.handle(Flowctl::Health::SERVICE, runtime.grpc_health)
       end
