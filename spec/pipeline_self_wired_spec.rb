@@ -87,6 +87,28 @@ RSpec.describe "flowctl-pipeline with components that wire themselves (wiring: d
     expect_no_component_left
   end
 
+  it "stops self-wired SDK components in order within the grace period, their heartbeats counting events" do
+    sdk = ->(id, kind, config, extra = "") { source(id, config, extra).sub(", source]", ", #{kind}]") }
+    d = pipeline(<<~YAML)
+      sources: [#{source('a', 'count' => 1_000_000, 'delay_ms' => 1)}]
+      processors: [#{sdk.call('p', 'processor', 'out_type' => 'x')}]
+      sinks: [#{sdk.call('s', 'sink', 'out_file' => out('s'))}]
+    YAML
+    r = runner(d)
+    result = Thread.new { r.run }
+    wait_until(60, "events at the sink") { lines("s").size > 50 }
+    wait_until(10, "the components' counts in the snapshot") do
+      snap = r.router.snapshot
+      snap["p"]["out"].positive? && snap["s"]["in"].positive?
+    end
+    r.request_stop
+    run = result.value
+    expect(run.status).to eq("STOPPED")
+    expect(run.error).to be_nil # the processor's relay and the consumer's pull ended on SIGTERM, nobody was killed
+    expect(lines("s")).to all(match(/\Aa-\d+ x \d+\z/))
+    expect_no_component_left
+  end
+
   it "restarts a processor killed with SIGKILL; its reader finds it again and resumes the source behind it" do
     d = pipeline(<<~YAML)
       sources: [#{source('a', 'count' => 1500, 'delay_ms' => 1)}]
