@@ -140,6 +140,8 @@ void init_flowctl_reflect(void);
 /* ---- clock.c: monotonic time (a leaf: depends on nothing of ours) ------- */
 /* A condition variable whose timed waits use CLOCK_MONOTONIC. */
 void flowctl_cond_init(pthread_cond_t *cond);
+/* Starts main(NULL) on a detached thread named name; false when it could not start. */
+bool flowctl_thread_detached(void *(*main)(void *), const char *name);
 int64_t flowctl_mono_ms(void);                           /* CLOCK_MONOTONIC in milliseconds */
 struct timespec flowctl_ts_add(struct timespec t, double seconds);
 struct timespec flowctl_mono_in(double seconds);         /* CLOCK_MONOTONIC, seconds from now */
@@ -309,7 +311,11 @@ typedef struct flowctl_pump {
     grpc_op close_op;
     int close_cancelled;
     bool close_watching;
+    _Atomic int64_t last_write_ns; /* CLOCK_MONOTONIC: the last write (a burst: writes closer than PUMP_BURST_NS);
+                                    * the driver reads it without mu */
+    int64_t hint_since_ns;       /* the first message gRPC holds back (GRPC_WRITE_BUFFER_HINT) since the last flush */
     struct flowctl_pump *drive_next; /* the driver's list (pump.c: drive_mu) */
+    int64_t drive_at_ns;         /* (drive_mu) when the driver looks at it */
     bool drive_listed, drive_gone;
 } flowctl_pump;
 
@@ -359,8 +365,10 @@ bool flowctl_pump_send_failed(flowctl_pump *p);
  * instead of adding the op to the status batch. GVL held. */
 void flowctl_pump_watch_close(flowctl_pump *p);
 /* With the GVL, without waiting: takes what has completed; true when the client has
- * cancelled or gone away (known only once watch_close was started). */
-bool flowctl_pump_peer_gone(flowctl_pump *p);
+ * cancelled or gone away (known only once watch_close was started). before_write: the
+ * caller is about to write; in a burst of writes it only looks at what is known (the
+ * writes themselves collect completions), so a burst costs no poll per message. */
+bool flowctl_pump_peer_gone(flowctl_pump *p, bool before_write);
 /* After the status was sent (watch_close started): waits for the close; *cancelled. */
 int flowctl_pump_wait_close(flowctl_pump *p, int *cancelled);
 bool flowctl_pump_recv_failed(flowctl_pump *p);

@@ -138,7 +138,7 @@ server_call_send(VALUE self, VALUE bytes)
     /* a client that left while the handler was busy elsewhere is seen here, not only once
      * a reply fails to go out (which nobody may poll for) */
     flowctl_pump_watch_close(&c->slot->pump);
-    if (flowctl_pump_peer_gone(&c->slot->pump)) {
+    if (flowctl_pump_peer_gone(&c->slot->pump, true)) {
         c->cancelled = true;
         rb_raise(eCancelledCall, "the client cancelled the call or went away");
     }
@@ -352,7 +352,7 @@ server_call_cancelled_p(VALUE self)
     if (!c->cancelled && c->slot && !c->finished && c->pid == flowctl_pid) {
         /* the first look starts watching for the client's cancel; later looks see it */
         flowctl_pump_watch_close(&c->slot->pump);
-        if (flowctl_pump_peer_gone(&c->slot->pump)) c->cancelled = true;
+        if (flowctl_pump_peer_gone(&c->slot->pump, false)) c->cancelled = true;
     }
     return c->cancelled ? Qtrue : Qfalse;
 }
