@@ -132,6 +132,8 @@ const void *flowctl_descriptor_lookup(const char *full_name); /* NULL when unkno
 VALUE flowctl_convert_field(const flowctl_class *ci, const flowctl_field *f, VALUE v);
 void flowctl_field_tag(flowctl_field *f); /* fills f->tag for the wire */
 VALUE flowctl_encode(const flowctl_class *ci, VALUE msg); /* binary String */
+/* Encodes into buf: the length; *fits false when more than cap (buf then holds a part only). */
+size_t flowctl_encode_to(const flowctl_class *ci, VALUE msg, char *buf, size_t cap, bool *fits);
 void flowctl_decode_into(const flowctl_class *ci, VALUE msg, const uint8_t *p, size_t len);
 
 /* ---- reflect.c: a message class's field table for Ruby (descriptors, JSON) ---- */
@@ -198,7 +200,12 @@ void flowctl_wait_note_cancel_wait(void);
 void flowctl_cq_destroy(grpc_completion_queue *cq);
 /* Ruby String <-> grpc_byte_buffer. */
 grpc_byte_buffer *flowctl_buffer_from_str(VALUE str);
+/* A String's bytes, or a message encoded straight into gRPC's memory (no String in between). */
+grpc_byte_buffer *flowctl_buffer_from_value(VALUE str_or_msg);
 VALUE flowctl_str_from_buffer(grpc_byte_buffer *buf); /* binary String; does not destroy buf */
+/* The message of class klass in buf, decoded from gRPC's own memory (no String in between);
+ * destroys buf, also when decoding raises (Flowctl::DecodeError). */
+VALUE flowctl_decode_buffer(VALUE klass, grpc_byte_buffer *buf);
 
 /* ---- log.c: gRPC core's log lines (dropped, stderr when asked, or Flowctl.logger) ---- */
 void init_flowctl_log(void);
@@ -350,8 +357,9 @@ bool flowctl_pump_send_timed_out(flowctl_pump *p);
 /* After a server's status: writes from now on fail (a writer waiting for room wakes and
  * fails), without cancelling the call (which could reset the stream before the status). */
 void flowctl_pump_close_sends(flowctl_pump *p);
-/* Queues a message (waits while the queue is full); *failed: the call is over. */
-int flowctl_pump_write(flowctl_pump *p, VALUE bytes, bool *failed);
+/* Queues a message (waits while the queue is full); *failed: the call is over. The pump
+ * owns bb (destroys it when it is not sent). */
+int flowctl_pump_write(flowctl_pump *p, grpc_byte_buffer *bb, bool *failed);
 /* Half-closes after the queued messages; waits until gRPC has taken them all. */
 int flowctl_pump_close_write(flowctl_pump *p);
 /* The next message (the caller destroys it), or NULL at the end of the stream. */

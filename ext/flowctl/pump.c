@@ -586,17 +586,22 @@ queue_below(flowctl_pump *p, void *arg)
  * completion without a poll: a hinted send completes as gRPC takes it).
  */
 int
-flowctl_pump_write(flowctl_pump *p, VALUE bytes, bool *failed)
+flowctl_pump_write(flowctl_pump *p, grpc_byte_buffer *bb, bool *failed)
 {
     int interrupted = pump_wait(p, send_room, NULL, true);
-    if (interrupted) return 1;
+    if (interrupted) {
+        grpc_byte_buffer_destroy(bb);
+        return 1;
+    }
     pthread_mutex_lock(&p->mu);
     *failed = p->send_failed;
-    if (!*failed) {
+    if (*failed) {
+        grpc_byte_buffer_destroy(bb);
+    } else {
         int64_t now = mono_ns();
         bool burst = now - last_write(p) < PUMP_BURST_NS;
         atomic_store_explicit(&p->last_write_ns, now, memory_order_relaxed);
-        p->sendq[(p->send_head + p->send_len) % PUMP_SENDQ] = flowctl_buffer_from_str(bytes);
+        p->sendq[(p->send_head + p->send_len) % PUMP_SENDQ] = bb;
         p->send_len++;
         if (!p->send_inflight) {
             start_send_locked(p);

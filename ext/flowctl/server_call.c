@@ -85,17 +85,18 @@ after_wait(server_call_t *c, VALUE self)
 
 /*
  * call-seq:
- *   call.recv(read_ahead = false) -> String or nil
+ *   call.recv(read_ahead = false, klass = nil) -> String, message or nil
  *
- * The next request message (binary String), or nil when the client has half-closed.
- * read_ahead keeps reading the following messages while the handler runs (streams).
- * Raises Flowctl::Cancelled when the client went away.
+ * The next request message (binary String, or decoded as a klass straight from gRPC's
+ * memory: Flowctl::DecodeError when it is not one), or nil when the client has
+ * half-closed. read_ahead keeps reading the following messages while the handler runs
+ * (streams). Raises Flowctl::Cancelled when the client went away.
  */
 static VALUE
 server_call_recv(int argc, VALUE *argv, VALUE self)
 {
-    VALUE ahead;
-    rb_scan_args(argc, argv, "01", &ahead);
+    VALUE ahead, klass;
+    rb_scan_args(argc, argv, "02", &ahead, &klass);
     server_call_t *c = call_get(self);
     if (c->read_done) return Qnil;
     flowctl_pump *p = &c->slot->pump;
@@ -106,8 +107,11 @@ server_call_recv(int argc, VALUE *argv, VALUE self)
     bool ok = true;
     VALUE str = Qnil;
     if (buf) {
-        str = flowctl_str_from_buffer(buf);
-        grpc_byte_buffer_destroy(buf);
+        if (NIL_P(klass)) {
+            str = flowctl_str_from_buffer(buf);
+            grpc_byte_buffer_destroy(buf);
+            buf = NULL;
+        }
         c->got_message = true;
     } else if (!interrupted) {
         /* no message: a half-close, unless the client cancelled or went away */
@@ -119,12 +123,12 @@ server_call_recv(int argc, VALUE *argv, VALUE self)
     after_wait(c, self);
     flowctl_wait_finish(interrupted);
     if (!ok) rb_raise(eCancelledCall, "the client cancelled the call or went away");
-    return str;
+    return buf ? flowctl_decode_buffer(klass, buf) : str;
 }
 
 /*
  * call-seq:
- *   call.send_message(bytes) -> self
+ *   call.send_message(bytes or message) -> self
  *
  * Queues one reply message (the first one carries the initial metadata); waits only
  * while many are queued (the client reads slowly). Raises Flowctl::Cancelled when the
@@ -134,7 +138,6 @@ static VALUE
 server_call_send(VALUE self, VALUE bytes)
 {
     server_call_t *c = call_get(self);
-    StringValue(bytes);
     /* a client that left while the handler was busy elsewhere is seen here, not only once
      * a reply fails to go out (which nobody may poll for) */
     flowctl_pump_watch_close(&c->slot->pump);
@@ -142,9 +145,10 @@ server_call_send(VALUE self, VALUE bytes)
         c->cancelled = true;
         rb_raise(eCancelledCall, "the client cancelled the call or went away");
     }
+    grpc_byte_buffer *bb = flowctl_buffer_from_value(bytes); /* last to raise: then the pump owns bb */
     bool failed = false;
     c->busy++;
-    int interrupted = flowctl_pump_write(&c->slot->pump, bytes, &failed);
+    int interrupted = flowctl_pump_write(&c->slot->pump, bb, &failed);
     bool stalled = failed && flowctl_pump_send_timed_out(&c->slot->pump);
     if (failed) c->cancelled = true;
     after_wait(c, self);
