@@ -498,6 +498,7 @@ stream_initialize(int argc, VALUE *argv, VALUE self)
     flowctl_metadata_from_hash(headers, &md);
     grpc_completion_queue *cq = grpc_completion_queue_create_for_next(NULL);
     flowctl_pump_init(&s->pump, create_call(ch, path, cq, deadline), cq);
+    s->pump.polled = &ch->calls_started; /* the channel's watch stands aside while the stream polls */
     flowctl_channel_track(ch, &s->track, s->pump.call);
     s->pid = flowctl_pid;
     grpc_byte_buffer *req = NIL_P(request) ? NULL : flowctl_buffer_from_str(request);

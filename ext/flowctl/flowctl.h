@@ -253,7 +253,8 @@ struct flowctl_channel {
     pid_t pid;                  /* creator: in a forked child the channel is dead (fork.c) */
     atomic_uint unary_us;       /* recent unary round trips, microseconds (moving average; 0: none yet) */
     atomic_int unary_inflight;  /* unary calls waiting on this channel now */
-    atomic_uint calls_started;  /* flowctl_channel_note_call: watch.c parks while it moves */
+    atomic_uint calls_started;  /* flowctl_channel_note_call, and each poll of a stream (pump.c):
+                                 * watch.c parks while it moves */
     pthread_mutex_t calls_mu;   /* guards calls */
     flowctl_tracked *calls;     /* Ruby's calls in flight (unary and streams) */
 };
@@ -321,6 +322,8 @@ typedef struct flowctl_pump {
     _Atomic int64_t last_write_ns; /* CLOCK_MONOTONIC: the last write (a burst: writes closer than PUMP_BURST_NS);
                                     * the driver reads it without mu */
     int64_t hint_since_ns;       /* the first message gRPC holds back (GRPC_WRITE_BUFFER_HINT) since the last flush */
+    atomic_uint *polled;         /* a client stream's: its channel's calls_started, moved at each poll (the
+                                  * stream's threads poll the connection: watch.c stands aside meanwhile) */
     struct flowctl_pump *drive_next; /* the driver's list (pump.c: drive_mu) */
     int64_t drive_at_ns;         /* (drive_mu) when the driver looks at it */
     bool drive_listed, drive_gone;

@@ -43,8 +43,8 @@ struct flowctl_watch {
  * and woke each caller, a cross-CPU wake-up per call (sequential unary calls: 13-14k/s
  * down to 5-7k/s). A watch cannot be withdrawn, so each is armed for ARMED_MS at most,
  * and a watch that ends (a change or its deadline) on a channel that started a call in
- * the meantime or has one waiting is parked instead of re-armed: the calls poll the
- * channel. It is armed again once the channel has been quiet for QUIET_MS. An idle
+ * the meantime, has one waiting, or whose streams polled (pump.c moves calls_started at
+ * each poll: one long stream) is parked instead of re-armed: the calls poll the channel. It is armed again once the channel has been quiet for QUIET_MS. An idle
  * channel costs the thread two wake-ups a second; a busy one, ten.
  */
 #define ARMED_MS 500
