@@ -206,6 +206,16 @@ RSpec.describe "descriptor sets" do
       end
     end
 
+    it "names a map entry that declares nested types (a KeyError before: found by fuzzing)" do
+      entry = message("Entry", field("key", 1), field("value", 2))
+      entry.options = { map_entry: true }
+      entry.nested_type = [message("Inner")]
+      outer = message("M", field("m", 1, type: :TYPE_MESSAGE, label: :LABEL_REPEATED, type_name: ".bad.me.M.Entry"))
+      outer.nested_type = [entry]
+      expect { load(set_of(file("bad/me.proto", package: "bad.me", messages: [outer]))) }
+        .to raise_error(Flowctl::DescriptorError, /map entry bad.me.M.Entry must not declare nested types or enums/)
+    end
+
     it "names an enum value without a number (found by fuzzing)" do
       enum = Flowctl::Protobuf::EnumDescriptorProto.new(name: "E", value: [{ name: "E_ZERO" }])
       expect { load(set_of(file("bad/e.proto", enums: [enum]))) }

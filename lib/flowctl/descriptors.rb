@@ -188,6 +188,10 @@ module Flowctl
         full = "#{prefix}#{msg.name}"
         claim(file, full, :message, msg.name)
         entry = msg.options&.map_entry ? true : false
+        if (entry || full == TIMESTAMP) && (msg.nested_type.any? || msg.enum_type.any?)
+          # a map entry becomes a Hash and a Timestamp a Time: neither has a class to hold types
+          fail!(file.name, "#{entry ? "map entry" : "message"} #{full} must not declare nested types or enums")
+        end
         @messages << [full, pkg, msg.field.map { |f| [file, f] }, outer, entry, msg]
         msg.enum_type.each { |e| collect_enum(file, pkg, "#{full}.", e, full) }
         msg.nested_type.each { |m| collect_message(file, pkg, "#{full}.", m, full) }
