@@ -538,9 +538,10 @@ pump_wait(flowctl_pump *p, pump_pred pred, void *arg, bool bounded)
         }
         return 1;
     }
-    /* leaving: someone must start what stays queued */
+    /* leaving: someone must start what stays queued (the driver looks again later when
+     * flow control holds it, or when the writer is still at its burst) */
     pthread_mutex_lock(&p->mu);
-    if (sends_stranded(p)) drive_later(p, mono_ns() + DRIVE_NS);
+    if (sends_stranded(p)) drive_later(p, mono_ns() + HOLD_NS);
     pthread_mutex_unlock(&p->mu);
     return 0;
 }
