@@ -8,8 +8,10 @@
  *   - Klass.decode_json(text) returns a message or raises Flowctl::DecodeError, with
  *     and without ignore_unknown_fields: true (which accepts at least as much); any
  *     other exception, and any ASan/UBSan/LSan report, is a bug;
- *   - an accepted message prints (to_json), its text reads back to the same message
- *     and prints the same text again;
+ *   - an accepted message prints (to_json), its text reads back to the same message,
+ *     and that copy prints what upb prints after reading the same text (the copy's maps
+ *     are in the text's order: printed again, the order of a map of several entries
+ *     can change, as it does in upb);
  *   - the reference, google-protobuf (upb) with the classes protoc generated from the same
  *     protos (spec/gen, spec/gen/official_v1, the fixtures' descriptor sets),
  *     reads that text to the same message (compared through the binary format), and
@@ -23,6 +25,12 @@
  *     all ASCII (the rest is counted as not compared). upb also reads a negative Duration
  *     under one second ("-0.5s") as positive: a text with one that upb reads otherwise
  *     is counted, not a bug.
+ *   - the C reader (ext/flowctl/json_read.c) and the Ruby decoder: what the C reader
+ *     reads, the Ruby decoder reads to the same message (the C reader only ever gives
+ *     up, never differs); the C printer (json_write.c) prints what the Ruby encoder
+ *     prints; where upb and flowctl both accept the input, flowctl prints the text upb
+ *     prints for what it read, byte for byte (map order included; inputs where upb
+ *     cannot print or is known to differ are counted).
  */
 #include "fuzz_ruby.h"
 #include <sanitizer/lsan_interface.h>
@@ -36,7 +44,8 @@ static VALUE classes[FUZZ_MAX_CLASSES], official[FUZZ_MAX_CLASSES];
 static int n_classes;
 static VALUE ignoring; /* ->(k, t) { k.decode_json(t, ignore_unknown_fields: true) } */
 static unsigned long inputs, accepted, rejected, ignoring_accepted, upb_both, upb_only, flowctl_only, upb_skipped,
-    upb_negative_duration;
+    upb_negative_duration, read_in_c, printed_same, upb_cannot_print;
+static VALUE c_read, ruby_read, ruby_print; /* lambdas: json_read.c, the Ruby decoder, the Ruby encoder */
 static VALUE negative_duration; /* /"-0+(\.[0-9]*)?s"/ : upb drops its sign */
 
 static void
@@ -49,6 +58,8 @@ print_stats(void)
             upb_both, upb_only, flowctl_only, upb_skipped);
     fprintf(stderr, "json_target: google-protobuf read a negative Duration under 1 s as positive: %lu\n",
             upb_negative_duration);
+    fprintf(stderr, "json_target: read in C %lu (the Ruby decoder read the same); both accepted and printed "
+                    "byte for byte as upb %lu, upb could not print %lu\n", read_in_c, printed_same, upb_cannot_print);
 }
 
 int
@@ -65,6 +76,13 @@ LLVMFuzzerInitialize(int *argc, char ***argv)
     rb_gc_register_mark_object(ignoring);
     negative_duration = rb_eval_string("/\"-0+(\\.[0-9]*)?s\"/n");
     rb_gc_register_mark_object(negative_duration);
+    c_read = rb_eval_string("->(k, t) { o = Flowctl::Native.json_decode(k, t); "
+                            "(Flowctl::ProtoJSON.plan(o); o = Flowctl::Native.json_decode(k, t)) while o.is_a?(Class); o }");
+    rb_gc_register_mark_object(c_read);
+    ruby_read = rb_eval_string("->(k, t) { Flowctl::ProtoJSON.ruby_decode(k, t) }");
+    rb_gc_register_mark_object(ruby_read);
+    ruby_print = rb_eval_string("->(m) { Flowctl::ProtoJSON::Encoder.new({}).encode(m) }");
+    rb_gc_register_mark_object(ruby_print);
     /* what Ruby allocates once here (classes, descriptors, caches) is never freed: made
      * with LeakSanitizer off, as fuzz_ruby.c does for the gem's start-up */
     __lsan_disable();
@@ -114,7 +132,10 @@ upb_drops_sign(VALUE text)
     return found;
 }
 
-/* m prints; the text reads back to m in flowctl and in upb, and prints the same again. */
+static void check_same_print(int i, VALUE m, VALUE u, VALUE text);
+
+/* m prints; the text reads back to m in flowctl and in upb, and the copy prints what upb
+ * prints for the text. */
 static void
 check_roundtrip(int i, VALUE m)
 {
@@ -124,12 +145,59 @@ check_roundtrip(int i, VALUE m)
     if (again == Qundef) fuzz_bug("%s: its own JSON %+"PRIsVALUE" does not read: %s", name_of(i), text, fuzz_error_text(err));
     if (!fuzz_same_message(m, again)) fuzz_bug("%s: decode_json(to_json(x)) != x for %+"PRIsVALUE, name_of(i), m);
     VALUE text2 = fuzz_call(again, id_to_json, 0, NULL, &err);
-    if (text2 == Qundef || !rb_str_equal(text, text2))
-        fuzz_bug("%s: printing the copy changed the text %+"PRIsVALUE, name_of(i), text);
+    if (text2 == Qundef) fuzz_bug("%s: the copy read from %+"PRIsVALUE" does not print", name_of(i), text);
+    VALUE ruby_text = fuzz_call(ruby_print, id_call, 1, &m, &err);
+    if (ruby_text == Qundef)
+        fuzz_bug("%s: the C printer wrote %+"PRIsVALUE", the Ruby encoder raised %s", name_of(i), text, fuzz_error_text(err));
+    if (!rb_str_equal(text, ruby_text))
+        fuzz_bug("%s: the C printer wrote %+"PRIsVALUE", the Ruby encoder %+"PRIsVALUE, name_of(i), text, ruby_text);
     VALUE u = fuzz_call(official[i], id_decode_json, 1, &text, &err);
     if (u == Qundef) fuzz_bug("%s: google-protobuf rejects flowctl's JSON %+"PRIsVALUE": %s", name_of(i), text, fuzz_error_text(err));
     if (!fuzz_same_message(m, from_upb(i, u)) && !upb_drops_sign(text))
         fuzz_bug("%s: google-protobuf reads flowctl's JSON %+"PRIsVALUE" differently", name_of(i), text);
+    /* The copy's maps hold their entries in the order of the text, which is upb's order
+     * of m's: printed again they may come in another order, the one upb prints after
+     * reading the same text. */
+    if (!rb_str_equal(text, text2)) check_same_print(i, again, u, text);
+}
+
+/* What the C reader reads, the Ruby decoder reads to the same message; decode_json
+ * (either of them) agrees with the Ruby decoder on accepting. */
+static void
+check_c_reader(int i, VALUE *args, VALUE m)
+{
+    VALUE err, ours = fuzz_call(c_read, id_call, 2, args, &err);
+    if (ours == Qundef) fuzz_bug("%s: Flowctl::Native.json_decode raised: %s", name_of(i), fuzz_error_text(err));
+    VALUE theirs = fuzz_call(ruby_read, id_call, 2, args, &err);
+    if (theirs == Qundef) fuzz_expect(err, allowed_decode, "the Ruby decoder");
+    if ((theirs == Qundef) != (m == Qundef))
+        fuzz_bug("%s: decode_json and the Ruby decoder disagree on accepting %+"PRIsVALUE, name_of(i), args[1]);
+    if (NIL_P(ours)) return;
+    read_in_c++;
+    if (theirs == Qundef)
+        fuzz_bug("%s: the C reader read %+"PRIsVALUE", which the Ruby decoder rejects: %s", name_of(i), args[1],
+                 fuzz_error_text(err));
+    if (!fuzz_same_message(ours, theirs))
+        fuzz_bug("%s: the C reader and the Ruby decoder read %+"PRIsVALUE" differently:\n  C: %+"PRIsVALUE
+                 "\n  Ruby: %+"PRIsVALUE, name_of(i), args[1], ours, theirs);
+}
+
+/* Both read the text: flowctl prints what upb prints for it (maps in the text's order
+ * on both sides, so in upb's table order on both). */
+static void
+check_same_print(int i, VALUE m, VALUE u, VALUE text)
+{
+    VALUE err, ours = fuzz_call(m, id_to_json, 0, NULL, &err);
+    if (ours == Qundef) return; /* check_roundtrip reported it */
+    VALUE theirs = fuzz_call(official[i], rb_intern("encode_json"), 1, &u, &err);
+    if (theirs == Qundef || upb_drops_sign(text)) {
+        upb_cannot_print++;
+        return;
+    }
+    if (!rb_str_equal(ours, theirs))
+        fuzz_bug("%s: read from %+"PRIsVALUE" flowctl prints %+"PRIsVALUE", google-protobuf %+"PRIsVALUE, name_of(i),
+                 text, ours, theirs);
+    printed_same++;
 }
 
 static int
@@ -158,6 +226,7 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     }
 
     VALUE args[2] = {classes[i], text};
+    check_c_reader(i, args, m);
     VALUE lax = fuzz_call(ignoring, id_call, 2, args, &err);
     if (lax == Qundef) {
         fuzz_expect(err, allowed_decode, "decode_json(ignore_unknown_fields: true)");
@@ -185,6 +254,7 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         if (!fuzz_same_message(m, theirs) && !upb_drops_sign(text))
             fuzz_bug("%s: flowctl and google-protobuf read %+"PRIsVALUE" differently:\n  flowctl: %+"PRIsVALUE
                      "\n  upb: %+"PRIsVALUE, name_of(i), text, m, theirs);
+        check_same_print(i, m, u, text);
     }
     fuzz_gc_tick();
     return 0;

@@ -96,7 +96,6 @@ static grpc_call *
 create_call(flowctl_channel *ch, VALUE path, grpc_completion_queue *cq, gpr_timespec deadline)
 {
     grpc_slice method = grpc_slice_from_copied_buffer(RSTRING_PTR(path), (size_t)RSTRING_LEN(path));
-    flowctl_channel_note_call(ch);
     grpc_call *call = grpc_channel_create_call(ch->channel, NULL, GRPC_PROPAGATE_DEFAULTS, cq, method, NULL,
                                                deadline, NULL);
     grpc_slice_unref(method);
@@ -498,7 +497,6 @@ stream_initialize(int argc, VALUE *argv, VALUE self)
     flowctl_metadata_from_hash(headers, &md);
     grpc_completion_queue *cq = grpc_completion_queue_create_for_next(NULL);
     flowctl_pump_init(&s->pump, create_call(ch, path, cq, deadline), cq);
-    s->pump.polled = &ch->calls_started; /* the channel's watch stands aside while the stream polls */
     flowctl_channel_track(ch, &s->track, s->pump.call);
     s->pid = flowctl_pid;
     grpc_byte_buffer *req = NIL_P(request) ? NULL : flowctl_buffer_from_str(request);

@@ -22,10 +22,7 @@ flowctl_channel_unref(flowctl_channel *ch)
 {
     if (atomic_fetch_sub(&ch->refs, 1) != 1) return;
     /* in a forked child its sockets are gone and their numbers may be reused: leave it */
-    if (ch->channel && ch->pid == flowctl_pid) {
-        flowctl_watch_forget(ch->watch);
-        grpc_channel_destroy(ch->channel);
-    }
+    if (ch->channel && ch->pid == flowctl_pid) grpc_channel_destroy(ch->channel);
     pthread_mutex_destroy(&ch->calls_mu);
     free(ch->target);
     free(ch);
@@ -133,9 +130,24 @@ channel_initialize(VALUE self, VALUE target, VALUE tls, VALUE args)
     atomic_init(&ch->unary_us, 0);
     atomic_init(&ch->unary_inflight, 0);
     pthread_mutex_init(&ch->calls_mu, NULL);
-    ch->watch = flowctl_watch_channel(ch);
     w->ch = ch;
     return self;
+}
+
+/*
+ * gRPC core polls a channel's connections only while a thread waits on a call of it, and
+ * its client-channel backup poller looks at the rest every 5 s: an idle channel took 5 s
+ * to connect, held a stopping server for its whole grace period (the GOAWAY went unread)
+ * and wrote its next call on a connection its server had closed (UNAVAILABLE). Every
+ * 10 ms instead, without blocking (poll with no timeout, from gRPC's timer thread): it does
+ * not sit on a busy connection, whose replies its calls read themselves (watch.c says
+ * what a blocking watcher cost). About 100 wake-ups a second while the process has a
+ * channel, none without.
+ */
+void
+flowctl_channel_env(void)
+{
+    flowctl_default_env("GRPC_CLIENT_CHANNEL_BACKUP_POLL_INTERVAL_MS", "10");
 }
 
 /* call-seq: channel.target -> String */

@@ -399,22 +399,12 @@ map_enc_each(VALUE k, VALUE v, VALUE p)
     return ST_CONTINUE;
 }
 
-/*
- * Map iteration on the hot path: rb_hash_stlike_foreach (exported by libruby, used
- * here when extconf finds it) skips rb_hash_foreach's rb_ensure frame, which is most
- * of the cost of encoding a small map. The callback never changes the Hash.
- */
-#ifdef HAVE_RB_HASH_STLIKE_FOREACH
-int rb_hash_stlike_foreach(VALUE hash, int (*func)(st_data_t, st_data_t, st_data_t), st_data_t arg);
 static int
 map_enc_st(st_data_t k, st_data_t v, st_data_t p)
 {
     return map_enc_each((VALUE)k, (VALUE)v, (VALUE)p);
 }
-#define MAP_FOREACH(h, arg) rb_hash_stlike_foreach((h), map_enc_st, (st_data_t)(arg))
-#else
-#define MAP_FOREACH(h, arg) rb_hash_foreach((h), map_enc_each, (VALUE)(arg))
-#endif
+#define MAP_FOREACH(h, arg) flowctl_hash_each((h), map_enc_st, (arg))
 
 static void
 encode_field(wbuf *b, const flowctl_class *ci, VALUE msg, const flowctl_field *f, VALUE v, int depth)

@@ -178,7 +178,6 @@ fiber_call_initialize(VALUE self, VALUE channel, VALUE path, VALUE request, VALU
     if (!cq) rb_raise(eFlowctlError, "flowctl: could not start the thread that completes calls under a Fiber scheduler");
     flowctl_metadata_from_hash(headers, &fc->send_md);
     grpc_slice method = grpc_slice_from_copied_buffer(RSTRING_PTR(path), (size_t)RSTRING_LEN(path));
-    flowctl_channel_note_call(ch);
     fc->call = grpc_channel_create_call(ch->channel, NULL, GRPC_PROPAGATE_DEFAULTS, cq, method, NULL, deadline, NULL);
     grpc_slice_unref(method);
     flowctl_channel_ref(ch);

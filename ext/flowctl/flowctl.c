@@ -12,6 +12,7 @@ void
 Init_flowctl(void)
 {
     flowctl_fork_env();
+    flowctl_channel_env();
     grpc_init();
 
     mFlowctl = rb_define_module("Flowctl");
@@ -27,6 +28,7 @@ Init_flowctl(void)
     init_flowctl_descriptor();
     init_flowctl_message();
     init_flowctl_reflect();
+    init_flowctl_json_class();
     init_flowctl_channel();
     init_flowctl_call();
     init_flowctl_fiber();

@@ -1,7 +1,8 @@
 /*
  * flowctl.h — the one internal header of the flowctl extension.
  *
- * Reading order: flowctl.c (Init) -> message.c/convert.c (messages) -> status.c
+ * Reading order: flowctl.c (Init) -> message.c/convert.c (messages) -> reflect.c -> json_text.h,
+ * json_text.c, json_order.c -> json_write.c, json_read.c, json_class.c (proto3 JSON) -> status.c
  * -> metadata.c -> log.c -> clock.c -> fork.c (gate, fork hooks) -> wait.c -> watch.c -> channel.c -> call.c
  * -> fiber.c -> pump.c -> server_engine.h/.c -> server.c -> server_call.c -> wire.h -> heartbeat_wire.c
  * -> heartbeat.c -> heartbeat_class.c.
@@ -119,8 +120,25 @@ VALUE flowctl_msg_new(const flowctl_class *ci);          /* all fields at their 
 VALUE flowctl_field_default(const flowctl_field *f);
 /* "int32", "string", ... by ProtobufCType (convert.c) */
 extern const char *const flowctl_type_names[];
+/* Stores v (not nil) in field i of a new, unfrozen message, v being what the setter's
+ * conversion makes (frozen UTF-8 Strings, frozen binary ones for bytes, enum Symbols of
+ * known values, Floats rounded to float, a Time in range, fresh Hash/Array of such
+ * values); json_read.c builds such values. */
+void flowctl_msg_put(VALUE msg, unsigned i, VALUE v);
 /* After field i of a oneof was set: its siblings become unset. */
 void flowctl_msg_clear_oneof(VALUE msg, flowctl_msg *m, unsigned i);
+
+/*
+ * Hash iteration on hot paths (convert.c, json_write.c): rb_hash_stlike_foreach (exported
+ * by libruby, used when extconf finds it) skips rb_hash_foreach's rb_ensure frame, most of
+ * the cost of a small map. The callback gets VALUEs as st_data_t and never changes the Hash.
+ */
+#ifdef HAVE_RB_HASH_STLIKE_FOREACH
+int rb_hash_stlike_foreach(VALUE hash, st_foreach_callback_func *func, st_data_t arg);
+#define flowctl_hash_each(h, fn, arg) rb_hash_stlike_foreach((h), (fn), (st_data_t)(arg))
+#else
+#define flowctl_hash_each(h, fn, arg) rb_hash_foreach((h), (int (*)(VALUE, VALUE, VALUE))(fn), (VALUE)(arg))
+#endif
 
 /* ---- descriptor.c: protobuf-c descriptors built at run time from descriptor sets ---- */
 void init_flowctl_descriptor(void);
@@ -138,6 +156,40 @@ void flowctl_decode_into(const flowctl_class *ci, VALUE msg, const uint8_t *p, s
 
 /* ---- reflect.c: a message class's field table for Ruby (descriptors, JSON) ---- */
 void init_flowctl_reflect(void);
+
+/* ---- json_write.c + json_class.c: proto3 JSON printed in C (json_text.h: the text) ---- */
+enum { FLOWCTL_JSON_EMIT_DEFAULTS = 1, FLOWCTL_JSON_PROTO_NAMES = 2, FLOWCTL_JSON_ENUM_INTS = 4 };
+typedef enum {
+    JSON_OK,
+    JSON_FALLBACK,  /* something only the Ruby encoder prints (or names as an error) */
+    JSON_NO_PLAN,   /* a class whose JSON names Ruby has not given yet */
+    JSON_NO_MEMORY
+} flowctl_json_result;
+/* What Ruby gave for one field of a class: printed as key ("\"jsonName\":") or proto_key. */
+typedef struct flowctl_json_name {
+    unsigned index;              /* into ci->fields / the message's vals */
+    char *key, *proto_key;
+    size_t key_len, proto_key_len;
+} flowctl_json_name;
+typedef struct flowctl_json_plan {
+    bool special;                /* a well-known type: the Ruby layer reads and prints it */
+    unsigned n;
+    flowctl_json_name fields[];  /* declaration order */
+} flowctl_json_plan;
+struct jbuf;
+/* A class's JSON field names in declaration order (index[i]: the field in ci->fields);
+ * special: a well-known type the Ruby encoder prints. false when out of memory. */
+bool flowctl_json_plan_add(const flowctl_class *ci, bool special, const unsigned *index, const char *const *json_names,
+                           unsigned n);
+const flowctl_json_plan *flowctl_json_plan_of(const flowctl_class *ci); /* NULL: none given yet */
+/* msg's JSON into b; on JSON_NO_PLAN *missing is the class without a plan. */
+flowctl_json_result flowctl_json_write(struct jbuf *b, VALUE msg, unsigned flags, const flowctl_class **missing);
+void init_flowctl_json_write(void);
+/* json_read.c: a message of ci from JSON text, or JSON_FALLBACK for anything the Ruby
+ * decoder must read (or name as an error); may raise (only as a setter would). */
+flowctl_json_result flowctl_json_read(const flowctl_class *ci, const char *text, size_t len, VALUE *out,
+                                      const flowctl_class **missing);
+void init_flowctl_json_class(void);
 
 /* ---- clock.c: monotonic time (a leaf: depends on nothing of ours) ------- */
 /* A condition variable whose timed waits use CLOCK_MONOTONIC. */
@@ -213,18 +265,13 @@ void flowctl_log_line(gpr_log_func_args *args); /* the gpr log function */
 void flowctl_log_apply_verbosity(int cap);        /* gRPC's verbosity: what is wanted, at most cap */
 void flowctl_log_atfork_child(void);
 
-/* ---- watch.c: the thread that polls idle connections -------------------- */
+/* ---- watch.c: a shared `next` queue and its thread (fiber calls complete there) ---- */
 /* A tag on the shared queue of watch.c: its thread calls on_done(tag, success). */
 typedef struct flowctl_cq_tag {
     void (*on_done)(struct flowctl_cq_tag *tag, bool ok);
 } flowctl_cq_tag;
 void init_flowctl_watch(void);
-/* Keeps channel's connections polled while no call is (NULL if no thread could start:
- * the channel then works as before). */
 typedef struct flowctl_channel flowctl_channel;
-struct flowctl_watch *flowctl_watch_channel(flowctl_channel *ch);
-/* Before grpc_channel_destroy: the watch lets go of the channel. */
-void flowctl_watch_forget(struct flowctl_watch *w);
 /* The shared `next` queue (the thread started), or NULL when no thread could start. */
 grpc_completion_queue *flowctl_watch_cq(void);
 /* Wakes the thread (fork.c: after closing the gate, so that it steps out of gRPC). */
@@ -246,30 +293,24 @@ typedef struct flowctl_tracked {
 
 struct flowctl_channel {
     grpc_channel *channel;      /* NULL once closed */
-    struct flowctl_watch *watch; /* watch.c keeps it polled while idle (NULL: not watched) */
     char *target;
     atomic_int refs;            /* the Ruby object holds one; each heartbeat thread one more */
     atomic_bool closed;
     pid_t pid;                  /* creator: in a forked child the channel is dead (fork.c) */
     atomic_uint unary_us;       /* recent unary round trips, microseconds (moving average; 0: none yet) */
     atomic_int unary_inflight;  /* unary calls waiting on this channel now */
-    atomic_uint calls_started;  /* flowctl_channel_note_call, and each poll of a stream (pump.c):
-                                 * watch.c parks while it moves */
     pthread_mutex_t calls_mu;   /* guards calls */
     flowctl_tracked *calls;     /* Ruby's calls in flight (unary and streams) */
 };
 
 void init_flowctl_channel(void);
+/* Before grpc_init: gRPC's backup poller polls idle connections every 10 ms (unless the
+ * environment sets GRPC_CLIENT_CHANNEL_BACKUP_POLL_INTERVAL_MS). */
+void flowctl_channel_env(void);
 /* The channel of a Flowctl::Native::Channel (raises IOError when closed). */
 flowctl_channel *flowctl_channel_get(VALUE rb_channel);
 void flowctl_channel_ref(flowctl_channel *ch);
 void flowctl_channel_unref(flowctl_channel *ch);     /* destroys the channel at zero; never blocks long */
-/* A call starts on ch: its idle watch stands aside while calls keep coming (watch.c). */
-static inline void
-flowctl_channel_note_call(flowctl_channel *ch)
-{
-    atomic_fetch_add_explicit(&ch->calls_started, 1, memory_order_relaxed);
-}
 /* Lists call (referencing ch) until untrack; closing the channel cancels what is listed. */
 void flowctl_channel_track(flowctl_channel *ch, flowctl_tracked *t, grpc_call *call);
 void flowctl_channel_untrack(flowctl_tracked *t); /* before grpc_call_unref; idempotent */
@@ -322,8 +363,6 @@ typedef struct flowctl_pump {
     _Atomic int64_t last_write_ns; /* CLOCK_MONOTONIC: the last write (a burst: writes closer than PUMP_BURST_NS);
                                     * the driver reads it without mu */
     int64_t hint_since_ns;       /* the first message gRPC holds back (GRPC_WRITE_BUFFER_HINT) since the last flush */
-    atomic_uint *polled;         /* a client stream's: its channel's calls_started, moved at each poll (the
-                                  * stream's threads poll the connection: watch.c stands aside meanwhile) */
     struct flowctl_pump *drive_next; /* the driver's list (pump.c: drive_mu) */
     int64_t drive_at_ns;         /* (drive_mu) when the driver looks at it */
     bool drive_listed, drive_gone;
@@ -574,6 +613,8 @@ bool flowctl_conn_offend(flowctl_offenders *t, const char *peer, int64_t now_ms,
  * record it; in a forked child, those of the parent are left alone. */
 extern pid_t flowctl_pid;
 void flowctl_fork_env(void);
+/* setenv(name, value) unless the environment sets name (to something not empty). */
+void flowctl_default_env(const char *name, const char *value);
 void init_flowctl_fork(void);
 /*
  * Fork hooks, registered at load by the files that keep threads or process-wide state

@@ -467,8 +467,8 @@ flowctl_fork_check(void)
 }
 
 /* A user's own setting wins; an empty one counts as unset. */
-static void
-default_env(const char *name, const char *value)
+void
+flowctl_default_env(const char *name, const char *value)
 {
     const char *v = getenv(name);
     if (!v || !*v) setenv(name, value, 1);
@@ -478,8 +478,8 @@ void
 flowctl_fork_env(void)
 {
     flowctl_pid = getpid();
-    default_env("GRPC_ENABLE_FORK_SUPPORT", "1");
-    default_env("GRPC_POLL_STRATEGY", "poll");
+    flowctl_default_env("GRPC_ENABLE_FORK_SUPPORT", "1");
+    flowctl_default_env("GRPC_POLL_STRATEGY", "poll");
     const char *v = getenv("GRPC_ENABLE_FORK_SUPPORT");
     fork_support = v && (strcmp(v, "1") == 0 || strcasecmp(v, "true") == 0);
 }

@@ -156,6 +156,16 @@ field_set(VALUE self, unsigned i, VALUE v)
 }
 
 void
+flowctl_msg_put(VALUE msg, unsigned i, VALUE v)
+{
+    flowctl_msg *m = flowctl_msg_get(msg);
+    const flowctl_field *f = &m->ci->fields[i];
+    if (f->ts_slot >= 0) *flowctl_msg_ts(m, f) = rb_time_timespec(v);
+    RB_OBJ_WRITE(msg, &m->vals[i], v);
+    if (f->oneof) flowctl_msg_clear_oneof(msg, m, i);
+}
+
+void
 flowctl_msg_clear_oneof(VALUE msg, flowctl_msg *m, unsigned i)
 {
     const flowctl_class *ci = m->ci;

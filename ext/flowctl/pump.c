@@ -176,18 +176,10 @@ on_event(flowctl_pump *p, const grpc_event *ev)
 
 /* One turn as the poller: mu held on entry and on return, released inside gRPC. A
  * woken waiter (woken != NULL) does not wait at a closed fork gate. */
-/* A thread of the stream polls its channel's connection (watch.c parks meanwhile). */
-static void
-note_poll(flowctl_pump *p)
-{
-    if (p->polled) atomic_fetch_add_explicit(p->polled, 1, memory_order_relaxed);
-}
-
 static void
 poll_once(flowctl_pump *p, const atomic_bool *woken)
 {
     p->polling = true;
-    note_poll(p);
     pthread_mutex_unlock(&p->mu);
     bool in = true;
     if (woken) in = flowctl_gate_enter_unless(woken);
@@ -245,7 +237,6 @@ static bool
 take_completed(flowctl_pump *p, bool gated, int max, pump_pred pred, void *arg)
 {
     p->polling = true;
-    note_poll(p);
     bool done = false;
     for (int i = 0; i < max && !done; i++) {
         pthread_mutex_unlock(&p->mu);

@@ -67,6 +67,7 @@ typedef struct {
     int64_t last_watch_ms;
     size_t memory_burst;              /* RSS growth within the window that sheds a connection (0: off) */
     pthread_t watchdog;               /* runs watch_memory; the acceptor joins it when it ends */
+    pthread_cond_t watchdog_wake;     /* (mu) shutdown ends the watchdog's pause (monotonic clock) */
     _Atomic int64_t acceptor_beat_ms; /* when the acceptor last came back from gRPC */
     long stall_closed;                /* connections shut down while the acceptor was held (mu) */
     long idle_shed;                   /* connections shut down near the descriptor limit (mu) */

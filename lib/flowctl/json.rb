@@ -26,8 +26,10 @@ module Flowctl
   # unknown number as a number); bytes in base64; Timestamps in RFC 3339 with 0, 3, 6 or
   # 9 fractional digits; doubles as upb prints them (shortest of %.15g/%.17g that reads
   # back; floats %.6g/%.9g); NaN and infinities as "NaN", "Infinity", "-Infinity"; map
-  # entries in the order of the Hash (upb prints them in its hash table's order); the
-  # well-known types in their own forms (json/well_known.rb).
+  # entries in the order upb prints a map built by inserting them in the Hash's order
+  # (its hash table's: json_order.c), which is the map google-protobuf decodes from
+  # msg.to_proto or builds from the same Hash; the well-known types in their own forms
+  # (json/well_known.rb).
   #
   # Reading accepts both lowerCamelCase and .proto names, numbers as numbers or strings,
   # enums by name or number, null as "the default", base64 standard or URL-safe with or
@@ -63,8 +65,37 @@ module Flowctl
 
     # The JSON text of a message (options as google-protobuf's encode_json:
     # emit_defaults:, preserve_proto_fieldnames:, format_enums_as_integers:).
-    def encode(msg, options = {})
-      Encoder.new(Encoder.options(options)).encode(msg)
+    #
+    # The text comes from C (ext/flowctl/json_write.c) when it can print the message;
+    # the Ruby encoder prints the rest (the well-known types with a form of their own)
+    # and names what is wrong in a message that cannot be printed.
+    def encode(msg, options = NO_OPTIONS)
+      flags = 0
+      flags = Encoder.flags(options = Encoder.options(options)) unless options.equal?(NO_OPTIONS)
+      out = Native.json_encode(msg, flags)
+      while out.is_a?(Class)
+        plan(out)
+        out = Native.json_encode(msg, flags)
+      end
+      out || Encoder.new(options).encode(msg)
+    end
+
+    NO_OPTIONS = {}.freeze
+
+    # Gives the C printer a class's JSON names, in declaration order (once per class).
+    def plan(klass)
+      desc = klass.descriptor
+      Native.json_plan(klass, WELL_KNOWN.key?(desc.name), desc.fields.map { |f| [f.name, f.json_name] })
+    end
+
+    # The entries of a map in the order google-protobuf prints them: the order of its
+    # hash table (ext/flowctl/json_order.c) after inserting them in the order given.
+    # entries: [[key bytes, ...], ...] (String keys' bytes; integers packed in native
+    # order at their C size, booleans as one byte).
+    def upb_order(entries)
+      return entries if entries.size < 2
+
+      Native.json_map_order(entries.map(&:first)).map { |i| entries[i] }
     end
 
     # What is wrong with one value, raised inside the encoder or decoder and passed up
@@ -147,9 +178,22 @@ module Flowctl
     # ---- reading -------------------------------------------------------------------
 
     # A message of klass from JSON text.
+    #
+    # Plain well-formed text is read in C (ext/flowctl/json_read.c) to the same message;
+    # the Ruby decoder reads the rest and names what is wrong.
     def decode(klass, text, ignore_unknown_fields: false)
       raise TypeError, "#{klass}.decode_json takes a String (given #{text.class})" unless text.is_a?(String)
 
+      out = Native.json_decode(klass, text)
+      while out.is_a?(Class)
+        plan(out)
+        out = Native.json_decode(klass, text)
+      end
+      out || ruby_decode(klass, text, ignore_unknown_fields)
+    end
+
+    # The Ruby decoder alone (what the C reader falls back to; the specs compare both).
+    def ruby_decode(klass, text, ignore_unknown_fields = false)
       Decoder.new(klass, ignore_unknown_fields).decode(parse(klass, text))
     end
 
@@ -195,7 +239,7 @@ module Flowctl
     # The proto3 JSON of msg, as google-protobuf prints it. Options: emit_defaults: (print
     # fields at their default too), preserve_proto_fieldnames: (.proto names instead of
     # lowerCamelCase), format_enums_as_integers:.
-    def self.encode_json(msg, options = {})
+    def self.encode_json(msg, options = ProtoJSON::NO_OPTIONS)
       raise TypeError, "#{self}.encode_json needs a #{self} (given #{msg.class})" unless msg.is_a?(self)
 
       ProtoJSON.encode(msg, options)
@@ -213,10 +257,14 @@ module Flowctl
     #   msg.to_json(options_hash)   -> String (encode_json's options)
     #   msg.to_json(json_state)     -> what JSON.generate / JSON.pretty_generate write for msg
     def to_json(*args)
+      if args.empty? # the common call: straight to the C printer
+        text = Native.json_encode(self, 0)
+        return text if text.is_a?(String)
+      end
       state = args.first
-      return ProtoJSON.encode(self, state || {}) if state.nil? || state.is_a?(Hash)
+      return ProtoJSON.encode(self, state || ProtoJSON::NO_OPTIONS) if state.nil? || state.is_a?(Hash)
 
-      text = ProtoJSON.encode(self)
+      text = ProtoJSON.encode(self, ProtoJSON::NO_OPTIONS)
       # JSON.generate's default (compact) state writes the text as it is; another layout
       # (pretty_generate) re-generates it from its parsed form.
       return text unless state.respond_to?(:indent) && !(state.indent.empty? && state.space.empty? && state.object_nl.empty?)

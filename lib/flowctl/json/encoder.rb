@@ -19,6 +19,16 @@ module Flowctl
         options
       end
 
+      # The options as Flowctl::Native.json_encode's flags.
+      def self.flags(opts)
+        return 0 if opts.empty?
+
+        (opts[:emit_defaults] ? 1 : 0) | (opts[:preserve_proto_fieldnames] ? 2 : 0) | (opts[:format_enums_as_integers] ? 4 : 0)
+      end
+
+      KEY_PACK = { int32: "l", sint32: "l", sfixed32: "l", uint32: "L", fixed32: "L",
+                   int64: "q", sint64: "q", sfixed64: "q", uint64: "Q", fixed64: "Q" }.freeze
+
       def initialize(opts)
         @defaults = opts[:emit_defaults] ? true : false
         @proto_names = opts[:preserve_proto_fieldnames] ? true : false
@@ -91,13 +101,15 @@ module Flowctl
         out << "]"
       end
 
+      # In the order google-protobuf prints the map (ProtoJSON.upb_order).
       def map(f, v, out)
-        out << "{"
-        first = true
-        v.each do |k, e|
-          out << "," unless first
-          first = false
+        entries = v.map do |k, e|
           key = map_key(f, k)
+          [key_bytes(f, k, key), key, e]
+        end
+        out << "{"
+        ProtoJSON.upb_order(entries).each_with_index do |(_, key, e), i|
+          out << "," if i.positive?
           ProtoJSON.string(key, out)
           out << ":"
           begin
@@ -107,6 +119,15 @@ module Flowctl
           end
         end
         out << "}"
+      end
+
+      # What upb hashes of a key: a string's bytes, an integer at its C size, a bool's byte.
+      def key_bytes(f, k, text)
+        case f.key_type
+        when :string then text.b
+        when :bool then k ? "\x01".b : "\x00".b
+        else [k].pack(KEY_PACK.fetch(f.key_type))
+        end
       end
 
       def map_key(f, k)
