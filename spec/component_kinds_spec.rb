@@ -2,6 +2,7 @@
 
 require_relative "spec_helper"
 require "open3"
+require "timeout"
 
 # Each kind in this process (Klass.start), standalone, through the gem's flowctl.v1 clients:
 # the method's results, failures, max_concurrent, state, shutdown of open streams, the seed's
@@ -77,6 +78,25 @@ RSpec.describe "Flowctl::Component kinds" do
       expect(out.strip.split(",").map { |hex| V1::Event.decode([hex].pack("H*")).payload }).to eq(["9"])
       expect(rt.metrics.to_numbers).to include("events_failed" => 2, "events_received" => 1, "events_emitted" => 1)
       expect(log_io.string).to include("a message that is no event failed")
+    end
+
+    it "replies a failed event marked flowctl.error with failed_events: :reply (the default under flowctl-pipeline)" do
+      inputs = %w[1 x 5].each_with_index.map { |p, i| event(i, payload: p).tap { |e| e.metadata = { "k" => "v" } } }
+      rt = start(square, id: "sq", failed_events: :reply)
+      replies = client(V1::ProcessorClient, rt).process(inputs).to_a
+      expect(replies.map { |r| [r.id, r.type, r.payload] }).to eq([%w[0 squared 1], %w[1 number x], %w[2 number 5]])
+      expect(replies[1].metadata).to eq("k" => "v", "flowctl.error" => 'ArgumentError: invalid value for Integer(): "x"',
+                                        "flowctl.failed_at" => "sq")
+      expect(replies[2].metadata["flowctl.error"]).to start_with("TypeError: expected a Flowctl::V1::Event")
+      expect(rt.metrics.to_numbers).to include("events_failed" => 2, "events_emitted" => 1)
+      expect(rt.component.dead).to eq([["1", ArgumentError], ["2", TypeError]])
+
+      under_runner = start(square, env: { "FLOWCTL_INPUTS" => "src" })
+      expect(under_runner.settings.failed_events).to eq(:reply)
+      expect(client(V1::ProcessorClient, under_runner).process([event(0, payload: "x")]).map(&:id)).to eq(["0"])
+      expect(start(square).settings.failed_events).to eq(:drop)
+      expect(start(square, env: { "FLOWCTL_INPUTS" => "src", "FLOWCTL_FAILED_EVENTS" => "drop" }).settings.failed_events).to eq(:drop)
+      expect { start(square, failed_events: :keep) }.to raise_error(ArgumentError, /failed_events: :keep must be one of drop, reply/)
     end
 
     it "answers GetInfo and HealthCheck" do
@@ -266,6 +286,22 @@ RSpec.describe "Flowctl::Component kinds" do
       expect(reply.errors).to eq(["event 2: ArgumentError: odd one"])
       expect(rt.component.seen).to eq(%w[1 3])
     end
+  end
+
+  it "ends streams that wait for their next event at once at shutdown (their calls are cancelled), not after the grace" do
+    rt = start(square)
+    sink_rt = start(Class.new(Flowctl::Component::Consumer) { def consume(_event) = nil })
+    calls = [client(V1::ProcessorClient, rt).process_stream, client(V1::ConsumerClient, sink_rt).consume_stream]
+    calls.each { |c| c.write(event(3)) }
+    expect(calls.first.read.payload).to eq("9")
+    Timeout.timeout(time_limit(10)) { sleep 0.01 until sink_rt.metrics.to_numbers["events_received"] == 1 }
+    t0 = Process.clock_gettime(Process::CLOCK_MONOTONIC)
+    [rt, sink_rt].map { |r| Thread.new { r.stop(grace: 20) } }.each(&:join)
+    expect(Process.clock_gettime(Process::CLOCK_MONOTONIC) - t0).to be < time_limit(5)
+    expect { calls.first.read }.to raise_error(Flowctl::RPCError)
+    expect { calls.last.response }.to raise_error(Flowctl::RPCError)
+    expect(rt.metrics.to_numbers).to include("events_received" => 1, "events_emitted" => 1, "events_dropped" => 0)
+    calls.each(&:cancel)
   end
 
   it "answers grpc.health.v1 Check to the official grpc gem's health stub" do

@@ -78,4 +78,41 @@ RSpec.describe Flowctl::Component::Metrics do
     threads.each(&:join)
     expect(metrics.to_numbers).to include("events_received" => 2000, "events_emitted" => 2000, "in_flight" => 0, "mine" => 2000)
   end
+
+  it "adds each stream's tally into every snapshot and keeps its counts once the stream retires it" do
+    a = metrics.tally
+    b = metrics.tally
+    now = Process.clock_gettime(Process::CLOCK_MONOTONIC)
+    a.begin_event
+    a.end_event(0.00004, now, 2, false) # first bucket (<= 50 µs)
+    a.begin_event
+    b.begin_event
+    b.end_event(20.0, now, 0, true) # +Inf
+    b.emitted!(3)
+    n = metrics.to_numbers
+    expect(n).to include("events_received" => 3, "events_emitted" => 5, "events_failed" => 1, "in_flight" => 1)
+    expect(n["last_event_time"]).to be_within(2).of(Time.now.to_f)
+    snap = metrics.snapshot
+    expect([snap[:buckets].first, snap[:buckets].last, snap[:buckets].sum]).to eq([1, 1, 2])
+    expect(snap[:latency_sum]).to be_within(1e-9).of(20.00004)
+    a.end_event(0.003, now, 1, false)
+    metrics.retire(a)
+    metrics.retire(b)
+    metrics.retire(b) # twice: counted once
+    expect(metrics.to_numbers).to include("events_received" => 3, "events_emitted" => 6, "events_failed" => 1,
+                                          "in_flight" => 0, "latency_p99_ms" => 20_000.0)
+    expect(metrics.snapshot[:buckets].sum).to eq(3)
+    threads = Array.new(4) do
+      Thread.new do
+        t = metrics.tally
+        500.times do
+          t.begin_event
+          t.end_event(0.0001, Process.clock_gettime(Process::CLOCK_MONOTONIC), 1, false)
+        end
+        metrics.retire(t)
+      end
+    end
+    threads.each(&:join)
+    expect(metrics.to_numbers).to include("events_received" => 2003, "events_emitted" => 2006, "in_flight" => 0)
+  end
 end

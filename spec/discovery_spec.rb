@@ -98,4 +98,48 @@ RSpec.describe Flowctl::Discovery do
     expect(a.requests.first[:params]).to eq("x" => "1")
     expect(described_class::Upstream.from_env({ "FLOWCTL_INPUTS" => "" })).to be_nil
   end
+
+  it "takes the event types, params and resume token the runner gives (FLOWCTL_INPUT_EVENT_TYPES, FLOWCTL_STREAM_PARAMS)" do
+    a = CountingSource.new("a", 10)
+    plane.components = [info("a", :COMPONENT_TYPE_SOURCE, serve(Flowctl::V1::SourceService, a))]
+    cp = serve(Flowctl::V1::ControlPlaneService, plane)
+    env = { "FLOWCTL_ENDPOINT" => cp, "FLOWCTL_INPUTS" => " a ,", "FLOWCTL_INPUT_EVENT_TYPES" => "text",
+            "FLOWCTL_STREAM_PARAMS" => '{"start_ledger": 7}' }
+    wait = time_limit(30) # how long an input may take to be found (GC_STRESS: much longer)
+    expect(described_class::Upstream.from_env(env, timeout: wait).to_a).to eq([]) # "number" events, filtered out
+    expect(a.requests.last[:params]).to eq("start_ledger" => "7")
+    up = described_class::Upstream.from_env(env.merge("FLOWCTL_INPUT_EVENT_TYPES" => "number"), resume_token: "6", timeout: wait)
+    expect(up.map(&:id)).to eq(%w[a-7 a-8 a-9])
+    expect(a.requests.last.values_at(:resume, :resume_token)).to eq([true, "6"])
+    expect { described_class::Upstream.from_env(env.merge("FLOWCTL_STREAM_PARAMS" => "[1]")) }
+      .to raise_error(ArgumentError, /FLOWCTL_STREAM_PARAMS must be a JSON object/)
+    expect { described_class::Upstream.from_env(env.merge("FLOWCTL_STREAM_PARAMS" => "{x")) }
+      .to raise_error(ArgumentError, /FLOWCTL_STREAM_PARAMS is not JSON/)
+  end
+
+  it "serves a self-wiring processor's outputs as a source (Relay): its readers' params and resume token go upstream" do
+    a = CountingSource.new("a", 6)
+    plane.components = [info("a", :COMPONENT_TYPE_SOURCE, serve(Flowctl::V1::SourceService, a))]
+    cp = serve(Flowctl::V1::ControlPlaneService, plane)
+    wait = time_limit(30)
+    relay = described_class::Relay.from_env({ "FLOWCTL_ENDPOINT" => cp, "FLOWCTL_INPUTS" => "a" }, timeout: wait,
+                                            info: { id: "p", type: :COMPONENT_TYPE_PROCESSOR }) do |e|
+      i = Integer(e.payload)
+      next nil if i == 3 # nothing for this one
+
+      out = Flowctl::V1::Event.new(id: e.id, type: "squared", payload: (i * i).to_s, metadata: e.metadata)
+      i == 5 ? [out, out.dup.tap { |o| o.id = "extra" }] : out
+    end
+    plane.components << info("p", :COMPONENT_TYPE_PROCESSOR, serve(Flowctl::V1::SourceService, relay))
+    got = described_class::Upstream.new(cp, %w[p], params: { "k" => "v" }, timeout: wait).map { |e| [e.id, e.payload] }
+    expect(got).to eq([%w[a-0 0], %w[a-1 1], %w[a-2 4], %w[a-4 16], %w[a-5 25], %w[extra 25]])
+    expect(a.requests.last).to include(params: { "k" => "v" }, resume: false)
+    expect(described_class::Upstream.new(cp, %w[p], resume_token: "3", timeout: wait).map(&:id)).to eq(%w[a-4 a-5 extra])
+    expect(a.requests.last.values_at(:resume, :resume_token)).to eq([true, "3"])
+    client = Flowctl::Pipeline::Wire.client(:SourceClient, plane.components.last.endpoint)
+    expect(client.get_info.id).to eq("p")
+    client.close
+    expect(described_class::Relay.from_env({ "FLOWCTL_INPUTS" => "" }) { nil }).to be_nil
+    expect { described_class::Relay.new(cp, %w[a]) }.to raise_error(ArgumentError, /Relay needs a block/)
+  end
 end

@@ -203,6 +203,20 @@ RSpec.describe Flowctl::Pipeline::Definition do
     expect(problems(good.sub("    - id: out\n", "    - idx: out\n"))).to include([27, "sinks[0]", "id: missing"])
   end
 
+  it "reads spec.wiring: runner (default) or discovery; refuses others and a dead-letter sink with discovery" do
+    expect(load_text(good).wiring).to eq("runner")
+    d = load_text(good.sub("  driver: process\n", "  driver: process\n  wiring: discovery\n"))
+    expect([d.wiring, d.self_wired?]).to eq(["discovery", true])
+    expect(problems(good.sub("  driver: process\n", "  driver: process\n  wiring: discovry\n"))).to eq(
+      [[7, "spec", 'wiring: "discovry" is not one of runner, discovery (did you mean "discovery"?)']]
+    )
+    with_dlq = good.sub("  driver: process\n", "  driver: process\n  wiring: discovery\n  dead_letter: dlq\n") +
+               "    - id: dlq\n      command: [cat]\n"
+    expect(problems(with_dlq)).to eq(
+      [[8, "spec", "dead_letter: needs wiring: runner (components that wire themselves handle their failed events)"]]
+    )
+  end
+
   it "checks the header and the overall shape" do
     expect(problems(good.sub("flowctl/v1", "flowctl/v2"))).to eq([[1, nil, 'apiVersion: "flowctl/v2" is not supported (flowctl/v1)']])
     expect(problems(good.sub("kind: Pipeline", "kind: Job"))).to eq([[2, nil, 'kind: "Job" is not supported (Pipeline)']])

@@ -17,26 +17,9 @@ RSpec.describe "flowctl-pipeline with real components" do
     skip "needs Flowctl::Component (the component SDK)" unless defined?(Flowctl::Component::Source)
   end
 
-  around do |ex|
-    Dir.mktmpdir("flowctl-e2e") do |dir|
-      @dir = dir
-      @pids = File.join(dir, "pids")
-      Dir.mkdir(@pids)
-      ex.run
-    end
-  end
+  include PipelineRunHelpers
 
-  def out(name) = File.join(@dir, "#{name}.out")
-
-  def lines(name)
-    File.exist?(out(name)) ? File.readlines(out(name), chomp: true) : []
-  end
-
-  # A component line for the YAML: kind of components.rb, config keys, extra YAML.
-  def comp(id, kind, config = {}, extra = "")
-    cfg = { "pids_dir" => @pids }.merge(config).map { |k, v| "#{k}: '#{v}'" }.join(", ")
-    "{id: #{id}, command: [#{RbConfig.ruby}, #{E2E_COMPONENTS}, #{kind}], config: {#{cfg}}#{extra}}"
-  end
+  def comp(id, kind, config = {}, extra = "") = component_yaml(id, E2E_COMPONENTS, kind, config, extra)
 
   def pipeline(body, name: "e2e", grace: "5s")
     path = File.join(@dir, "#{name}.yaml")
@@ -51,37 +34,6 @@ RSpec.describe "flowctl-pipeline with real components" do
       #{body.gsub(/^/, '  ')}
     YAML
     Flowctl::Pipeline::Definition.load(path)
-  end
-
-  def runner(definition, **opts)
-    # PIPELINE_SPEC_VERBOSE=1: the runner's messages and the components' output on stderr
-    verbose = ENV["PIPELINE_SPEC_VERBOSE"] == "1"
-    Flowctl::Pipeline::Runner.new(definition, out: nil, err: verbose ? $stderr : StringIO.new, verbose: verbose,
-                                              log_dir: verbose ? nil : File.join(@dir, "logs"), **opts)
-  end
-
-  def component_pids = Dir.children(@pids).map { |f| f[/\d+\z/].to_i }
-
-  def alive?(pid)
-    Process.kill(0, pid)
-    true
-  rescue Errno::ESRCH
-    false
-  end
-
-  def expect_no_component_left
-    expect(component_pids).not_to be_empty
-    component_pids.each { |pid| expect(alive?(pid)).to be(false), "component pid #{pid} is still running" }
-  end
-
-  def wait_until(seconds, what)
-    deadline = Time.now + time_limit(seconds)
-    until (v = yield)
-      raise "timed out waiting for #{what}" if Time.now > deadline
-
-      sleep 0.05
-    end
-    v
   end
 
   it "delivers every event exactly once through a fan-out, a fan-in and a slow sink" do

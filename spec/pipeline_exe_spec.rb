@@ -54,6 +54,51 @@ RSpec.describe "exe/flowctl-pipeline" do
     expect(err).to include("No such file or directory")
   end
 
+  it "takes wiring: discovery from the file or --wiring, and refuses it with a dead-letter sink before starting anything" do
+    path = File.join(@dir, "dlq.yaml")
+    File.write(path, "apiVersion: flowctl/v1\nkind: Pipeline\nmetadata: {name: d}\nspec:\n  dead_letter: dlq\n" \
+                     "  sources: [{id: gen, command: [cat]}]\n  sinks: [{id: out, command: [cat]}, {id: dlq, command: [cat]}]\n")
+    _, err, st = sh("run", path, "--no-db", "--wiring", "discovery")
+    expect([st.exitstatus, err]).to eq([1, %(flowctl-pipeline: wiring: discovery cannot route to the dead-letter sink "dlq"\n)])
+    _, err, st = sh("run", path, "--wiring", "magic")
+    expect([st.exitstatus, err]).to eq([2, "flowctl-pipeline: invalid argument: --wiring magic\n"])
+    File.write(path, File.read(path).sub("  dead_letter: dlq\n", "  wiring: discovery\n").sub(", {id: dlq, command: [cat]}", ""))
+    out, _, st = sh("validate", path)
+    expect(st.exitstatus).to eq(0)
+    expect(out.lines.first).to end_with("1 sink(s); the components wire themselves (wiring: discovery)\n")
+  end
+
+  it "shows, sets, lists and rolls back a component's live configuration on a control plane" do
+    cp = Flowctl::Pipeline::EmbeddedControlPlane.new.start
+    schema = Flowctl::Config::Schema.new("factor" => { type: :integer, min: 1, max: 100, default: 1 },
+                                         "network" => { type: :string, default: "testnet" })
+    admin = Flowctl::Config.client(cp.endpoint)
+    admin.declare_schema(component_id: "square", schema: schema.to_proto)
+    config = ->(*args) { sh("config", "square", "--control-plane", cp.endpoint, *args) }
+    out, err, st = config.call
+    expect([st.exitstatus, err]).to eq([0, ""])
+    expect(out).to eq(%(square version 1 (not acknowledged yet, by schema defaults): factor=1 network="testnet"\n))
+    out, err, st = config.call("factor=7", "network=mainnet", "--author", "ops")
+    expect([st.exitstatus, err]).to eq([0, ""])
+    expect(out).to eq(%(square version 2 (not acknowledged yet, by ops): factor=7 network="mainnet"\n))
+    _, err, st = config.call("factor=1000")
+    expect(st.exitstatus).to eq(1)
+    expect(err).to eq(%(flowctl-pipeline: #{cp.endpoint}: config key "factor": 1000 is above the maximum 100\n))
+    out, _, st = config.call("--rollback", "1", "--author", "ops")
+    expect([st.exitstatus, out]).to eq([0, %(square version 3 (not acknowledged yet, by ops): factor=1 network="testnet"\n)])
+    out, _, st = config.call("--history", "--json")
+    expect(st.exitstatus).to eq(0)
+    expect(out.lines.map { |l| JSON.parse(l).values_at("version", "values") }).to eq(
+      [[1, { "factor" => "1", "network" => "\"testnet\"" }], [2, { "factor" => "7", "network" => "\"mainnet\"" }],
+       [3, { "factor" => "1", "network" => "\"testnet\"" }]]
+    )
+    _, err, st = config.call("factor")
+    expect([st.exitstatus, err]).to eq([2, "flowctl-pipeline: invalid argument: factor (give key=value)\n"])
+  ensure
+    admin&.close
+    cp&.stop
+  end
+
   it "lists recorded runs from the SQLite store, newest first, as a table or JSON lines" do
     db = File.join(@dir, "runs.db")
     store = Flowctl::Pipeline::RunStore.open(db)

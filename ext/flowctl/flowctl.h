@@ -4,8 +4,8 @@
  * Reading order: flowctl.c (Init) -> message.c/convert.c (messages) -> reflect.c -> json_text.h,
  * json_text.c, json_order.c -> json_write.c, json_read.c, json_class.c (proto3 JSON) -> status.c
  * -> metadata.c -> log.c -> clock.c -> fork.c (gate, fork hooks) -> wait.c -> watch.c -> channel.c -> call.c
- * -> fiber.c -> pump.c -> server_engine.h/.c -> server.c -> server_call.c -> wire.h -> heartbeat_wire.c
- * -> heartbeat.c -> heartbeat_class.c.
+ * -> fiber.c -> pump.c -> server_engine.h/.c -> server_unary.c -> server.c -> server_call.c -> wire.h
+ * -> heartbeat_wire.c -> heartbeat.c -> heartbeat_class.c.
  *
  * Mechanism files return codes where they can; the Ruby-facing functions raise.
  */

@@ -160,6 +160,23 @@ server_start(int argc, VALUE *argv, VALUE self)
     return self;
 }
 
+/*
+ * call-seq: server.register_unary("/package.Service/Method") -> self
+ *
+ * Before #start: serves that method's calls as unary ones (server_unary.c: one request,
+ * one reply with the status, no completion queue of their own).
+ */
+static VALUE
+server_register_unary(VALUE self, VALUE path)
+{
+    server_t *s = server_get(self);
+    if (s->started) rb_raise(rb_eRuntimeError, "register unary methods before the server starts");
+    if (!flowctl_server_register_unary(s, StringValueCStr(path)))
+        rb_raise(rb_eArgError, "cannot register %+"PRIsVALUE" (registered already, or more than %d methods)", path,
+                 FLOWCTL_MAX_UNARY);
+    return self;
+}
+
 /* call-seq: server.shutdown -> nil (stops accepting; calls in flight go on; idempotent) */
 static VALUE
 server_shutdown(VALUE self)
@@ -293,13 +310,16 @@ take_nogvl(void *p)
  * call-seq:
  *   server.next_call -> Flowctl::Native::ServerCall or nil
  *
- * Waits without the GVL until the acceptor hands this worker a call; nil once the server
- * shuts down. While a thread waits here it counts as an idle worker.
+ * The next call for this worker. One already
+ * queued is taken at once, with the GVL kept; otherwise the worker waits without the GVL
+ * until the acceptor hands it one, counted as idle meanwhile; nil once the server shuts down.
  */
 static VALUE
 server_next_call(VALUE self)
 {
     server_t *s = server_get(self);
+    call_slot *ready = flowctl_server_try_take(s); /* one queued already: the GVL stays */
+    if (ready && !flowctl_server_drop_reset(s, ready)) return flowctl_server_call_wrap(ready);
     for (;;) {
         struct wait_arg a = {.s = s};
         /* INTR_FAIL: no interrupt check after the wait, so a popped call is never dropped */
@@ -324,6 +344,7 @@ init_flowctl_server(void)
     rb_define_method(cServer, "add_port", server_add_port, 2);
     rb_define_method(cServer, "start", server_start, -1);
     rb_define_method(cServer, "next_call", server_next_call, 0);
+    rb_define_method(cServer, "register_unary", server_register_unary, 1);
     rb_define_method(cServer, "shutdown", server_shutdown, 0);
     rb_define_method(cServer, "wait_shutdown", server_wait_shutdown, -1);
     rb_define_method(cServer, "cancel_all", server_cancel_all, 0);

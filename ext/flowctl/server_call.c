@@ -33,7 +33,7 @@ typedef struct {
 static void
 call_release(server_call_t *c)
 {
-    flowctl_slot_free(c->slot);
+    flowctl_slot_release(c->slot);
     c->slot = NULL;
 }
 
@@ -83,6 +83,21 @@ after_wait(server_call_t *c, VALUE self)
     RB_GC_GUARD(self);
 }
 
+/* A unary call's one request, read by the acceptor (server_unary.c): nil after it. */
+static VALUE
+unary_recv(server_call_t *c, VALUE klass)
+{
+    grpc_byte_buffer *buf = c->slot->payload;
+    c->slot->payload = NULL;
+    c->read_done = true;
+    if (!buf) return Qnil;
+    c->got_message = true;
+    if (!NIL_P(klass)) return flowctl_decode_buffer(klass, buf); /* releases buf */
+    VALUE str = flowctl_str_from_buffer(buf);
+    grpc_byte_buffer_destroy(buf);
+    return str;
+}
+
 /*
  * call-seq:
  *   call.recv(read_ahead = false, klass = nil) -> String, message or nil
@@ -99,6 +114,7 @@ server_call_recv(int argc, VALUE *argv, VALUE self)
     rb_scan_args(argc, argv, "02", &ahead, &klass);
     server_call_t *c = call_get(self);
     if (c->read_done) return Qnil;
+    if (c->slot->unary >= 0) return unary_recv(c, klass);
     flowctl_pump *p = &c->slot->pump;
     flowctl_pump_read_more(p, RTEST(ahead) ? PUMP_UNLIMITED : 1);
     grpc_byte_buffer *buf;
@@ -138,6 +154,7 @@ static VALUE
 server_call_send(VALUE self, VALUE bytes)
 {
     server_call_t *c = call_get(self);
+    if (c->slot->unary >= 0) rb_raise(rb_eArgError, "a unary call sends its reply with its status (finish)");
     /* a client that left while the handler was busy elsewhere is seen here, not only once
      * a reply fails to go out (which nobody may poll for) */
     flowctl_pump_watch_close(&c->slot->pump);
@@ -243,6 +260,22 @@ finish_cleanup(VALUE p)
     return Qnil;
 }
 
+/* A unary call's status starts and the server takes the call over (server_unary.c): the
+ * worker never waits for it. nil (on its way), or false when gRPC refused it. */
+static VALUE
+unary_finish(server_call_t *c, struct finish_arg *a)
+{
+    call_slot *slot = c->slot;
+    c->slot = NULL;
+    c->finished = true;
+    bool ok = flowctl_unary_finish(slot, &a->md, &a->msg, a->code, &a->details);
+    flowctl_metadata_free(&a->md);
+    grpc_slice_unref(a->details);
+    if (a->msg) grpc_byte_buffer_destroy(a->msg);
+    if (!ok) c->cancelled = true;
+    return ok ? Qnil : Qfalse;
+}
+
 /*
  * call-seq:
  *   call.finish(code, details, trailing_metadata, last_message = nil) -> true, nil or false
@@ -268,6 +301,7 @@ server_call_finish(int argc, VALUE *argv, VALUE self)
     a.details = NIL_P(details) ? grpc_empty_slice()
                                : grpc_slice_from_copied_buffer(RSTRING_PTR(details), (size_t)RSTRING_LEN(details));
     a.msg = NIL_P(last) ? NULL : flowctl_buffer_from_str(last);
+    if (c->slot->unary >= 0) return unary_finish(c, &a);
     c->busy++;
     rb_ensure(finish_body, (VALUE)&a, finish_cleanup, (VALUE)&a);
     flowctl_wait_finish(a.interrupted);
@@ -294,6 +328,14 @@ server_call_method(VALUE self)
     if (!c->slot) return Qnil;
     grpc_slice m = c->slot->details.method;
     return rb_utf8_str_new((const char *)GRPC_SLICE_START_PTR(m), (long)GRPC_SLICE_LENGTH(m));
+}
+
+/* call-seq: call.unary_index -> Integer or nil (a registered unary method's index: Native::Server#register_unary) */
+static VALUE
+server_call_unary_index(VALUE self)
+{
+    server_call_t *c = rb_check_typeddata(self, &server_call_type);
+    return c->slot && c->slot->unary >= 0 ? INT2FIX(c->slot->unary) : Qnil;
 }
 
 /* call-seq: call.headers -> Hash (the request metadata) */
@@ -353,7 +395,9 @@ static VALUE
 server_call_cancelled_p(VALUE self)
 {
     server_call_t *c = rb_check_typeddata(self, &server_call_type);
-    if (!c->cancelled && c->slot && !c->finished && c->pid == flowctl_pid) {
+    if (!c->cancelled && c->slot && !c->finished && c->pid == flowctl_pid && c->slot->unary >= 0) {
+        if (flowctl_unary_peer_gone(c->slot)) c->cancelled = true;
+    } else if (!c->cancelled && c->slot && !c->finished && c->pid == flowctl_pid) {
         /* the first look starts watching for the client's cancel; later looks see it */
         flowctl_pump_watch_close(&c->slot->pump);
         if (flowctl_pump_peer_gone(&c->slot->pump, false)) c->cancelled = true;
@@ -392,6 +436,7 @@ init_flowctl_server_call(void)
     rb_define_method(cServerCall, "cancel", server_call_cancel, 0);
     rb_define_method(cServerCall, "method_path", server_call_method, 0);
     rb_define_method(cServerCall, "headers", server_call_headers, 0);
+    rb_define_method(cServerCall, "unary_index", server_call_unary_index, 0);
     rb_define_method(cServerCall, "header", server_call_header, 1);
     rb_define_method(cServerCall, "peer", server_call_peer, 0);
     rb_define_method(cServerCall, "deadline", server_call_deadline, 0);

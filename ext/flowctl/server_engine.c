@@ -25,15 +25,24 @@
 
 /* ---- 1. slots --------------------------------------------------------------- */
 
+/* A slot for a call of the given method (-1: any method, on its own pump; else a
+ * registered unary one, whose batches complete on the server's notify_cq). */
 static call_slot *
-slot_new(void)
+slot_new(int unary)
 {
     call_slot *s = calloc(1, sizeof(*s));
     if (!s) return NULL;
     grpc_call_details_init(&s->details);
     grpc_metadata_array_init(&s->md);
-    flowctl_pump_init(&s->pump, NULL, grpc_completion_queue_create_for_next(NULL));
-    s->pump.send_initial_md = true;
+    s->t_new = (slot_tag){s, SLOT_NEW};
+    s->t_recv = (slot_tag){s, SLOT_RECV};
+    s->t_status = (slot_tag){s, SLOT_STATUS};
+    s->t_close = (slot_tag){s, SLOT_CLOSE};
+    s->unary = unary;
+    if (unary < 0) {
+        flowctl_pump_init(&s->pump, NULL, grpc_completion_queue_create_for_next(NULL));
+        s->pump.send_initial_md = true;
+    }
     return s;
 }
 
@@ -47,7 +56,9 @@ void
 flowctl_slot_free(call_slot *s)
 {
     if (!s) return;
-    flowctl_pump_destroy(&s->pump, s->call && !s->status_sent);
+    flowctl_pump_destroy(&s->pump, s->call && !s->status_sent); /* none for a unary call */
+    if (s->unary >= 0 && s->call && !s->status_sent) grpc_call_cancel(s->call, NULL);
+    if (s->payload) grpc_byte_buffer_destroy(s->payload);
     if (s->status_msg) grpc_byte_buffer_destroy(s->status_msg);
     for (size_t i = 0; i < s->status_md_count; i++) {
         grpc_slice_unref(s->status_md[i].key);
@@ -65,22 +76,30 @@ flowctl_slot_free(call_slot *s)
 
 static void server_destroy_grpc(server_t *s);
 
-/* Asks gRPC for the next call (s->mu not held: creating a slot takes a while). */
-static bool
-arm_request(server_t *s)
+/* Asks gRPC for the next call of a method (an index in s->unary) or of any other (-1);
+ * s->mu not held: creating a slot takes a while. */
+bool
+flowctl_server_arm(server_t *s, int method)
 {
     pthread_mutex_lock(&s->mu);
     s->outstanding++;
     pthread_mutex_unlock(&s->mu);
-    call_slot *slot = slot_new();
+    call_slot *slot = slot_new(method);
     grpc_call_error err = GRPC_CALL_ERROR;
     if (slot) {
         flowctl_pump_set_send_timeout(&slot->pump, s->write_timeout_ms);
         slot->owner = s;
     }
-    if (slot)
+    if (slot && method < 0) {
         err = grpc_server_request_call(s->server, &slot->call, &slot->details, &slot->md, slot->pump.cq,
-                                       s->notify_cq, slot);
+                                       s->notify_cq, &slot->t_new);
+    } else if (slot) {
+        grpc_slice_unref(slot->details.method);
+        slot->details.method = grpc_slice_from_copied_string(s->unary[method].path);
+        err = grpc_server_request_registered_call(s->server, s->unary[method].handle, &slot->call,
+                                                  &slot->details.deadline, &slot->md, NULL, s->notify_cq,
+                                                  s->notify_cq, &slot->t_new);
+    }
     if (err == GRPC_CALL_OK) return true;
     flowctl_slot_free(slot);
     pthread_mutex_lock(&s->mu);
@@ -89,22 +108,18 @@ arm_request(server_t *s)
     return false;
 }
 
-
 /* Answers a call no worker can take; runs on the acceptor thread, and never waits for
  * the peer: the status lingers (2b) when it cannot leave at once. */
 static void
 reject_call(server_t *s, call_slot *slot, grpc_status_code code, const char *msg)
 {
-    grpc_op *ops = slot->status_ops;
-    memset(ops, 0, sizeof(slot->status_ops));
+    if (slot->unary >= 0) {
+        flowctl_unary_reject(s, slot, code, msg);
+        return;
+    }
     grpc_slice details = grpc_slice_from_static_string(msg);
-    ops[0].op = GRPC_OP_SEND_INITIAL_METADATA;
-    ops[1].op = GRPC_OP_SEND_STATUS_FROM_SERVER;
-    ops[1].data.send_status_from_server.status = code;
-    ops[1].data.send_status_from_server.status_details = &details;
-    ops[2].op = GRPC_OP_RECV_CLOSE_ON_SERVER;
-    ops[2].data.recv_close_on_server.cancelled = &slot->close_cancelled;
-    if (flowctl_pump_start(&slot->pump, ops, 3) && !flowctl_pump_collect(&slot->pump)) {
+    size_t n = flowctl_slot_refusal_ops(slot, code, &details);
+    if (flowctl_pump_start(&slot->pump, slot->status_ops, n) && !flowctl_pump_collect(&slot->pump)) {
         flowctl_server_linger(s, slot);
         return;
     }
@@ -112,27 +127,86 @@ reject_call(server_t *s, call_slot *slot, grpc_status_code code, const char *msg
     flowctl_slot_free(slot);
 }
 
-/*
- * Hands a new call to an idle worker, or lets it wait (at most max_waiting of them, each
- * for at most max_wait: a worker about to finish its call takes it), or returns it for
- * the caller to reject outside the lock. Called with s->mu held.
- */
-static call_slot *
-dispatch_locked(server_t *s, call_slot *slot)
+static int64_t
+mono_us(void)
 {
-    if (s->queued >= s->idle + s->max_waiting) return slot;
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (int64_t)t.tv_sec * 1000000 + t.tv_nsec / 1000;
+}
+
+/* Queues an admitted call for a worker, who may be busy still: it waits max_wait at most.
+ * s->mu held. */
+bool
+flowctl_server_queue_locked(server_t *s, call_slot *slot)
+{
+    if (s->shutting_down) return false;
     slot->next = NULL;
     slot->wait_until = gpr_time_add(gpr_now(GPR_CLOCK_MONOTONIC), s->max_wait);
+    slot->queued_us = mono_us();
     if (s->queue_tail) s->queue_tail->next = slot; else s->queue_head = slot;
     s->queue_tail = slot;
     s->queued++;
     s->accepted++;
-    return NULL;
+    return true;
+}
+
+/*
+ * Waking a worker costs two context switches and, for a Ruby worker, the GVL's handoff:
+ * more than a short call's handler. So a worker that ends its call takes the next queued
+ * one before it lets go of the GVL (flowctl_server_try_take), and an idle worker is woken
+ *   - while another serves calls: only when none took one for STALE_US (the busy ones are
+ *     held: a slow handler, a stream);
+ *   - while none does: at once while few calls are in the server (a lone call, a few
+ *     clients calling one after the other: they wait for nothing), else at most once every
+ *     WAKE_GAP_US unless WAKE_BATCH calls are queued: under load a worker wakes for a few
+ *     calls at a time.
+ * The acceptor looks again when the queued calls become due (next_expiry). The signal is
+ * sent once s->mu is let go of, so that the woken worker does not wait for it.
+ */
+#define STALE_US 1000
+#define WAKE_BATCH 4
+#define WAKE_GAP_US 200
+
+static bool
+waiting_unwoken(server_t *s)
+{
+    return s->queue_head && s->idle > s->signalled;
+}
+
+/* When an idle worker is due for the queued calls (s->mu held, waiting_unwoken). */
+static int64_t
+wake_due_us(server_t *s)
+{
+    if (s->holding > 0) return s->last_take_us + STALE_US;
+    bool few = s->queued + s->awaiting + s->n_lingering <= WAKE_BATCH; /* calls in the server, not in gRPC */
+    return s->queued >= WAKE_BATCH || few ? 0 : s->last_wake_us + WAKE_GAP_US;
+}
+
+bool
+flowctl_server_wake_locked(server_t *s)
+{
+    if (!waiting_unwoken(s)) return false;
+    int64_t due = wake_due_us(s), now = mono_us();
+    if (now < due) return false;
+    s->signalled++;
+    s->last_wake_us = now;
+    return true;
+}
+
+/*
+ * Admission: a new call may have an idle worker, or wait (at most max_waiting of them beyond
+ * the idle workers, each for at most max_wait: a worker about to finish its call takes
+ * it). Unary calls still reading their request count as waiting. s->mu held.
+ */
+static bool
+admit_locked(server_t *s)
+{
+    return !s->shutting_down && s->queued + s->awaiting < s->idle + s->max_waiting;
 }
 
 #define BUSY_MESSAGE "server busy: every worker is serving a call"
 
-static void close_stuck_peer(server_t *s, const char *peer);
 
 /*
  * A peer whose calls are refused (no token, or no worker free) or reset before a worker
@@ -158,6 +232,10 @@ remember_shut(server_t *s, const char *peer)
 static bool
 drop_if_shut(server_t *s, call_slot *slot)
 {
+    pthread_mutex_lock(&s->mu);
+    bool none = s->shut_peers[0][0] == '\0'; /* filled from the first: none shut yet, no peer to look up */
+    pthread_mutex_unlock(&s->mu);
+    if (none) return false;
     char *peer = grpc_call_get_peer(slot->call);
     bool shut = false;
     pthread_mutex_lock(&s->mu);
@@ -199,10 +277,14 @@ on_request(server_t *s, call_slot *slot, bool success)
     s->outstanding--;
     bool stopping = s->shutting_down;
     pthread_mutex_unlock(&s->mu);
-    if (success) {
+    if (!success) {
+        flowctl_slot_free(slot);
+        return;
+    }
+    if (!stopping) flowctl_server_arm(s, slot->unary);
+    if (drop_if_shut(s, slot)) return;
+    if (slot->unary < 0) {
         slot->pump.call = slot->call;
-        if (!stopping) arm_request(s);
-        if (drop_if_shut(s, slot)) return;
         flowctl_pump_start_reading(&slot->pump, false, 1); /* a rejected call drains it */
         if (flowctl_pump_collect(&slot->pump) && flowctl_pump_recv_failed(&slot->pump)) {
             /* reset by the peer already (HTTP/2 rapid reset sends HEADERS + RST_STREAM):
@@ -214,26 +296,31 @@ on_request(server_t *s, call_slot *slot, bool success)
             flowctl_slot_free(slot);
             return;
         }
-        if (s->auth_token && !flowctl_bearer_ok(s->auth_token, s->auth_len, &slot->md)) {
-            pthread_mutex_lock(&s->mu);
-            s->unauthenticated++;
-            pthread_mutex_unlock(&s->mu);
-            flowctl_server_offense(s, slot);
-            reject_call(s, slot, GRPC_STATUS_UNAUTHENTICATED, AUTH_MESSAGE);
-            return;
-        }
     }
-    pthread_mutex_lock(&s->mu);
-    call_slot *reject = success && !s->shutting_down ? dispatch_locked(s, slot) : slot;
-    if (reject && success) s->rejected++;
-    pthread_mutex_unlock(&s->mu);
-    if (!reject) {
-        pthread_cond_signal(&s->work); /* one call, one worker */
+    if (s->auth_token && !flowctl_bearer_ok(s->auth_token, s->auth_len, &slot->md)) {
+        pthread_mutex_lock(&s->mu);
+        s->unauthenticated++;
+        pthread_mutex_unlock(&s->mu);
+        flowctl_server_offense(s, slot);
+        reject_call(s, slot, GRPC_STATUS_UNAUTHENTICATED, AUTH_MESSAGE);
         return;
     }
-    if (success) flowctl_server_offense(s, reject);
-    if (success) reject_call(s, reject, GRPC_STATUS_RESOURCE_EXHAUSTED, BUSY_MESSAGE);
-    else flowctl_slot_free(reject);
+    /* once queued, a worker may take the call, end it and free the slot: not looked at after */
+    bool unary = slot->unary >= 0;
+    pthread_mutex_lock(&s->mu);
+    bool admitted = admit_locked(s);
+    if (admitted && unary) s->awaiting++; /* queued once its request is read */
+    else if (admitted) flowctl_server_queue_locked(s, slot);
+    else s->rejected++;
+    bool wake = admitted && !unary && flowctl_server_wake_locked(s);
+    pthread_mutex_unlock(&s->mu);
+    if (wake) pthread_cond_signal(&s->work);
+    if (admitted && unary) {
+        flowctl_unary_accepted(s, slot);
+    } else if (!admitted) {
+        flowctl_server_offense(s, slot);
+        reject_call(s, slot, GRPC_STATUS_RESOURCE_EXHAUSTED, BUSY_MESSAGE);
+    }
 }
 
 /* ---- 2b. lingering calls ----------------------------------------------------
@@ -251,19 +338,29 @@ on_request(server_t *s, call_slot *slot, bool success)
 #define MAX_LINGERING 1024
 
 
+/* A worker lets go of a call it took (s->mu held). */
+static void
+unhand_locked(server_t *s, call_slot *slot)
+{
+    if (!slot->handed) return;
+    slot->handed = false;
+    if (--s->holding == 0) pthread_cond_broadcast(&s->cond); /* wait_shutdown */
+}
+
 /* Any thread: the call's status batch is in flight; the acceptor takes it from here. */
 void
 flowctl_server_linger(server_t *s, call_slot *slot)
 {
     pthread_mutex_lock(&s->mu);
+    unhand_locked(s, slot);
     slot->next = s->linger_in;
     s->linger_in = slot;
     s->n_lingering++;
     pthread_mutex_unlock(&s->mu);
 }
 
-static void
-close_stuck_peer(server_t *s, const char *peer)
+void
+flowctl_server_close_stuck(server_t *s, const char *peer)
 {
     remember_shut(s, peer);
     int n = flowctl_conn_shutdown(peer, s->ports, s->n_ports);
@@ -278,7 +375,8 @@ peer_cmp(const void *a, const void *b)
     return strcmp(*(char *const *)a, *(char *const *)b);
 }
 
-/* Over MAX_LINGERING: the peer with the most lingering calls is the one not reading. */
+/* Over MAX_LINGERING: the peer with the most lingering calls is the one not reading
+ * (unary calls' statuses in flight count too; their peers are looked up now). */
 static void
 close_greediest_peer(server_t *s, int n)
 {
@@ -287,13 +385,19 @@ close_greediest_peer(server_t *s, int n)
     int k = 0;
     for (call_slot *slot = s->lingering; slot && k < n; slot = slot->next)
         if (slot->peer) peers[k++] = slot->peer;
+    pthread_mutex_lock(&s->mu); /* the acceptor alone frees them: they stay until it returns */
+    for (call_slot *slot = s->flying; slot && k < n; slot = slot->fnext) {
+        if (!slot->peer) slot->peer = grpc_call_get_peer(slot->call);
+        if (slot->peer) peers[k++] = slot->peer;
+    }
+    pthread_mutex_unlock(&s->mu);
     qsort(peers, (size_t)k, sizeof(char *), peer_cmp);
     const char *best = NULL;
     for (int i = 0, run = 0, most = 0; i < k; i++) {
         run = i > 0 && strcmp(peers[i], peers[i - 1]) == 0 ? run + 1 : 1;
         if (run > most) most = run, best = peers[i];
     }
-    if (best) close_stuck_peer(s, best);
+    if (best) flowctl_server_close_stuck(s, best);
     free(peers);
 }
 
@@ -328,7 +432,7 @@ sweep_lingering(server_t *s, bool force)
         call_slot *slot = *l;
         bool idle = flowctl_pump_collect(&slot->pump);
         if (!idle && now > slot->linger_until_ms) {
-            close_stuck_peer(s, slot->peer);
+            flowctl_server_close_stuck(s, slot->peer);
             grpc_call_cancel(slot->call, NULL);
             idle = flowctl_pump_drain(&slot->pump, gpr_inf_future(GPR_CLOCK_MONOTONIC)); /* cancelled: at once */
         }
@@ -342,11 +446,22 @@ sweep_lingering(server_t *s, bool force)
         flowctl_slot_free(slot);
         freed++;
     }
+    flowctl_unary_sweep(s, now);
     pthread_mutex_lock(&s->mu);
     s->n_lingering -= freed;
     if (freed && s->n_lingering == 0) pthread_cond_broadcast(&s->cond); /* wait_shutdown */
+    int lingering = s->n_lingering;
     pthread_mutex_unlock(&s->mu);
-    if (left > MAX_LINGERING) close_greediest_peer(s, left);
+    if (lingering > MAX_LINGERING) close_greediest_peer(s, lingering);
+}
+
+/* A unary call's status left (or failed): one lingering call fewer. */
+void
+flowctl_server_unlinger(server_t *s)
+{
+    pthread_mutex_lock(&s->mu);
+    if (--s->n_lingering == 0) pthread_cond_broadcast(&s->cond); /* wait_shutdown */
+    pthread_mutex_unlock(&s->mu);
 }
 
 /* ---- 2c. the memory watch ---------------------------------------------------
@@ -476,6 +591,12 @@ next_expiry(server_t *s)
     pthread_mutex_lock(&s->mu);
     if (s->queued > s->idle && s->queue_head && gpr_time_cmp(s->queue_head->wait_until, t) < 0)
         t = s->queue_head->wait_until;
+    if (waiting_unwoken(s)) { /* no worker woken for them yet: look again when one is due */
+        int64_t left = wake_due_us(s) - mono_us();
+        gpr_timespec stale = gpr_time_add(gpr_now(GPR_CLOCK_MONOTONIC),
+                                          gpr_time_from_micros(left > 0 ? left : 0, GPR_TIMESPAN));
+        if (gpr_time_cmp(stale, t) < 0) t = stale;
+    }
     pthread_mutex_unlock(&s->mu);
     return t;
 }
@@ -512,11 +633,15 @@ acceptor_step(server_t *s)
 {
     grpc_event ev = grpc_completion_queue_next(s->notify_cq, next_expiry(s), NULL);
     atomic_store(&s->acceptor_beat_ms, flowctl_mono_ms());
+    pthread_mutex_lock(&s->mu);
+    bool wake = flowctl_server_wake_locked(s);
+    pthread_mutex_unlock(&s->mu);
+    if (wake) pthread_cond_signal(&s->work);
     sweep_lingering(s, ev.type == GRPC_QUEUE_TIMEOUT);
     if (ev.type == GRPC_QUEUE_TIMEOUT) {
         reject_expired(s);
         pthread_mutex_lock(&s->mu);
-        bool done = s->shutdown_done && s->outstanding == 0 && s->n_lingering == 0;
+        bool done = flowctl_server_shutdown_ready(s) && s->outstanding == 0;
         pthread_mutex_unlock(&s->mu);
         return done;
     }
@@ -526,11 +651,13 @@ acceptor_step(server_t *s)
         s->shutdown_done = true;
         pthread_cond_broadcast(&s->cond);
         pthread_mutex_unlock(&s->mu);
+    } else if (((slot_tag *)ev.tag)->kind == SLOT_NEW) {
+        on_request(s, ((slot_tag *)ev.tag)->slot, ev.success);
     } else {
-        on_request(s, ev.tag, ev.success);
+        flowctl_unary_event(s, ev.tag, ev.success);
     }
     pthread_mutex_lock(&s->mu);
-    bool done = s->shutdown_done && s->outstanding == 0 && s->n_lingering == 0;
+    bool done = flowctl_server_shutdown_ready(s) && s->outstanding == 0;
     pthread_mutex_unlock(&s->mu);
     return done;
 }
@@ -563,6 +690,7 @@ acceptor_main(void *p)
         pthread_cond_destroy(&s->work);
     pthread_cond_destroy(&s->watchdog_wake);
         free(s->auth_token);
+        for (int i = 0; i < s->n_unary; i++) free(s->unary[i].path);
         free(s);
     }
     return NULL;
@@ -619,6 +747,7 @@ flowctl_server_free(server_t *s)
     if (s->pid != flowctl_pid) {
         /* a forked child's copy: no acceptor thread, sockets closed by gRPC's fork handler */
         free(s->auth_token);
+        for (int i = 0; i < s->n_unary; i++) free(s->unary[i].path);
         free(s);
         return;
     }
@@ -646,6 +775,7 @@ flowctl_server_free(server_t *s)
     pthread_cond_destroy(&s->work);
     pthread_cond_destroy(&s->watchdog_wake);
     free(s->auth_token);
+    for (int i = 0; i < s->n_unary; i++) free(s->unary[i].path);
     free(s);
 }
 
@@ -677,7 +807,9 @@ flowctl_server_start(server_t *s)
 {
     grpc_server_start(s->server);
     s->started = true;
-    for (int i = 0; i < OUTSTANDING_REQUESTS; i++) arm_request(s);
+    for (int i = 0; i < OUTSTANDING_REQUESTS; i++) flowctl_server_arm(s, -1);
+    for (int m = 0; m < s->n_unary; m++)
+        for (int i = 0; i < OUTSTANDING_REQUESTS; i++) flowctl_server_arm(s, m);
     atomic_store(&s->acceptor_beat_ms, flowctl_mono_ms());
     s->watchdog_running = pthread_create(&s->watchdog, NULL, watchdog_main, s) == 0;
     int err = pthread_create(&s->acceptor, NULL, acceptor_main, s);
@@ -723,7 +855,11 @@ flowctl_server_counts_get(server_t *s, flowctl_server_counts *out)
 
 /* ---- 4. what workers wait for ------------------------------------------------ */
 
-bool flowctl_server_shutdown_ready(server_t *s) { return s->shutdown_done && s->n_lingering == 0; }
+bool
+flowctl_server_shutdown_ready(server_t *s)
+{
+    return s->shutdown_done && s->n_lingering == 0 && s->holding == 0 && s->awaiting == 0;
+}
 bool flowctl_server_acceptor_ready(server_t *s) { return s->acceptor_done; }
 
 bool
@@ -755,20 +891,52 @@ flowctl_server_interrupt(server_t *s, bool *stop)
     pthread_mutex_unlock(&s->mu);
 }
 
+/* The first queued call, now in a worker's hands (s->mu held); NULL when none. */
+static call_slot *
+pop_locked(server_t *s)
+{
+    call_slot *slot = s->queue_head;
+    if (!slot) return NULL;
+    s->queue_head = slot->next;
+    if (!s->queue_head) s->queue_tail = NULL;
+    s->queued--;
+    s->holding++;
+    slot->handed = true;
+    s->last_take_us = mono_us();
+    return slot;
+}
+
 call_slot *
 flowctl_server_take(server_t *s, const bool *stop)
 {
     call_slot *slot = NULL;
     pthread_mutex_lock(&s->mu);
     s->idle++;
-    while (!s->queue_head && !s->shutting_down && !*stop) pthread_cond_wait(&s->work, &s->mu);
-    if (s->queue_head) {
-        slot = s->queue_head;
-        s->queue_head = slot->next;
-        if (!s->queue_head) s->queue_tail = NULL;
-        s->queued--;
+    while (!s->queue_head && !s->shutting_down && !*stop) {
+        pthread_cond_wait(&s->work, &s->mu);
+        if (s->signalled > 0) s->signalled--;
     }
+    slot = pop_locked(s);
     s->idle--;
+    bool wake = flowctl_server_wake_locked(s); /* more calls for more workers? */
+    pthread_mutex_unlock(&s->mu);
+    if (wake) pthread_cond_signal(&s->work);
+    return slot;
+}
+
+void
+flowctl_server_unhand(server_t *s, call_slot *slot)
+{
+    pthread_mutex_lock(&s->mu);
+    unhand_locked(s, slot);
+    pthread_mutex_unlock(&s->mu);
+}
+
+call_slot *
+flowctl_server_try_take(server_t *s)
+{
+    pthread_mutex_lock(&s->mu);
+    call_slot *slot = pop_locked(s);
     pthread_mutex_unlock(&s->mu);
     return slot;
 }
@@ -778,10 +946,12 @@ flowctl_server_take(server_t *s, const bool *stop)
 bool
 flowctl_server_drop_reset(server_t *s, call_slot *slot)
 {
+    if (slot->unary >= 0) return false; /* the acceptor saw its request come */
     if (!flowctl_pump_collect(&slot->pump) || !flowctl_pump_recv_failed(&slot->pump)) return false;
     flowctl_server_offense(s, slot);
     pthread_mutex_lock(&s->mu);
     s->reset_early++;
+    unhand_locked(s, slot);
     pthread_mutex_unlock(&s->mu);
     flowctl_slot_free(slot);
     return true;
@@ -814,6 +984,21 @@ keep_trailing(call_slot *slot, const flowctl_metadata *md)
 }
 
 size_t
+flowctl_slot_refusal_ops(call_slot *slot, grpc_status_code code, grpc_slice *details)
+{
+    grpc_op *ops = slot->status_ops;
+    memset(ops, 0, sizeof(slot->status_ops));
+    ops[0].op = GRPC_OP_SEND_INITIAL_METADATA;
+    ops[1].op = GRPC_OP_SEND_STATUS_FROM_SERVER;
+    ops[1].data.send_status_from_server.status = code;
+    ops[1].data.send_status_from_server.status_details = details;
+    if (slot->watching) return 2; /* a unary call's close is awaited already */
+    ops[2].op = GRPC_OP_RECV_CLOSE_ON_SERVER;
+    ops[2].data.recv_close_on_server.cancelled = &slot->close_cancelled;
+    return 3;
+}
+
+size_t
 flowctl_slot_status_ops(call_slot *slot, const flowctl_metadata *md, grpc_byte_buffer **msg,
                         grpc_status_code code, grpc_slice *details)
 {
@@ -821,7 +1006,8 @@ flowctl_slot_status_ops(call_slot *slot, const flowctl_metadata *md, grpc_byte_b
     size_t n = 0;
     grpc_op *ops = slot->status_ops;
     memset(ops, 0, sizeof(slot->status_ops));
-    if (flowctl_pump_take_initial_md(&slot->pump)) ops[n++].op = GRPC_OP_SEND_INITIAL_METADATA;
+    /* a unary call sent nothing before its status */
+    if (slot->unary >= 0 || flowctl_pump_take_initial_md(&slot->pump)) ops[n++].op = GRPC_OP_SEND_INITIAL_METADATA;
     if (*msg) {
         slot->status_msg = *msg;
         *msg = NULL;
@@ -833,7 +1019,8 @@ flowctl_slot_status_ops(call_slot *slot, const flowctl_metadata *md, grpc_byte_b
     ops[n].data.send_status_from_server.status_details = details;
     ops[n].data.send_status_from_server.trailing_metadata = slot->status_md;
     ops[n++].data.send_status_from_server.trailing_metadata_count = slot->status_md_count;
-    if (slot->pump.close_watching) return n; /* started before (watch_close): in flight on the pump already */
+    /* started before (watch_close): in flight already */
+    if (slot->unary >= 0 ? slot->watching : slot->pump.close_watching) return n;
     ops[n].op = GRPC_OP_RECV_CLOSE_ON_SERVER;
     ops[n++].data.recv_close_on_server.cancelled = &slot->close_cancelled;
     return n;

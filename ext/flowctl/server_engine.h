@@ -10,8 +10,21 @@
 #include "flowctl.h"
 #include <pthread.h>
 
+struct call_slot;
+
+/* What completed on the server's notify_cq: a new call, or a batch of a unary call
+ * (server_unary.c). Every tag on that queue but the shutdown's is one of these. */
+enum { SLOT_NEW, SLOT_RECV, SLOT_STATUS, SLOT_CLOSE };
+typedef struct {
+    struct call_slot *slot;
+    int kind;
+} slot_tag;
+
+#define FLOWCTL_MAX_UNARY 64       /* registered unary methods per server */
+
 /* One accepted call (or one grpc_server_request_call waiting for one): its batches complete
- * on its own pump (pump.c). */
+ * on its own pump (pump.c), or, for a registered unary method (unary >= 0), on the server's
+ * notify_cq, where the acceptor takes them (server_unary.c). */
 typedef struct call_slot {
     grpc_call *call;
     grpc_call_details details;
@@ -20,6 +33,8 @@ typedef struct call_slot {
     bool status_sent;           /* the status batch completed: never cancel after that */
     struct call_slot *next;     /* handoff queue link, then the lingering list's */
     gpr_timespec wait_until;    /* queued with no idle worker: rejected after this */
+    int64_t queued_us;          /* when it was queued (CLOCK_MONOTONIC) */
+    bool handed;                /* (owner's mu) taken by a worker, not yet let go of (holding) */
     /* The status batch, started and left to complete while the call lingers (section 2b):
      * gRPC borrows the message and writes `cancelled` until the batch completes. */
     grpc_op status_ops[4];
@@ -30,6 +45,15 @@ typedef struct call_slot {
     void *owner;                /* its server_t */
     int64_t linger_until_ms;    /* its peer has not taken the status by then: stuck */
     char *peer;                 /* grpc_call_get_peer, once lingering */
+    /* a registered unary method's call (server_unary.c); the pump is unused */
+    slot_tag t_new, t_recv, t_status, t_close;
+    int unary;                  /* index in server_t.unary, or -1 */
+    grpc_op recv_op;
+    grpc_byte_buffer *payload;  /* the request message (NULL: none came), until the worker takes it */
+    _Atomic int refs;           /* its batches on notify_cq + whoever holds it */
+    bool watching;              /* RECV_CLOSE_ON_SERVER started before the status */
+    atomic_bool closed;         /* ... and completed (close_cancelled tells how) */
+    struct call_slot *fprev, *fnext; /* (mu) the server's list of unary statuses in flight */
 } call_slot;
 
 /* A grpc_server, its acceptor and watchdog threads, and the calls handed to workers. */
@@ -82,6 +106,15 @@ typedef struct {
     bool started, shutting_down, shutdown_done, acceptor_done, closed, orphaned;
     char shutdown_tag;                /* its address is the shutdown tag */
     pid_t pid;                        /* in a forked child the server is the parent's: leave it */
+    /* registered unary methods (server_unary.c): their calls complete on notify_cq */
+    struct { char *path; void *handle; } unary[FLOWCTL_MAX_UNARY];
+    int n_unary;
+    int awaiting;                     /* (mu) unary calls admitted, their request not yet read */
+    int holding;                      /* (mu) calls taken by workers and not let go of yet */
+    int signalled;                    /* (mu) idle workers woken, not yet awake */
+    int64_t last_take_us;             /* (mu) when a worker last took a call */
+    int64_t last_wake_us;             /* (mu) when an idle worker was last woken */
+    call_slot *flying;                /* (mu) unary calls whose status is in flight (counted in n_lingering) */
 } server_t;
 
 /* Counters for Server#stats, read under the server's lock. */
@@ -98,6 +131,8 @@ void flowctl_slot_free(call_slot *s);
 /* Builds the status batch in slot->status_ops (initial metadata when no reply carried it, the
  * last message (taken from *msg), the status with a copy of md, the close): how many ops, or 0
  * when out of memory. details must live until the batch completes or the call is freed. */
+/* A refusal's batch in slot->status_ops (initial metadata, the status, the close): how many ops. */
+size_t flowctl_slot_refusal_ops(call_slot *slot, grpc_status_code code, grpc_slice *details);
 size_t flowctl_slot_status_ops(call_slot *slot, const flowctl_metadata *md, grpc_byte_buffer **msg,
                                grpc_status_code code, grpc_slice *details);
 
@@ -122,6 +157,10 @@ void flowctl_server_interrupt(server_t *s, bool *stop);
 /* Without the GVL: the next call for a worker (counted idle meanwhile), or NULL once the
  * server shuts down or *stop is set. */
 call_slot *flowctl_server_take(server_t *s, const bool *stop);
+/* With the GVL (never waits): a call already queued, or NULL. */
+call_slot *flowctl_server_try_take(server_t *s);
+/* A worker lets go of a call it took (any thread); the server may finish shutting down. */
+void flowctl_server_unhand(server_t *s, call_slot *slot);
 /* A taken call the peer reset while it waited: counted, and freed; true if so. */
 bool flowctl_server_drop_reset(server_t *s, call_slot *slot);
 /* Shutting down with no call left to take. */
@@ -131,6 +170,37 @@ bool flowctl_server_drained(server_t *s);
 void flowctl_server_linger(server_t *s, call_slot *slot);
 /* A refused or reset call: its peer is counted, and shut down when it floods. */
 void flowctl_server_offense(server_t *s, call_slot *slot);
+
+/* ---- unary calls (server_unary.c; no Ruby) ---- */
+/* Before start: serve path's calls as unary ones; false when there are too many. */
+bool flowctl_server_register_unary(server_t *s, const char *path);
+/* Asks gRPC for the next call (method: an index in s->unary, or -1 for any other). */
+bool flowctl_server_arm(server_t *s, int method);
+/* The acceptor: a new unary call (admitted: its request is read), or a batch of one that completed. */
+void flowctl_unary_accepted(server_t *s, call_slot *slot);
+void flowctl_unary_event(server_t *s, slot_tag *tag, bool success);
+/* The acceptor refuses a unary call: the status leaves on notify_cq, the slot is freed then. */
+void flowctl_unary_reject(server_t *s, call_slot *slot, grpc_status_code code, const char *msg);
+/* A worker's (GVL held, never waits): starts the status batch and hands the slot to the
+ * server; false when gRPC refused it (the slot is released all the same). */
+bool flowctl_unary_finish(call_slot *slot, const flowctl_metadata *md, grpc_byte_buffer **msg,
+                          grpc_status_code code, grpc_slice *details);
+/* Starts watching for the client's cancel (once); true once it came. */
+bool flowctl_unary_peer_gone(call_slot *slot);
+/* Whoever holds a slot lets go of it: a unary call is cancelled unless its status is on its
+ * way, and freed once nothing of it is in flight; any other is freed. */
+void flowctl_slot_release(call_slot *slot);
+/* The acceptor's sweep: unary statuses past write_timeout get their peer shut down. */
+void flowctl_unary_sweep(server_t *s, int64_t now);
+
+/* ---- server_engine.c, for server_unary.c ---- */
+/* Queues an admitted call for a worker (s->mu held); false when shutting down. */
+bool flowctl_server_queue_locked(server_t *s, call_slot *slot);
+/* After queueing (s->mu held): true when an idle worker is wanted (server_engine.c, 2): the
+ * caller signals s->work once it has let go of s->mu. */
+bool flowctl_server_wake_locked(server_t *s);
+void flowctl_server_close_stuck(server_t *s, const char *peer);
+void flowctl_server_unlinger(server_t *s); /* one lingering status fewer (mu taken) */
 
 /* ---- server_call.c (the binding of a call, used by server.c's next_call) ---- */
 VALUE flowctl_server_call_wrap(call_slot *slot); /* the object owns the slot from here on */

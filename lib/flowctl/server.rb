@@ -148,6 +148,7 @@ module Flowctl
         Server.raise_nofile_limit
         @native, @port = listen(address)
         @routes.freeze
+        @unary_routes = @routes.values.select { |r| r.rpc.shape == :unary }.freeze
         @pid = Process.pid
         @workers = start_native(@native)
         @retired = []
@@ -209,13 +210,19 @@ module Flowctl
 
     # The call object handlers get next to the request.
     class Call
-      attr_reader :rpc, :trailing_metadata
+      attr_reader :rpc
 
       def initialize(native, rpc)
         @native = native
         @rpc = rpc
-        @trailing_metadata = {}
+        @trailing_metadata = nil # made when first asked for: most calls send none
       end
+
+      # Trailing metadata sent with the status (a Hash the handler may fill in).
+      def trailing_metadata = @trailing_metadata ||= {}
+
+      # The trailing metadata, nil when the handler never asked for it (the server's finish).
+      def trailing_or_nil = @trailing_metadata
 
       # Request metadata (Hash; "-bin" values binary).
       def headers = @headers ||= @native.headers
@@ -274,6 +281,10 @@ module Flowctl
         end
         self
       end
+
+      # Ends the call (CANCELLED) from any thread: a #read waiting on it raises
+      # Flowctl::Cancelled. Idempotent.
+      def cancel = @native.cancel
 
       # The next request, or nil once the client has closed its side.
       def read
@@ -355,6 +366,8 @@ module Flowctl
 
     # Starts native with a fresh pool of workers; returns them.
     def start_native(native)
+      @unary_routes.each { |route| native.register_unary(route.rpc.path) } # served as unary_index
+
       workers = Array.new(@pool_size) { |i| spawn_worker(i, native) } # they wait for calls before any arrive
       native.start(@max_waiting, @max_wait, @write_timeout, @auth_token, @memory_burst)
       workers
@@ -445,9 +458,11 @@ module Flowctl
     # In a child forked while this server ran: the server, its threads and its calls are the parent's.
     def forked? = @pid && @pid != Process.pid
 
-    # One call, start to end. The ensure releases the native call whatever happened.
+    # One call, start to end. The ensure releases the native call whatever happened. A call of
+    # a unary method comes with its index in @unary_routes (Native::Server#register_unary).
     def serve(ncall)
-      route = @routes[ncall.method_path]
+      index = ncall.unary_index
+      route = index ? @unary_routes[index] : @routes[ncall.method_path]
       if route.nil?
         ncall.finish(UNIMPLEMENTED, "unknown method #{ncall.method_path}", nil)
       else
@@ -461,33 +476,31 @@ module Flowctl
 
     def run(ncall, route)
       call = Call.new(ncall, route.rpc)
-      status = begin
+      reply = nil
+      begin
         case route.rpc.shape
-        when :unary then [OK, nil, run_unary(ncall, route, call)]
-        when :client_streaming then [OK, nil, run_client_streaming(ncall, route, call)]
-        when :server_streaming
-          run_server_streaming(ncall, route, call)
-          [OK, nil]
-        else
-          run_bidi(ncall, route, call)
-          [OK, nil]
+        when :unary then reply = run_unary(ncall, route, call)
+        when :client_streaming then reply = run_client_streaming(ncall, route, call)
+        when :server_streaming then run_server_streaming(ncall, route, call)
+        else run_bidi(ncall, route, call)
         end
       rescue Cancelled
         raise if ncall.finished? || ncall.cancelled?
 
-        [Cancelled::CODE, $!.details, nil, $!.metadata]
+        return finish(ncall, call, Cancelled::CODE, $!.details, nil, $!.metadata)
       rescue RPCError => e
-        [e.code, e.details, nil, e.metadata]
+        return finish(ncall, call, e.code, e.details, nil, e.metadata)
       rescue InvalidRequest, BadReply => e
-        [INTERNAL, e.message]
+        return finish(ncall, call, INTERNAL, e.message)
       rescue StandardError, ScriptError => e
-        [UNKNOWN, "#{e.class}: #{e.message}"]
+        return finish(ncall, call, UNKNOWN, "#{e.class}: #{e.message}")
       end
-      finish(ncall, call, *status)
+      finish(ncall, call, OK, nil, reply)
     end
 
     def finish(ncall, call, code, details, bytes = nil, metadata = nil)
-      trailing = metadata.nil? || metadata.empty? ? call.trailing_metadata : call.trailing_metadata.merge(metadata)
+      mine = call.trailing_or_nil
+      trailing = metadata.nil? || metadata.empty? || mine.nil? ? mine || metadata : mine.merge(metadata)
       ncall.finish(code, details, trailing, bytes)
     rescue ArgumentError, TypeError => e # bad trailing metadata from the handler
       ncall.finish(INTERNAL, "bad trailing metadata: #{e.message}", nil)
@@ -495,7 +508,9 @@ module Flowctl
 
     def run_unary(ncall, route, call)
       request = read_request(ncall, route.rpc)
-      reply = intercepted(route, call, request: request) { invoke(route, request, call) }
+      reply = if @interceptors.empty? then invoke(route, request, call) # no Hash, no block made per call
+              else intercepted(route, call, request: request) { invoke(route, request, call) }
+              end
       Server.encode_reply(route.rpc, reply)
     end
 
@@ -510,10 +525,10 @@ module Flowctl
 
     # The one request of a unary or server streaming call.
     def read_request(ncall, rpc)
-      bytes = ncall.recv
-      raise InvalidRequest, "#{rpc.name}: the client sent no request message" if bytes.nil?
+      request = ncall.recv(false, rpc.request_class) # decoded straight from gRPC's memory
+      raise InvalidRequest, "#{rpc.name}: the client sent no request message" if request.nil?
 
-      rpc.request_class.decode(bytes)
+      request
     rescue DecodeError => e
       raise InvalidRequest, "cannot decode #{rpc.request_class.descriptor_name}: #{e.message}"
     end

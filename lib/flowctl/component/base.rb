@@ -42,7 +42,12 @@ module Flowctl
             metadata: {}.freeze, max_concurrent: nil }.freeze
         end
 
-        # call-seq: config :name, Type = String, default: nil, required: false, env: "NAME"
+        # call-seq: config :name, Type = String, default: nil, required: false, env: "NAME",
+        #                  min: nil, max: nil, allowed: nil, description: ""
+        #
+        # Type: String, Integer, Float, :boolean, :duration (seconds) or Array. Every key but
+        # an Array one is also live: the control plane can change it while the component runs
+        # (LiveConfig, #on_config).
         def config(name, type = String, **opts)
           field = ConfigField.new(name, type, **opts)
           (@config_fields ||= {})[field.name] = field
@@ -107,10 +112,28 @@ module Flowctl
       # default does nothing (the failure is logged and counted either way).
       def dead_letter(event, error); end
 
+      # Called with a new configuration pushed by the control plane (live configuration,
+      # see LiveConfig): config is the whole Hash #config will return (already checked
+      # against the `config` declarations), version its number. Raise to refuse it (the
+      # component keeps the configuration it has; the reason is logged and reported in the
+      # heartbeat). Runs on its own thread, while events flow. The default accepts it.
+      def on_config(config, version); end
+
       def id = runtime.settings.id
 
-      # The resolved config: {key => value} of every `config` declaration.
-      def config = runtime.settings.config
+      # The current config: {key => value} of every `config` declaration (the environment
+      # at start, then each live version applied).
+      def config = runtime.config
+
+      # call-seq: discover(type: nil, event_types: [], metadata: {}) -> [Flowctl::V1::ComponentInfo]
+      #
+      # Service discovery: the components registered with this component's control plane
+      # whose type (:source, :processor, :consumer/:sink; nil: any), event types (any of
+      # them among a component's input or output types) and metadata (every pair) match.
+      # Flowctl::Error when the component runs standalone.
+      def discover(type: nil, event_types: [], metadata: {})
+        runtime.discover(type: type, event_types: event_types, metadata: metadata)
+      end
 
       def metrics = runtime.metrics
 

@@ -29,9 +29,11 @@ module Flowctl
         def consume(requests, _call)
           consumed = failed = 0
           errors = []
-          @runtime.stream do
-            while (event = @runtime.read(requests))
-              result = @runtime.run_event(event, outputs: false) { @component.consume(event) }
+          runtime = @runtime
+          component = @component
+          runtime.stream do |tally|
+            while (event = runtime.read(requests))
+              result = runtime.run_event(event, tally, outputs: false) { component.consume(event) }
               if result.is_a?(Runtime::Failure)
                 failed += 1
                 errors << "event #{event.id}: #{result.error.class}: #{result.error.message}" if errors.size < MAX_ERRORS

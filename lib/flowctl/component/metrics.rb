@@ -12,7 +12,8 @@ module Flowctl
     #
     # Read as the protocol's heartbeat map (#to_heartbeat, String => String), as numbers
     # (#to_numbers, for the seed's map<string,double>), as JSON-ready Hash (#to_h) and in the
-    # Prometheus text format (#to_prometheus). Thread-safe.
+    # Prometheus text format (#to_prometheus). Thread-safe. A stream counts its events in a
+    # Tally of its own (#tally, #retire): no lock per event.
     class Metrics
       # Latency buckets in seconds: 50 µs .. 10 s.
       BUCKETS = [0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
@@ -20,7 +21,7 @@ module Flowctl
       STANDARD = %w[events_received events_emitted events_failed events_dropped].freeze
       NAME = /\A[a-zA-Z_][a-zA-Z0-9_]*\z/.freeze
       RESERVED = (STANDARD + %w[in_flight last_event_time latency_avg_ms latency_p50_ms latency_p99_ms
-                                uptime_seconds]).freeze
+                                uptime_seconds config_version config_refused_version config_error]).freeze
 
       def initialize
         @lock = Mutex.new
@@ -32,9 +33,47 @@ module Flowctl
         @in_flight = 0
         @last_event_at = nil
         @started_at = Time.now
+        @config = nil # live configuration (LiveConfig): {version:, refused_version:, error:}
+        @tallies = []
+        # CLOCK_REALTIME - CLOCK_MONOTONIC: a tally's monotonic last event time as Unix time
+        @epoch = Process.clock_gettime(Process::CLOCK_REALTIME) - Process.clock_gettime(Process::CLOCK_MONOTONIC)
+      end
+
+      # A new Tally for a stream, counted in every snapshot until #retire.
+      def tally
+        t = Tally.new
+        @lock.synchronize { @tallies << t }
+        t
+      end
+
+      # A stream ended: its counts become part of the totals.
+      def retire(tally)
+        @lock.synchronize do
+          next unless @tallies.delete(tally)
+
+          add_tally(tally, @counts, @buckets)
+          @latency_sum += tally.latency_sum
+          @in_flight += tally.in_flight
+          @last_event_at = latest(@last_event_at, tally)
+        end
+        nil
       end
 
       attr_reader :started_at
+
+      # Live configuration: the version applied (reported as "config_version" from now on;
+      # a refusal reported before is over).
+      def config_version=(version)
+        @lock.synchronize { @config = { version: version, refused_version: nil, error: nil }.freeze }
+      end
+
+      # Live configuration: a version was refused (reported as "config_refused_version" and
+      # "config_error" until a later one is applied; then they read 0 and "").
+      def config_refused(version, reason)
+        @lock.synchronize do
+          @config = { version: @config ? @config[:version] : 0, refused_version: version, error: reason.to_s }.freeze
+        end
+      end
 
       # An event arrived (received += 1).
       def received(n = 1) = @lock.synchronize { @counts["events_received"] += n }
@@ -94,13 +133,23 @@ module Flowctl
       # A consistent copy of everything.
       def snapshot
         @lock.synchronize do
-          { counts: @counts.dup, counters: @user_counters.dup, gauges: @user_gauges.dup, buckets: @buckets.dup,
-            latency_sum: @latency_sum, in_flight: @in_flight, last_event_at: @last_event_at }
+          counts = @counts.dup
+          buckets = @buckets.dup
+          snap = { counts: counts, counters: @user_counters.dup, gauges: @user_gauges.dup, buckets: buckets,
+                   latency_sum: @latency_sum, in_flight: @in_flight, last_event_at: @last_event_at, config: @config }
+          @tallies.each do |t|
+            add_tally(t, counts, buckets)
+            snap[:latency_sum] += t.latency_sum
+            snap[:in_flight] += t.in_flight
+            snap[:last_event_at] = latest(snap[:last_event_at], t)
+          end
+          snap
         end
       end
 
       # Numbers by name: the standard counters, in_flight, latency (ms), last_event_time (Unix
-      # seconds, 0 before the first event), uptime, then the component's own.
+      # seconds, 0 before the first event), uptime, config_version (and config_refused_version)
+      # with live configuration, then the component's own.
       def to_numbers(snap = snapshot)
         n = snap[:buckets].sum
         out = snap[:counts].dup
@@ -110,6 +159,10 @@ module Flowctl
         out["latency_p99_ms"] = quantile(snap[:buckets], 0.99)
         out["last_event_time"] = snap[:last_event_at] ? snap[:last_event_at].round(3) : 0
         out["uptime_seconds"] = (Time.now - @started_at).round(3)
+        if (cfg = snap[:config])
+          out["config_version"] = cfg[:version]
+          out["config_refused_version"] = cfg[:refused_version] || 0 # 0: none (a control plane merges heartbeat keys)
+        end
         out.merge(snap[:counters]).merge(snap[:gauges])
       end
 
@@ -119,6 +172,7 @@ module Flowctl
         out = to_numbers(snap).transform_values { |v| format_number(v) }
         last = snap[:last_event_at]
         out["last_event_time"] = last ? Time.at(last).utc.strftime("%Y-%m-%dT%H:%M:%S.%3NZ") : ""
+        out["config_error"] = snap[:config][:error].to_s if snap[:config]
         out
       end
 
@@ -130,6 +184,21 @@ module Flowctl
       end
 
       private
+
+      # under @lock
+      def add_tally(tally, counts, buckets)
+        counts["events_received"] += tally.received
+        counts["events_emitted"] += tally.emitted
+        counts["events_failed"] += tally.failed
+        tally.buckets.each_with_index { |n, i| buckets[i] += n }
+      end
+
+      def latest(unix, tally)
+        return unix unless tally.last_at
+
+        t = tally.last_at + @epoch
+        unix.nil? || t > unix ? t : unix
+      end
 
       def check_name(name)
         key = name.to_s

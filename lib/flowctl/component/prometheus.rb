@@ -31,6 +31,7 @@ module Flowctl
         family("#{PREFIX}last_event_timestamp_seconds", "gauge", "Unix time of the last event (0: none yet).",
                last || 0)
         family("#{PREFIX}start_time_seconds", "gauge", "Unix time the component started.", @started_at.to_f)
+        config
         @s[:counters].each do |name, v|
           family(name.end_with?("_total") ? name : "#{name}_total", "counter", "Component counter #{name}.", v)
         end
@@ -39,6 +40,14 @@ module Flowctl
       end
 
       private
+
+      def config
+        return unless (cfg = @s[:config])
+
+        family("#{PREFIX}config_version", "gauge", "Live configuration version applied (0: none yet).", cfg[:version])
+        family("#{PREFIX}config_refused_version", "gauge", "Live configuration version refused last (0: none).",
+               cfg[:refused_version] || 0)
+      end
 
       def family(name, type, help, value)
         @out << "# HELP #{name} #{help}\n# TYPE #{name} #{type}\n#{name}{#{@label}} #{number(value)}\n"

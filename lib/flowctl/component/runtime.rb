@@ -14,11 +14,16 @@ module Flowctl
     class Runtime
       LAST_CALLS = 0.5 # seconds for unary calls in flight once every stream has ended
 
-      attr_reader :component, :settings, :metrics, :logger, :port, :gate, :registration, :grpc_health
+      attr_reader :component, :settings, :metrics, :logger, :port, :gate, :registration, :grpc_health, :live_config
+
+      # The component's configuration now: settings.config, then each live version applied
+      # (LiveConfig). A frozen Hash, swapped whole.
+      attr_accessor :config
 
       def initialize(component, settings, logger: nil)
         @component = component
         @settings = settings
+        @config = settings.config
         @metrics = Metrics.new
         @gate = Gate.new(settings.max_concurrent)
         @logger = logger || default_logger(settings.id)
@@ -127,6 +132,8 @@ module Flowctl
         # even with no call left: once the streams are done, unary calls get at most LAST_CALLS.
         left = [deadline - clock, 0].max
         @server&.stop(grace: drained ? [left, LAST_CALLS].min : left)
+        stop_live_config
+        @discovery&.close
         @registration&.stop
         @health&.stop
         component.teardown
@@ -136,8 +143,14 @@ module Flowctl
         self
       end
 
-      # Runs a stream's handler so that #stop can end it (see Streams).
-      def stream(&block) = @streams.run(&block)
+      # Runs a stream's handler so that #stop can end it (see Streams); yields the stream's
+      # Metrics::Tally, where #run_event counts its events without a lock.
+      def stream
+        tally = metrics.tally
+        @streams.run { yield tally }
+      ensure
+        metrics.retire(tally) if tally
+      end
 
       # Reads the next request of a stream, or nil when the stream is to end (shutdown). A
       # message that is not a valid event fails that event (counted, logged) and the stream
@@ -164,10 +177,11 @@ module Flowctl
       # One event through the component's method: max_concurrent, metrics, and failures
       # (counted, logged, handed to #dead_letter). Returns the block's result, or a
       # Runtime::Failure with the error when it raised.
-      def run_event(event, outputs: true, &block)
-        return measure(event, outputs, &block) if gate.limit.nil?
+      # tally: the stream's (#stream).
+      def run_event(event, tally, outputs: true, &block)
+        return measure(event, tally, outputs, &block) if gate.limit.nil?
 
-        gate.pass { measure(event, outputs, &block) }
+        gate.pass { measure(event, tally, outputs, &block) }
       end
 
       # What #run_event returns for an event whose processing raised.
@@ -201,29 +215,46 @@ module Flowctl
 
       def inspect = "#<#{self.class} #{kind} #{settings.id} #{endpoint} #{status}>"
 
-      # Registration calls this once the control plane has the component.
+      # Registration calls this once the control plane has the component: ready, and live
+      # configuration is watched from now on (LiveConfig).
       def registered!
         @ready = true
         sync_grpc_health
+        start_live_config
+      end
+
+      # call-seq: discover(type: nil, event_types: [], metadata: {}) -> [Flowctl::V1::ComponentInfo]
+      #
+      # The components registered with this component's control plane that match (see
+      # Flowctl::Discovery.discover). Flowctl::Error when the component runs standalone.
+      def discover(type: nil, event_types: [], metadata: {})
+        raise Flowctl::Error, "component #{settings.id} runs standalone (no control plane): nothing to discover" unless settings.enabled
+
+        require_relative "../discovery"
+        client = @lock.synchronize do
+          raise Flowctl::Error, "component #{settings.id} is stopped" if @stopped
+
+          @discovery ||= Flowctl::Discovery.client(settings.control_plane)
+        end
+        Flowctl::Discovery.discover(client, type: type, event_types: event_types, metadata: metadata)
       end
 
       private
 
-      def measure(event, outputs)
-        metrics.begin_event
+      # The per-event path of every processor and consumer: keep it lean (bench/pipeline.rb).
+      def measure(event, tally, outputs)
+        tally.begin_event
         t0 = clock
-        emitted = 0
-        begin
-          result = yield
-          emitted = outputs ? count_outputs(result) : 0
-          result
-        rescue StandardError, ScriptError => e
-          emitted = nil
-          failed(event, e)
-          Failure.new(e)
-        ensure
-          metrics.end_event(clock - t0, emitted: emitted || 0, failed: emitted.nil?)
-        end
+        emitted = nil
+        result = yield
+        emitted = outputs ? count_outputs(result) : 0
+        result
+      rescue StandardError, ScriptError => e
+        failed(event, e)
+        Failure.new(e)
+      ensure
+        t1 = clock
+        tally.end_event(t1 - t0, t1, emitted || 0, emitted.nil?)
       end
 
       def default_logger(id)
@@ -254,6 +285,21 @@ module Flowctl
         else
           registered!
         end
+      end
+
+      def start_live_config
+        @lock.synchronize do
+          return if @stopped || @live_config || !LiveConfig.wanted?(self)
+
+          @live_config = LiveConfig.new(self).start
+        end
+      rescue StandardError => e
+        logger.error("live configuration: #{e.class}: #{e.message}")
+      end
+
+      def stop_live_config
+        live = @lock.synchronize { @live_config }
+        live&.stop
       end
 
       def sync_grpc_health

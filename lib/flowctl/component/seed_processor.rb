@@ -25,9 +25,10 @@ module Flowctl
       end
 
       def process(requests, call)
-        @runtime.stream do
+        @runtime.stream do |tally|
           while (msg = @runtime.read(requests))
-            outputs = Processor.apply(@runtime, @component, to_event(msg))
+            outputs = Processor.apply(@runtime, @component, to_event(msg), tally)
+            outputs = [outputs] if outputs.instance_of?(Processor::EVENT)
             Processor.write(@runtime, call, outputs.map { |e| to_message(e) })
           end
         end

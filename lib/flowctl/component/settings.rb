@@ -14,20 +14,26 @@ module Flowctl
     #   PORT                        the gRPC port (default: a free port)
     #   HEALTH_PORT                 the HTTP health port (default: no health server)
     #   <CONFIG KEY>                each declared config key in UPPER_SNAKE
+    #   FLOWCTL_FAILED_EVENTS       "drop" or "reply": what a processor does with an event whose
+    #                               #process raised (default "reply" under flowctl-pipeline, which
+    #                               sets FLOWCTL_INPUTS; else "drop"); this gem's extension
     #
     # Keywords: id:, control_plane: ("host:port", or false for standalone), heartbeat_interval:,
     # host:, port:, endpoint: (what the control plane is told to dial), health_port: (false: none),
     # health_host:, config: {key: value}, max_concurrent:, grace: (seconds to drain at shutdown),
-    # protocols: ([:v1], [:seed] or [:v1, :seed]), env: (a Hash in place of ENV).
+    # protocols: ([:v1], [:seed] or [:v1, :seed]), live_config: (false: no live configuration
+    # from the control plane; see LiveConfig), failed_events: (:drop or :reply, see
+    # Processor; FLOWCTL_FAILED_EVENTS), env: (a Hash in place of ENV).
     Settings = Struct.new(:id, :enabled, :control_plane, :heartbeat_interval, :host, :port, :endpoint,
                           :health_host, :health_port, :config, :max_concurrent, :grace, :protocols,
-                          keyword_init: true) do
+                          :live_config, :failed_events, keyword_init: true) do
       def standalone? = !enabled
     end
 
     class Settings
       KEYWORDS = %i[id control_plane heartbeat_interval host port endpoint health_host health_port config
-                    max_concurrent grace protocols env].freeze
+                    max_concurrent grace protocols live_config failed_events env].freeze
+      FAILED_EVENTS = %i[drop reply].freeze
       PROTOCOLS = %i[v1 seed].freeze
       ENABLED = %w[1 true yes on].freeze
       DEFAULT_GRACE = 10.0
@@ -54,7 +60,8 @@ module Flowctl
           Settings.new(id: id, enabled: enabled?, control_plane: control_plane, heartbeat_interval: interval,
                        host: host, port: port(:port, "PORT") || 0, endpoint: string(:endpoint, nil),
                        health_host: string(:health_host, nil) || host, health_port: health_port,
-                       config: config, max_concurrent: max_concurrent, grace: grace, protocols: protocols)
+                       config: config, max_concurrent: max_concurrent, grace: grace, protocols: protocols,
+                       live_config: @opts.fetch(:live_config, true) ? true : false, failed_events: failed_events)
         end
 
         private
@@ -137,6 +144,18 @@ module Flowctl
           raise ArgumentError, "grace: must be a number of seconds >= 0 (given #{v.inspect})" unless v.is_a?(Numeric) && v >= 0
 
           v.to_f
+        end
+
+        # :reply when FLOWCTL_FAILED_EVENTS says so or flowctl-pipeline runs the component (it
+        # sets FLOWCTL_INPUTS, and its router routes marked events to the dead-letter sink);
+        # :drop otherwise (flowctl run would hand a marked event to the sinks as any other).
+        def failed_events
+          v = @opts.fetch(:failed_events) { env("FLOWCTL_FAILED_EVENTS") || (@env["FLOWCTL_INPUTS"] ? "reply" : "drop") }
+          sym = v.to_s.downcase.to_sym
+          label = @opts.key?(:failed_events) ? "failed_events:" : "FLOWCTL_FAILED_EVENTS"
+          raise ArgumentError, "#{label} #{v.inspect} must be one of #{FAILED_EVENTS.join(', ')}" unless FAILED_EVENTS.include?(sym)
+
+          sym
         end
 
         def protocols

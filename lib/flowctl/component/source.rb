@@ -39,11 +39,11 @@ module Flowctl
 
         def stream_events(request, call)
           id = @runtime.settings.id
-          @runtime.stream do
+          @runtime.stream do |tally|
             @runtime.gate.pass do
               catch(:flowctl_stop) do
                 @runtime.interruptible do
-                  @component.each_event(request) { |value| emit(call, value, id) }
+                  @component.each_event(request) { |value| emit(call, value, id, tally) }
                 end
               end
             end
@@ -64,7 +64,7 @@ module Flowctl
 
         # One yielded event: sent, or counted as failed when it is not an event. Ends the
         # source's method (throw) once the component is stopping.
-        def emit(call, value, id)
+        def emit(call, value, id, tally)
           @runtime.streams_critical do
             event = begin
               Services.event(value, id)
@@ -75,7 +75,7 @@ module Flowctl
             end
             if event
               call.write(event)
-              @runtime.metrics.emitted
+              tally.emitted!
             end
           end
           throw :flowctl_stop if @runtime.stopping?

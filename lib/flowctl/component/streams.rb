@@ -5,14 +5,14 @@ module Flowctl
     # The open streams of a component, so that shutdown can end them without losing an event
     # that was taken:
     #
-    # - a handler runs inside #run, where Stopping can only be raised while it waits in #read
-    #   for its next request (Thread.handle_interrupt), never while the component's method
-    #   runs or a reply is written;
+    # - a handler runs inside #run, where Stopping can only be raised while it waits in
+    #   #interruptible (a source's method; Thread.handle_interrupt), never while the
+    #   component's method runs or a reply is written;
     # - #drain sets the stopping flag: a handler that is busy finishes its event, finds the
     #   flag at its next #read and ends its stream normally (a consumer answers); one that
-    #   still waits for a request after a short settling time is raised out of its wait (the
-    #   call is cancelled: it had no event in hand); #drain returns when every stream has
-    #   ended or at the deadline.
+    #   still waits for a request after a short settling time has its call cancelled (it had
+    #   no event in hand; #read returns nil), one in #interruptible is raised out of it;
+    #   #drain returns when every stream has ended or at the deadline.
     class Streams
       # Raised into a handler waiting for its next request at shutdown.
       class Stopping < StandardError; end
@@ -24,7 +24,7 @@ module Flowctl
       def initialize
         @lock = Mutex.new
         @cond = ConditionVariable.new
-        @threads = {} # Thread => true while it waits in #read
+        @threads = {} # Thread => its requests while it waits in #read, true in #interruptible, else false
         @stopping = false
       end
 
@@ -46,8 +46,25 @@ module Flowctl
         end
       end
 
-      # The next request (requests.read), or nil once stopping.
-      def read(requests) = interruptible { requests.read }
+      # The next request (requests.read: Flowctl::Server::Requests), or nil once stopping.
+      # No interrupt mask per event: while it waits, the stream is marked with its requests,
+      # and #drain cancels that call (the read raises Flowctl::Cancelled, the end here).
+      def read(requests)
+        threads = @threads
+        t = Thread.current
+        threads[t] = requests
+        begin
+          return nil if @stopping # after the mark: a #drain that missed the mark set this first
+
+          requests.read
+        ensure
+          threads[t] = false
+        end
+      rescue Flowctl::Cancelled
+        raise unless @stopping
+
+        nil
+      end
 
       # Runs the block where shutdown may raise Stopping into it (the block is waiting, with no
       # event in hand); returns its value, or nil when stopping (before or during the block).
@@ -64,18 +81,30 @@ module Flowctl
       end
 
       # Inside #interruptible: runs the block where no Stopping can arrive (an event is in hand).
+      # (Once per event of a source: the flags are set here without #waiting's calls; the
+      # thread is inside #run, so its key exists.)
       def critical
-        waiting(false)
-        Thread.handle_interrupt(DEFER) { yield }
-      ensure
-        waiting(true)
+        threads = @threads
+        t = Thread.current
+        threads[t] = false
+        begin
+          Thread.handle_interrupt(DEFER) { yield }
+        ensure
+          threads[t] = true
+        end
       end
 
       # Stops the streams (see the class comment); true when all have ended by the deadline.
       def drain(deadline)
         @lock.synchronize { @stopping = true }
         wait_until([deadline, now + SETTLE].min)
-        @lock.synchronize { @threads.each { |t, waiting| t.raise(Stopping, "component stopping") if waiting } }
+        @lock.synchronize do
+          @threads.each do |t, waiting|
+            if waiting == true then t.raise(Stopping, "component stopping") # in #interruptible
+            elsif waiting then waiting.cancel # in #read: its requests
+            end
+          end
+        end
         wait_until(deadline)
       end
 

@@ -47,7 +47,10 @@ module Flowctl
       TOP_KEYS = %w[apiVersion kind metadata spec].freeze
       METADATA_KEYS = %w[name namespace labels annotations].freeze
       SPEC_KEYS = %w[description driver sources processors sinks config pipelines
-                     dead_letter shutdown_grace heartbeat_interval queue_size ready_timeout].freeze
+                     dead_letter shutdown_grace heartbeat_interval queue_size ready_timeout wiring].freeze
+      # Who moves the events: the runner (its Router, through the components' endpoints) or
+      # the components themselves, each finding its inputs through DiscoverComponents.
+      WIRINGS = %w[runner discovery].freeze
       COMPONENT_KEYS = %w[id type image command args inputs input_event_types output_event_types config env
                           volumes secrets ports health_check health_port replicas resources depends_on
                           restart_policy restart ready_timeout].freeze
@@ -81,7 +84,7 @@ module Flowctl
       end
 
       attr_reader :file, :name, :components, :dead_letter, :shutdown_grace, :heartbeat_interval, :queue_size,
-                  :ready_timeout, :warnings, :text
+                  :ready_timeout, :wiring, :warnings, :text
 
       # Reads and checks a pipeline file. Raises DefinitionError (Errno for an unreadable file).
       def self.load(path, **opts)
@@ -96,7 +99,7 @@ module Flowctl
 
       # @api private (Loader builds it)
       def initialize(file:, name:, components:, dead_letter:, shutdown_grace:, heartbeat_interval:, queue_size:,
-                     ready_timeout:, warnings:, text:)
+                     ready_timeout:, warnings:, text:, wiring: "runner")
         @file = file
         @name = name
         @components = components.freeze
@@ -106,12 +109,16 @@ module Flowctl
         @heartbeat_interval = heartbeat_interval
         @queue_size = queue_size
         @ready_timeout = ready_timeout
+        @wiring = wiring
         @warnings = warnings.freeze
         @text = text
         freeze
       end
 
       def [](id) = @by_id[id]
+
+      # Do the components wire themselves (wiring: discovery)?
+      def self_wired? = wiring == "discovery"
       def sources = components.select(&:source?)
       def processors = components.select(&:processor?)
       def sinks = components.select(&:sink?)

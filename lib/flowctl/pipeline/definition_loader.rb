@@ -95,6 +95,9 @@ module Flowctl
           return nil if components.nil?
 
           dead = dead_letter(spec, components)
+          if dead && opts[:wiring] == "discovery"
+            problem(spec["dead_letter"].line, "spec", "dead_letter: needs wiring: runner (components that wire themselves handle their failed events)")
+          end
           wire_defaults(components, dead)
           check_graph(components)
           check_event_types(components)
@@ -113,7 +116,16 @@ module Flowctl
           { shutdown_grace: duration(spec["shutdown_grace"], "spec", "shutdown_grace") || 10.0,
             heartbeat_interval: duration(spec["heartbeat_interval"], "spec", "heartbeat_interval") || 10.0,
             queue_size: integer(spec["queue_size"], "spec", "queue_size", 1..1_000_000) || 256,
-            ready_timeout: duration(spec["ready_timeout"], "spec", "ready_timeout") || 30.0 }
+            ready_timeout: duration(spec["ready_timeout"], "spec", "ready_timeout") || 30.0,
+            wiring: wiring(spec["wiring"]) }
+        end
+
+        def wiring(node)
+          value = string(node, "spec", "wiring")
+          return "runner" if value.nil?
+          return value if WIRINGS.include?(value)
+
+          problem(node.line, "spec", "wiring: #{value.inspect} is not one of #{WIRINGS.join(', ')}#{suggest(value, WIRINGS)}") || "runner"
         end
 
         # --- components -------------------------------------------------------------

@@ -56,9 +56,12 @@ module Flowctl
       # default RunStore.open(db)); out: progress (a table on a terminal, JSON lines
       # otherwise; nil: none); err: the runner's messages; log_dir: a file per component
       # for its output; verbose: copy component output to err; health_ports: :free or
-      # :flowctl (18080 + n); params: StreamRequest params for the sources.
+      # :flowctl (18080 + n); params: StreamRequest params for the sources; wiring:
+      # "runner" or "discovery" (default: the definition's spec.wiring; with discovery the
+      # components read their inputs themselves and the runner only supervises, SelfWired).
       def initialize(definition, control_plane: nil, db: nil, store: nil, out: $stdout, err: $stderr, log_dir: nil,
-                     verbose: false, health_ports: :free, progress_interval: 1.0, params: {}, view: nil, link: nil)
+                     verbose: false, health_ports: :free, progress_interval: 1.0, params: {}, view: nil, link: nil,
+                     wiring: nil)
         @definition = definition
         @control_plane_arg = control_plane
         @db = db
@@ -72,6 +75,13 @@ module Flowctl
         @params = params
         @view = view
         @link = link
+        @wiring = wiring || definition.wiring
+        unless Definition::WIRINGS.include?(@wiring)
+          raise ArgumentError, "wiring: #{@wiring.inspect} is not one of #{Definition::WIRINGS.join(', ')}"
+        end
+        if @wiring == "discovery" && definition.dead_letter
+          raise ArgumentError, "wiring: discovery cannot route to the dead-letter sink #{definition.dead_letter.inspect}"
+        end
         @stop_requested = false
         @kill_requested = false
         @wake_r, @wake_w = IO.pipe
@@ -102,19 +112,24 @@ module Flowctl
 
       def execute
         start_control_plane
-        @supervisor = Supervisor.new(@definition, @view || ControlPlaneView.new(@control_plane),
-                                     control_plane: @control_plane, log: log_sink, notify: method(:say),
-                                     health_ports: @health_ports, link: @link || method(:wire_link))
-        say "run #{@run_id}: #{@definition.name} (#{@definition.components.size} components), control plane #{@control_plane}"
+        view = @view || ControlPlaneView.new(@control_plane)
+        @supervisor = Supervisor.new(@definition, view, control_plane: @control_plane, log: log_sink, notify: method(:say),
+                                                        health_ports: @health_ports, link: @link || method(:wire_link),
+                                                        wiring: @wiring, params: @params)
+        say "run #{@run_id}: #{@definition.name} (#{@definition.components.size} components), control plane " \
+            "#{@control_plane}#{self_wired? ? ', components wire themselves (discovery)' : ''}"
         @supervisor.start_all
         return ["STOPPED", nil] if @stop_requested
 
         store_update(status: "RUNNING")
-        @router = Router.new(@definition, @supervisor).start
+        # the data plane: the Router, or only a view of the components' own (SelfWired)
+        @router = self_wired? ? SelfWired.new(@definition, @supervisor, view) : Router.new(@definition, @supervisor).start
         watch
       rescue StartError, Router::Failed => e
         ["FAILED", e.message]
       end
+
+      def self_wired? = @wiring == "discovery"
 
       def wire_link(component, endpoint)
         Wire.link(component, endpoint, params: @params)
@@ -163,8 +178,8 @@ module Flowctl
         say "stopping: sources first, then draining (grace #{@definition.shutdown_grace}s)"
         @router.stop_sources
         @supervisor.stop([:source], grace: left(deadline))
-        drained = false
-        until drained || @kill_requested || monotonic > deadline
+        drained = self_wired? ? @router.drain(deadline) : false
+        until drained || self_wired? || @kill_requested || monotonic > deadline
           drained = begin
             @router.wait([left(deadline), 0.2].min)
           rescue Router::Failed

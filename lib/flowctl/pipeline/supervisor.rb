@@ -40,7 +40,8 @@ module Flowctl
     # Router's hooks: #connect gives a link to a ready component, #broken says whether to
     # reconnect.
     class Supervisor
-      # One component's process and state: :starting, :ready, :restarting, :failed, :stopped.
+      # One component's process and state: :starting, :ready, :restarting, :failed, :stopped,
+      # :finished (with self-wiring components: it exited by itself, status 0).
       Slot = Struct.new(:component, :child, :state, :endpoint, :restarts, :error, :health_port, :done, :breaks,
                         :registered_at, keyword_init: true)
 
@@ -52,8 +53,12 @@ module Flowctl
       # "host:port" components get as FLOWCTL_ENDPOINT; log: callable(component, line);
       # notify: callable(String) for the runner's own messages; health_ports: :free (a free
       # port per component) or :flowctl (18080 + n, as flowctl run); link: callable
-      # (component, endpoint) -> link (Wire.link by default).
-      def initialize(definition, view, control_plane:, log: nil, notify: nil, health_ports: :free, link: nil, chdir: nil)
+      # (component, endpoint) -> link (Wire.link by default); wiring: "runner" (the Router
+      # moves the events) or "discovery" (the components find their inputs themselves; a
+      # clean exit is the end of a component's work, not a failure); params: the
+      # StreamRequest params self-wiring components pass to their inputs.
+      def initialize(definition, view, control_plane:, log: nil, notify: nil, health_ports: :free, link: nil, chdir: nil,
+                     wiring: definition.wiring, params: {})
         @definition = definition
         @view = view
         @control_plane = control_plane
@@ -62,6 +67,8 @@ module Flowctl
         @health_ports = health_ports
         @link = link || ->(c, endpoint) { Wire.link(c, endpoint) }
         @chdir = chdir
+        @wiring = wiring
+        @params = params
         @lock = Mutex.new
         @changed = ConditionVariable.new
         @stopping = false
@@ -71,18 +78,43 @@ module Flowctl
       end
 
       # The environment of a component: the YAML's (config as UPPER_SNAKE, env), then
-      # what flowctl run injects over it.
+      # what flowctl run injects over it, then this gem's extensions for components that
+      # read their inputs themselves (Flowctl::Discovery::Upstream.from_env): FLOWCTL_WIRING
+      # ("runner" or "discovery"), FLOWCTL_INPUTS (ids, comma-separated),
+      # FLOWCTL_INPUT_EVENT_TYPES (the YAML's input_event_types, comma-separated) and, with
+      # discovery, FLOWCTL_STREAM_PARAMS (the StreamRequest params as a JSON object).
       def environment(component, health_port)
         interval = @definition.heartbeat_interval
-        component.env.merge(
+        env = component.env.merge(
           "ENABLE_FLOWCTL" => "true",
           "FLOWCTL_ENDPOINT" => @control_plane,
           "FLOWCTL_HEARTBEAT_INTERVAL" => Supervisor.go_duration(interval),
           "FLOWCTL_SERVICE_ID" => component.id,
           "FLOWCTL_COMPONENT_ID" => component.id,
-          "FLOWCTL_INPUTS" => component.inputs.join(",") # this gem's extension (Flowctl::Discovery::Upstream)
-        ).tap { |env| env["HEALTH_PORT"] ||= health_port.to_s }
+          "FLOWCTL_WIRING" => @wiring,
+          "FLOWCTL_INPUTS" => component.inputs.join(","),
+          "FLOWCTL_INPUT_EVENT_TYPES" => component.input_event_types.join(",")
+        )
+        env["FLOWCTL_STREAM_PARAMS"] = JSON.generate(@params) if self_wired? && !@params.empty?
+        env["HEALTH_PORT"] ||= health_port.to_s
+        env
       end
+
+      def self_wired? = @wiring == "discovery"
+
+      # Have these components finished their work by themselves (self-wired, exit status 0)?
+      def finished?(ids) = @lock.synchronize { ids.all? { |id| @slots.fetch(id).state == :finished } }
+
+      # The first component that is gone for good: [component, error] or nil.
+      def failure
+        @lock.synchronize do
+          slot = @slots.each_value.find { |s| s.state == :failed }
+          slot && [slot.component, slot.error]
+        end
+      end
+
+      # Waits up to timeout seconds for a change of any component's state.
+      def wait_change(timeout) = @lock.synchronize { @changed.wait(@lock, timeout) }
 
       # 10.0 -> "10s", 0.25 -> "250ms" (what Go's time.ParseDuration reads)
       def self.go_duration(seconds)
@@ -96,11 +128,16 @@ module Flowctl
         slots = @slots.values
         slots.each { |s| spawn(s) }
         waiters = slots.map { |s| Thread.new { await_ready(s, s.child.started_at) } }
-        errors = waiters.map(&:value).compact
+        results = waiters.map(&:value)
+        errors = results.grep(String)
         raise StartError, errors.join("\n") unless errors.empty?
 
-        slots.each { |s| set(s, :ready) }
-        slots.each { |s| s.child.then { start_monitor(s) } }
+        slots.zip(results).each do |s, result|
+          next finish(s, " before the runner saw it registered") if result == :finished
+
+          set(s, :ready)
+          start_monitor(s)
+        end
       end
 
       # Router hook: a link to the component once it is ready.
@@ -156,7 +193,7 @@ module Flowctl
         targets = @slots.values.select { |s| roles.include?(s.component.role) }
         targets.each { |s| @lock.synchronize { s.done = true } }
         targets.map { |s| Thread.new { s.child&.stop(grace: grace) } }.each(&:join)
-        targets.each { |s| set(s, :stopped) }
+        targets.each { |s| set(s, :stopped) unless s.state == :finished }
       end
 
       # Stops everything (sources, processors, sinks), at most grace seconds each.
@@ -181,7 +218,10 @@ module Flowctl
         slot.child = Child.spawn(c, environment(c, slot.health_port), log: @log, chdir: @chdir)
       end
 
-      # nil once the component has registered as HEALTHY since `since`, else why not.
+      # nil once the component has registered as HEALTHY since `since`, else why not (a
+      # String); :finished when a self-wiring component did its work and exited with
+      # status 0 before it was seen registered (it may register, work and unregister
+      # between two looks).
       def await_ready(slot, since)
         c = slot.component
         deadline = monotonic + c.ready_timeout
@@ -193,7 +233,11 @@ module Flowctl
             slot.registered_at = last.registered_at
             return nil
           end
-          return not_ready(slot, "exited (#{slot.child.describe_exit}) before it registered") if slot.child.exited?
+          if slot.child.exited?
+            return :finished if self_wired? && slot.child.clean_exit? && !c.restart.restart?(true)
+
+            return not_ready(slot, "exited (#{slot.child.describe_exit}) before it registered")
+          end
           return not_ready(slot, timeout_reason(c, last)) if monotonic > deadline
 
           sleep POLL
@@ -257,12 +301,19 @@ module Flowctl
           return set(slot, :stopped) if @stopping || slot.done
 
           policy = slot.component.restart
+          return finish(slot) if self_wired? && child.clean_exit? && !policy.restart?(true)
           if !policy.restart?(child.clean_exit?) || (policy.max_restarts && slot.restarts >= policy.max_restarts)
             why = "#{child.describe_exit} (restart policy #{policy.policy}, #{slot.restarts} restart(s) done)"
             return set(slot, :failed, error: not_ready(slot, why))
           end
           return unless restart(slot, policy)
         end
+      end
+
+      def finish(slot, note = "")
+        @lock.synchronize { slot.done = true }
+        set(slot, :finished)
+        @notify.call("#{slot.component.label} finished (exited with status 0#{note})")
       end
 
       def restart(slot, policy)
@@ -275,6 +326,7 @@ module Flowctl
         slot.restarts += 1
         spawn(slot)
         error = await_ready(slot, slot.child.started_at)
+        return finish(slot, " before the runner saw it registered") && false if error == :finished
         if error
           slot.child.stop(grace: 1)
           set(slot, :failed, error: error)
