@@ -65,6 +65,27 @@ RSpec.describe "Flowctl::Heartbeat against the embedded control plane" do
     expect(hb.stats).to include(registrations: 1, failed: 0)
   end
 
+  it "does not count a beat its own stop cancelled as failed (a beat in flight when stop came)" do
+    slow = Class.new(Flowctl::ControlPlane::Registry) do
+      attr_reader :in_beat
+
+      def processor_heartbeat(request, call = nil)
+        @in_beat = true
+        sleep 2 unless request.status.include?("STOPPING") # an ordinary beat waits: stop comes meanwhile
+        super
+      end
+    end.new(ttl: 30)
+    @server = Flowctl::Server.new(port: 0, tls: false).tap { |s| s.handle(Flowctl::ControlPlane::Service, slow) }
+    port = @server.start
+    hb = client(port).start_heartbeat(:processor, id: "ttp-stop", interval: 0.05, register: { endpoint: "127.0.0.1:9091" })
+    started << hb
+    expect(eventually { slow.in_beat }).to be(true)
+    sleep 0.1 # the beat is in flight, its handler asleep
+    hb.stop
+    expect(hb.stats).to include(registrations: 1, failed: 0)
+    expect(slow.components.find { |c| c.id == "ttp-stop" }.status).to eq("STOPPING")
+  end
+
   it "starts from the FLOWCTL_* environment" do
     port = server.start
     env = {"ENABLE_FLOWCTL" => "true", "FLOWCTL_ENDPOINT" => "127.0.0.1:#{port}",

@@ -200,5 +200,46 @@ RSpec.describe "Flowctl::Server with Flowctl clients" do
       expect(got.map(&:first)).to eq(%w[a b])
       got.each { |payload, at| expect(at - t0).to be < time_limit(0.2), "#{payload} reached the server after #{(at - t0).round(3)} s" }
     end
+
+    # A burst's writes queue behind the send in flight and gRPC holds hinted ones (pump.c):
+    # what is held must still leave while the writer goes on to something else.
+    it "a server writing a burst, then waiting for the client: the whole burst arrives meanwhile" do
+      client_has_all = Queue.new
+      limit = time_limit(10)
+      burster = Class.new do
+        define_method(:process) do |requests, call|
+          requests.first
+          200.times { |i| call.write(payload: "b#{i}") }
+          Timeout.timeout(limit) { client_has_all.pop } # no write, no read, no return until then
+          [{ payload: "end" }]
+        end
+      end
+      pc = client(Flowctl::Processor::Client, start(Flowctl::Processor::Service => burster.new))
+      call = pc.process_stream
+      call.write(msg("hello"))
+      got = Timeout.timeout(time_limit(5)) { 200.times.map { call.read.payload } }
+      client_has_all << true
+      call.close_write
+      expect(got).to eq(200.times.map { |i| "b#{i}" })
+      expect(call.read.payload).to eq("end")
+      expect(call.read).to be_nil
+    end
+
+    it "a client writing a burst, then leaving the stream alone: the server gets it all meanwhile" do
+      seen = Queue.new
+      counter = Class.new do
+        define_method(:process) do |requests, _call|
+          requests.each { |m| seen << m.payload }
+          [{ payload: "done" }]
+        end
+      end
+      pc = client(Flowctl::Processor::Client, start(Flowctl::Processor::Service => counter.new))
+      call = pc.process_stream
+      200.times { |i| call.write(msg("c#{i}")) }
+      got = Timeout.timeout(time_limit(5)) { 200.times.map { seen.pop } } # the client is not touching the stream
+      expect(got).to eq(200.times.map { |i| "c#{i}" })
+      call.close_write
+      expect(call.read.payload).to eq("done")
+    end
   end
 end

@@ -79,10 +79,23 @@ module FlowctlSig
 
   # ".flowctl.v1.Event" -> "Flowctl::V1::Event" (nested types keep their outer class).
   def class_name(type_name)
-    full = type_name.delete_prefix(".")
-    pkg = Flowctl::PACKAGES.keys.select { |p| full.start_with?("#{p}.") }.max_by(&:size)
-    return "untyped" unless pkg
+    parts = type_name.delete_prefix(".").split(".")
+    (parts.size - 1).downto(1) do |n|
+      mod = ruby_module(parts[0, n].join(".")) or next
+      return "#{mod.name}::#{parts[n..].join('::')}"
+    end
+    "untyped"
+  end
 
-    "#{Flowctl::PACKAGES[pkg].name}::#{full.delete_prefix("#{pkg}.").gsub('.', '::')}"
+  # The module a package's classes live in: Flowctl::PACKAGES, or the loader's rule for the
+  # others (flowctl.ext.v1 -> Flowctl::Ext::V1); nil when it has none.
+  def ruby_module(pkg)
+    return Flowctl::PACKAGES[pkg] if Flowctl::PACKAGES[pkg]
+
+    parts = pkg.split(".").map { |p| p.split("_").map(&:capitalize).join }
+    parts.shift if parts.first == "Flowctl"
+    parts.empty? ? nil : Flowctl.const_get(parts.join("::"), false)
+  rescue NameError
+    nil
   end
 end

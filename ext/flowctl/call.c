@@ -539,7 +539,7 @@ stream_write_failed(stream_t *s)
 }
 
 /*
- * call-seq: stream.write(bytes) -> stream
+ * call-seq: stream.write(bytes or message) -> stream
  *
  * Queues one message for sending; waits only while PUMP_SENDQ messages are queued
  * (flow control: the server reads slowly). Raises IOError once the call has ended (a
@@ -549,11 +549,11 @@ static VALUE
 stream_write(VALUE self, VALUE bytes)
 {
     stream_t *s = stream_live(self);
-    StringValue(bytes);
     stream_check_writable(s);
+    grpc_byte_buffer *bb = flowctl_buffer_from_value(bytes); /* last to raise: then the pump owns bb */
     bool failed = false;
     s->writing = true;
-    int interrupted = flowctl_pump_write(&s->pump, bytes, &failed);
+    int interrupted = flowctl_pump_write(&s->pump, bb, &failed);
     s->writing = false;
     stream_maybe_release(s);
     flowctl_wait_finish(interrupted);
@@ -596,14 +596,17 @@ stream_take_initial(stream_t *s)
 }
 
 /*
- * call-seq: stream.read -> bytes or nil
+ * call-seq: stream.read(klass = nil) -> bytes, message or nil
  *
- * The next message from the server, or nil at the end of the stream. When the call
- * ended with a status other than OK, raises its RPCError (again on every later read).
+ * The next message from the server (bytes, or decoded as a klass straight from gRPC's
+ * memory: Flowctl::DecodeError when it is not one), or nil at the end of the stream. When
+ * the call ended with a status other than OK, raises its RPCError (again on every later read).
  */
 static VALUE
-stream_read(VALUE self)
+stream_read(int argc, VALUE *argv, VALUE self)
 {
+    VALUE klass;
+    rb_scan_args(argc, argv, "01", &klass);
     stream_t *s = stream_live(self);
     if (s->reading) rb_raise(eFlowctlError, "another thread is reading from this stream");
     if (s->read_done || !stream_open(s)) {
@@ -616,19 +619,17 @@ stream_read(VALUE self)
     int interrupted = flowctl_pump_read(&s->pump, &bb);
     s->reading = false;
     stream_take_initial(s);
-    VALUE msg = Qnil;
     if (bb) {
-        msg = flowctl_str_from_buffer(bb);
+        if (!NIL_P(klass)) return flowctl_decode_buffer(klass, bb);
+        VALUE msg = flowctl_str_from_buffer(bb);
         grpc_byte_buffer_destroy(bb);
-    } else if (!interrupted) {
-        s->read_done = true;
+        return msg;
     }
+    if (!interrupted) s->read_done = true;
     flowctl_wait_finish(interrupted);
-    if (NIL_P(msg)) {
-        stream_fetch_status(s);
-        stream_raise_error(s);
-    }
-    return msg;
+    stream_fetch_status(s);
+    stream_raise_error(s);
+    return Qnil;
 }
 
 /*
@@ -728,7 +729,7 @@ init_flowctl_call(void)
     rb_define_method(cStream, "initialize", stream_initialize, -1);
     rb_define_method(cStream, "write", stream_write, 1);
     rb_define_method(cStream, "close_write", stream_close_write, 0);
-    rb_define_method(cStream, "read", stream_read, 0);
+    rb_define_method(cStream, "read", stream_read, -1);
     rb_define_method(cStream, "cancel", stream_cancel, 0);
     rb_define_method(cStream, "finish", stream_finish, 0);
     rb_define_method(cStream, "finished?", stream_finished_p, 0);

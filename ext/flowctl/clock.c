@@ -1,5 +1,6 @@
 /*
- * clock.c — monotonic time for the native threads and their condition variables.
+ * clock.c — monotonic time for the native threads and their condition variables, and
+ * the start of a detached native thread.
  *
  * A leaf: it depends on nothing else of the extension, and the thread engines
  * (fork.c's gate, heartbeat.c, pump.c, wait.c) build on it.
@@ -16,6 +17,19 @@ flowctl_cond_init(pthread_cond_t *cond)
     pthread_condattr_setclock(&a, CLOCK_MONOTONIC);
     pthread_cond_init(cond, &a);
     pthread_condattr_destroy(&a);
+}
+
+bool
+flowctl_thread_detached(void *(*main)(void *), const char *name)
+{
+    pthread_t t;
+    pthread_attr_t a;
+    pthread_attr_init(&a);
+    pthread_attr_setdetachstate(&a, PTHREAD_CREATE_DETACHED);
+    bool started = pthread_create(&t, &a, main, NULL) == 0;
+    pthread_attr_destroy(&a);
+    if (started) pthread_setname_np(t, name);
+    return started;
 }
 
 int64_t

@@ -463,18 +463,27 @@ encode_msg(wbuf *b, const flowctl_class *ci, VALUE msg, int depth)
     RB_GC_GUARD(msg);
 }
 
+size_t
+flowctl_encode_to(const flowctl_class *ci, VALUE msg, char *buf, size_t cap, bool *fits)
+{
+    wbuf b = {.p = buf, .len = 0, .cap = cap};
+    encode_msg(&b, ci, msg, 0);
+    *fits = !b.counting;
+    return b.len;
+}
+
 VALUE
 flowctl_encode(const flowctl_class *ci, VALUE msg)
 {
     char stack[WB_STACK];
-    wbuf b = {.p = stack, .len = 0, .cap = sizeof(stack)};
-    encode_msg(&b, ci, msg, 0);
-    if (!b.counting) return rb_str_new(stack, (long)b.len);
+    bool fits;
+    size_t len = flowctl_encode_to(ci, msg, stack, sizeof(stack), &fits);
+    if (fits) return rb_str_new(stack, (long)len);
 
-    VALUE str = rb_str_buf_new((long)b.len);
-    wbuf full = {.p = RSTRING_PTR(str), .len = 0, .cap = b.len};
+    VALUE str = rb_str_buf_new((long)len);
+    wbuf full = {.p = RSTRING_PTR(str), .len = 0, .cap = len};
     encode_msg(&full, ci, msg, 0);
-    if (full.counting || full.len != b.len)
+    if (full.counting || full.len != len)
         rb_raise(eFlowctlError, "%"PRIsVALUE" changed while it was being encoded", ci->klass);
     rb_str_set_len(str, (long)full.len);
     return str;

@@ -150,6 +150,8 @@ const void *flowctl_descriptor_lookup(const char *full_name); /* NULL when unkno
 VALUE flowctl_convert_field(const flowctl_class *ci, const flowctl_field *f, VALUE v);
 void flowctl_field_tag(flowctl_field *f); /* fills f->tag for the wire */
 VALUE flowctl_encode(const flowctl_class *ci, VALUE msg); /* binary String */
+/* Encodes into buf: the length; *fits false when more than cap (buf then holds a part only). */
+size_t flowctl_encode_to(const flowctl_class *ci, VALUE msg, char *buf, size_t cap, bool *fits);
 void flowctl_decode_into(const flowctl_class *ci, VALUE msg, const uint8_t *p, size_t len);
 
 /* ---- reflect.c: a message class's field table for Ruby (descriptors, JSON) ---- */
@@ -192,6 +194,8 @@ void init_flowctl_json_class(void);
 /* ---- clock.c: monotonic time (a leaf: depends on nothing of ours) ------- */
 /* A condition variable whose timed waits use CLOCK_MONOTONIC. */
 void flowctl_cond_init(pthread_cond_t *cond);
+/* Starts main(NULL) on a detached thread named name; false when it could not start. */
+bool flowctl_thread_detached(void *(*main)(void *), const char *name);
 int64_t flowctl_mono_ms(void);                           /* CLOCK_MONOTONIC in milliseconds */
 struct timespec flowctl_ts_add(struct timespec t, double seconds);
 struct timespec flowctl_mono_in(double seconds);         /* CLOCK_MONOTONIC, seconds from now */
@@ -248,7 +252,12 @@ void flowctl_wait_note_cancel_wait(void);
 void flowctl_cq_destroy(grpc_completion_queue *cq);
 /* Ruby String <-> grpc_byte_buffer. */
 grpc_byte_buffer *flowctl_buffer_from_str(VALUE str);
+/* A String's bytes, or a message encoded straight into gRPC's memory (no String in between). */
+grpc_byte_buffer *flowctl_buffer_from_value(VALUE str_or_msg);
 VALUE flowctl_str_from_buffer(grpc_byte_buffer *buf); /* binary String; does not destroy buf */
+/* The message of class klass in buf, decoded from gRPC's own memory (no String in between);
+ * destroys buf, also when decoding raises (Flowctl::DecodeError). */
+VALUE flowctl_decode_buffer(VALUE klass, grpc_byte_buffer *buf);
 
 /* ---- log.c: gRPC core's log lines (dropped, stderr when asked, or Flowctl.logger) ---- */
 void init_flowctl_log(void);
@@ -351,7 +360,11 @@ typedef struct flowctl_pump {
     grpc_op close_op;
     int close_cancelled;
     bool close_watching;
+    _Atomic int64_t last_write_ns; /* CLOCK_MONOTONIC: the last write (a burst: writes closer than PUMP_BURST_NS);
+                                    * the driver reads it without mu */
+    int64_t hint_since_ns;       /* the first message gRPC holds back (GRPC_WRITE_BUFFER_HINT) since the last flush */
     struct flowctl_pump *drive_next; /* the driver's list (pump.c: drive_mu) */
+    int64_t drive_at_ns;         /* (drive_mu) when the driver looks at it */
     bool drive_listed, drive_gone;
 } flowctl_pump;
 
@@ -386,8 +399,9 @@ bool flowctl_pump_send_timed_out(flowctl_pump *p);
 /* After a server's status: writes from now on fail (a writer waiting for room wakes and
  * fails), without cancelling the call (which could reset the stream before the status). */
 void flowctl_pump_close_sends(flowctl_pump *p);
-/* Queues a message (waits while the queue is full); *failed: the call is over. */
-int flowctl_pump_write(flowctl_pump *p, VALUE bytes, bool *failed);
+/* Queues a message (waits while the queue is full); *failed: the call is over. The pump
+ * owns bb (destroys it when it is not sent). */
+int flowctl_pump_write(flowctl_pump *p, grpc_byte_buffer *bb, bool *failed);
 /* Half-closes after the queued messages; waits until gRPC has taken them all. */
 int flowctl_pump_close_write(flowctl_pump *p);
 /* The next message (the caller destroys it), or NULL at the end of the stream. */
@@ -401,8 +415,10 @@ bool flowctl_pump_send_failed(flowctl_pump *p);
  * instead of adding the op to the status batch. GVL held. */
 void flowctl_pump_watch_close(flowctl_pump *p);
 /* With the GVL, without waiting: takes what has completed; true when the client has
- * cancelled or gone away (known only once watch_close was started). */
-bool flowctl_pump_peer_gone(flowctl_pump *p);
+ * cancelled or gone away (known only once watch_close was started). before_write: the
+ * caller is about to write; in a burst of writes it only looks at what is known (the
+ * writes themselves collect completions), so a burst costs no poll per message. */
+bool flowctl_pump_peer_gone(flowctl_pump *p, bool before_write);
 /* After the status was sent (watch_close started): waits for the close; *cancelled. */
 int flowctl_pump_wait_close(flowctl_pump *p, int *cancelled);
 bool flowctl_pump_recv_failed(flowctl_pump *p);

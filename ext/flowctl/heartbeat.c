@@ -402,6 +402,8 @@ record(heartbeat *hb, flowctl_hb_result r, bool registration, const call_out *ou
         st->consecutive = 0;
         st->has_success = true;
         clock_gettime(CLOCK_REALTIME, &st->last_success);
+    } else if (hb->stop_requested && !hb->in_final && r == HB_FAILED && out->code == GRPC_STATUS_CANCELLED) {
+        /* a beat our own stop cancelled (stop_locked): no failure; the final beat follows */
     } else {
         st->failed++;
         st->consecutive++;

@@ -11,8 +11,15 @@
  *     send from the queue and the next receive (read-ahead, up to PUMP_RECVQ messages
  *     or PUMP_RECV_BYTES), so the wire keeps moving between Ruby calls; when nobody
  *     waits while messages are queued, the driver (a native thread) starts them;
- *   - a message with another one queued behind it is sent with GRPC_WRITE_BUFFER_HINT,
- *     so a burst of writes leaves in a few system calls (the last one flushes).
+ *   - a message with another one queued behind it is sent with GRPC_WRITE_BUFFER_HINT:
+ *     gRPC completes it at once and holds its bytes (up to 64 KB) until a message without
+ *     the hint, so a burst of writes leaves in a few system calls (the last one flushes;
+ *     so does the first after PUMP_HINT_NS of holding, which bounds the delay);
+ *   - a burst of writes (each within PUMP_BURST_NS of the last) does not stop for the send
+ *     in flight: up to PUMP_HOLD messages queue behind it before the writer looks for its
+ *     completion, so each later send has one behind it (the hint) and a write costs no
+ *     poll; when the writer pauses, the driver sends what it left after HOLD_NS. A write
+ *     after a pause looks at once and its message leaves at once.
  * Other batches (initial metadata, status, a server's finish) are "extras": the caller
  * starts one and waits for its tag through the same poller.
  *
@@ -31,6 +38,17 @@
 #include <time.h>
 
 #define POLL_MS 20
+#define PUMP_BURST_NS 50000LL  /* writes closer than this are a burst */
+#define PUMP_HOLD 4            /* a burst's writes queue this many behind the send in flight */
+#define PUMP_HINT_NS 250000LL  /* gRPC holds hinted messages this long at most (then one flushes) */
+
+static int64_t
+mono_ns(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (int64_t)t.tv_sec * 1000000000LL + t.tv_nsec;
+}
 
 typedef bool (*pump_pred)(flowctl_pump *p, void *arg); /* called with mu held */
 
@@ -59,8 +77,16 @@ start_send_locked(flowctl_pump *p)
         }
         p->send_ops[n].op = GRPC_OP_SEND_MESSAGE;
         p->send_ops[n].data.send_message.send_message = bb;
-        /* another message follows at once: let the transport hold this one for it */
-        if (p->send_len > 0) p->send_ops[n].flags = GRPC_WRITE_BUFFER_HINT;
+        /* another message follows at once: let the transport hold this one for it (for
+         * PUMP_HINT_NS at most: then this one goes without the hint, and flushes) */
+        if (p->send_len > 0) {
+            int64_t now = mono_ns();
+            if (p->hint_since_ns == 0) p->hint_since_ns = now;
+            if (now - p->hint_since_ns < PUMP_HINT_NS) p->send_ops[n].flags = GRPC_WRITE_BUFFER_HINT;
+            else p->hint_since_ns = 0;
+        } else {
+            p->hint_since_ns = 0;
+        }
         p->send_msg = bb;
         p->send_inflight = grpc_call_start_batch(p->call, p->send_ops, n + 1, p->send_ops, NULL) == GRPC_CALL_OK;
         if (!p->send_inflight) {
@@ -178,17 +204,20 @@ poll_once(flowctl_pump *p, const atomic_bool *woken)
  * send complete and starts the next. Queued messages behind a send in flight are
  * "stranded" when no thread is polling: normally someone soon is (the reader, the next
  * write, close_write, finish), but a program may write and then leave the stream alone
- * (a server pushing an event every few seconds, a writer whose reader is busy). So a
- * stranded pump is listed here, and one native thread, awake only while the list is not
- * empty, polls each listed pump that is still stranded every DRIVE_MS: a message is never
- * held back longer than that. No Ruby, no GVL; it passes the fork gate.
+ * (a server pushing an event every few seconds, a writer whose reader is busy, the end of
+ * a burst whose last messages were held). So a stranded pump is listed here with a time
+ * to look at it, and one native thread, awake only while the list is not empty, looks at
+ * each listed pump when its time comes: what a burst held goes HOLD_NS after the last
+ * write, what flow control holds is looked at every DRIVE_NS. No Ruby, no GVL; it passes
+ * the fork gate.
  */
-#define DRIVE_MS 2
+#define DRIVE_NS 2000000LL /* a stranded pump: looked at after 2 ms ... */
+#define HOLD_NS 500000LL   /* ... what a burst held: 0.5 ms after its last write */
 
 static pthread_mutex_t drive_mu = PTHREAD_MUTEX_INITIALIZER;
-static pthread_cond_t drive_cond;  /* (drive_mu) a pump was listed, or the driver let go of one */
+static pthread_cond_t drive_cond;  /* (drive_mu) a pump was listed earlier, or the driver let go of one */
 static flowctl_pump *drive_head;   /* (drive_mu) listed pumps, through p->drive_next */
-static flowctl_pump *driving;      /* (drive_mu) the pump the driver is polling now */
+static flowctl_pump *driving;      /* (drive_mu) the pump the driver is looking at now */
 static bool driver_running;        /* (drive_mu) */
 
 static bool
@@ -228,69 +257,96 @@ take_completed(flowctl_pump *p, bool gated, int max, pump_pred pred, void *arg)
     return done;
 }
 
-/* One look at a listed pump (mu held): collects what has completed when it is still
- * stranded, without waiting; true when it stays stranded (a send held by flow control). */
-static bool
-drive_once(flowctl_pump *p)
+static int64_t
+last_write(flowctl_pump *p)
 {
-    if (!sends_stranded(p)) return false;
-    take_completed(p, true, INT_MAX, NULL, NULL);
-    return sends_stranded(p);
+    return atomic_load_explicit(&p->last_write_ns, memory_order_relaxed);
 }
 
+/* One look at a listed pump: 0 when it needs no more looks, else when to look again (a
+ * writer still at its burst, seen without taking mu from it; a send held by flow control). */
+static int64_t
+drive_once(flowctl_pump *p)
+{
+    int64_t now = mono_ns(), last = last_write(p);
+    if (now - last < HOLD_NS) return last + HOLD_NS;
+    pthread_mutex_lock(&p->mu);
+    int64_t again = 0;
+    if (sends_stranded(p)) {
+        take_completed(p, true, INT_MAX, NULL, NULL);
+        if (sends_stranded(p)) again = now + DRIVE_NS;
+    }
+    pthread_mutex_unlock(&p->mu);
+    return again;
+}
+
+/* Lists p to be looked at by `at` (drive_mu held); wakes the driver when that is sooner
+ * than it planned. */
+static void
+list_locked(flowctl_pump *p, int64_t at)
+{
+    if (p->drive_gone) return;
+    if (p->drive_listed) {
+        if (at >= p->drive_at_ns) return;
+        p->drive_at_ns = at;
+    } else {
+        p->drive_listed = true;
+        p->drive_at_ns = at;
+        p->drive_next = drive_head;
+        drive_head = p;
+    }
+    pthread_cond_broadcast(&drive_cond);
+}
+
+static void
+cond_wait_until_ns(pthread_cond_t *cond, pthread_mutex_t *mu, int64_t at)
+{
+    struct timespec t = {.tv_sec = (time_t)(at / 1000000000LL), .tv_nsec = (long)(at % 1000000000LL)};
+    pthread_cond_timedwait(cond, mu, &t);
+}
+
+/* One listed pump at a time, whose time has come, taken off the list while the driver
+ * looks at it (drive_forget waits for that look to end). */
 static void *
 driver_main(void *unused)
 {
-    struct timespec pause = {0, DRIVE_MS * 1000000L};
     pthread_mutex_lock(&drive_mu);
     for (;;) {
-        while (!drive_head) pthread_cond_wait(&drive_cond, &drive_mu);
-        pthread_mutex_unlock(&drive_mu);
-        nanosleep(&pause, NULL); /* let the stream's own threads get there first */
-        pthread_mutex_lock(&drive_mu);
-        flowctl_pump *list = drive_head;
-        drive_head = NULL;
-        while (list) {
-            flowctl_pump *p = list;
-            list = p->drive_next;
-            p->drive_listed = false;
-            driving = p;
-            pthread_mutex_unlock(&drive_mu);
-            pthread_mutex_lock(&p->mu);
-            bool still = drive_once(p);
-            pthread_mutex_unlock(&p->mu);
-            pthread_mutex_lock(&drive_mu);
-            driving = NULL;
-            pthread_cond_broadcast(&drive_cond);
-            if (still && !p->drive_listed && !p->drive_gone) {
-                p->drive_listed = true;
-                p->drive_next = drive_head;
-                drive_head = p;
+        int64_t now = mono_ns(), next = INT64_MAX;
+        flowctl_pump **due = NULL;
+        for (flowctl_pump **l = &drive_head; *l; l = &(*l)->drive_next) {
+            if ((*l)->drive_at_ns <= now) {
+                due = l;
+                break;
             }
+            if ((*l)->drive_at_ns < next) next = (*l)->drive_at_ns;
         }
+        if (!due) {
+            if (next == INT64_MAX) pthread_cond_wait(&drive_cond, &drive_mu);
+            else cond_wait_until_ns(&drive_cond, &drive_mu, next);
+            continue;
+        }
+        flowctl_pump *p = *due;
+        *due = p->drive_next;
+        p->drive_listed = false;
+        driving = p;
+        pthread_mutex_unlock(&drive_mu);
+        int64_t again = drive_once(p);
+        pthread_mutex_lock(&drive_mu);
+        driving = NULL;
+        pthread_cond_broadcast(&drive_cond);
+        if (again) list_locked(p, again);
     }
     return NULL;
 }
 
-/* Lists a stranded pump (p->mu held; lock order: p->mu, then drive_mu). */
+/* Lists a stranded pump, to be looked at by `at` (p->mu held; lock order: p->mu, then drive_mu). */
 static void
-drive_later(flowctl_pump *p)
+drive_later(flowctl_pump *p, int64_t at)
 {
     pthread_mutex_lock(&drive_mu);
-    if (!p->drive_listed) {
-        p->drive_listed = true;
-        p->drive_next = drive_head;
-        drive_head = p;
-        if (!driver_running) {
-            pthread_t t;
-            pthread_attr_t a;
-            pthread_attr_init(&a);
-            pthread_attr_setdetachstate(&a, PTHREAD_CREATE_DETACHED);
-            driver_running = pthread_create(&t, &a, driver_main, NULL) == 0;
-            pthread_attr_destroy(&a);
-        }
-        pthread_cond_broadcast(&drive_cond);
-    }
+    if (!driver_running) driver_running = flowctl_thread_detached(driver_main, "flowctl-pump");
+    list_locked(p, at);
     pthread_mutex_unlock(&drive_mu);
 }
 
@@ -473,9 +529,10 @@ pump_wait(flowctl_pump *p, pump_pred pred, void *arg, bool bounded)
         }
         return 1;
     }
-    /* leaving: someone must start what stays queued */
+    /* leaving: someone must start what stays queued (the driver looks again later when
+     * flow control holds it, or when the writer is still at its burst) */
     pthread_mutex_lock(&p->mu);
-    if (sends_stranded(p)) drive_later(p);
+    if (sends_stranded(p)) drive_later(p, mono_ns() + HOLD_NS);
     pthread_mutex_unlock(&p->mu);
     return 0;
 }
@@ -515,20 +572,45 @@ send_room(flowctl_pump *p, void *unused)
     return p->send_len < PUMP_SENDQ || p->send_failed;
 }
 
-/* Queues the message and returns at once: the thread that polls the stream starts the
- * queued sends, or the driver when none does. */
+/* (mu held) the queue holds at most arg messages */
+static bool
+queue_below(flowctl_pump *p, void *arg)
+{
+    return p->send_len <= (unsigned)(uintptr_t)arg || p->send_failed;
+}
+
+/*
+ * Queues the message and returns at once: the thread that polls the stream starts the
+ * queued sends, or the driver when none does. A send still in flight (its completion not
+ * taken yet) is looked for at once after a pause, so the message leaves now; in a burst
+ * only once PUMP_HOLD messages wait behind it (then one look a write, which finds the
+ * completion without a poll: a hinted send completes as gRPC takes it).
+ */
 int
-flowctl_pump_write(flowctl_pump *p, VALUE bytes, bool *failed)
+flowctl_pump_write(flowctl_pump *p, grpc_byte_buffer *bb, bool *failed)
 {
     int interrupted = pump_wait(p, send_room, NULL, true);
-    if (interrupted) return 1;
+    if (interrupted) {
+        grpc_byte_buffer_destroy(bb);
+        return 1;
+    }
     pthread_mutex_lock(&p->mu);
     *failed = p->send_failed;
-    if (!*failed) {
-        p->sendq[(p->send_head + p->send_len) % PUMP_SENDQ] = flowctl_buffer_from_str(bytes);
+    if (*failed) {
+        grpc_byte_buffer_destroy(bb);
+    } else {
+        int64_t now = mono_ns();
+        bool burst = now - last_write(p) < PUMP_BURST_NS;
+        atomic_store_explicit(&p->last_write_ns, now, memory_order_relaxed);
+        p->sendq[(p->send_head + p->send_len) % PUMP_SENDQ] = bb;
         p->send_len++;
-        start_send_locked(p);
-        if (sends_stranded(p)) drive_later(p);
+        if (!p->send_inflight) {
+            start_send_locked(p);
+        } else if (!p->polling && (!burst || p->send_len >= PUMP_HOLD)) {
+            uintptr_t below = burst ? PUMP_HOLD - 1 : 0;
+            take_completed(p, false, burst ? 2 : PUMP_SENDQ, queue_below, (void *)below);
+        }
+        if (sends_stranded(p)) drive_later(p, now + (burst ? HOLD_NS : DRIVE_NS));
     }
     pthread_mutex_unlock(&p->mu);
     return 0;
@@ -750,10 +832,12 @@ flowctl_pump_watch_close(flowctl_pump *p)
 }
 
 bool
-flowctl_pump_peer_gone(flowctl_pump *p)
+flowctl_pump_peer_gone(flowctl_pump *p, bool before_write)
 {
     pthread_mutex_lock(&p->mu);
-    if (p->close_watching && !p->close_extra.done && !p->polling) take_completed(p, false, PUMP_SENDQ, NULL, NULL);
+    bool look = p->close_watching && !p->close_extra.done && !p->polling;
+    if (look && before_write && mono_ns() - last_write(p) < PUMP_BURST_NS) look = false; /* a burst */
+    if (look) take_completed(p, false, PUMP_SENDQ, NULL, NULL);
     /* before the status is sent the close completes only when the client cancelled or left */
     bool gone = p->close_extra.done;
     pthread_mutex_unlock(&p->mu);

@@ -85,34 +85,36 @@ after_wait(server_call_t *c, VALUE self)
 
 /* A unary call's one request, read by the acceptor (server_unary.c): nil after it. */
 static VALUE
-unary_recv(server_call_t *c)
+unary_recv(server_call_t *c, VALUE klass)
 {
     grpc_byte_buffer *buf = c->slot->payload;
     c->slot->payload = NULL;
     c->read_done = true;
     if (!buf) return Qnil;
+    c->got_message = true;
+    if (!NIL_P(klass)) return flowctl_decode_buffer(klass, buf); /* releases buf */
     VALUE str = flowctl_str_from_buffer(buf);
     grpc_byte_buffer_destroy(buf);
-    c->got_message = true;
     return str;
 }
 
 /*
  * call-seq:
- *   call.recv(read_ahead = false) -> String or nil
+ *   call.recv(read_ahead = false, klass = nil) -> String, message or nil
  *
- * The next request message (binary String), or nil when the client has half-closed.
- * read_ahead keeps reading the following messages while the handler runs (streams).
- * Raises Flowctl::Cancelled when the client went away.
+ * The next request message (binary String, or decoded as a klass straight from gRPC's
+ * memory: Flowctl::DecodeError when it is not one), or nil when the client has
+ * half-closed. read_ahead keeps reading the following messages while the handler runs
+ * (streams). Raises Flowctl::Cancelled when the client went away.
  */
 static VALUE
 server_call_recv(int argc, VALUE *argv, VALUE self)
 {
-    VALUE ahead;
-    rb_scan_args(argc, argv, "01", &ahead);
+    VALUE ahead, klass;
+    rb_scan_args(argc, argv, "02", &ahead, &klass);
     server_call_t *c = call_get(self);
     if (c->read_done) return Qnil;
-    if (c->slot->unary >= 0) return unary_recv(c);
+    if (c->slot->unary >= 0) return unary_recv(c, klass);
     flowctl_pump *p = &c->slot->pump;
     flowctl_pump_read_more(p, RTEST(ahead) ? PUMP_UNLIMITED : 1);
     grpc_byte_buffer *buf;
@@ -121,8 +123,11 @@ server_call_recv(int argc, VALUE *argv, VALUE self)
     bool ok = true;
     VALUE str = Qnil;
     if (buf) {
-        str = flowctl_str_from_buffer(buf);
-        grpc_byte_buffer_destroy(buf);
+        if (NIL_P(klass)) {
+            str = flowctl_str_from_buffer(buf);
+            grpc_byte_buffer_destroy(buf);
+            buf = NULL;
+        }
         c->got_message = true;
     } else if (!interrupted) {
         /* no message: a half-close, unless the client cancelled or went away */
@@ -134,12 +139,12 @@ server_call_recv(int argc, VALUE *argv, VALUE self)
     after_wait(c, self);
     flowctl_wait_finish(interrupted);
     if (!ok) rb_raise(eCancelledCall, "the client cancelled the call or went away");
-    return str;
+    return buf ? flowctl_decode_buffer(klass, buf) : str;
 }
 
 /*
  * call-seq:
- *   call.send_message(bytes) -> self
+ *   call.send_message(bytes or message) -> self
  *
  * Queues one reply message (the first one carries the initial metadata); waits only
  * while many are queued (the client reads slowly). Raises Flowctl::Cancelled when the
@@ -149,18 +154,18 @@ static VALUE
 server_call_send(VALUE self, VALUE bytes)
 {
     server_call_t *c = call_get(self);
-    StringValue(bytes);
     if (c->slot->unary >= 0) rb_raise(rb_eArgError, "a unary call sends its reply with its status (finish)");
     /* a client that left while the handler was busy elsewhere is seen here, not only once
      * a reply fails to go out (which nobody may poll for) */
     flowctl_pump_watch_close(&c->slot->pump);
-    if (flowctl_pump_peer_gone(&c->slot->pump)) {
+    if (flowctl_pump_peer_gone(&c->slot->pump, true)) {
         c->cancelled = true;
         rb_raise(eCancelledCall, "the client cancelled the call or went away");
     }
+    grpc_byte_buffer *bb = flowctl_buffer_from_value(bytes); /* last to raise: then the pump owns bb */
     bool failed = false;
     c->busy++;
-    int interrupted = flowctl_pump_write(&c->slot->pump, bytes, &failed);
+    int interrupted = flowctl_pump_write(&c->slot->pump, bb, &failed);
     bool stalled = failed && flowctl_pump_send_timed_out(&c->slot->pump);
     if (failed) c->cancelled = true;
     after_wait(c, self);
@@ -395,7 +400,7 @@ server_call_cancelled_p(VALUE self)
     } else if (!c->cancelled && c->slot && !c->finished && c->pid == flowctl_pid) {
         /* the first look starts watching for the client's cancel; later looks see it */
         flowctl_pump_watch_close(&c->slot->pump);
-        if (flowctl_pump_peer_gone(&c->slot->pump)) c->cancelled = true;
+        if (flowctl_pump_peer_gone(&c->slot->pump, false)) c->cancelled = true;
     }
     return c->cancelled ? Qtrue : Qfalse;
 }

@@ -212,6 +212,69 @@ flowctl_buffer_from_str(VALUE str)
     return bb;
 }
 
+struct decode_arg {
+    VALUE klass;
+    grpc_byte_buffer *buf;
+    grpc_byte_buffer_reader r;
+    grpc_slice flat; /* the message in one piece when gRPC holds it in several */
+    bool reading, flattened;
+};
+
+static VALUE
+decode_body(VALUE arg)
+{
+    struct decode_arg *d = (struct decode_arg *)arg;
+    if (!grpc_byte_buffer_reader_init(&d->r, d->buf)) rb_raise(eFlowctlError, "gRPC could not read a received message");
+    d->reading = true;
+    const grpc_slice_buffer *sb = &d->r.buffer_out->data.raw.slice_buffer; /* decompressed if it was */
+    grpc_slice s;
+    if (sb->count == 1) {
+        s = sb->slices[0];
+    } else {
+        d->flat = grpc_byte_buffer_reader_readall(&d->r);
+        d->flattened = true;
+        s = d->flat;
+    }
+    return flowctl_message_decode(d->klass, GRPC_SLICE_START_PTR(s), GRPC_SLICE_LENGTH(s));
+}
+
+static VALUE
+decode_release(VALUE arg)
+{
+    struct decode_arg *d = (struct decode_arg *)arg;
+    if (d->flattened) grpc_slice_unref(d->flat);
+    if (d->reading) grpc_byte_buffer_reader_destroy(&d->r);
+    grpc_byte_buffer_destroy(d->buf);
+    return Qnil;
+}
+
+VALUE
+flowctl_decode_buffer(VALUE klass, grpc_byte_buffer *buf)
+{
+    struct decode_arg d = {.klass = klass, .buf = buf};
+    return rb_ensure(decode_body, (VALUE)&d, decode_release, (VALUE)&d);
+}
+
+grpc_byte_buffer *
+flowctl_buffer_from_value(VALUE v)
+{
+    if (RB_TYPE_P(v, T_STRING)) return flowctl_buffer_from_str(v);
+    const flowctl_msg *m = flowctl_msg_get(v); /* TypeError for anything else */
+    char stack[4096];
+    bool fits;
+    size_t len = flowctl_encode_to(m->ci, v, stack, sizeof(stack), &fits);
+    if (!fits) { /* a large message: encoded into a String of its exact size */
+        VALUE str = flowctl_encode(m->ci, v);
+        grpc_byte_buffer *bb = flowctl_buffer_from_str(str);
+        RB_GC_GUARD(str);
+        return bb;
+    }
+    grpc_slice s = grpc_slice_from_copied_buffer(stack, len);
+    grpc_byte_buffer *bb = grpc_raw_byte_buffer_create(&s, 1);
+    grpc_slice_unref(s);
+    return bb;
+}
+
 VALUE
 flowctl_str_from_buffer(grpc_byte_buffer *buf)
 {

@@ -59,13 +59,7 @@ watcher_start(void)
     if (watcher_running) return true;
     if (!watch_cq) watch_cq = grpc_completion_queue_create_for_next(NULL);
     if (!kick_channel) kick_channel = grpc_lame_client_channel_create(NULL, GRPC_STATUS_UNAVAILABLE, "flowctl kick");
-    pthread_t t;
-    pthread_attr_t a;
-    pthread_attr_init(&a);
-    pthread_attr_setdetachstate(&a, PTHREAD_CREATE_DETACHED);
-    watcher_running = pthread_create(&t, &a, watcher_main, NULL) == 0;
-    pthread_attr_destroy(&a);
-    if (watcher_running) pthread_setname_np(t, "flowctl-watch");
+    watcher_running = flowctl_thread_detached(watcher_main, "flowctl-watch");
     return watcher_running;
 }
 

@@ -325,25 +325,23 @@ module Flowctl
 
     private
 
-    # The next reply, decoded, or nil at the end (raising the call's error, if any).
+    # The next reply, decoded (from gRPC's memory), or nil at the end (raising the call's error, if any).
     def read_reply
-      bytes = FiberCalls.blocking(@stream) { @stream.read } # under a Fiber scheduler: off this thread
-      return nil if bytes.nil?
-
-      begin
-        @rpc.response_class.decode(bytes)
-      rescue DecodeError
-        cancel
-        raise
-      end
+      klass = @rpc.response_class
+      FiberCalls.blocking(@stream) { @stream.read(klass) } # under a Fiber scheduler: off this thread
+    rescue DecodeError
+      cancel
+      raise
     end
 
-    def encode(request)
+    # The request as a message of the RPC's request class (a Hash is built into one); the
+    # stream encodes it straight into gRPC's memory.
+    def request_message(request)
       klass = @rpc.request_class
       request = klass.new(**request.transform_keys(&:to_sym)) if request.is_a?(Hash)
       raise TypeError, "#{@rpc.name} writes #{klass} (given #{request.class})" unless request.is_a?(klass)
 
-      request.to_proto
+      request
     end
 
     # Writes every request of an Enumerable. True when all went out; false when the call
@@ -351,9 +349,9 @@ module Flowctl
     # raises cancels the call and is raised.
     def write_all(requests)
       requests.each do |r|
-        bytes = encode(r)
+        msg = request_message(r)
         begin
-          @stream.write(bytes)
+          @stream.write(msg)
         rescue IOError, RPCError
           return false # the call is over: the reader gets its status
         end
@@ -388,7 +386,7 @@ module Flowctl
   module WritingCall
     # Sends one request (a request object or a Hash of its fields).
     def write(request)
-      @stream.write(encode(request))
+      @stream.write(request_message(request))
       self
     end
     alias_method :<<, :write

@@ -253,8 +253,8 @@ module Flowctl
       def write(reply)
         raise ArgumentError, "#{@rpc.name} is #{@rpc.shape}: return the response instead" unless @rpc.server_streaming?
 
-        bytes = Server.encode_reply(@rpc, reply)
-        (@write_lock ||= Mutex.new).synchronize { @native.send_message(bytes) }
+        msg = Server.reply_message(@rpc, reply) # encoded by send_message, straight into gRPC's memory
+        (@write_lock ||= Mutex.new).synchronize { @native.send_message(msg) }
         self
       end
 
@@ -290,12 +290,9 @@ module Flowctl
       def read
         return nil if @done
 
-        bytes = @native.recv(true)
-        if bytes.nil?
-          @done = true
-          return nil
-        end
-        @klass.decode(bytes)
+        msg = @native.recv(true, @klass) # decoded straight from gRPC's memory
+        @done = true if msg.nil?
+        msg
       rescue DecodeError => e
         raise InvalidRequest, "cannot decode #{@klass.descriptor_name}: #{e.message}"
       end
@@ -308,11 +305,14 @@ module Flowctl
 
     Route = Struct.new(:rpc, :handler, :request_only)
 
-    def self.encode_reply(rpc, reply)
+    def self.encode_reply(rpc, reply) = reply_message(rpc, reply).to_proto
+
+    # The reply as a message of rpc's response class (a Hash is built into one).
+    def self.reply_message(rpc, reply)
       klass = rpc.response_class
       case reply
-      when klass then reply.to_proto
-      when Hash then klass.new(**reply.transform_keys(&:to_sym)).to_proto
+      when klass then reply
+      when Hash then klass.new(**reply.transform_keys(&:to_sym))
       else
         raise BadReply, "#{rpc.name} must reply with a #{klass} or a Hash of its fields (got #{reply.class})"
       end
@@ -525,10 +525,10 @@ module Flowctl
 
     # The one request of a unary or server streaming call.
     def read_request(ncall, rpc)
-      bytes = ncall.recv
-      raise InvalidRequest, "#{rpc.name}: the client sent no request message" if bytes.nil?
+      request = ncall.recv(false, rpc.request_class) # decoded straight from gRPC's memory
+      raise InvalidRequest, "#{rpc.name}: the client sent no request message" if request.nil?
 
-      rpc.request_class.decode(bytes)
+      request
     rescue DecodeError => e
       raise InvalidRequest, "cannot decode #{rpc.request_class.descriptor_name}: #{e.message}"
     end
