@@ -76,6 +76,19 @@ flowctl_slot_free(call_slot *s)
 
 static void server_destroy_grpc(server_t *s);
 
+/* The last of a server, once gRPC's part is gone: its locks and what it allocated. */
+static void
+server_release(server_t *s)
+{
+    pthread_mutex_destroy(&s->mu);
+    pthread_cond_destroy(&s->cond);
+    pthread_cond_destroy(&s->work);
+    pthread_cond_destroy(&s->watchdog_wake);
+    free(s->auth_token);
+    for (int i = 0; i < s->n_unary; i++) free(s->unary[i].path);
+    free(s);
+}
+
 /* Asks gRPC for the next call of a method (an index in s->unary) or of any other (-1);
  * s->mu not held: creating a slot takes a while. */
 bool
@@ -685,13 +698,7 @@ acceptor_main(void *p)
         flowctl_gate_enter();
         server_destroy_grpc(s);
         flowctl_gate_leave();
-        pthread_mutex_destroy(&s->mu);
-        pthread_cond_destroy(&s->cond);
-        pthread_cond_destroy(&s->work);
-    pthread_cond_destroy(&s->watchdog_wake);
-        free(s->auth_token);
-        for (int i = 0; i < s->n_unary; i++) free(s->unary[i].path);
-        free(s);
+        server_release(s);
     }
     return NULL;
 }
@@ -770,13 +777,7 @@ flowctl_server_free(server_t *s)
         flowctl_server_shutdown_unstarted(s);
     }
     if (!s->closed) server_destroy_grpc(s);
-    pthread_mutex_destroy(&s->mu);
-    pthread_cond_destroy(&s->cond);
-    pthread_cond_destroy(&s->work);
-    pthread_cond_destroy(&s->watchdog_wake);
-    free(s->auth_token);
-    for (int i = 0; i < s->n_unary; i++) free(s->unary[i].path);
-    free(s);
+    server_release(s);
 }
 
 
