@@ -54,7 +54,7 @@ print_stats(void)
     fprintf(stderr, "json_target: %lu inputs, %lu accepted, %lu rejected (DecodeError), "
                     "%lu accepted with ignore_unknown_fields\n", inputs, accepted, rejected, ignoring_accepted);
     fprintf(stderr, "json_target: google-protobuf: both accepted %lu (same message), only upb accepted %lu, "
-                    "only flowctl accepted %lu, not given to upb (rejected, not ASCII) %lu\n",
+                    "only flowctl accepted %lu, not given to upb (rejected and not ASCII, or a \\u escape past ASCII) %lu\n",
             upb_both, upb_only, flowctl_only, upb_skipped);
     fprintf(stderr, "json_target: google-protobuf read a negative Duration under 1 s as positive: %lu\n",
             upb_negative_duration);
@@ -208,6 +208,23 @@ all_ascii(const uint8_t *p, size_t n)
     return 1;
 }
 
+/*
+ * A \u escape of a character past ASCII (\u0080 and up). google-protobuf 3.21.12 (Debian's) dies
+ * with SIGSEGV reading a bytes field's base64 that holds one ({"payload":"\u00ad"} for
+ * flowctl.v1.Event): its base64 table is indexed with a signed char. Such texts are not given to it.
+ */
+static int
+escapes_past_ascii(const uint8_t *p, size_t n)
+{
+    for (size_t i = 0; i + 5 < n; i++) {
+        if (p[i] != '\\') continue;
+        if (p[i + 1] != 'u') { i++; continue; } /* an escaped character, maybe a backslash */
+        if (!(p[i + 2] == '0' && p[i + 3] == '0' && p[i + 4] >= '0' && p[i + 4] <= '7')) return 1;
+        i += 5;
+    }
+    return 0;
+}
+
 int
 LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
@@ -238,7 +255,7 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             fuzz_bug("%s: ignore_unknown_fields read another message from a text without unknown fields", name_of(i));
     }
 
-    if (m == Qundef && !all_ascii(data + 1, size - 1)) {
+    if ((m == Qundef && !all_ascii(data + 1, size - 1)) || escapes_past_ascii(data + 1, size - 1)) {
         upb_skipped++;
         fuzz_gc_tick();
         return 0;
