@@ -2,6 +2,7 @@
 
 require "json"
 require_relative "schema"
+require_relative "../sqlite_retry"
 
 module Flowctl
   module Config
@@ -151,21 +152,11 @@ module Flowctl
                                              v.author, v.comment])
       end
 
-      # The file is shared with the control plane's own tables: a write that still finds it
-      # busy after busy_timeout is tried again a few times.
+      # The file is shared with the control plane's own tables (SQLiteRetry).
       def write(statement, binds)
         return unless @db
 
-        attempts = 0
-        begin
-          @db.execute(statement, binds)
-        rescue ::SQLite3::BusyException, ::SQLite3::LockedException
-          attempts += 1
-          raise if attempts > 3
-
-          sleep 0.05 * attempts
-          retry
-        end
+        SQLiteRetry.execute(@db, statement, binds)
       rescue ::SQLite3::Exception => e
         raise Flowctl::Error, "config store: #{e.class}: #{e.message}"
       end

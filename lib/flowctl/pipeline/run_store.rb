@@ -2,6 +2,7 @@
 
 require "json"
 require "securerandom"
+require_relative "../sqlite_retry"
 
 module Flowctl
   module Pipeline
@@ -154,19 +155,9 @@ module Flowctl
                   ended_at: ended && Time.at(ended), counts: JSON.parse(counts), error: error)
         end
 
-        # The file is shared with the control plane's own tables (WAL, their writer thread):
-        # a write that still finds it busy after busy_timeout is tried again a few times.
+        # The file is shared with the control plane's own tables (SQLiteRetry).
         def sql(statement, binds)
-          attempts = 0
-          begin
-            @lock.synchronize { @db.execute(statement, binds) }
-          rescue ::SQLite3::BusyException, ::SQLite3::LockedException
-            attempts += 1
-            raise if attempts > 3
-
-            sleep 0.05 * attempts
-            retry
-          end
+          @lock.synchronize { SQLiteRetry.execute(@db, statement, binds) }
         rescue ::SQLite3::Exception => e
           raise Flowctl::Error, "run store #{@path}: #{e.class}: #{e.message}"
         end
