@@ -54,7 +54,10 @@ RSpec.describe "hostile peers against Flowctl::Server" do
     sent, closed = flood.value.split
     expect(Integer(sent)).to be > 0
     expect(closed).to eq("true") # the flood ended because the server shut its connection
-    expect(server.stats.values_at(:stuck_closed, :abusive_closed).sum).to be >= 1
+    # shut as abusive (refused calls) or stuck (never reads); on a slow machine the watchdog may
+    # get there first, as a stall (CI: neither of the first two counted) or a memory burst
+    closes = server.stats.slice(:stuck_closed, :abusive_closed, :stall_closed, :memory_closed)
+    expect(closes.values.sum).to be >= 1, "no shutdown counted: #{server.stats}"
     expect(server.stats[:unauthenticated]).to be < 20_000 # the flood was cut short, not served
     expect(good.register_processor(processor_id: "after").success).to be(true)
   ensure

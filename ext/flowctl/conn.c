@@ -104,8 +104,19 @@ ours(int fd, const int *ports, int n_ports)
     return false;
 }
 
+/* shutdown(2) of fd, counted in *tally first: whoever sees the connection end (the peer)
+ * and then reads the server's counters finds it counted. */
+static bool
+shut_counted(int fd, _Atomic long *tally)
+{
+    if (tally) atomic_fetch_add(tally, 1);
+    if (shutdown(fd, SHUT_RDWR) == 0) return true;
+    if (tally) atomic_fetch_sub(tally, 1);
+    return false;
+}
+
 int
-flowctl_conn_shutdown(const char *peer, const int *ports, int n_ports)
+flowctl_conn_shutdown(const char *peer, const int *ports, int n_ports, _Atomic long *tally)
 {
     if (!peer || n_ports == 0) return 0;
     DIR *d = fd_dir();
@@ -115,7 +126,7 @@ flowctl_conn_shutdown(const char *peer, const int *ports, int n_ports)
     for (struct dirent *e; (e = readdir(d));) {
         int fd = atoi(e->d_name);
         if (e->d_name[0] == '.' || fd == dirfd(d) || !ours(fd, ports, n_ports)) continue;
-        if (peer_uri(fd, uri, sizeof(uri)) && strcmp(uri, peer) == 0 && shutdown(fd, SHUT_RDWR) == 0) done++;
+        if (peer_uri(fd, uri, sizeof(uri)) && strcmp(uri, peer) == 0 && shut_counted(fd, tally)) done++;
     }
     fd_dir_close(d);
     return done;
@@ -197,7 +208,7 @@ received(int fd, uint64_t *bytes, ino_t *ino)
 }
 
 int
-flowctl_conn_shutdown_busiest(const int *ports, int n_ports, int ms)
+flowctl_conn_shutdown_busiest(const int *ports, int n_ports, int ms, _Atomic long *tally)
 {
     conn_sample *s = malloc(sizeof(conn_sample) * BUSIEST_MAX);
     DIR *d = s ? fd_dir() : NULL;
@@ -224,7 +235,7 @@ flowctl_conn_shutdown_busiest(const int *ports, int n_ports, int ms)
         best = s[i].fd;
     }
     free(s);
-    return best >= 0 && shutdown(best, SHUT_RDWR) == 0 ? 1 : 0;
+    return best >= 0 && shut_counted(best, tally) ? 1 : 0;
 }
 
 size_t
@@ -312,7 +323,7 @@ by_idle_desc(const void *a, const void *b)
 }
 
 int
-flowctl_conn_shed_idle(const int *ports, int n_ports, int reserve_div)
+flowctl_conn_shed_idle(const int *ports, int n_ports, int reserve_div, _Atomic long *tally)
 {
     struct rlimit rl;
     int open_now = fds_open();
@@ -341,7 +352,7 @@ flowctl_conn_shed_idle(const int *ports, int n_ports, int reserve_div)
     qsort(c, (size_t)n, sizeof(idle_conn), by_idle_desc);
     int shed = 0;
     for (int i = 0; i < n && shed < excess + reserve / 2; i++)
-        if (shutdown(c[i].fd, SHUT_RDWR) == 0) shed++;
+        if (shut_counted(c[i].fd, tally)) shed++;
     free(c);
     return shed;
 }

@@ -572,13 +572,14 @@ bool flowctl_bearer_ok(const char *token, size_t len, const grpc_metadata_array 
 
 /* ---- conn.c: a server's TCP connections (by local port) ------------------ */
 /* Shuts down (shutdown(2), never close) the connections to ports whose remote address
- * is peer, written as grpc_call_get_peer writes it; returns how many. */
-int flowctl_conn_shutdown(const char *peer, const int *ports, int n_ports);
+ * is peer, written as grpc_call_get_peer writes it; returns how many. Each shutdown is
+ * added to *tally (when not NULL) just before it is made. */
+int flowctl_conn_shutdown(const char *peer, const int *ports, int n_ports, _Atomic long *tally);
 /* The accepted connections on ports (listeners not counted); -1 when unknown. */
 int flowctl_conn_count(const int *ports, int n_ports);
 /* Shuts down the connection on ports that received the most bytes over the next ms
  * milliseconds (it sleeps that long); 1 when there was one. */
-int flowctl_conn_shutdown_busiest(const int *ports, int n_ports, int ms);
+int flowctl_conn_shutdown_busiest(const int *ports, int n_ports, int ms, _Atomic long *tally);
 /* The local port of a TCP socket (0 for anything else); true for a listening socket. */
 int flowctl_conn_local_port(int fd);
 bool flowctl_conn_listening(int fd);
@@ -590,7 +591,7 @@ int flowctl_conn_close_listeners(const int *ports, int n_ports);
 /* When fewer than limit/reserve_div (at least 16) descriptors are left below the soft
  * RLIMIT_NOFILE, shuts down the connections on ports idle longest (to half the reserve
  * more); returns how many. */
-int flowctl_conn_shed_idle(const int *ports, int n_ports, int reserve_div);
+int flowctl_conn_shed_idle(const int *ports, int n_ports, int reserve_div, _Atomic long *tally);
 /* Descriptors left below the soft RLIMIT_NOFILE (0 when none is left to count them). */
 int flowctl_conn_fds_left(void);
 /* This process's resident memory (0 when unknown). */

@@ -269,10 +269,7 @@ flowctl_server_offense(server_t *s, call_slot *slot)
     pthread_mutex_unlock(&s->mu);
     if (abusive) {
         remember_shut(s, peer);
-        int n = flowctl_conn_shutdown(peer, s->ports, s->n_ports);
-        pthread_mutex_lock(&s->mu);
-        s->abusive_closed += n;
-        pthread_mutex_unlock(&s->mu);
+        flowctl_conn_shutdown(peer, s->ports, s->n_ports, &s->abusive_closed);
     }
     gpr_free(peer);
 }
@@ -376,10 +373,7 @@ void
 flowctl_server_close_stuck(server_t *s, const char *peer)
 {
     remember_shut(s, peer);
-    int n = flowctl_conn_shutdown(peer, s->ports, s->n_ports);
-    pthread_mutex_lock(&s->mu);
-    s->stuck_closed += n;
-    pthread_mutex_unlock(&s->mu);
+    flowctl_conn_shutdown(peer, s->ports, s->n_ports, &s->stuck_closed);
 }
 
 static int
@@ -510,11 +504,8 @@ watch_memory(server_t *s, int64_t now)
     s->rss[s->rss_next] = rss;
     s->rss_next = (s->rss_next + 1) % WATCH_SAMPLES;
     if (rss - low <= s->memory_burst) return;
-    int n = flowctl_conn_shutdown_busiest(s->ports, s->n_ports, WATCH_PROBE_MS);
+    flowctl_conn_shutdown_busiest(s->ports, s->n_ports, WATCH_PROBE_MS, &s->memory_closed);
     for (int i = 0; i < WATCH_SAMPLES; i++) s->rss[i] = 0; /* a new window from here */
-    pthread_mutex_lock(&s->mu);
-    s->memory_closed += n;
-    pthread_mutex_unlock(&s->mu);
 }
 
 static void
@@ -522,10 +513,7 @@ watch_stall(server_t *s, int64_t now)
 {
     if (now - atomic_load(&s->acceptor_beat_ms) < STALL_MS) return;
     atomic_store(&s->acceptor_beat_ms, now);
-    int n = flowctl_conn_shutdown_busiest(s->ports, s->n_ports, WATCH_PROBE_MS);
-    pthread_mutex_lock(&s->mu);
-    s->stall_closed += n;
-    pthread_mutex_unlock(&s->mu);
+    flowctl_conn_shutdown_busiest(s->ports, s->n_ports, WATCH_PROBE_MS, &s->stall_closed);
 }
 
 /* ---- 2d. the listener and the descriptor limit --------------------------------
@@ -552,12 +540,11 @@ watch_listener(server_t *s)
 {
     int64_t now = flowctl_mono_ms();
     if (flowctl_conn_fds_left() <= 8) s->exhausted_ms = now;
-    int shed = flowctl_conn_shed_idle(s->ports, s->n_ports, RESERVE_DIV);
+    flowctl_conn_shed_idle(s->ports, s->n_ports, RESERVE_DIV, &s->idle_shed);
     int pending = flowctl_conn_listener_pending(s->ports, s->n_ports);
     if (pending >= 0) s->pending_ticks = pending ? s->pending_ticks + 1 : 0; /* -1: cannot tell now */
     bool exhausted = s->exhausted_ms && now - s->exhausted_ms < EXHAUSTED_MS;
     pthread_mutex_lock(&s->mu);
-    s->idle_shed += shed;
     if ((s->pending_ticks >= LISTENER_TICKS && exhausted) || s->pending_ticks >= LISTENER_TICKS_ANYWAY)
         s->listener_stopped = true;
     pthread_mutex_unlock(&s->mu);
@@ -845,10 +832,11 @@ flowctl_server_counts_get(server_t *s, flowctl_server_counts *out)
 {
     pthread_mutex_lock(&s->mu);
     *out = (flowctl_server_counts){
-        .accepted = s->accepted, .rejected = s->rejected, .stuck_closed = s->stuck_closed,
-        .unauthenticated = s->unauthenticated, .abusive_closed = s->abusive_closed,
-        .memory_closed = s->memory_closed, .stall_closed = s->stall_closed, .reset_early = s->reset_early,
-        .idle_shed = s->idle_shed, .dropped = s->dropped, .idle = s->idle, .queued = s->queued,
+        .accepted = s->accepted, .rejected = s->rejected, .unauthenticated = s->unauthenticated,
+        .stuck_closed = atomic_load(&s->stuck_closed), .abusive_closed = atomic_load(&s->abusive_closed),
+        .memory_closed = atomic_load(&s->memory_closed), .stall_closed = atomic_load(&s->stall_closed),
+        .idle_shed = atomic_load(&s->idle_shed), .reset_early = s->reset_early, .dropped = s->dropped,
+        .idle = s->idle, .queued = s->queued,
         .lingering = s->n_lingering, .listener_stopped = s->listener_stopped,
     };
     pthread_mutex_unlock(&s->mu);

@@ -77,14 +77,14 @@ typedef struct {
     int n_lingering;
     int64_t last_sweep_ms;
     int64_t write_timeout_ms;         /* a peer that takes nothing we send for this long is stuck */
-    long stuck_closed;                /* connections shut down as stuck (mu) */
+    _Atomic long stuck_closed;        /* connections shut down as stuck (counted before the shutdown) */
     long unauthenticated;             /* calls refused for a missing or wrong token (mu) */
     long reset_early;                 /* calls the peer cancelled before a worker got them (mu) */
     flowctl_offenders offenders;      /* peers' refused or reset calls, per second (mu) */
     char shut_peers[8][64];           /* (mu) the last connections shut down: their queued calls are dropped */
     int shut_next;                    /* (mu) */
     long dropped;                     /* (mu) calls of a shut connection, dropped as they came */
-    long abusive_closed;              /* connections shut down for too many refused calls (mu) */
+    _Atomic long abusive_closed;      /* shut down for too many refused calls (counted before) */
     /* memory watch (acceptor only): RSS every WATCH_MS over the last WATCH_SAMPLES */
     size_t rss[8];
     int rss_next;
@@ -93,13 +93,13 @@ typedef struct {
     pthread_t watchdog;               /* runs watch_memory; the acceptor joins it when it ends */
     pthread_cond_t watchdog_wake;     /* (mu) shutdown ends the watchdog's pause (monotonic clock) */
     _Atomic int64_t acceptor_beat_ms; /* when the acceptor last came back from gRPC */
-    long stall_closed;                /* connections shut down while the acceptor was held (mu) */
-    long idle_shed;                   /* connections shut down near the descriptor limit (mu) */
+    _Atomic long stall_closed;        /* shut down while the acceptor was held (counted before) */
+    _Atomic long idle_shed;           /* shut down near the descriptor limit (counted before) */
     int pending_ticks;                /* watchdog: checks in a row that found the listener not accepting */
     int64_t exhausted_ms;             /* watchdog: when descriptors last ran out (or nearly) */
     bool listener_stopped;            /* (mu) gRPC core stopped accepting on our port: see 2d */
     bool watchdog_running;
-    long memory_closed;               /* connections shut down for it (mu) */
+    _Atomic long memory_closed;       /* shut down for it (counted before) */
     char *auth_token;                 /* calls must carry "authorization: Bearer <it>" (NULL: any call) */
     size_t auth_len;
     int ports[8], n_ports;            /* the listening ports: a peer's connection is found by them */
