@@ -5,12 +5,13 @@
  * flowctl_server_register_unary) is bound to the server's notify_cq, the acceptor's queue,
  * as gRPC's own examples do: no completion queue of its own, and nobody polls for it. The
  * acceptor reads its request (SLOT_RECV) before a worker sees it, so the worker finds the
- * message there; the worker builds the status batch and hands it to the acceptor (SLOT_SEND,
- * an empty batch, which completes at once), never waiting on gRPC; the acceptor starts it,
- * sees the status leave (SLOT_STATUS) and frees the call. So a call's writes run on the
- * thread that reads its connection, as in gRPC's own C servers: when a worker wrote, its
- * write and the acceptor's reads contended for the connection's combiner, and gRPC moved the
- * loser's work to its executor thread (docs/performance.md, "Where the 40-odd µs ... go"). A handler that asks
+ * message there; the worker builds the status batch and, when the acceptor has other calls in
+ * hand, hands it over (SLOT_SEND, an empty batch, which completes at once), never waiting on
+ * gRPC; the acceptor starts it, sees the status leave (SLOT_STATUS) and frees the call. So
+ * under load a call's writes run on the thread that reads its connection, as in gRPC's own C
+ * servers: when workers wrote, their writes and the acceptor's reads contended for the
+ * connection's combiner, and gRPC moved the loser's work to its executor thread
+ * (docs/performance.md, "Where the 40-odd µs ... go"). A lone call's worker starts its status. A handler that asks
  * whether the client went away starts RECV_CLOSE_ON_SERVER (SLOT_CLOSE) once.
  *
  * Admission is the engine's (server_engine.c, on_request): a unary call counts as waiting
@@ -47,8 +48,9 @@ slot_unref(call_slot *slot)
 }
 
 /* A status batch goes in flight: the slot joins the flying list (before the batch starts,
- * so that its completion always finds it there). */
-static void
+ * so that its completion always finds it there). True when the acceptor has other calls in
+ * hand (being read, or queued for workers): it is at work, not asleep in gRPC's poll. */
+static bool
 fly(server_t *s, call_slot *slot)
 {
     slot->linger_until_ms = s->write_timeout_ms > 0 ? flowctl_mono_ms() + s->write_timeout_ms : INT64_MAX;
@@ -58,8 +60,10 @@ fly(server_t *s, call_slot *slot)
     if (s->flying) s->flying->fprev = slot;
     s->flying = slot;
     s->n_lingering++;
+    bool busy = s->awaiting + s->queued > 0;
     pthread_mutex_unlock(&s->mu);
     atomic_fetch_add(&slot->refs, 1);
+    return busy;
 }
 
 static void
@@ -180,9 +184,10 @@ flowctl_unary_finish(call_slot *slot, const flowctl_metadata *md, grpc_byte_buff
         return false;
     }
     slot->n_status = n;
-    fly(s, slot);
-    /* an empty batch completes on notify_cq at once (and wakes the acceptor): the hold goes with it */
-    if (grpc_call_start_batch(slot->call, NULL, 0, &slot->t_send, NULL) == GRPC_CALL_OK) return true;
+    /* An empty batch completes on notify_cq at once, and the hold goes with it. Only to an
+     * acceptor at work: waking one asleep in poll for it would cost more than the contention
+     * (a lone call's status leaves from the worker, as the combiner is free then). */
+    if (fly(s, slot) && grpc_call_start_batch(slot->call, NULL, 0, &slot->t_send, NULL) == GRPC_CALL_OK) return true;
     return start_status(s, slot);
 }
 
