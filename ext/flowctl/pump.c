@@ -586,6 +586,24 @@ queue_below(flowctl_pump *p, void *arg)
  * only once PUMP_HOLD messages wait behind it (then one look a write, which finds the
  * completion without a poll: a hinted send completes as gRPC takes it).
  */
+/* Queues bb on a pump with room (mu held); gated: the caller does not hold the GVL. */
+static void
+enqueue_locked(flowctl_pump *p, grpc_byte_buffer *bb, bool gated)
+{
+    int64_t now = mono_ns();
+    bool burst = now - last_write(p) < PUMP_BURST_NS;
+    atomic_store_explicit(&p->last_write_ns, now, memory_order_relaxed);
+    p->sendq[(p->send_head + p->send_len) % PUMP_SENDQ] = bb;
+    p->send_len++;
+    if (!p->send_inflight) {
+        start_send_locked(p);
+    } else if (!p->polling && (!burst || p->send_len >= PUMP_HOLD)) {
+        uintptr_t below = burst ? PUMP_HOLD - 1 : 0;
+        take_completed(p, gated, burst ? 2 : PUMP_SENDQ, queue_below, (void *)below);
+    }
+    if (sends_stranded(p)) drive_later(p, now + (burst ? HOLD_NS : DRIVE_NS));
+}
+
 int
 flowctl_pump_write(flowctl_pump *p, grpc_byte_buffer *bb, bool *failed)
 {
@@ -596,22 +614,8 @@ flowctl_pump_write(flowctl_pump *p, grpc_byte_buffer *bb, bool *failed)
     }
     pthread_mutex_lock(&p->mu);
     *failed = p->send_failed;
-    if (*failed) {
-        grpc_byte_buffer_destroy(bb);
-    } else {
-        int64_t now = mono_ns();
-        bool burst = now - last_write(p) < PUMP_BURST_NS;
-        atomic_store_explicit(&p->last_write_ns, now, memory_order_relaxed);
-        p->sendq[(p->send_head + p->send_len) % PUMP_SENDQ] = bb;
-        p->send_len++;
-        if (!p->send_inflight) {
-            start_send_locked(p);
-        } else if (!p->polling && (!burst || p->send_len >= PUMP_HOLD)) {
-            uintptr_t below = burst ? PUMP_HOLD - 1 : 0;
-            take_completed(p, false, burst ? 2 : PUMP_SENDQ, queue_below, (void *)below);
-        }
-        if (sends_stranded(p)) drive_later(p, now + (burst ? HOLD_NS : DRIVE_NS));
-    }
+    if (*failed) grpc_byte_buffer_destroy(bb);
+    else enqueue_locked(p, bb, false);
     pthread_mutex_unlock(&p->mu);
     return 0;
 }
@@ -655,6 +659,52 @@ flowctl_pump_read(flowctl_pump *p, grpc_byte_buffer **out)
     }
     pthread_mutex_unlock(&p->mu);
     return 0;
+}
+
+/* ---- the API for native loops (no GVL: forward.c) ---------------------------- */
+
+/* Waits (mu held, no GVL) until pred holds or *woken; first takes what has completed. */
+static bool
+wait_locked_nogvl(flowctl_pump *p, pump_pred pred, void *arg, const atomic_bool *woken)
+{
+    if (pred(p, arg) || (!p->polling && take_completed(p, true, PUMP_SENDQ, pred, arg))) return true;
+    bool done;
+    p->waiters++;
+    while (!(done = pred(p, arg)) && !atomic_load(woken)) {
+        if (p->polling) cond_wait_ms(p, POLL_MS);
+        else poll_once(p, woken);
+    }
+    p->waiters--;
+    return done;
+}
+
+bool
+flowctl_pump_read_nogvl(flowctl_pump *p, grpc_byte_buffer **out, const atomic_bool *woken)
+{
+    *out = NULL;
+    pthread_mutex_lock(&p->mu);
+    bool done = wait_locked_nogvl(p, readable, NULL, woken);
+    if (done && p->recv_len > 0) {
+        *out = p->recvq[p->recv_head];
+        p->recvq[p->recv_head] = NULL;
+        p->recv_head = (p->recv_head + 1) % PUMP_RECVQ;
+        p->recv_len--;
+        p->recv_bytes -= grpc_byte_buffer_length(*out);
+        start_recv_locked(p);
+    }
+    pthread_mutex_unlock(&p->mu);
+    return done;
+}
+
+bool
+flowctl_pump_write_nogvl(flowctl_pump *p, grpc_byte_buffer *bb, bool *failed, const atomic_bool *woken)
+{
+    pthread_mutex_lock(&p->mu);
+    bool done = wait_locked_nogvl(p, send_room, NULL, woken);
+    *failed = done && p->send_failed;
+    if (done && !*failed) enqueue_locked(p, bb, true);
+    pthread_mutex_unlock(&p->mu);
+    return done;
 }
 
 static bool
