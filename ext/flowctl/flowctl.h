@@ -153,6 +153,7 @@ VALUE flowctl_encode(const flowctl_class *ci, VALUE msg); /* binary String */
 /* Encodes into buf: the length; *fits false when more than cap (buf then holds a part only). */
 size_t flowctl_encode_to(const flowctl_class *ci, VALUE msg, char *buf, size_t cap, bool *fits);
 void flowctl_decode_into(const flowctl_class *ci, VALUE msg, const uint8_t *p, size_t len);
+int flowctl_wire_type(int type); /* the wire type (wire.h WT_*) of a ProtobufCType */
 
 /* message.c: what a descriptor is (shared with skim.c) */
 bool flowctl_desc_is_map_entry(const ProtobufCMessageDescriptor *d); /* a map<,>'s entry message */
@@ -437,8 +438,9 @@ bool flowctl_pump_recv_failed(flowctl_pump *p);
 /* Cancels (when asked), drains, frees the queues and the completion queue. */
 void flowctl_pump_destroy(flowctl_pump *p, bool cancel_call);
 /* For a native loop without the GVL (forward.c): as read and write, waiting until done or
- * *woken becomes true (false then: nothing taken; the caller still owns bb). */
-bool flowctl_pump_read_nogvl(flowctl_pump *p, grpc_byte_buffer **out, const atomic_bool *woken);
+ * *woken becomes true (false then: nothing taken; the caller still owns bb). A read that has
+ * to wait first starts what push (when not NULL) has queued, without waiting on it. */
+bool flowctl_pump_read_nogvl(flowctl_pump *p, grpc_byte_buffer **out, const atomic_bool *woken, flowctl_pump *push);
 bool flowctl_pump_write_nogvl(flowctl_pump *p, grpc_byte_buffer *bb, bool *failed, const atomic_bool *woken);
 
 /* ---- forward.c: one call's replies sent as another call's requests, as bytes ---- */

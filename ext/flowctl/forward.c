@@ -49,7 +49,7 @@ flowctl_forward_nogvl(void *arg)
         grpc_byte_buffer *bb = f->held;
         f->held = NULL;
         if (!bb) {
-            if (!flowctl_pump_read_nogvl(f->src, &bb, &f->woken)) {
+            if (!flowctl_pump_read_nogvl(f->src, &bb, &f->woken, f->dst)) {
                 f->result = FWD_WOKEN;
                 return NULL;
             }

@@ -642,6 +642,20 @@ readable(flowctl_pump *p, void *unused)
     return p->recv_len > 0 || p->recv_eof;
 }
 
+/* The next message off the read-ahead (NULL when none is there); the next receive starts. mu held. */
+static grpc_byte_buffer *
+take_read_locked(flowctl_pump *p)
+{
+    if (p->recv_len == 0) return NULL;
+    grpc_byte_buffer *bb = p->recvq[p->recv_head];
+    p->recvq[p->recv_head] = NULL;
+    p->recv_head = (p->recv_head + 1) % PUMP_RECVQ;
+    p->recv_len--;
+    p->recv_bytes -= grpc_byte_buffer_length(bb);
+    start_recv_locked(p);
+    return bb;
+}
+
 int
 flowctl_pump_read(flowctl_pump *p, grpc_byte_buffer **out)
 {
@@ -649,14 +663,7 @@ flowctl_pump_read(flowctl_pump *p, grpc_byte_buffer **out)
     int interrupted = pump_wait(p, readable, NULL, false);
     if (interrupted) return 1;
     pthread_mutex_lock(&p->mu);
-    if (p->recv_len > 0) {
-        *out = p->recvq[p->recv_head];
-        p->recvq[p->recv_head] = NULL;
-        p->recv_head = (p->recv_head + 1) % PUMP_RECVQ;
-        p->recv_len--;
-        p->recv_bytes -= grpc_byte_buffer_length(*out);
-        start_recv_locked(p);
-    }
+    *out = take_read_locked(p);
     pthread_mutex_unlock(&p->mu);
     return 0;
 }
@@ -678,20 +685,29 @@ wait_locked_nogvl(flowctl_pump *p, pump_pred pred, void *arg, const atomic_bool 
     return done;
 }
 
+/* Starts what is queued on p whose turn has come (the sends in flight have completed),
+ * without waiting: for a thread that is about to wait on another stream. No GVL. */
+static void
+push_sends_nogvl(flowctl_pump *p)
+{
+    pthread_mutex_lock(&p->mu);
+    if (!p->polling && p->send_inflight) take_completed(p, true, PUMP_SENDQ, NULL, NULL);
+    pthread_mutex_unlock(&p->mu);
+}
+
 bool
-flowctl_pump_read_nogvl(flowctl_pump *p, grpc_byte_buffer **out, const atomic_bool *woken)
+flowctl_pump_read_nogvl(flowctl_pump *p, grpc_byte_buffer **out, const atomic_bool *woken, flowctl_pump *push)
 {
     *out = NULL;
     pthread_mutex_lock(&p->mu);
-    bool done = wait_locked_nogvl(p, readable, NULL, woken);
-    if (done && p->recv_len > 0) {
-        *out = p->recvq[p->recv_head];
-        p->recvq[p->recv_head] = NULL;
-        p->recv_head = (p->recv_head + 1) % PUMP_RECVQ;
-        p->recv_len--;
-        p->recv_bytes -= grpc_byte_buffer_length(*out);
-        start_recv_locked(p);
+    bool ready = readable(p, NULL) || (!p->polling && take_completed(p, true, PUMP_SENDQ, readable, NULL));
+    if (!ready && push) { /* about to wait: what push has queued goes now, not when the driver looks */
+        pthread_mutex_unlock(&p->mu);
+        push_sends_nogvl(push);
+        pthread_mutex_lock(&p->mu);
     }
+    bool done = ready || wait_locked_nogvl(p, readable, NULL, woken);
+    if (done) *out = take_read_locked(p);
     pthread_mutex_unlock(&p->mu);
     return done;
 }

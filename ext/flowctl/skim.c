@@ -137,17 +137,6 @@ utf8_valid(const uint8_t *p, const uint8_t *end)
     return true;
 }
 
-static int
-wire_type_of(int type)
-{
-    switch (type) {
-    case PROTOBUF_C_TYPE_SFIXED32: case PROTOBUF_C_TYPE_FIXED32: case PROTOBUF_C_TYPE_FLOAT: return WT_I32;
-    case PROTOBUF_C_TYPE_SFIXED64: case PROTOBUF_C_TYPE_FIXED64: case PROTOBUF_C_TYPE_DOUBLE: return WT_I64;
-    case PROTOBUF_C_TYPE_STRING: case PROTOBUF_C_TYPE_BYTES: case PROTOBUF_C_TYPE_MESSAGE: return WT_LEN;
-    default: return WT_VARINT;
-    }
-}
-
 static bool sk_msg(skim *s, const ProtobufCMessageDescriptor *desc, sbuf *r, int depth);
 
 static bool
@@ -210,7 +199,7 @@ sk_map_entry(skim *s, const ProtobufCFieldDescriptor *fd, sbuf r, int depth)
         int wt = (int)(tag & 7);
         uint32_t num = (uint32_t)(tag >> 3);
         const ProtobufCFieldDescriptor *kv = num == 1 ? &entry->fields[0] : num == 2 ? &entry->fields[1] : NULL;
-        bool ok = !kv || wt != wire_type_of(kv->type) ? sk_skip(s, &r, wt, num, depth)
+        bool ok = !kv || wt != flowctl_wire_type(kv->type) ? sk_skip(s, &r, wt, num, depth)
                                                       : sk_value(s, kv, fd->name, &r, depth);
         if (!ok) return false;
     }
@@ -220,7 +209,7 @@ sk_map_entry(skim *s, const ProtobufCFieldDescriptor *fd, sbuf r, int depth)
 static bool
 sk_field(skim *s, const ProtobufCFieldDescriptor *fd, sbuf *r, int wt, int depth)
 {
-    int expected = wire_type_of(fd->type);
+    int expected = flowctl_wire_type(fd->type);
     bool repeated = fd->label == PROTOBUF_C_LABEL_REPEATED;
     bool map = repeated && fd->type == PROTOBUF_C_TYPE_MESSAGE && flowctl_desc_is_map_entry(fd->descriptor);
     bool packed = repeated && !map && wt == WT_LEN && expected != WT_LEN;
