@@ -1,6 +1,7 @@
 # frozen_string_literal: true
 
 require "spec_helper"
+require "timeout"
 
 # A stream handed straight to another call goes through as bytes (Flowctl::Forwarding,
 # ext/flowctl/forward.c): `consumer.consume(processor.process(source.stream_events(req)))`.
@@ -112,19 +113,13 @@ RSpec.describe "Flowctl forwarding (a call's replies as another call's requests)
   end
 
   def seen(kind, timeout = time_limit(5))
-    deadline = Process.clock_gettime(Process::CLOCK_MONOTONIC) + timeout
     @pending ||= []
-    loop do
-      i = @pending.index { |s| s[0] == kind }
-      return @pending.delete_at(i) if i
+    Timeout.timeout(timeout, RuntimeError, "the #{kind} handler reported nothing in #{timeout} s") do
+      loop do
+        i = @pending.index { |s| s[0] == kind }
+        return @pending.delete_at(i) if i
 
-      left = deadline - Process.clock_gettime(Process::CLOCK_MONOTONIC)
-      raise "the #{kind} handler reported nothing in #{timeout} s" if left <= 0
-
-      begin
-        @pending << @handlers.seen.pop(true)
-      rescue ThreadError
-        sleep 0.01
+        @pending << @handlers.seen.pop # one blocking wait: no polling (GC.stress makes each allocation a full GC)
       end
     end
   end
@@ -159,16 +154,7 @@ RSpec.describe "Flowctl forwarding (a call's replies as another call's requests)
 
   def expected(n) = Array.new(n) { |i| ["e#{i}", "done", 40 * (1 + i.to_s.size), i.to_s] }
 
-  def pop_within(queue, seconds)
-    deadline = Process.clock_gettime(Process::CLOCK_MONOTONIC) + seconds
-    loop do
-      return queue.pop(true)
-    rescue ThreadError
-      raise "nothing in #{seconds} s" if Process.clock_gettime(Process::CLOCK_MONOTONIC) > deadline
-
-      sleep 0.01
-    end
-  end
+  def pop_within(queue, seconds) = Timeout.timeout(seconds) { queue.pop }
 
   it "delivers the same events in the same order as the Ruby path, with both hops forwarded" do
     n = many(300)
