@@ -42,7 +42,10 @@ RSpec.describe "Flowctl forwarding (a call's replies as another call's requests)
         yield Flowctl::V1::Event.new(id: "e#{i}", type: "raw", payload: "p#{i}".b * 40, metadata: { "i" => i.to_s },
                                      timestamp: Time.at(1_700_000_000 + i, 5, :nsec))
         i += 1
-        sleep 0.001 if req.params["forever"] == "1"
+        next unless req.params["forever"] == "1"
+
+        @seen << [:source_running] if i == 3 # events are going through
+        sleep 0.001
       end
     rescue Exception => e # rubocop:disable Lint/RescueException -- recorded for the spec
       @seen << [:source, e.class, call.cancelled?]
@@ -340,7 +343,7 @@ RSpec.describe "Flowctl forwarding (a call's replies as another call's requests)
         err = e
       end
       started.pop
-      sleep 0.2 # forwarding by now
+      seen(:source_running) # forwarding by now
       how == :raise ? wiring.raise(RuntimeError, "stop wiring") : wiring.kill
       expect(wiring.join(time_limit(5))).not_to be_nil
       expect(err).to be_a(klass) if klass
