@@ -65,6 +65,7 @@ RSpec.describe "Flowctl forwarding (a call's replies as another call's requests)
       events.each do |e|
         got << [e.id, e.type, e.payload.bytesize, e.metadata["i"]]
         break if stop && got.size >= stop
+        raise Flowctl::InvalidArgument, "refused #{e.id}" if call.metadata["x-fail"] == e.id
       end
       @seen << [:consumer, :done, got]
       { events_consumed: got.size }
@@ -214,6 +215,15 @@ RSpec.describe "Flowctl forwarding (a call's replies as another call's requests)
       outcome = seen(:source)
       expect(outcome[1]).to eq(Flowctl::Cancelled)
       expect(outcome[2]).to be(true)
+    end
+  end
+
+  it "a destination that fails: its error is raised, the source is cancelled" do
+    modes.each do |fwd|
+      expect { wire({ "forever" => "1" }, forward: fwd, headers: { "x-fail" => "e4" }) }
+        .to raise_error(Flowctl::InvalidArgument, /refused e4/)
+      expect(seen(:consumer)[1]).to eq(Flowctl::InvalidArgument)
+      expect(seen(:source)[1]).to eq(Flowctl::Cancelled)
     end
   end
 
