@@ -26,13 +26,40 @@
  *     to the same message. Where protobuf-c and upb differ (protobuf-c accepts invalid
  *     UTF-8 and any Timestamp; it rejects a known field number with another wire type,
  *     except for bool fields, and groups) the case is counted and printed at exit.
+ *   - skim.c (the check a forwarded message gets, without Ruby) accepts exactly what the
+ *     decoder accepts, and says what the decoder says (the DecodeError's text ends with it).
  */
 #include "fuzz_ruby.h"
+#include <dlfcn.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 static ID id_decode, id_encode, id_to_proto;
+
+/* skim.c's flowctl_skim and its error (the layout of flowctl.h's flowctl_skim_error) */
+typedef struct {
+    const ProtobufCMessageDescriptor *desc;
+    char why[160];
+} skim_error;
+static bool (*skim)(const ProtobufCMessageDescriptor *desc, const uint8_t *p, size_t len, skim_error *err);
+
+/* The skim agrees with the decoder: the same verdict, and the decoder's words. */
+static void
+check_skim(const fuzz_class *c, const uint8_t *data, size_t size, VALUE m, VALUE err)
+{
+    skim_error e;
+    bool ok = skim(c->desc, data, size, &e);
+    if (ok != (m != Qundef))
+        fuzz_bug("%s: skim %s what the decoder %s (%s)", c->desc->name, ok ? "accepted" : "refused",
+                 ok ? "refused" : "accepted", ok ? "" : e.why);
+    if (ok) return;
+    const char *msg = fuzz_error_text(err);
+    size_t n = strlen(e.why), len = strlen(msg);
+    if (len < n + 2 || memcmp(msg + len - n, e.why, n) != 0)
+        fuzz_bug("%s: the decoder said \"%s\", the skim \"%s\"", c->desc->name, msg, e.why);
+}
 static VALUE allowed_decode[2];
 static VALUE official[FUZZ_MAX_CLASSES];
 
@@ -70,6 +97,9 @@ LLVMFuzzerInitialize(int *argc, char ***argv)
 {
     fuzz_ruby_init(argc, argv);
     fuzz_load_official();
+    skim = (bool (*)(const ProtobufCMessageDescriptor *, const uint8_t *, size_t, skim_error *))dlsym(RTLD_DEFAULT,
+                                                                                                      "flowctl_skim");
+    if (!skim) fuzz_bug("flowctl_skim is not in the loaded flowctl.so: %s", dlerror());
     id_decode = rb_intern("decode");
     id_encode = rb_intern("encode");
     id_to_proto = rb_intern("to_proto");
@@ -272,6 +302,7 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         accepted++;
         check_roundtrip(c, m);
     }
+    check_skim(c, data, size, m, err);
     check_against_upb(i, str, m, err, data, size);
     check_against_protobuf_c(c, data, size, m, err);
     RB_GC_GUARD(str);

@@ -717,6 +717,79 @@ stream_finished_p(VALUE self)
     return stream_get(self)->status_done ? Qtrue : Qfalse;
 }
 
+/* ---- forwarding (the engine: forward.c) -------------------------------------- */
+
+/* Both ends of a forward after its loop: their flags down, released when done with. */
+static void
+forward_settle(stream_t *src, stream_t *dst, flowctl_forward *f)
+{
+    if (f->held) grpc_byte_buffer_destroy(f->held);
+    f->held = NULL;
+    src->reading = false;
+    dst->writing = false;
+    stream_take_initial(src);
+}
+
+/*
+ * call-seq: stream.forward(destination, klass) -> true or false
+ *
+ * Sends every message this stream reads, as bytes, on destination (another stream open
+ * for writing), without the GVL and without decoding them; each is checked first to be a
+ * klass as the decoder would read it. Returns true when this stream ended with status OK
+ * (destination not half-closed: the caller does it), false when the destination ended
+ * first (this stream is left as it is: the caller cancels it). When this stream ends with
+ * another status, the destination is cancelled and that RPCError raised; a message that
+ * is not a klass cancels both and raises Flowctl::DecodeError, as reading it would have.
+ * An interrupt (Thread#raise, kill, Timeout) cancels both calls and is raised.
+ */
+static VALUE
+stream_forward(VALUE self, VALUE destination, VALUE klass)
+{
+    stream_t *src = stream_live(self);
+    stream_t *dst = stream_live(destination);
+    const flowctl_class *ci = flowctl_class_of(klass);
+    if (!ci) rb_raise(rb_eTypeError, "%"PRIsVALUE" is not a generated message class", klass);
+    if (src == dst) rb_raise(rb_eArgError, "a stream cannot forward to itself");
+    if (src->reading) rb_raise(eFlowctlError, "another thread is reading from this stream");
+    if (src->read_done || !stream_open(src)) rb_raise(rb_eIOError, "stream already read to its end");
+    stream_check_writable(dst);
+    flowctl_forward f = {.src = &src->pump, .dst = &dst->pump, .desc = ci->desc};
+    src->reading = dst->writing = true;
+    int interrupted = 0;
+    for (;;) {
+        atomic_store(&f.woken, false);
+        f.result = FWD_WOKEN; /* stays so when an interrupt was pending: rb_nogvl does not run the loop */
+        rb_nogvl(flowctl_forward_nogvl, &f, flowctl_forward_ubf, &f, RB_NOGVL_INTR_FAIL | RB_NOGVL_UBF_ASYNC_SAFE);
+        if (f.result != FWD_WOKEN) break;
+        if ((interrupted = flowctl_wait_interrupted())) break;
+    }
+    forward_settle(src, dst, &f);
+    VALUE result = Qfalse;
+    if (interrupted || f.result == FWD_BAD_MESSAGE) {
+        grpc_call_cancel(src->pump.call, NULL);
+        grpc_call_cancel(dst->pump.call, NULL);
+        stream_maybe_release(dst);
+        flowctl_wait_finish(interrupted); /* raises when interrupted */
+        const flowctl_class *at = flowctl_class_of_desc(f.bad.desc);
+        rb_raise(eFlowctlDecodeError, "cannot decode %"PRIsVALUE": %s", at ? at->klass : klass, f.bad.why);
+    }
+    if (f.result == FWD_SOURCE_END) {
+        src->read_done = true;
+        stream_fetch_status(src);
+        if (!NIL_P(src->error)) {
+            grpc_call_cancel(dst->pump.call, NULL);
+            stream_maybe_release(dst);
+            rb_exc_raise(src->error);
+        }
+        result = Qtrue;
+    }
+    stream_maybe_release(dst);
+    stream_maybe_release(src);
+    RB_GC_GUARD(destination);
+    RB_GC_GUARD(self);
+    return result;
+}
+
 void
 init_flowctl_call(void)
 {
@@ -738,4 +811,5 @@ init_flowctl_call(void)
     rb_define_method(cStream, "status", stream_status, 0);
     rb_define_method(cStream, "details", stream_details, 0);
     rb_define_method(cStream, "error", stream_error, 0);
+    rb_define_method(cStream, "forward", stream_forward, 2);
 }

@@ -246,8 +246,8 @@ flowctl_convert_field(const flowctl_class *ci, const flowctl_field *f, VALUE v)
  */
 #define WB_STACK 4096
 
-static int
-wire_type(int type)
+int
+flowctl_wire_type(int type)
 {
     switch (type) {
     case PROTOBUF_C_TYPE_SFIXED32: case PROTOBUF_C_TYPE_FIXED32: case PROTOBUF_C_TYPE_FLOAT: return WT_I32;
@@ -390,9 +390,9 @@ map_enc_each(VALUE k, VALUE v, VALUE p)
     const flowctl_field *f = m->wk.f;
     wb_bytes(m->b, f->tag, f->tag_len);
     size_t at = wb_open(m->b);
-    wb_byte(m->b, (uint8_t)((1 << 3) | wire_type(f->key->type)));
+    wb_byte(m->b, (uint8_t)((1 << 3) | flowctl_wire_type(f->key->type)));
     encode_value(m->b, &m->wk, f->key, k, m->depth);
-    wb_byte(m->b, (uint8_t)((2 << 3) | wire_type(f->elem->type)));
+    wb_byte(m->b, (uint8_t)((2 << 3) | flowctl_wire_type(f->elem->type)));
     if (NIL_P(v) && f->elem->type == PROTOBUF_C_TYPE_MESSAGE && !f->timestamp) type_error(&m->wv, "a message", v);
     encode_value(m->b, &m->wv, f->elem, v, m->depth);
     wb_close(m->b, at);
@@ -441,7 +441,7 @@ encode_field(wbuf *b, const flowctl_class *ci, VALUE msg, const flowctl_field *f
             return;
         }
         for (long i = 0; i < RARRAY_LEN(v); i++) {
-            wb_tag(b, f->fd->id, wire_type(f->fd->type));
+            wb_tag(b, f->fd->id, flowctl_wire_type(f->fd->type));
             VALUE e = RARRAY_AREF(v, i);
             if (NIL_P(e) && f->fd->type == PROTOBUF_C_TYPE_MESSAGE) type_error(&w, "a message", e);
             encode_value(b, &w, f->fd, e, depth);
@@ -694,7 +694,7 @@ decode_map_entry(const flowctl_class *ci, const flowctl_field *f, VALUE *slot, V
         int wt = (int)(tag & 7);
         uint32_t num = (uint32_t)(tag >> 3);
         const ProtobufCFieldDescriptor *fd = num == 1 ? f->key : num == 2 ? f->elem : NULL;
-        if (!fd || wt != wire_type(fd->type)) { skip_field(ci, &r, wt, num, depth); continue; }
+        if (!fd || wt != flowctl_wire_type(fd->type)) { skip_field(ci, &r, wt, num, depth); continue; }
         VALUE v = decode_value(ci, f, fd, &r, num == 2 && val != Qundef ? val : Qnil, depth);
         if (num == 1) key = v; else val = v;
     }
@@ -707,7 +707,7 @@ decode_map_entry(const flowctl_class *ci, const flowctl_field *f, VALUE *slot, V
 static void
 decode_field(const flowctl_class *ci, VALUE msg, VALUE *slot, const flowctl_field *f, rbuf *r, int wt, int depth)
 {
-    int expected = wire_type(f->fd->type);
+    int expected = flowctl_wire_type(f->fd->type);
     bool packed = f->kind == FK_REPEATED && wt == WT_LEN && expected != WT_LEN;
     if (wt != expected && !packed) { /* parsed as an unknown field, as protoc-generated code does */
         skip_field(ci, r, wt, f->fd->id, depth);
@@ -771,7 +771,7 @@ init_flowctl_convert(void)
 void
 flowctl_field_tag(flowctl_field *f)
 {
-    int wt = f->kind == FK_SINGULAR || (f->kind == FK_REPEATED && !f->packed) ? wire_type(f->fd->type) : WT_LEN;
+    int wt = f->kind == FK_SINGULAR || (f->kind == FK_REPEATED && !f->packed) ? flowctl_wire_type(f->fd->type) : WT_LEN;
     uint64_t v = ((uint64_t)f->fd->id << 3) | (uint64_t)wt;
     f->tag_len = 0;
     while (v >= 0x80) { f->tag[f->tag_len++] = (uint8_t)(v | 0x80); v >>= 7; }

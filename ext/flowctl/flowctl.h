@@ -4,7 +4,7 @@
  * Reading order: flowctl.c (Init) -> message.c/convert.c (messages) -> reflect.c -> json_text.h,
  * json_text.c, json_order.c -> json_write.c, json_read.c, json_class.c (proto3 JSON) -> status.c
  * -> metadata.c -> log.c -> clock.c -> fork.c (gate, fork hooks) -> wait.c -> watch.c -> channel.c -> call.c
- * -> fiber.c -> pump.c -> server_engine.h/.c -> server_unary.c -> server.c -> server_call.c -> wire.h
+ * -> fiber.c -> pump.c -> skim.c -> forward.c -> server_engine.h/.c -> server_unary.c -> server.c -> server_call.c -> wire.h
  * -> heartbeat_wire.c -> heartbeat.c -> heartbeat_class.c.
  *
  * Mechanism files return codes where they can; the Ruby-facing functions raise.
@@ -153,6 +153,19 @@ VALUE flowctl_encode(const flowctl_class *ci, VALUE msg); /* binary String */
 /* Encodes into buf: the length; *fits false when more than cap (buf then holds a part only). */
 size_t flowctl_encode_to(const flowctl_class *ci, VALUE msg, char *buf, size_t cap, bool *fits);
 void flowctl_decode_into(const flowctl_class *ci, VALUE msg, const uint8_t *p, size_t len);
+int flowctl_wire_type(int type); /* the wire type (wire.h WT_*) of a ProtobufCType */
+
+/* message.c: what a descriptor is (shared with skim.c) */
+bool flowctl_desc_is_map_entry(const ProtobufCMessageDescriptor *d); /* a map<,>'s entry message */
+bool flowctl_field_is_timestamp(const ProtobufCFieldDescriptor *fd);   /* a google.protobuf.Timestamp field */
+
+/* ---- skim.c: would the decoder take these bytes? (no Ruby, no allocation) ---- */
+typedef struct flowctl_skim_error {
+    const ProtobufCMessageDescriptor *desc; /* the (nested) message the decoder would name */
+    char why[160];                          /* what it would say */
+} flowctl_skim_error;
+/* true when flowctl_decode_into would read p..len as a message of desc without raising. */
+bool flowctl_skim(const ProtobufCMessageDescriptor *desc, const uint8_t *p, size_t len, flowctl_skim_error *err);
 
 /* ---- reflect.c: a message class's field table for Ruby (descriptors, JSON) ---- */
 void init_flowctl_reflect(void);
@@ -424,6 +437,31 @@ int flowctl_pump_wait_close(flowctl_pump *p, int *cancelled);
 bool flowctl_pump_recv_failed(flowctl_pump *p);
 /* Cancels (when asked), drains, frees the queues and the completion queue. */
 void flowctl_pump_destroy(flowctl_pump *p, bool cancel_call);
+/* For a native loop without the GVL (forward.c): as read and write, waiting until done or
+ * *woken becomes true (false then: nothing taken; the caller still owns bb). A read that has
+ * to wait first starts what push (when not NULL) has queued, without waiting on it. */
+bool flowctl_pump_read_nogvl(flowctl_pump *p, grpc_byte_buffer **out, const atomic_bool *woken, flowctl_pump *push);
+bool flowctl_pump_write_nogvl(flowctl_pump *p, grpc_byte_buffer *bb, bool *failed, const atomic_bool *woken);
+
+/* ---- forward.c: one call's replies sent as another call's requests, as bytes ---- */
+typedef enum {
+    FWD_WOKEN,             /* the thread was woken (an interrupt?): the binding looks, then goes on */
+    FWD_SOURCE_END,        /* the source ended (its status tells how) */
+    FWD_DESTINATION_ENDED, /* the destination refused a write: it ended */
+    FWD_BAD_MESSAGE        /* a message the decoder would refuse (bad says why); nothing more moved */
+} flowctl_forward_result;
+typedef struct flowctl_forward {
+    flowctl_pump *src, *dst;
+    const ProtobufCMessageDescriptor *desc; /* the messages' type, for skim.c (NULL: not checked) */
+    grpc_byte_buffer *held;                 /* read, not yet written (woken meanwhile); the caller frees it */
+    atomic_bool woken;
+    flowctl_forward_result result;
+    uint64_t moved;
+    flowctl_skim_error bad;
+} flowctl_forward;
+/* The loop, for rb_nogvl (flowctl_forward_ubf wakes it); sets f->result. */
+void *flowctl_forward_nogvl(void *f);
+void flowctl_forward_ubf(void *f);
 
 /* ---- fiber.c: unary calls completed on watch.c's queue (Fiber schedulers) ---- */
 void init_flowctl_fiber(void);

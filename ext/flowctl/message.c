@@ -517,8 +517,8 @@ msg_freeze(VALUE self)
 
 /* ---- building the classes ------------------------------------------------ */
 
-static bool
-is_map_entry(const ProtobufCMessageDescriptor *d)
+bool
+flowctl_desc_is_map_entry(const ProtobufCMessageDescriptor *d)
 {
     size_t n = strlen(d->short_name);
     return n > 5 && strcmp(d->short_name + n - 5, "Entry") == 0 && d->n_fields == 2 &&
@@ -526,8 +526,8 @@ is_map_entry(const ProtobufCMessageDescriptor *d)
            strcmp(d->fields[1].name, "value") == 0 && strchr(d->name + strlen(d->package_name) + 1, '.');
 }
 
-static bool
-is_timestamp(const ProtobufCFieldDescriptor *fd)
+bool
+flowctl_field_is_timestamp(const ProtobufCFieldDescriptor *fd)
 {
     return fd->type == PROTOBUF_C_TYPE_MESSAGE &&
            strcmp(((const ProtobufCMessageDescriptor *)fd->descriptor)->name, "google.protobuf.Timestamp") == 0;
@@ -538,7 +538,7 @@ build_field(flowctl_field *f, const ProtobufCFieldDescriptor *fd)
 {
     f->fd = f->elem = fd;
     f->kind = fd->label == PROTOBUF_C_LABEL_REPEATED ? FK_REPEATED : FK_SINGULAR;
-    if (f->kind == FK_REPEATED && fd->type == PROTOBUF_C_TYPE_MESSAGE && is_map_entry(fd->descriptor)) {
+    if (f->kind == FK_REPEATED && fd->type == PROTOBUF_C_TYPE_MESSAGE && flowctl_desc_is_map_entry(fd->descriptor)) {
         const ProtobufCMessageDescriptor *entry = fd->descriptor;
         f->kind = FK_MAP;
         f->key = &entry->fields[0];
@@ -548,7 +548,7 @@ build_field(flowctl_field *f, const ProtobufCFieldDescriptor *fd)
     f->presence = fd->label == PROTOBUF_C_LABEL_OPTIONAL && fd->type != PROTOBUF_C_TYPE_MESSAGE;
     /* protoc-c gives a oneof's members one quantifier_offset (descriptor.c: the oneof's number) */
     f->oneof = (fd->flags & PROTOBUF_C_FIELD_FLAG_ONEOF) ? fd->quantifier_offset + 1 : 0;
-    f->timestamp = is_timestamp(f->elem);
+    f->timestamp = flowctl_field_is_timestamp(f->elem);
     f->sub_desc = f->elem->type == PROTOBUF_C_TYPE_MESSAGE && !f->timestamp ? f->elem->descriptor : NULL;
     f->name = fd->name;
     f->id = rb_intern(fd->name);
@@ -664,7 +664,7 @@ native_define_bootstrap(VALUE mod, VALUE pm)
 {
     for (const ProtobufCMessageDescriptor *const *d = flowctl_bootstrap_messages; *d; d++) {
         flowctl_descriptor_register((*d)->name, *d);
-        if (!is_map_entry(*d)) define_message_class(*d, outer_of((*d)->name, (*d)->package_name, pm), (*d)->short_name);
+        if (!flowctl_desc_is_map_entry(*d)) define_message_class(*d, outer_of((*d)->name, (*d)->package_name, pm), (*d)->short_name);
     }
     for (const ProtobufCEnumDescriptor *const *e = flowctl_bootstrap_enums; *e; e++) {
         flowctl_descriptor_register((*e)->name, *e);

@@ -586,6 +586,24 @@ queue_below(flowctl_pump *p, void *arg)
  * only once PUMP_HOLD messages wait behind it (then one look a write, which finds the
  * completion without a poll: a hinted send completes as gRPC takes it).
  */
+/* Queues bb on a pump with room (mu held); gated: the caller does not hold the GVL. */
+static void
+enqueue_locked(flowctl_pump *p, grpc_byte_buffer *bb, bool gated)
+{
+    int64_t now = mono_ns();
+    bool burst = now - last_write(p) < PUMP_BURST_NS;
+    atomic_store_explicit(&p->last_write_ns, now, memory_order_relaxed);
+    p->sendq[(p->send_head + p->send_len) % PUMP_SENDQ] = bb;
+    p->send_len++;
+    if (!p->send_inflight) {
+        start_send_locked(p);
+    } else if (!p->polling && (!burst || p->send_len >= PUMP_HOLD)) {
+        uintptr_t below = burst ? PUMP_HOLD - 1 : 0;
+        take_completed(p, gated, burst ? 2 : PUMP_SENDQ, queue_below, (void *)below);
+    }
+    if (sends_stranded(p)) drive_later(p, now + (burst ? HOLD_NS : DRIVE_NS));
+}
+
 int
 flowctl_pump_write(flowctl_pump *p, grpc_byte_buffer *bb, bool *failed)
 {
@@ -596,22 +614,8 @@ flowctl_pump_write(flowctl_pump *p, grpc_byte_buffer *bb, bool *failed)
     }
     pthread_mutex_lock(&p->mu);
     *failed = p->send_failed;
-    if (*failed) {
-        grpc_byte_buffer_destroy(bb);
-    } else {
-        int64_t now = mono_ns();
-        bool burst = now - last_write(p) < PUMP_BURST_NS;
-        atomic_store_explicit(&p->last_write_ns, now, memory_order_relaxed);
-        p->sendq[(p->send_head + p->send_len) % PUMP_SENDQ] = bb;
-        p->send_len++;
-        if (!p->send_inflight) {
-            start_send_locked(p);
-        } else if (!p->polling && (!burst || p->send_len >= PUMP_HOLD)) {
-            uintptr_t below = burst ? PUMP_HOLD - 1 : 0;
-            take_completed(p, false, burst ? 2 : PUMP_SENDQ, queue_below, (void *)below);
-        }
-        if (sends_stranded(p)) drive_later(p, now + (burst ? HOLD_NS : DRIVE_NS));
-    }
+    if (*failed) grpc_byte_buffer_destroy(bb);
+    else enqueue_locked(p, bb, false);
     pthread_mutex_unlock(&p->mu);
     return 0;
 }
@@ -638,6 +642,20 @@ readable(flowctl_pump *p, void *unused)
     return p->recv_len > 0 || p->recv_eof;
 }
 
+/* The next message off the read-ahead (NULL when none is there); the next receive starts. mu held. */
+static grpc_byte_buffer *
+take_read_locked(flowctl_pump *p)
+{
+    if (p->recv_len == 0) return NULL;
+    grpc_byte_buffer *bb = p->recvq[p->recv_head];
+    p->recvq[p->recv_head] = NULL;
+    p->recv_head = (p->recv_head + 1) % PUMP_RECVQ;
+    p->recv_len--;
+    p->recv_bytes -= grpc_byte_buffer_length(bb);
+    start_recv_locked(p);
+    return bb;
+}
+
 int
 flowctl_pump_read(flowctl_pump *p, grpc_byte_buffer **out)
 {
@@ -645,16 +663,64 @@ flowctl_pump_read(flowctl_pump *p, grpc_byte_buffer **out)
     int interrupted = pump_wait(p, readable, NULL, false);
     if (interrupted) return 1;
     pthread_mutex_lock(&p->mu);
-    if (p->recv_len > 0) {
-        *out = p->recvq[p->recv_head];
-        p->recvq[p->recv_head] = NULL;
-        p->recv_head = (p->recv_head + 1) % PUMP_RECVQ;
-        p->recv_len--;
-        p->recv_bytes -= grpc_byte_buffer_length(*out);
-        start_recv_locked(p);
-    }
+    *out = take_read_locked(p);
     pthread_mutex_unlock(&p->mu);
     return 0;
+}
+
+/* ---- the API for native loops (no GVL: forward.c) ---------------------------- */
+
+/* Waits (mu held, no GVL) until pred holds or *woken; first takes what has completed. */
+static bool
+wait_locked_nogvl(flowctl_pump *p, pump_pred pred, void *arg, const atomic_bool *woken)
+{
+    if (pred(p, arg) || (!p->polling && take_completed(p, true, PUMP_SENDQ, pred, arg))) return true;
+    bool done;
+    p->waiters++;
+    while (!(done = pred(p, arg)) && !atomic_load(woken)) {
+        if (p->polling) cond_wait_ms(p, POLL_MS);
+        else poll_once(p, woken);
+    }
+    p->waiters--;
+    return done;
+}
+
+/* Starts what is queued on p whose turn has come (the sends in flight have completed),
+ * without waiting: for a thread that is about to wait on another stream. No GVL. */
+static void
+push_sends_nogvl(flowctl_pump *p)
+{
+    pthread_mutex_lock(&p->mu);
+    if (!p->polling && p->send_inflight) take_completed(p, true, PUMP_SENDQ, NULL, NULL);
+    pthread_mutex_unlock(&p->mu);
+}
+
+bool
+flowctl_pump_read_nogvl(flowctl_pump *p, grpc_byte_buffer **out, const atomic_bool *woken, flowctl_pump *push)
+{
+    *out = NULL;
+    pthread_mutex_lock(&p->mu);
+    bool ready = readable(p, NULL) || (!p->polling && take_completed(p, true, PUMP_SENDQ, readable, NULL));
+    if (!ready && push) { /* about to wait: what push has queued goes now, not when the driver looks */
+        pthread_mutex_unlock(&p->mu);
+        push_sends_nogvl(push);
+        pthread_mutex_lock(&p->mu);
+    }
+    bool done = ready || wait_locked_nogvl(p, readable, NULL, woken);
+    if (done) *out = take_read_locked(p);
+    pthread_mutex_unlock(&p->mu);
+    return done;
+}
+
+bool
+flowctl_pump_write_nogvl(flowctl_pump *p, grpc_byte_buffer *bb, bool *failed, const atomic_bool *woken)
+{
+    pthread_mutex_lock(&p->mu);
+    bool done = wait_locked_nogvl(p, send_room, NULL, woken);
+    *failed = done && p->send_failed;
+    if (done && !*failed) enqueue_locked(p, bb, true);
+    pthread_mutex_unlock(&p->mu);
+    return done;
 }
 
 static bool

@@ -184,7 +184,12 @@ module Flowctl
       # checked now, not when the Enumerator runs
       timeout = stream_timeout(timeout)
       headers = call_headers(headers)
-      return enum_for(:call_bidi, rpc, requests, timeout, headers) unless block
+      unless block
+        enum = enum_for(:call_bidi, rpc, requests, timeout, headers)
+        return enum unless @interceptors.empty?
+
+        return Forwarding.mark(enum, Forwarding::Source.new(@channel, rpc, nil, requests, timeout, headers))
+      end
 
       intercepted(rpc, headers, timeout, requests: requests) do |md|
         BidiCall.new(rpc, Native::Stream.new(@channel, rpc.path, timeout, md)).run(requests, &block)
@@ -197,7 +202,12 @@ module Flowctl
       bytes = req.to_proto
       timeout = stream_timeout(timeout)
       headers = call_headers(headers)
-      return enum_for(:server_streaming_bytes, rpc, bytes, timeout, headers, req) unless block
+      unless block
+        enum = enum_for(:server_streaming_bytes, rpc, bytes, timeout, headers, req)
+        return enum unless @interceptors.empty?
+
+        return Forwarding.mark(enum, Forwarding::Source.new(@channel, rpc, bytes, nil, timeout, headers))
+      end
 
       server_streaming_bytes(rpc, bytes, timeout, headers, req, &block)
     end
@@ -344,10 +354,17 @@ module Flowctl
       request
     end
 
+    # The Native::Stream (Forwarding::Source forwards from it).
+    def native_stream = @stream
+
     # Writes every request of an Enumerable. True when all went out; false when the call
     # ended first (its status tells why). Whatever the Enumerable (or a bad request in it)
-    # raises cancels the call and is raised.
+    # raises cancels the call and is raised. The replies of another call (Forwarding) go
+    # through as bytes.
     def write_all(requests)
+      source = Forwarding.source_for(requests, @rpc.request_class)
+      return forward_from(source) if source
+
       requests.each do |r|
         msg = request_message(r)
         begin
@@ -357,6 +374,21 @@ module Flowctl
         end
       end
       true
+    rescue Exception # rubocop:disable Lint/RescueException -- an interrupt cancels as well
+      cancel
+      raise
+    end
+
+    # write_all for the replies of a Forwarding::Source: true once the source ended with OK,
+    # false when this call ended first (the source is cancelled). The source's error, or
+    # the DecodeError of a message that is not a request, cancels this call and is raised.
+    def forward_from(source)
+      source.open do |stream, call|
+        next true if stream.forward(@stream, @rpc.request_class)
+
+        call.cancel # this call ended: the source's replies are not wanted any more
+        false
+      end
     rescue Exception # rubocop:disable Lint/RescueException -- an interrupt cancels as well
       cancel
       raise
@@ -459,9 +491,19 @@ module Flowctl
     # raises the call's error, or the error of the requests Enumerable (which cancels
     # the call).
     def run(requests, &block)
+      with_writer(requests) { each(&block) }
+      self
+    end
+
+    private
+
+    # Runs the block (which reads) while a writer thread writes the requests, and returns its
+    # value; raises the errors of both as #run raises them. Forwarding::Source reads through
+    # Native::Stream#forward.
+    def with_writer(requests)
       writer = start_writer(requests)
       begin
-        each(&block)
+        result = yield
       rescue RPCError => e
         # the writer cancels the call when the Enumerable raises: its error comes first
         done = writer.join(e.is_a?(Cancelled) ? 1 : 0)
@@ -470,12 +512,10 @@ module Flowctl
       failure = writer.alive? ? nil : writer.value
       raise failure if failure
 
-      self
+      result
     ensure
       stop_writer(writer)
     end
-
-    private
 
     # The writer thread returns nil, or the exception of the requests Enumerable (which
     # cancels the call). A write failing because the call ended is not its error: the
