@@ -93,9 +93,12 @@ struct flowctl_class {
  * built), then, for each singular Timestamp field, the seconds and nanos of its Time as
  * they were when set or decoded (a Time never changes its instant), so encoding needs
  * no call into Ruby's Time.
+ * A large message decoded lazily holds its checked wire bytes in raw (a frozen String;
+ * Qfalse once built) and its fields at their defaults until flowctl_msg_get builds them.
  */
 typedef struct flowctl_msg {
     const flowctl_class *ci;
+    VALUE raw;
     VALUE vals[];
 } flowctl_msg;
 
@@ -111,6 +114,12 @@ void init_flowctl_convert(void);
 VALUE flowctl_message_encode(VALUE msg);
 /* Klass.decode: raises Flowctl::DecodeError on garbage. */
 VALUE flowctl_message_decode(VALUE klass, const uint8_t *data, size_t len);
+/* The same from a String: a message of FLOWCTL_LAZY_MIN bytes or more is checked now
+ * (DecodeError as above) and built when first touched, from a frozen copy-on-write
+ * copy of str (what google-protobuf does with its arena: no Ruby object per field until
+ * one is read). */
+#define FLOWCTL_LAZY_MIN 256
+VALUE flowctl_message_decode_str(VALUE klass, VALUE str);
 
 /* message.c internals used by convert.c */
 const flowctl_class *flowctl_class_of_desc(const ProtobufCMessageDescriptor *desc);
@@ -153,6 +162,8 @@ VALUE flowctl_encode(const flowctl_class *ci, VALUE msg); /* binary String */
 /* Encodes into buf: the length; *fits false when more than cap (buf then holds a part only). */
 size_t flowctl_encode_to(const flowctl_class *ci, VALUE msg, char *buf, size_t cap, bool *fits);
 void flowctl_decode_into(const flowctl_class *ci, VALUE msg, const uint8_t *p, size_t len);
+/* The checks of flowctl_decode_into (the same DecodeError), nothing built. */
+void flowctl_decode_check(const flowctl_class *ci, const uint8_t *p, size_t len);
 
 /* ---- reflect.c: a message class's field table for Ruby (descriptors, JSON) ---- */
 void init_flowctl_reflect(void);
