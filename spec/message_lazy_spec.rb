@@ -140,6 +140,56 @@ RSpec.describe "Flowctl messages decoded lazily" do
     expect(msgs.each_with_index.all? { |m, i| m == sample_event(i) }).to be(true)
   end
 
+  describe "received over gRPC (client streaming to the server, server streaming to the client)" do
+    before(:all) do
+      @seen = seen = []
+      @sent = sent = [Flowctl::V1::Event.new(id: "a", payload: "x" * 1000), Flowctl::V1::Event.new(id: "b", payload: "y" * 300_000),
+                      Flowctl::V1::Event.new(id: "c", type: "small")]
+      handler = Class.new do
+        define_method(:consume) do |events, _call|
+          events.each { |e| seen << e }
+          Flowctl::V1::ConsumeResponse.new(events_consumed: seen.size)
+        end
+        define_method(:stream_events) do |_req, _call, &blk|
+          sent.each(&blk)
+          nil
+        end
+      end.new
+      @server = Flowctl::Server.new(port: 0, tls: false)
+      @server.handle(Flowctl::V1::ConsumerService, handler)
+      @server.handle(Flowctl::V1::SourceService, handler)
+      @target = "127.0.0.1:#{@server.start}"
+    end
+
+    after(:all) { @server&.stop(grace: 1) }
+
+    before { @seen.clear }
+
+    it "arrive equal to what was sent, one of them in several of gRPC's slices" do
+      consumer = Flowctl::V1::ConsumerClient.new(@target, tls: false)
+      source = Flowctl::V1::SourceClient.new(@target, tls: false)
+      expect(consumer.consume(@sent).events_consumed).to eq(3)
+      expect(@seen == @sent).to be(true)
+      got = []
+      source.stream_events(Flowctl::V1::StreamRequest.new) { |e| got << e }
+      expect(got.map { |e| [e.id, e.payload.bytesize] }).to eq([["a", 1000], ["b", 300_000], ["c", 0]])
+      expect(got == @sent).to be(true)
+    ensure
+      consumer&.close
+      source&.close
+    end
+
+    it "raise the DecodeError of a bad one when the handler reads it (INTERNAL to the client)" do
+      Official.load!
+      stub = GRPC::ClientStub.new(@target, :this_channel_is_insecure)
+      bad = pad + "\x0a\x02\xff\xfe".b
+      same = ->(x) { x }
+      expect { stub.client_streamer("/flowctl.v1.ConsumerService/Consume", [@sent[0].to_proto, bad], same, same) }
+        .to raise_error(GRPC::Internal, /cannot decode.*invalid UTF-8 in string field 'id'/)
+      expect(@seen.map(&:id)).to eq(["a"])
+    end
+  end
+
   describe "the same outcome as decoding at once" do
     # Inputs that decode, some of them unusual: merged messages and timestamps, packed and
     # unpacked lists, wrong wire types, 10-byte varints, unknown fields.
