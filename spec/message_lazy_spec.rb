@@ -3,15 +3,15 @@
 require_relative "spec_helper"
 require "objspace"
 
-# A message of 256 bytes or more (Flowctl::Native lazy threshold, FLOWCTL_LAZY_MIN) is checked
+# A message of 512 bytes or more (FLOWCTL_LAZY_MIN in ext/flowctl/flowctl.h) is checked
 # when decoded and its fields built when first touched (message.c, convert.c's check mode). Every
 # outcome must be what decoding it at once gives: the same values through every reader, the same
-# Flowctl::DecodeError at decode time. An unknown field of 300 bytes put in front of an input makes it
+# Flowctl::DecodeError at decode time. An unknown field of 600 bytes put in front of an input makes it
 # large without changing what it decodes to, so each input below is decoded both ways.
 RSpec.describe "Flowctl messages decoded lazily" do
   include MessageHelpers
 
-  let(:pad) { "\xc2\x3e\xac\x02".b + ("p" * 300) } # field 1000, length-delimited, 300 bytes: unknown to every class
+  let(:pad) { "\xc2\x3e\xd8\x04".b + ("p" * 600) } # field 1000, length-delimited, 600 bytes: unknown to every class
   let(:event) { Flowctl::V1::Event }
   let(:status) { Flowctl::V1::ComponentStatusResponse }
   let(:list) { Flowctl::V1::DiscoveryResponse }
@@ -66,7 +66,7 @@ RSpec.describe "Flowctl messages decoded lazily" do
     expect(msg.payload).to eq("\x00\xff".b * 300)
     expect(msg).to eq(sample_event)
 
-    small = event.new(id: "x", payload: "y" * 200).to_proto
+    small = event.new(id: "x", payload: "y" * 400).to_proto
     expect(unbuilt?(event.decode(small), small)).to be(false)
   end
 
@@ -100,16 +100,16 @@ RSpec.describe "Flowctl messages decoded lazily" do
   end
 
   it "is read right when nested into another message, or put into a list, before it is built" do
-    lazy_info = Flowctl::V1::ComponentInfo.decode(Flowctl::V1::ComponentInfo.new(id: "c1", description: "d" * 300,
+    lazy_info = Flowctl::V1::ComponentInfo.decode(Flowctl::V1::ComponentInfo.new(id: "c1", description: "d" * 600,
                                                                                  input_event_types: %w[a b]).to_proto)
     outer = status.new(component: lazy_info, status: :HEALTH_STATUS_HEALTHY)
     expect(JSON.parse(outer.to_json)["component"]).to include("id" => "c1", "inputEventTypes" => %w[a b])
 
-    lazy_info = Flowctl::V1::ComponentInfo.decode(Flowctl::V1::ComponentInfo.new(id: "c2", description: "d" * 300).to_proto)
+    lazy_info = Flowctl::V1::ComponentInfo.decode(Flowctl::V1::ComponentInfo.new(id: "c2", description: "d" * 600).to_proto)
     many = list.new
     many.components << lazy_info
     expect(list.decode(many.to_proto).components.map(&:id)).to eq(["c2"])
-    lazy_info = Flowctl::V1::ComponentInfo.decode(Flowctl::V1::ComponentInfo.new(id: "c3", description: "d" * 300).to_proto)
+    lazy_info = Flowctl::V1::ComponentInfo.decode(Flowctl::V1::ComponentInfo.new(id: "c3", description: "d" * 600).to_proto)
     many.components << lazy_info
     expect(JSON.parse(many.to_json)["components"].map { |c| c["id"] }).to eq(%w[c2 c3])
   end
@@ -251,7 +251,7 @@ RSpec.describe "Flowctl messages decoded lazily" do
       bytes = event.new(id: "evt-1", type: "t", payload: "\x00\xff".b * 40, metadata: { "k" => "v", "é" => "中" },
                         timestamp: Time.at(1_700_000_000, 5, :nsec), content_type: "a/b",
                         stellar_cursor: Flowctl::V1::StellarCursor.new(ledger_sequence: 2**40, index_in_ledger: 3)).to_proto
-      expect(bytes.bytesize).to be < 256
+      expect(bytes.bytesize).to be < 512
       rng = Random.new(12)
       inputs = (0..bytes.bytesize).step(scaled(1, 9)).map { |cut| bytes.byteslice(0, cut) } # under GC.stress: fewer
       inputs += Array.new(scaled(400)) do
