@@ -23,8 +23,10 @@
  *     crashes (stack overflow, SEGV in protobuf_c.so) on a bytes field whose JSON string
  *     holds bytes above 0x7f, so a text flowctl rejected is given to upb only when it is
  *     all ASCII (the rest is counted as not compared). upb also reads a negative Duration
- *     under one second ("-0.5s") as positive: a text with one that upb reads otherwise
- *     is counted, not a bug.
+ *     under one second ("-0.5s") as positive, and reads an integer written as a bare
+ *     JSON number through a double (18446744073709425 -> ...424; flowctl reads it
+ *     exactly, as a quoted one): a text with either that upb reads otherwise is counted,
+ *     not a bug.
  *   - the C reader (ext/flowctl/json_read.c) and the Ruby decoder: what the C reader
  *     reads, the Ruby decoder reads to the same message (the C reader only ever gives
  *     up, never differs); the C printer (json_write.c) prints what the Ruby encoder
@@ -44,9 +46,10 @@ static VALUE classes[FUZZ_MAX_CLASSES], official[FUZZ_MAX_CLASSES];
 static int n_classes;
 static VALUE ignoring; /* ->(k, t) { k.decode_json(t, ignore_unknown_fields: true) } */
 static unsigned long inputs, accepted, rejected, ignoring_accepted, upb_both, upb_only, flowctl_only, upb_skipped,
-    upb_negative_duration, read_in_c, printed_same, upb_cannot_print;
+    upb_negative_duration, upb_rounded, read_in_c, printed_same, upb_cannot_print;
 static VALUE c_read, ruby_read, ruby_print; /* lambdas: json_read.c, the Ruby decoder, the Ruby encoder */
 static VALUE negative_duration; /* /"-0+(\.[0-9]*)?s"/ : upb drops its sign */
+static VALUE long_number;       /* a bare number of 16 digits or more: upb reads it through a double */
 
 static void
 print_stats(void)
@@ -56,8 +59,8 @@ print_stats(void)
     fprintf(stderr, "json_target: google-protobuf: both accepted %lu (same message), only upb accepted %lu, "
                     "only flowctl accepted %lu, not given to upb (rejected and not ASCII, or a \\u escape past ASCII) %lu\n",
             upb_both, upb_only, flowctl_only, upb_skipped);
-    fprintf(stderr, "json_target: google-protobuf read a negative Duration under 1 s as positive: %lu\n",
-            upb_negative_duration);
+    fprintf(stderr, "json_target: google-protobuf read a negative Duration under 1 s as positive: %lu, "
+                    "rounded a long bare number through a double: %lu\n", upb_negative_duration, upb_rounded);
     fprintf(stderr, "json_target: read in C %lu (the Ruby decoder read the same); both accepted and printed "
                     "byte for byte as upb %lu, upb could not print %lu\n", read_in_c, printed_same, upb_cannot_print);
 }
@@ -76,6 +79,8 @@ LLVMFuzzerInitialize(int *argc, char ***argv)
     rb_gc_register_mark_object(ignoring);
     negative_duration = rb_eval_string("/\"-0+(\\.[0-9]*)?s\"/n");
     rb_gc_register_mark_object(negative_duration);
+    long_number = rb_eval_string("/[:\\[,]\\s*-?(?:[0-9]\\.?){16,}/n");
+    rb_gc_register_mark_object(long_number);
     c_read = rb_eval_string("->(k, t) { o = Flowctl::Native.json_decode(k, t); "
                             "(Flowctl::ProtoJSON.plan(o); o = Flowctl::Native.json_decode(k, t)) while o.is_a?(Class); o }");
     rb_gc_register_mark_object(c_read);
@@ -122,14 +127,22 @@ from_upb(int i, VALUE upb_msg)
     return m;
 }
 
-/* Does text hold a negative Duration under one second (which upb reads as positive)? */
+/* Does text hold what upb is known to read otherwise: a negative Duration under one
+ * second (read as positive) or a long bare number (read through a double)? */
 static int
-upb_drops_sign(VALUE text)
+upb_reads_otherwise(VALUE text)
 {
     VALUE bin = rb_str_new(RSTRING_PTR(text), RSTRING_LEN(text));
-    int found = RTEST(rb_funcall(negative_duration, rb_intern("match?"), 1, bin));
-    if (found) upb_negative_duration++;
-    return found;
+    ID match = rb_intern("match?");
+    if (RTEST(rb_funcall(negative_duration, match, 1, bin))) {
+        upb_negative_duration++;
+        return 1;
+    }
+    if (RTEST(rb_funcall(long_number, match, 1, bin))) {
+        upb_rounded++;
+        return 1;
+    }
+    return 0;
 }
 
 static void check_same_print(int i, VALUE m, VALUE u, VALUE text);
@@ -153,7 +166,7 @@ check_roundtrip(int i, VALUE m)
         fuzz_bug("%s: the C printer wrote %+"PRIsVALUE", the Ruby encoder %+"PRIsVALUE, name_of(i), text, ruby_text);
     VALUE u = fuzz_call(official[i], id_decode_json, 1, &text, &err);
     if (u == Qundef) fuzz_bug("%s: google-protobuf rejects flowctl's JSON %+"PRIsVALUE": %s", name_of(i), text, fuzz_error_text(err));
-    if (!fuzz_same_message(m, from_upb(i, u)) && !upb_drops_sign(text))
+    if (!fuzz_same_message(m, from_upb(i, u)) && !upb_reads_otherwise(text))
         fuzz_bug("%s: google-protobuf reads flowctl's JSON %+"PRIsVALUE" differently", name_of(i), text);
     /* The copy's maps hold their entries in the order of the text, which is upb's order
      * of m's: printed again they may come in another order, the one upb prints after
@@ -190,7 +203,7 @@ check_same_print(int i, VALUE m, VALUE u, VALUE text)
     VALUE err, ours = fuzz_call(m, id_to_json, 0, NULL, &err);
     if (ours == Qundef) return; /* check_roundtrip reported it */
     VALUE theirs = fuzz_call(official[i], rb_intern("encode_json"), 1, &u, &err);
-    if (theirs == Qundef || upb_drops_sign(text)) {
+    if (theirs == Qundef || upb_reads_otherwise(text)) {
         upb_cannot_print++;
         return;
     }
@@ -268,7 +281,7 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     } else {
         upb_both++;
         VALUE theirs = from_upb(i, u);
-        if (!fuzz_same_message(m, theirs) && !upb_drops_sign(text))
+        if (!fuzz_same_message(m, theirs) && !upb_reads_otherwise(text))
             fuzz_bug("%s: flowctl and google-protobuf read %+"PRIsVALUE" differently:\n  flowctl: %+"PRIsVALUE
                      "\n  upb: %+"PRIsVALUE, name_of(i), text, m, theirs);
         check_same_print(i, m, u, text);

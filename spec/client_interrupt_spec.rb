@@ -81,44 +81,67 @@ RSpec.describe "Flowctl clients: interrupting blocked calls" do
     expect(client.register_source(source_id: "after").source_id).to eq("after")
   end
 
+  # Runs the block (which interrupts a blocked call and returns how long control took to
+  # come back) until once within limit, three times at most: a call that cannot be
+  # interrupted takes its 30 s deadline every time; a machine busy with other work can
+  # delay any one return past 100 ms (CI: 154 ms once at load 9).
+  def expect_prompt(limit)
+    took = Array.new(3) do
+      t = yield
+      break [t] if t < limit
+
+      t
+    end
+    expect(took.min).to be < limit, "took #{took.map { |t| format('%.3f s', t) }.join(', ')}"
+  end
+
   it "Thread#raise returns within 100 ms" do
-    t = blocked_call
-    t0 = now
-    t.raise(interrupt, "stop")
-    expect { t.join }.to raise_error(interrupt, "stop")
-    expect(now - t0).to be < limit
+    expect_prompt(limit) do
+      t = blocked_call
+      t0 = now
+      t.raise(interrupt, "stop")
+      expect { t.join }.to raise_error(interrupt, "stop")
+      now - t0
+    end
     expect_usable
   end
 
   it "Thread#kill returns within 100 ms" do
-    t = blocked_call
-    t0 = now
-    t.kill
-    expect(t.join(1)).to be(t)
-    expect(now - t0).to be < limit
-    expect(t).not_to be_alive
+    expect_prompt(limit) do
+      t = blocked_call
+      t0 = now
+      t.kill
+      expect(t.join(1)).to be(t)
+      expect(t).not_to be_alive
+      now - t0
+    end
     expect_usable
   end
 
   it "Timeout.timeout returns within 100 ms of its limit" do
-    t0 = now
-    expect { Timeout.timeout(0.3) { client.register_processor(processor_id: "hang") } }.to raise_error(Timeout::Error)
-    expect(now - t0).to be < 0.3 + limit
+    expect_prompt(0.3 + limit) do
+      t0 = now
+      expect { Timeout.timeout(0.3) { client.register_processor(processor_id: "hang") } }.to raise_error(Timeout::Error)
+      now - t0
+    end
     expect_usable
   end
 
   it "Ctrl-C (SIGINT with a trap that raises) returns within 100 ms" do
     old = trap(:INT) { raise interrupt, "ctrl-c" }
-    t0 = nil
-    killer = Thread.new do
-      OfficialServer.pop(@arrived, 5)
-      sleep 0.05
-      t0 = now
-      Process.kill(:INT, Process.pid)
+    expect_prompt(limit) do
+      t0 = nil
+      killer = Thread.new do
+        OfficialServer.pop(@arrived, 5)
+        sleep 0.05
+        t0 = now
+        Process.kill(:INT, Process.pid)
+      end
+      expect { client.register_processor(processor_id: "hang") }.to raise_error(interrupt, "ctrl-c")
+      took = now - t0
+      killer.join
+      took
     end
-    expect { client.register_processor(processor_id: "hang") }.to raise_error(interrupt, "ctrl-c")
-    expect(now - t0).to be < limit
-    killer.join
     expect_usable
   ensure
     trap(:INT, old)
@@ -140,16 +163,19 @@ RSpec.describe "Flowctl clients: interrupting blocked calls" do
 
   it "interrupts a blocked stream read and cancels the stream" do
     pc = Flowctl::Processor::Client.new("127.0.0.1:#{@port}", tls: false)
-    call = pc.process_stream
-    call << Flowctl::Processor::DataMessage.new(payload: "x")
-    t = blocked_call { call.read }
-    t0 = now
-    t.raise(interrupt)
-    expect { t.join }.to raise_error(interrupt)
-    expect(now - t0).to be < limit
-    expect(OfficialServer.pop(@ended, 5)).to be(true) # the server saw the stream end
-    expect { call.read }.to raise_error(Flowctl::Cancelled)
-    expect(call.status).to eq(Flowctl::Cancelled::CODE)
+    expect_prompt(limit) do
+      call = pc.process_stream
+      call << Flowctl::Processor::DataMessage.new(payload: "x")
+      t = blocked_call { call.read }
+      t0 = now
+      t.raise(interrupt)
+      expect { t.join }.to raise_error(interrupt)
+      took = now - t0
+      expect(OfficialServer.pop(@ended, 5)).to be(true) # the server saw the stream end
+      expect { call.read }.to raise_error(Flowctl::Cancelled)
+      expect(call.status).to eq(Flowctl::Cancelled::CODE)
+      took
+    end
   ensure
     pc&.close
   end

@@ -92,6 +92,9 @@ module FlowctlFuzz
     # -detect_leaks=0 only stops libFuzzer's per-input leak probe, useless with a garbage
     # collector (Ruby frees later, so every input "leaks" until the probe gives up after
     # 1000 slow scans); LeakSanitizer still checks the whole process at exit.
+    # FUZZ_SEED: libFuzzer's random seed (script/test fixes it, so that a suite run can be
+    # repeated input for input; unset, each run explores anew)
+    extra = ["-seed=#{Integer(ENV['FUZZ_SEED'])}", *extra] if ENV["FUZZ_SEED"]
     args = [exe, "-runs=#{runs}", "-max_len=#{max_len(name)}", "-timeout=10", "-rss_limit_mb=4096", "-detect_leaks=0",
             "-print_final_stats=1", "-artifact_prefix=#{OUT}/#{name}-", *extra, work, seeds]
     puts "#{env.map { |k, v| "#{k}=#{v}" }.join(' ')} #{args.shelljoin}"
