@@ -144,13 +144,16 @@ RSpec.describe "Flowctl messages decoded lazily" do
 
   describe "received over gRPC (client streaming to the server, server streaming to the client)" do
     before(:all) do
+      @ended = ended = Queue.new
       @seen = seen = []
       @sent = sent = [Flowctl::V1::Event.new(id: "a", payload: "x" * 1000), Flowctl::V1::Event.new(id: "b", payload: "y" * 300_000),
                       Flowctl::V1::Event.new(id: "c", type: "small")]
       handler = Class.new do
         define_method(:consume) do |events, _call|
-          events.each { |e| seen << e }
+          events.each { |e| seen << e } # kept as they come: not built
           Flowctl::V1::ConsumeResponse.new(events_consumed: seen.size)
+        ensure
+          ended << true
         end
         define_method(:stream_events) do |_req, _call, &blk|
           sent.each(&blk)
@@ -165,7 +168,10 @@ RSpec.describe "Flowctl messages decoded lazily" do
 
     after(:all) { @server&.stop(grace: 1) }
 
-    before { @seen.clear }
+    before do
+      @seen.clear
+      @ended.clear
+    end
 
     it "arrive equal to what was sent, one of them in several of gRPC's slices" do
       consumer = Flowctl::V1::ConsumerClient.new(@target, tls: false)
@@ -179,6 +185,24 @@ RSpec.describe "Flowctl messages decoded lazily" do
     ensure
       consumer&.close
       source&.close
+    end
+
+    it "stay readable after their call is over: Events a handler kept unread, then the client cancelled" do
+      consumer = Flowctl::V1::ConsumerClient.new(@target, tls: false)
+      call = consumer.consume_stream
+      call << @sent[0] << @sent[1]
+      wait_for = lambda do |&done|
+        deadline = Process.clock_gettime(Process::CLOCK_MONOTONIC) + time_limit(10)
+        sleep 0.01 until done.call || Process.clock_gettime(Process::CLOCK_MONOTONIC) > deadline
+        done.call
+      end
+      expect(wait_for.call { @seen.size == 2 }).to be(true)
+      call.cancel
+      expect(wait_for.call { !@ended.empty? }).to be(true) # the handler saw the cancel; the server released the call
+      GC.start
+      expect(@seen.map { |e| [e.id, e.payload.bytesize, e.payload[0]] }).to eq([["a", 1000, "x"], ["b", 300_000, "y"]])
+    ensure
+      consumer&.close
     end
 
     it "raise the DecodeError of a bad one when the handler reads it (INTERNAL to the client)" do
