@@ -97,6 +97,14 @@ RSpec.describe "Flowctl messages decoded lazily" do
     str.replace("\x0a\x01z".b * 200)
     str.setbyte(0, 0)
     expect(msg).to eq(sample_event)
+
+    big = ("\x00".b * 100_000) + sample_event.to_proto # a frozen slice shares this buffer: not kept by the message
+    slice = big.byteslice(100_000..).freeze
+    msg = event.decode(slice)
+    held = ObjectSpace.reachable_objects_from(msg).select { |o| o.is_a?(String) && o == slice }
+    expect(held.size).to eq(1)
+    expect(held.first).not_to equal(slice)
+    expect(msg).to eq(sample_event)
   end
 
   it "is read right when nested into another message, or put into a list, before it is built" do

@@ -114,13 +114,14 @@ void init_flowctl_convert(void);
 VALUE flowctl_message_encode(VALUE msg);
 /* Klass.decode: raises Flowctl::DecodeError on garbage. */
 VALUE flowctl_message_decode(VALUE klass, const uint8_t *data, size_t len);
-/* The same from a String: a message of FLOWCTL_LAZY_MIN bytes or more is checked now
- * (DecodeError as above) and built when first touched, from a frozen copy-on-write
- * copy of str (what google-protobuf does with its arena: no Ruby object per field until
- * one is read). Smaller ones are built at once: their fields are nearly always read, and
- * then the check and the copy are a cost (an echoed 274-byte DataMessage: +12%). */
+/* The same from str, a frozen String that nothing else holds: a message of
+ * FLOWCTL_LAZY_MIN bytes or more is checked now (DecodeError as above) and built when
+ * first touched, from str, which it keeps (what google-protobuf does with its arena: no
+ * Ruby object per field until one is read). Smaller ones are built at once: their fields
+ * are nearly always read, and then the check and the copy are a cost (an echoed 274-byte
+ * DataMessage: +12%). */
 #define FLOWCTL_LAZY_MIN 512
-VALUE flowctl_message_decode_str(VALUE klass, VALUE str);
+VALUE flowctl_message_decode_own(VALUE klass, VALUE str);
 
 /* message.c internals used by convert.c */
 const flowctl_class *flowctl_class_of_desc(const ProtobufCMessageDescriptor *desc);

@@ -116,7 +116,7 @@ flowctl_msg_new(const flowctl_class *ci)
 }
 
 /* A lazily decoded message's fields, built from its checked bytes (no DecodeError can
- * come: flowctl_message_decode_str checked them). raw goes first, so that the decoder's
+ * come: flowctl_message_decode_own checked them). raw goes first, so that the decoder's
  * own flowctl_msg_get finds the message built. */
 static void
 msg_build(VALUE msg, flowctl_msg *m)
@@ -330,7 +330,7 @@ flowctl_message_decode(VALUE klass, const uint8_t *data, size_t len)
 }
 
 VALUE
-flowctl_message_decode_str(VALUE klass, VALUE str)
+flowctl_message_decode_own(VALUE klass, VALUE str)
 {
     const uint8_t *p = (const uint8_t *)RSTRING_PTR(str);
     size_t len = (size_t)RSTRING_LEN(str);
@@ -339,8 +339,7 @@ flowctl_message_decode_str(VALUE klass, VALUE str)
     flowctl_decode_check(ci, p, len);
     VALUE msg = msg_alloc_ci(klass, ci);
     flowctl_msg *m = RTYPEDDATA_DATA(msg);
-    RB_OBJ_WRITE(msg, &m->raw, rb_str_new_frozen(str)); /* shares str's bytes until str changes */
-    RB_GC_GUARD(str);
+    RB_OBJ_WRITE(msg, &m->raw, str);
     return msg;
 }
 
@@ -353,10 +352,17 @@ static VALUE
 msg_s_decode(VALUE klass, VALUE str)
 {
     StringValue(str);
-    return flowctl_message_decode_str(klass, str);
+    const uint8_t *p = (const uint8_t *)RSTRING_PTR(str);
+    long len = RSTRING_LEN(str);
+    if (len < FLOWCTL_LAZY_MIN) {
+        VALUE msg = flowctl_message_decode(klass, p, (size_t)len);
+        RB_GC_GUARD(str);
+        return msg;
+    }
+    /* kept lazily: a copy of its own (sharing str could keep a larger buffer str is a slice of alive) */
+    return flowctl_message_decode_own(klass, rb_obj_freeze(rb_str_new((const char *)p, len)));
 }
 
-/* call-seq: Klass.encode(message) -> String (same as message.to_proto) */
 static VALUE
 msg_s_encode(VALUE klass, VALUE msg)
 {

@@ -235,7 +235,7 @@ decode_body(VALUE arg)
             p += GRPC_SLICE_LENGTH(sb->slices[i]);
         }
         rb_str_set_len(str, (long)sb->length);
-        return flowctl_message_decode_str(d->klass, rb_obj_freeze(str));
+        return flowctl_message_decode_own(d->klass, rb_obj_freeze(str));
     }
     grpc_slice s;
     if (sb->count == 1) {
