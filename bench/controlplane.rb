@@ -9,6 +9,9 @@
 #   ruby bench/controlplane.rb [seconds] [protocol]      protocol: seed (default) or v1
 #   COMPONENTS=10000 CONNECTIONS=4 IN_FLIGHT=64 ROUNDS=1 BENCH_DB=1 (the embedded one with db:)
 #   POOL_SIZE=n (the embedded one's workers; default: Registry#serve's)
+#   BENCH_EXE=seconds: the embedded one is exe/flowctl-controlplane --interval seconds (its display:
+#     0 never prints; 5 is its default), its output to a file
+#   BENCH_ONLY=flowctl: only the embedded one (no official server, no echo floor): A/B runs
 #
 # First a burst of COMPONENTS registrations (IN_FLIGHT at once; all must succeed), then
 # heartbeats round robin over them for `seconds`. Prints heartbeats/s, failed calls by
@@ -189,7 +192,36 @@ def load_on(port, pid)
     codes: out[/^CODES(.*)$/, 1].strip }
 end
 
+# The executable as an operator runs it (its table printed every BENCH_EXE seconds, to a file).
+def measure_exe
+  Dir.mktmpdir do |dir|
+    out = File.join(dir, "out")
+    args = ["--port", "0", "--interval", ENV.fetch("BENCH_EXE")]
+    args += ["--db", File.join(dir, "cp.db")] if ENV["BENCH_DB"] == "1"
+    pid = Process.spawn(RbConfig.ruby, File.join(ROOT, "exe/flowctl-controlplane"), *args, out: out, err: :err)
+    port = nil
+    200.times do
+      port = File.exist?(out) && File.read(out)[/listening on [^ ]*:(\d+)/, 1]
+      break if port
+
+      sleep 0.05
+    end
+    raise "flowctl-controlplane did not start: #{File.read(out) if File.exist?(out)}" unless port
+
+    r = load_on(Integer(port), pid)
+    r[:prints] = File.read(out).scan(/^--- /).size
+    r
+  ensure
+    if pid
+      Process.kill("TERM", pid)
+      Process.wait(pid)
+    end
+  end
+end
+
 def measure(kind)
+  return measure_exe if kind == "flowctl" && ENV["BENCH_EXE"]
+
   io = IO.popen([RbConfig.ruby, __FILE__, "--serve", kind], "r+")
   port = Integer(io.gets)
   load_on(port, io.pid)
@@ -220,12 +252,15 @@ puts "bench/controlplane.rb: #{PROTOCOL} protocol, #{COMPONENTS} components, #{C
 official_kind = "official_#{PROTOCOL}"
 best = {}
 ROUNDS.times do
-  %w[flowctl].push(official_kind).each do |kind|
+  (ENV["BENCH_ONLY"] == "flowctl" ? %w[flowctl] : [*%w[flowctl], official_kind]).each do |kind|
     r = measure(kind)
-    report(kind == "flowctl" ? "flowctl embedded#{' (db)' if ENV['BENCH_DB'] == '1'}" : "official grpc gem", r)
+    name = kind == "flowctl" ? "flowctl #{ENV['BENCH_EXE'] ? "exe (#{r[:prints]} prints)" : 'embedded'}" : "official grpc gem"
+    report("#{name}#{' (db)' if ENV['BENCH_DB'] == '1' && kind == 'flowctl'}", r)
     best[kind] = r if best[kind].nil? || r[:server_us] < best[kind][:server_us]
   end
 end
+exit if ENV["BENCH_ONLY"] == "flowctl"
+
 echo = measure_echo
 report("echo_server.c (C core floor)", echo)
 f = best["flowctl"]

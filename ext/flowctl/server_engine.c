@@ -38,6 +38,7 @@ slot_new(int unary)
     s->t_recv = (slot_tag){s, SLOT_RECV};
     s->t_status = (slot_tag){s, SLOT_STATUS};
     s->t_close = (slot_tag){s, SLOT_CLOSE};
+    s->t_send = (slot_tag){s, SLOT_SEND};
     s->unary = unary;
     if (unary < 0) {
         flowctl_pump_init(&s->pump, NULL, grpc_completion_queue_create_for_next(NULL));
@@ -60,6 +61,7 @@ flowctl_slot_free(call_slot *s)
     if (s->unary >= 0 && s->call && !s->status_sent) grpc_call_cancel(s->call, NULL);
     if (s->payload) grpc_byte_buffer_destroy(s->payload);
     if (s->status_msg) grpc_byte_buffer_destroy(s->status_msg);
+    grpc_slice_unref(s->status_details); /* an empty slice unless a unary status kept one */
     for (size_t i = 0; i < s->status_md_count; i++) {
         grpc_slice_unref(s->status_md[i].key);
         grpc_slice_unref(s->status_md[i].value);

@@ -13,8 +13,9 @@
 struct call_slot;
 
 /* What completed on the server's notify_cq: a new call, or a batch of a unary call
- * (server_unary.c). Every tag on that queue but the shutdown's is one of these. */
-enum { SLOT_NEW, SLOT_RECV, SLOT_STATUS, SLOT_CLOSE };
+ * (server_unary.c; SLOT_SEND: a worker handed its status over). Every tag on that queue but
+ * the shutdown's is one of these. */
+enum { SLOT_NEW, SLOT_RECV, SLOT_STATUS, SLOT_CLOSE, SLOT_SEND };
 typedef struct {
     struct call_slot *slot;
     int kind;
@@ -46,7 +47,9 @@ typedef struct call_slot {
     int64_t linger_until_ms;    /* its peer has not taken the status by then: stuck */
     char *peer;                 /* grpc_call_get_peer, once lingering */
     /* a registered unary method's call (server_unary.c); the pump is unused */
-    slot_tag t_new, t_recv, t_status, t_close;
+    slot_tag t_new, t_recv, t_status, t_close, t_send;
+    size_t n_status;            /* ops in status_ops, built by the worker, started by the acceptor */
+    grpc_slice status_details;  /* the status's details, kept until the slot is freed */
     int unary;                  /* index in server_t.unary, or -1 */
     grpc_op recv_op;
     grpc_byte_buffer *payload;  /* the request message (NULL: none came), until the worker takes it */
@@ -181,8 +184,8 @@ void flowctl_unary_accepted(server_t *s, call_slot *slot);
 void flowctl_unary_event(server_t *s, slot_tag *tag, bool success);
 /* The acceptor refuses a unary call: the status leaves on notify_cq, the slot is freed then. */
 void flowctl_unary_reject(server_t *s, call_slot *slot, grpc_status_code code, const char *msg);
-/* A worker's (GVL held, never waits): starts the status batch and hands the slot to the
- * server; false when gRPC refused it (the slot is released all the same). */
+/* A worker's (GVL held, never waits): builds the status batch and hands the slot to the
+ * acceptor, which starts it; false when gRPC refused it (the slot is released all the same). */
 bool flowctl_unary_finish(call_slot *slot, const flowctl_metadata *md, grpc_byte_buffer **msg,
                           grpc_status_code code, grpc_slice *details);
 /* Starts watching for the client's cancel (once); true once it came. */

@@ -5,8 +5,13 @@
  * flowctl_server_register_unary) is bound to the server's notify_cq, the acceptor's queue,
  * as gRPC's own examples do: no completion queue of its own, and nobody polls for it. The
  * acceptor reads its request (SLOT_RECV) before a worker sees it, so the worker finds the
- * message there; the worker starts the status batch and goes on, never waiting on gRPC; the
- * acceptor sees the status leave (SLOT_STATUS) and frees the call. A handler that asks
+ * message there; the worker builds the status batch and, when the acceptor has other calls in
+ * hand, hands it over (SLOT_SEND, an empty batch, which completes at once), never waiting on
+ * gRPC; the acceptor starts it, sees the status leave (SLOT_STATUS) and frees the call. So
+ * under load a call's writes run on the thread that reads its connection, as in gRPC's own C
+ * servers: when workers wrote, their writes and the acceptor's reads contended for the
+ * connection's combiner, and gRPC moved the loser's work to its executor thread
+ * (docs/performance.md, "Where the 40-odd µs ... go"). A lone call's worker starts its status. A handler that asks
  * whether the client went away starts RECV_CLOSE_ON_SERVER (SLOT_CLOSE) once.
  *
  * Admission is the engine's (server_engine.c, on_request): a unary call counts as waiting
@@ -43,8 +48,9 @@ slot_unref(call_slot *slot)
 }
 
 /* A status batch goes in flight: the slot joins the flying list (before the batch starts,
- * so that its completion always finds it there). */
-static void
+ * so that its completion always finds it there). True when the acceptor has other calls in
+ * hand (being read, or queued for workers): it is at work, not asleep in gRPC's poll. */
+static bool
 fly(server_t *s, call_slot *slot)
 {
     slot->linger_until_ms = s->write_timeout_ms > 0 ? flowctl_mono_ms() + s->write_timeout_ms : INT64_MAX;
@@ -54,8 +60,10 @@ fly(server_t *s, call_slot *slot)
     if (s->flying) s->flying->fprev = slot;
     s->flying = slot;
     s->n_lingering++;
+    bool busy = s->awaiting + s->queued > 0;
     pthread_mutex_unlock(&s->mu);
     atomic_fetch_add(&slot->refs, 1);
+    return busy;
 }
 
 static void
@@ -69,12 +77,13 @@ land(server_t *s, call_slot *slot)
     flowctl_server_unlinger(s);
 }
 
-/* Starts the status batch built in slot->status_ops; the caller's hold on the slot ends. */
+/* Starts the status batch built in slot->status_ops, in flight already (fly); the caller's
+ * hold on the slot ends. */
 static bool
-send_status(server_t *s, call_slot *slot, size_t n)
+start_status(server_t *s, call_slot *slot)
 {
-    fly(s, slot);
-    bool ok = grpc_call_start_batch(slot->call, slot->status_ops, n, &slot->t_status, NULL) == GRPC_CALL_OK;
+    bool ok = grpc_call_start_batch(slot->call, slot->status_ops, slot->n_status, &slot->t_status, NULL) ==
+              GRPC_CALL_OK;
     if (!ok) {
         land(s, slot);
         atomic_fetch_sub(&slot->refs, 1);
@@ -82,6 +91,14 @@ send_status(server_t *s, call_slot *slot, size_t n)
     }
     slot_unref(slot);
     return ok;
+}
+
+static bool
+send_status(server_t *s, call_slot *slot, size_t n)
+{
+    slot->n_status = n;
+    fly(s, slot);
+    return start_status(s, slot);
 }
 
 void
@@ -148,6 +165,9 @@ flowctl_unary_event(server_t *s, slot_tag *tag, bool success)
         flowctl_server_unlinger(s);
         slot_unref(slot);
         break;
+    case SLOT_SEND: /* a worker's status, handed over with the worker's hold */
+        start_status(s, slot);
+        break;
     }
 }
 
@@ -155,13 +175,20 @@ bool
 flowctl_unary_finish(call_slot *slot, const flowctl_metadata *md, grpc_byte_buffer **msg,
                      grpc_status_code code, grpc_slice *details)
 {
-    flowctl_server_unhand(slot->owner, slot); /* the status keeps the server going (n_lingering) */
-    size_t n = flowctl_slot_status_ops(slot, md, msg, code, details);
+    server_t *s = slot->owner;
+    flowctl_server_unhand(s, slot); /* the status keeps the server going (n_lingering) */
+    slot->status_details = grpc_slice_ref(*details); /* the batch starts after the caller's is gone */
+    size_t n = flowctl_slot_status_ops(slot, md, msg, code, &slot->status_details);
     if (n == 0) {
         flowctl_slot_release(slot);
         return false;
     }
-    return send_status(slot->owner, slot, n);
+    slot->n_status = n;
+    /* An empty batch completes on notify_cq at once, and the hold goes with it. Only to an
+     * acceptor at work: waking one asleep in poll for it would cost more than the contention
+     * (a lone call's status leaves from the worker, as the combiner is free then). */
+    if (fly(s, slot) && grpc_call_start_batch(slot->call, NULL, 0, &slot->t_send, NULL) == GRPC_CALL_OK) return true;
+    return start_status(s, slot);
 }
 
 bool
