@@ -8,7 +8,9 @@
  *   flowctl_decode_into    reads the wire format into Ruby values, checking every
  *                          length and UTF-8 string (Flowctl::DecodeError); a known
  *                          field number with another wire type is an unknown field
- *                          and skipped, as upb and protobuf-go parse it.
+ *                          and skipped, as upb and protobuf-go parse it;
+ *   flowctl_decode_check   the same reading and checks, building nothing: a message
+ *                          decoded lazily (message.c) raises its DecodeError at once.
  *
  * The field types and numbers come from the protobuf-c descriptors.
  */
@@ -493,8 +495,10 @@ flowctl_encode(const flowctl_class *ci, VALUE msg)
 /* Decoding                                                                  */
 /* ======================================================================== */
 
+/* What is left to read; check: only checking (flowctl_decode_check), nothing is built. */
 typedef struct {
     const uint8_t *p, *end;
+    bool check;
 } rbuf;
 
 NORETURN(static void decode_error(const flowctl_class *ci, const char *fmt, ...));
@@ -556,7 +560,7 @@ rd_len(const flowctl_class *ci, rbuf *r, const char *field)
 {
     uint64_t n = rd_varint(ci, r);
     if (n > (uint64_t)(r->end - r->p)) decode_error(ci, "truncated input (field '%s' is longer than the data)", field);
-    rbuf sub = {r->p, r->p + n};
+    rbuf sub = {r->p, r->p + n, r->check};
     r->p += n;
     return sub;
 }
@@ -585,6 +589,25 @@ skip_field(const flowctl_class *ci, rbuf *r, int wt, uint32_t number, int depth)
 
 static void decode_msg(const flowctl_class *ci, VALUE msg, rbuf *r, int depth);
 
+/* The bytes are valid UTF-8 by Ruby's own reading (what rb_enc_str_coderange says of a
+ * String holding them), without making the String. */
+static bool
+utf8_valid(rbuf s)
+{
+    rb_encoding *utf8 = rb_utf8_encoding();
+    const char *p = (const char *)s.p, *e = (const char *)s.end;
+    while (p < e) {
+        if ((unsigned char)*p < 0x80) {
+            p++;
+            continue;
+        }
+        int n = rb_enc_precise_mbclen(p, e, utf8);
+        if (!MBCLEN_CHARFOUND_P(n)) return false;
+        p += MBCLEN_CHARFOUND_LEN(n);
+    }
+    return true;
+}
+
 /* A Time from a Timestamp's fields, merged into prev (when seen twice); *out gets its timespec. */
 static VALUE
 decode_timestamp(const flowctl_class *ci, const flowctl_field *f, rbuf r, const struct timespec *prev,
@@ -607,7 +630,7 @@ decode_timestamp(const flowctl_class *ci, const flowctl_field *f, rbuf r, const 
         decode_error(ci, "Timestamp field '%s' has seconds %lld outside years 1..9999", f->name, (long long)sec);
     out->tv_sec = (time_t)sec;
     out->tv_nsec = (long)nsec;
-    return rb_time_nano_new((time_t)sec, (long)nsec);
+    return r.check ? Qnil : rb_time_nano_new((time_t)sec, (long)nsec);
 }
 
 /* One value of type fd read from r with wire type wt (already checked). */
@@ -618,6 +641,10 @@ decode_value(const flowctl_class *ci, const flowctl_field *f, const ProtobufCFie
     switch (fd->type) {
     case PROTOBUF_C_TYPE_STRING: {
         rbuf s = rd_len(ci, r, f->name);
+        if (r->check) {
+            if (!utf8_valid(s)) decode_error(ci, "invalid UTF-8 in string field '%s'", f->name);
+            return Qnil;
+        }
         VALUE str = rb_utf8_str_new((const char *)s.p, s.end - s.p);
         if (rb_enc_str_coderange(str) == ENC_CODERANGE_BROKEN)
             decode_error(ci, "invalid UTF-8 in string field '%s'", f->name);
@@ -625,7 +652,7 @@ decode_value(const flowctl_class *ci, const flowctl_field *f, const ProtobufCFie
     }
     case PROTOBUF_C_TYPE_BYTES: {
         rbuf s = rd_len(ci, r, f->name);
-        return rb_obj_freeze(rb_str_new((const char *)s.p, s.end - s.p));
+        return r->check ? Qnil : rb_obj_freeze(rb_str_new((const char *)s.p, s.end - s.p));
     }
     case PROTOBUF_C_TYPE_MESSAGE: {
         rbuf s = rd_len(ci, r, f->name);
@@ -635,10 +662,21 @@ decode_value(const flowctl_class *ci, const flowctl_field *f, const ProtobufCFie
             return decode_timestamp(ci, f, s, NIL_P(prev) ? NULL : &before, &ts);
         }
         const flowctl_class *sub = flowctl_class_of_desc(fd->descriptor);
-        VALUE m = NIL_P(prev) ? flowctl_msg_new(sub) : prev;
+        VALUE m = r->check ? Qnil : NIL_P(prev) ? flowctl_msg_new(sub) : prev;
         decode_msg(sub, m, &s, depth + 1);
         return m;
     }
+    default:
+        if (r->check) { /* a scalar is checked by reading it */
+            int wt = flowctl_wire_type(fd->type);
+            if (wt == WT_I64) rd_fixed64(ci, r);
+            else if (wt == WT_I32) rd_fixed32(ci, r);
+            else rd_varint(ci, r);
+            return Qnil;
+        }
+        break;
+    }
+    switch (fd->type) {
     case PROTOBUF_C_TYPE_DOUBLE: {
         uint64_t bits = rd_fixed64(ci, r);
         double d;
@@ -698,6 +736,7 @@ decode_map_entry(const flowctl_class *ci, const flowctl_field *f, VALUE *slot, V
         VALUE v = decode_value(ci, f, fd, &r, num == 2 && val != Qundef ? val : Qnil, depth);
         if (num == 1) key = v; else val = v;
     }
+    if (r.check) return;
     if (key == Qundef) key = decode_default(ci, f->key, f);
     if (val == Qundef) val = decode_default(ci, f->elem, f);
     if (NIL_P(*slot)) RB_OBJ_WRITE(msg, slot, rb_hash_new());
@@ -715,6 +754,15 @@ decode_field(const flowctl_class *ci, VALUE msg, VALUE *slot, const flowctl_fiel
     }
     if (f->kind == FK_MAP) {
         decode_map_entry(ci, f, slot, msg, rd_len(ci, r, f->name), depth);
+        return;
+    }
+    if (r->check) { /* each value read as below, nothing kept */
+        if (!packed) {
+            decode_value(ci, f, f->fd, r, Qnil, depth);
+            return;
+        }
+        rbuf s = rd_len(ci, r, f->name);
+        while (s.p < s.end) decode_value(ci, f, f->fd, &s, Qnil, depth);
         return;
     }
     if (f->kind == FK_REPEATED) {
@@ -741,7 +789,7 @@ static void
 decode_msg(const flowctl_class *ci, VALUE msg, rbuf *r, int depth)
 {
     if (depth > MAX_DEPTH) decode_error(ci, "messages nested too deep");
-    flowctl_msg *m = flowctl_msg_get(msg);
+    flowctl_msg *m = r->check ? NULL : flowctl_msg_get(msg);
     while (r->p < r->end) {
         uint64_t tag = rd_tag(ci, r);
         int wt = (int)(tag & 7);
@@ -750,6 +798,10 @@ decode_msg(const flowctl_class *ci, VALUE msg, rbuf *r, int depth)
         const ProtobufCFieldDescriptor *fd = protobuf_c_message_descriptor_get_field(ci->desc, (unsigned)num);
         if (!fd) { skip_field(ci, r, wt, (uint32_t)num, depth); continue; }
         unsigned i = (unsigned)(fd - ci->desc->fields);
+        if (r->check) {
+            decode_field(ci, Qnil, NULL, &ci->fields[i], r, wt, depth);
+            continue;
+        }
         decode_field(ci, msg, &m->vals[i], &ci->fields[i], r, wt, depth);
         if (ci->fields[i].oneof) flowctl_msg_clear_oneof(msg, m, i);
     }
@@ -758,8 +810,21 @@ decode_msg(const flowctl_class *ci, VALUE msg, rbuf *r, int depth)
 void
 flowctl_decode_into(const flowctl_class *ci, VALUE msg, const uint8_t *p, size_t len)
 {
-    rbuf r = {p, p + len};
+    rbuf r = {p, p + len, false};
     decode_msg(ci, msg, &r, 0);
+}
+
+/*
+ * Checking reads what decoding reads and checks what it checks, in the same order, so the
+ * first error is the same. A message field given twice (merged when built) is checked
+ * part by part: a Timestamp's range holds for the merged one exactly when it holds for
+ * each part (each value comes from one part), so the verdict is the same.
+ */
+void
+flowctl_decode_check(const flowctl_class *ci, const uint8_t *p, size_t len)
+{
+    rbuf r = {p, p + len, true};
+    decode_msg(ci, Qnil, &r, 0);
 }
 
 void

@@ -396,7 +396,7 @@ write_field(jctx *c, flowctl_msg *m, const flowctl_field *f, VALUE v)
 static flowctl_json_result
 write_message(jctx *c, VALUE msg)
 {
-    flowctl_msg *m = RTYPEDDATA_DATA(msg);
+    flowctl_msg *m = flowctl_msg_get(msg); /* built, if it was decoded lazily */
     const flowctl_json_plan *p = flowctl_json_plan_of(m->ci);
     if (!p) {
         c->missing = m->ci;

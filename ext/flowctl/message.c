@@ -22,6 +22,7 @@ static void
 msg_mark(void *p)
 {
     flowctl_msg *m = p;
+    rb_gc_mark_movable(m->raw);
     for (unsigned i = 0; i < m->ci->n_fields; i++) rb_gc_mark_movable(m->vals[i]);
 }
 
@@ -29,6 +30,7 @@ static void
 msg_compact(void *p)
 {
     flowctl_msg *m = p;
+    m->raw = rb_gc_location(m->raw);
     for (unsigned i = 0; i < m->ci->n_fields; i++) m->vals[i] = rb_gc_location(m->vals[i]);
 }
 
@@ -113,10 +115,25 @@ flowctl_msg_new(const flowctl_class *ci)
     return msg_alloc_ci(ci->klass, ci);
 }
 
+/* A lazily decoded message's fields, built from its checked bytes (no DecodeError can
+ * come: flowctl_message_decode_own checked them). raw goes first, so that the decoder's
+ * own flowctl_msg_get finds the message built. */
+static void
+msg_build(VALUE msg, flowctl_msg *m)
+{
+    VALUE raw = m->raw;
+    m->raw = Qfalse;
+    flowctl_decode_into(m->ci, msg, (const uint8_t *)RSTRING_PTR(raw), (size_t)RSTRING_LEN(raw));
+    RB_GC_GUARD(raw);
+}
+
+/* The message's struct, its fields built: every reader and writer of fields comes here. */
 flowctl_msg *
 flowctl_msg_get(VALUE msg)
 {
-    return rb_check_typeddata(msg, &msg_type);
+    flowctl_msg *m = rb_check_typeddata(msg, &msg_type);
+    if (RB_UNLIKELY(m->raw)) msg_build(msg, m);
+    return m;
 }
 
 const flowctl_class *
@@ -312,6 +329,20 @@ flowctl_message_decode(VALUE klass, const uint8_t *data, size_t len)
     return msg;
 }
 
+VALUE
+flowctl_message_decode_own(VALUE klass, VALUE str)
+{
+    const uint8_t *p = (const uint8_t *)RSTRING_PTR(str);
+    size_t len = (size_t)RSTRING_LEN(str);
+    if (len < FLOWCTL_LAZY_MIN) return flowctl_message_decode(klass, p, len);
+    const flowctl_class *ci = class_of_checked(klass);
+    flowctl_decode_check(ci, p, len);
+    VALUE msg = msg_alloc_ci(klass, ci);
+    flowctl_msg *m = RTYPEDDATA_DATA(msg);
+    RB_OBJ_WRITE(msg, &m->raw, str);
+    return msg;
+}
+
 /*
  * call-seq: Klass.decode(string) -> message
  *
@@ -321,12 +352,17 @@ static VALUE
 msg_s_decode(VALUE klass, VALUE str)
 {
     StringValue(str);
-    VALUE msg = flowctl_message_decode(klass, (const uint8_t *)RSTRING_PTR(str), (size_t)RSTRING_LEN(str));
-    RB_GC_GUARD(str);
-    return msg;
+    const uint8_t *p = (const uint8_t *)RSTRING_PTR(str);
+    long len = RSTRING_LEN(str);
+    if (len < FLOWCTL_LAZY_MIN) {
+        VALUE msg = flowctl_message_decode(klass, p, (size_t)len);
+        RB_GC_GUARD(str);
+        return msg;
+    }
+    /* kept lazily: a copy of its own (sharing str could keep a larger buffer str is a slice of alive) */
+    return flowctl_message_decode_own(klass, rb_obj_freeze(rb_str_new((const char *)p, len)));
 }
 
-/* call-seq: Klass.encode(message) -> String (same as message.to_proto) */
 static VALUE
 msg_s_encode(VALUE klass, VALUE msg)
 {

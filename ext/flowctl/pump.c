@@ -508,7 +508,7 @@ pump_wait(flowctl_pump *p, pump_pred pred, void *arg, bool bounded)
     pthread_mutex_lock(&p->mu);
     bool done = pred(p, arg) || collect_now(p, pred, arg);
     pthread_mutex_unlock(&p->mu);
-    int64_t started = flowctl_mono_ms();
+    int64_t started = done ? 0 : flowctl_mono_ms(); /* no clock read when nothing waits (most writes) */
     while (!done) {
         struct wait_arg w = {.p = p, .pred = pred, .arg = arg, .bounded = bounded, .started_ms = started};
         rb_nogvl(wait_nogvl, &w, wait_ubf, &w, RB_NOGVL_INTR_FAIL | RB_NOGVL_UBF_ASYNC_SAFE);

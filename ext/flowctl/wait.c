@@ -227,6 +227,16 @@ decode_body(VALUE arg)
     if (!grpc_byte_buffer_reader_init(&d->r, d->buf)) rb_raise(eFlowctlError, "gRPC could not read a received message");
     d->reading = true;
     const grpc_slice_buffer *sb = &d->r.buffer_out->data.raw.slice_buffer; /* decompressed if it was */
+    if (sb->length >= FLOWCTL_LAZY_MIN) { /* decoded lazily: the message keeps its own copy */
+        VALUE str = rb_str_buf_new((long)sb->length);
+        char *p = RSTRING_PTR(str);
+        for (size_t i = 0; i < sb->count; i++) {
+            memcpy(p, GRPC_SLICE_START_PTR(sb->slices[i]), GRPC_SLICE_LENGTH(sb->slices[i]));
+            p += GRPC_SLICE_LENGTH(sb->slices[i]);
+        }
+        rb_str_set_len(str, (long)sb->length);
+        return flowctl_message_decode_own(d->klass, rb_obj_freeze(str));
+    }
     grpc_slice s;
     if (sb->count == 1) {
         s = sb->slices[0];
