@@ -143,7 +143,7 @@ RSpec.describe "Flowctl::Heartbeat against the official grpc gem" do
       expect(hb.stop).to be(true)
       expect(Process.clock_gettime(Process::CLOCK_MONOTONIC) - t).to be < time_limit(0.5)
       expect(wait_stopping).to be(true)
-      expect(beats.last).to include("status" => "STOPPING", "metrics" => {"x" => 1.0})
+      expect(cp.last_sent("processor_heartbeat")).to include("status" => "STOPPING", "metrics" => {"x" => 1.0})
       expect(hb).not_to be_running
       expect(hb.stop).to be(true)
       n = beats.size
@@ -242,7 +242,7 @@ RSpec.describe "Flowctl::Heartbeat against the official grpc gem" do
     end
     expect(Flowctl::Heartbeat.live_count).to eq(baseline)
     expect(wait_stopping).to be(true)
-    expect(beats.last["status"]).to eq("STOPPING")
+    expect(cp.last_sent("processor_heartbeat")["status"]).to eq("STOPPING")
     n = beats.size
     sleep 0.3
     expect(beats.size).to eq(n)
@@ -259,6 +259,6 @@ RSpec.describe "Flowctl::Heartbeat against the official grpc gem" do
     expect(wait_beats(3)).to be(true)
     hb.stop
     expect(wait_stopping).to be(true)
-    expect(beats.last).to include("status" => "STOPPING", "metrics" => {"a" => 4.0, "b" => 8.0})
+    expect(cp.last_sent("processor_heartbeat")).to include("status" => "STOPPING", "metrics" => {"a" => 4.0, "b" => 8.0})
   end
 end

@@ -32,7 +32,7 @@ RSpec.describe "Flowctl::Heartbeat and the process" do
       expect(status).to be_success, err
       expect(took).to be < 5
       expect(cp.wait_for(2) { |evs| evs.any? { |e| e["status"] == "STOPPING" } }).to be(true)
-      expect(cp.events.map { |e| e["status"] }.last).to eq("STOPPING")
+      expect(cp.last_sent["status"]).to eq("STOPPING")
       expect(cp.events.size).to be >= 3
     ensure
       cp&.kill

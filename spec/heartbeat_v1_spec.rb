@@ -98,10 +98,13 @@ RSpec.describe "Flowctl::Heartbeat on flowctl.v1" do
     expect(hb.stop(1.0)).to be(true)
     expect(Process.clock_gettime(Process::CLOCK_MONOTONIC) - t).to be < time_limit(1.5)
     expect(wait_count("unregister", 1, timeout: 2)).to be(true)
-    last_beat = events("heartbeat").last
-    expect(last_beat["status"]).to eq("HEALTH_STATUS_STOPPING")
+    # v1 beats carry no timestamp, and a beat that stop cancelled in flight may still be
+    # handled after the final one (the server runs handlers on several threads): so the
+    # order checked is the one stop guarantees, final beat before unregister
+    stopping = events("heartbeat").select { |e| e["status"] == "HEALTH_STATUS_STOPPING" }
+    expect(stopping.size).to eq(1)
     expect(events("unregister").first).to include("service_id" => "sq-1")
-    expect(events("unregister").first["at"]).to be >= last_beat["at"]
+    expect(events("unregister").first["at"]).to be >= stopping.first["at"]
     expect(hb).not_to be_running
     expect(hb.stop).to be(true) # idempotent
   end

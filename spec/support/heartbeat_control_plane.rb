@@ -109,6 +109,13 @@ class RecordingControlPlane
     @mu.synchronize { rpc ? @events.select { |e| e["rpc"] == rpc.to_s } : @events.dup }
   end
 
+  # The beat sent last (by its own timestamp): the server handles requests on several
+  # threads, so a beat cancelled in flight by Heartbeat#stop can be reported after the
+  # final STOPPING beat that was sent after it.
+  def last_sent(rpc = nil)
+    events(rpc).select { |e| e["ts"] }.max_by { |e| e["ts"] }
+  end
+
   # Waits until the block (given the events so far) is true; false after timeout seconds.
   def wait_for(timeout = 5)
     deadline = Process.clock_gettime(Process::CLOCK_MONOTONIC) + timeout
