@@ -393,6 +393,7 @@ typedef struct flowctl_pump {
     struct flowctl_pump *drive_next; /* the driver's list (pump.c: drive_mu) */
     int64_t drive_at_ns;         /* (drive_mu) when the driver looks at it */
     bool drive_listed, drive_gone;
+    unsigned drive_busy;         /* (drive_mu) the driver's looks in a row that found the writer at its burst */
 } flowctl_pump;
 
 void init_flowctl_pump(void);

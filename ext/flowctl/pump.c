@@ -208,11 +208,13 @@ poll_once(flowctl_pump *p, const atomic_bool *woken)
  * a burst whose last messages were held). So a stranded pump is listed here with a time
  * to look at it, and one native thread, awake only while the list is not empty, looks at
  * each listed pump when its time comes: what a burst held goes HOLD_NS after the last
- * write, what flow control holds is looked at every DRIVE_NS. No Ruby, no GVL; it passes
+ * write (up to 2 ms after it when the writer had been writing without a pause: the looks
+ * space out, DRIVE_BACKOFF), what flow control holds is looked at every DRIVE_NS. No Ruby, no GVL; it passes
  * the fork gate.
  */
 #define DRIVE_NS 2000000LL /* a stranded pump: looked at after 2 ms ... */
-#define HOLD_NS 500000LL   /* ... what a burst held: 0.5 ms after its last write */
+#define HOLD_NS 500000LL   /* ... what a burst held: 0.5 ms after its last write ... */
+#define DRIVE_BACKOFF 2    /* ... or, a writer found at its burst again and again, up to HOLD_NS << 2 (2 ms) */
 
 static pthread_mutex_t drive_mu = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t drive_cond;  /* (drive_mu) a pump was listed earlier, or the driver let go of one */
@@ -264,12 +266,14 @@ last_write(flowctl_pump *p)
 }
 
 /* One look at a listed pump: 0 when it needs no more looks, else when to look again (a
- * writer still at its burst, seen without taking mu from it; a send held by flow control). */
+ * writer still at its burst, seen without taking mu from it: *busy; a send held by flow
+ * control). */
 static int64_t
-drive_once(flowctl_pump *p)
+drive_once(flowctl_pump *p, bool *busy)
 {
     int64_t now = mono_ns(), last = last_write(p);
-    if (now - last < HOLD_NS) return last + HOLD_NS;
+    *busy = now - last < HOLD_NS;
+    if (*busy) return last;
     pthread_mutex_lock(&p->mu);
     int64_t again = 0;
     if (sends_stranded(p)) {
@@ -287,7 +291,9 @@ list_locked(flowctl_pump *p, int64_t at)
 {
     if (p->drive_gone) return;
     if (p->drive_listed) {
-        if (at >= p->drive_at_ns) return;
+        /* a pump whose writer is at a long burst keeps the driver's time: the writer's own
+         * listing would wake the driver at every pause it leaves a send queued */
+        if (at >= p->drive_at_ns || p->drive_busy > 0) return;
         p->drive_at_ns = at;
     } else {
         p->drive_listed = true;
@@ -331,10 +337,21 @@ driver_main(void *unused)
         p->drive_listed = false;
         driving = p;
         pthread_mutex_unlock(&drive_mu);
-        int64_t again = drive_once(p);
+        bool busy;
+        int64_t again = drive_once(p, &busy);
         pthread_mutex_lock(&drive_mu);
         driving = NULL;
         pthread_cond_broadcast(&drive_cond);
+        /* A writer at its burst comes back to the stream itself (its next write or read
+         * starts what is queued): the looks while it keeps writing space out, so that a
+         * stream written without a pause wakes the driver every 2 ms, not every 0.5 ms; what
+         * it leaves queued when it stops goes at most 2 ms after its last write. */
+        if (busy) {
+            if (p->drive_busy < DRIVE_BACKOFF) p->drive_busy++;
+            again += HOLD_NS << p->drive_busy;
+        } else {
+            p->drive_busy = 0;
+        }
         if (again) list_locked(p, again);
     }
     return NULL;
