@@ -8,7 +8,8 @@
 # the ratios (> 1: flowctl is faster / cheaper).
 #
 #   ruby bench/pipeline.rb              # BENCH_EVENTS (default 20000) events per run,
-#                                       # BENCH_ROUNDS (default 3) runs each, alternating; the best counts
+#                                       # BENCH_ROUNDS (default 3) runs each, alternating; the best counts;
+#                                       # BENCH_WARMUP (default 2000) events through first, untimed
 require "json"
 require "rbconfig"
 require "socket"
@@ -16,6 +17,7 @@ require "socket"
 module PipelineBench
   EVENTS = Integer(ENV.fetch("BENCH_EVENTS", "20000"))
   ROUNDS = Integer(ENV.fetch("BENCH_ROUNDS", "3"))
+  WARMUP = Integer(ENV.fetch("BENCH_WARMUP", "2000")) # events through the pipeline before each timed run
   DIR = File.join(__dir__, "pipeline")
   KINDS = %w[source processor consumer].freeze
   PROCESSES = (KINDS + ["runner"]).freeze
@@ -59,9 +61,9 @@ module PipelineBench
     r_in, w_in = IO.pipe
     r_out, w_out = IO.pipe
     runner = Process.spawn(RbConfig.ruby, File.join(DIR, "#{impl}_runner.rb"), *KINDS.map { |k| ports[k].to_s },
-                           EVENTS.to_s, in: r_in, out: w_out)
+                           EVENTS.to_s, WARMUP.to_s, in: r_in, out: w_out)
     [r_in, w_out].each(&:close)
-    sleep 0.5 # the runner connects
+    raise "#{impl} runner: no warm-up" unless r_out.gets == "ready\n" # connected, WARMUP events through
     before = pids.transform_values { |pid| cpu(pid) }
     w_in.puts("go")
     result = JSON.parse(r_out.read)
