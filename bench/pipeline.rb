@@ -76,6 +76,11 @@ module PipelineBench
     cpu_us["runner"] = result["cpu"] * 1e6 / EVENTS # measured by the runner itself
     { events_per_s: EVENTS / result["seconds"], cpu_us: cpu_us }
   ensure
+    stop(pids)
+  end
+
+  # Ends the components (kind => pid; nil when none started).
+  def stop(pids)
     pids&.each_value do |pid|
       Process.kill(:TERM, pid)
     rescue Errno::ESRCH

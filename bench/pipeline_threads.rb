@@ -83,12 +83,7 @@ module PipelineThreads
     all.each_key { |k| report(k, before[k], after[k], events) }
   ensure
     Process.wait(runner) if runner
-    pids&.each_value do |pid|
-      Process.kill(:TERM, pid)
-    rescue Errno::ESRCH
-      nil
-    end
-    pids&.each_value { |pid| Process.wait(pid) rescue nil } # rubocop:disable Style/RescueModifier
+    PipelineBench.stop(pids)
   end
 end
 
