@@ -225,8 +225,17 @@ static bool driver_running;        /* (drive_mu) */
 static bool
 sends_stranded(flowctl_pump *p)
 {
-    return p->send_inflight && (p->send_len > 0 || (p->close_wanted && !p->close_done)) && !p->polling &&
-           p->waiters == 0;
+    bool queued = p->send_inflight ? p->send_len > 0 || (p->close_wanted && !p->close_done)
+                                   : p->send_len > 0 && !p->send_failed; /* held (enqueue_locked) */
+    return queued && !p->polling && p->waiters == 0;
+}
+
+/* Starts the first queued send when none is in flight: messages a burst held back
+ * (enqueue_locked) go before the thread that wrote them waits, or when the driver looks. mu held. */
+static void
+start_held_locked(flowctl_pump *p)
+{
+    if (!p->send_inflight && p->send_len > 0) start_send_locked(p);
 }
 
 /*
@@ -277,6 +286,7 @@ drive_once(flowctl_pump *p, bool *busy)
     pthread_mutex_lock(&p->mu);
     int64_t again = 0;
     if (sends_stranded(p)) {
+        start_held_locked(p);
         take_completed(p, true, INT_MAX, NULL, NULL);
         if (sends_stranded(p)) again = now + DRIVE_NS;
     }
@@ -448,6 +458,7 @@ wait_nogvl(void *a)
     struct wait_arg *w = a;
     flowctl_pump *p = w->p;
     pthread_mutex_lock(&p->mu);
+    start_held_locked(p); /* what this thread's burst held goes before it sleeps */
     p->waiters++;
     while (!(w->done = w->pred(p, w->arg)) && !atomic_load(&w->woken) && !(w->expired = send_stalled(p, w))) {
         if (p->polling) cond_wait_ms(p, POLL_MS);
@@ -612,8 +623,14 @@ enqueue_locked(flowctl_pump *p, grpc_byte_buffer *bb, bool gated)
     atomic_store_explicit(&p->last_write_ns, now, memory_order_relaxed);
     p->sendq[(p->send_head + p->send_len) % PUMP_SENDQ] = bb;
     p->send_len++;
+    /* Within a burst a message finding no send in flight waits for the next ones (up to
+     * PUMP_HOLD), so that they leave together, hinted, in one system call and one wake-up of
+     * the peer, instead of one each: the writer starts them before it waits on the stream
+     * (wait_nogvl, wait_locked_nogvl, push_sends_nogvl), the driver HOLD_NS after its last
+     * write. Not while another thread polls or waits on the stream (nobody would start them). */
+    bool hold = burst && p->send_len < PUMP_HOLD && !p->polling && p->waiters == 0 && !p->close_wanted;
     if (!p->send_inflight) {
-        start_send_locked(p);
+        if (!hold) start_send_locked(p);
     } else if (!p->polling && (!burst || p->send_len >= PUMP_HOLD)) {
         uintptr_t below = burst ? PUMP_HOLD - 1 : 0;
         take_completed(p, gated, burst ? 2 : PUMP_SENDQ, queue_below, (void *)below);
@@ -692,6 +709,7 @@ static bool
 wait_locked_nogvl(flowctl_pump *p, pump_pred pred, void *arg, const atomic_bool *woken)
 {
     if (pred(p, arg) || (!p->polling && take_completed(p, true, PUMP_SENDQ, pred, arg))) return true;
+    start_held_locked(p);
     bool done;
     p->waiters++;
     while (!(done = pred(p, arg)) && !atomic_load(woken)) {
@@ -708,6 +726,7 @@ static void
 push_sends_nogvl(flowctl_pump *p)
 {
     pthread_mutex_lock(&p->mu);
+    start_held_locked(p);
     if (!p->polling && p->send_inflight) take_completed(p, true, PUMP_SENDQ, NULL, NULL);
     pthread_mutex_unlock(&p->mu);
 }
