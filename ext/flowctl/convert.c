@@ -499,6 +499,7 @@ flowctl_encode(const flowctl_class *ci, VALUE msg)
 typedef struct {
     const uint8_t *p, *end;
     bool check;
+    VALUE src; /* the frozen String p points into (flowctl_decode_from), or 0 */
 } rbuf;
 
 NORETURN(static void decode_error(const flowctl_class *ci, const char *fmt, ...));
@@ -560,7 +561,7 @@ rd_len(const flowctl_class *ci, rbuf *r, const char *field)
 {
     uint64_t n = rd_varint(ci, r);
     if (n > (uint64_t)(r->end - r->p)) decode_error(ci, "truncated input (field '%s' is longer than the data)", field);
-    rbuf sub = {r->p, r->p + n, r->check};
+    rbuf sub = {r->p, r->p + n, r->check, r->src};
     r->p += n;
     return sub;
 }
@@ -633,6 +634,20 @@ decode_timestamp(const flowctl_class *ci, const flowctl_field *f, rbuf r, const 
     return r.check ? Qnil : rb_time_nano_new((time_t)sec, (long)nsec);
 }
 
+#define SHARE_MIN 256 /* bytes: a value this long or longer may share its message's copy */
+
+/* A bytes value that is most of a message kept lazily shares the message's frozen copy of
+ * its bytes (a 1 KiB payload is not copied a second time when the message is built); any
+ * other is a copy (a short value never keeps a long message's bytes alive). */
+static VALUE
+bytes_value(const rbuf *r, rbuf s)
+{
+    long len = (long)(s.end - s.p);
+    if (r->src && len >= SHARE_MIN && len * 2 >= RSTRING_LEN(r->src) && RB_OBJ_FROZEN(r->src))
+        return rb_str_subseq(r->src, (long)(s.p - (const uint8_t *)RSTRING_PTR(r->src)), len);
+    return rb_str_new((const char *)s.p, len);
+}
+
 /* One value of type fd read from r with wire type wt (already checked). */
 static VALUE
 decode_value(const flowctl_class *ci, const flowctl_field *f, const ProtobufCFieldDescriptor *fd, rbuf *r,
@@ -652,7 +667,7 @@ decode_value(const flowctl_class *ci, const flowctl_field *f, const ProtobufCFie
     }
     case PROTOBUF_C_TYPE_BYTES: {
         rbuf s = rd_len(ci, r, f->name);
-        return r->check ? Qnil : rb_obj_freeze(rb_str_new((const char *)s.p, s.end - s.p));
+        return r->check ? Qnil : rb_obj_freeze(bytes_value(r, s));
     }
     case PROTOBUF_C_TYPE_MESSAGE: {
         rbuf s = rd_len(ci, r, f->name);
@@ -810,8 +825,18 @@ decode_msg(const flowctl_class *ci, VALUE msg, rbuf *r, int depth)
 void
 flowctl_decode_into(const flowctl_class *ci, VALUE msg, const uint8_t *p, size_t len)
 {
-    rbuf r = {p, p + len, false};
+    rbuf r = {p, p + len, false, 0};
     decode_msg(ci, msg, &r, 0);
+}
+
+/* As flowctl_decode_into, from a frozen String that large bytes values may share. */
+void
+flowctl_decode_from(const flowctl_class *ci, VALUE msg, VALUE str)
+{
+    const uint8_t *p = (const uint8_t *)RSTRING_PTR(str);
+    rbuf r = {p, p + RSTRING_LEN(str), false, str};
+    decode_msg(ci, msg, &r, 0);
+    RB_GC_GUARD(str);
 }
 
 /*
@@ -823,7 +848,7 @@ flowctl_decode_into(const flowctl_class *ci, VALUE msg, const uint8_t *p, size_t
 void
 flowctl_decode_check(const flowctl_class *ci, const uint8_t *p, size_t len)
 {
-    rbuf r = {p, p + len, true};
+    rbuf r = {p, p + len, true, 0};
     decode_msg(ci, Qnil, &r, 0);
 }
 

@@ -164,6 +164,7 @@ VALUE flowctl_encode(const flowctl_class *ci, VALUE msg); /* binary String */
 /* Encodes into buf: the length; *fits false when more than cap (buf then holds a part only). */
 size_t flowctl_encode_to(const flowctl_class *ci, VALUE msg, char *buf, size_t cap, bool *fits);
 void flowctl_decode_into(const flowctl_class *ci, VALUE msg, const uint8_t *p, size_t len);
+void flowctl_decode_from(const flowctl_class *ci, VALUE msg, VALUE str); /* str frozen: large bytes values share it */
 int flowctl_wire_type(int type); /* the wire type (wire.h WT_*) of a ProtobufCType */
 
 /* message.c: what a descriptor is (shared with skim.c) */
@@ -393,6 +394,7 @@ typedef struct flowctl_pump {
     struct flowctl_pump *drive_next; /* the driver's list (pump.c: drive_mu) */
     int64_t drive_at_ns;         /* (drive_mu) when the driver looks at it */
     bool drive_listed, drive_gone;
+    unsigned drive_busy;         /* (drive_mu) the driver's looks in a row that found the writer at its burst */
 } flowctl_pump;
 
 void init_flowctl_pump(void);

@@ -123,7 +123,7 @@ msg_build(VALUE msg, flowctl_msg *m)
 {
     VALUE raw = m->raw;
     m->raw = Qfalse;
-    flowctl_decode_into(m->ci, msg, (const uint8_t *)RSTRING_PTR(raw), (size_t)RSTRING_LEN(raw));
+    flowctl_decode_from(m->ci, msg, raw); /* a large bytes field shares raw */
     RB_GC_GUARD(raw);
 }
 

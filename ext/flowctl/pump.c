@@ -208,11 +208,13 @@ poll_once(flowctl_pump *p, const atomic_bool *woken)
  * a burst whose last messages were held). So a stranded pump is listed here with a time
  * to look at it, and one native thread, awake only while the list is not empty, looks at
  * each listed pump when its time comes: what a burst held goes HOLD_NS after the last
- * write, what flow control holds is looked at every DRIVE_NS. No Ruby, no GVL; it passes
+ * write (up to 2 ms after it when the writer had been writing without a pause: the looks
+ * space out, DRIVE_BACKOFF), what flow control holds is looked at every DRIVE_NS. No Ruby, no GVL; it passes
  * the fork gate.
  */
 #define DRIVE_NS 2000000LL /* a stranded pump: looked at after 2 ms ... */
-#define HOLD_NS 500000LL   /* ... what a burst held: 0.5 ms after its last write */
+#define HOLD_NS 500000LL   /* ... what a burst held: 0.5 ms after its last write ... */
+#define DRIVE_BACKOFF 2    /* ... or, a writer found at its burst again and again, up to HOLD_NS << 2 (2 ms) */
 
 static pthread_mutex_t drive_mu = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t drive_cond;  /* (drive_mu) a pump was listed earlier, or the driver let go of one */
@@ -223,8 +225,17 @@ static bool driver_running;        /* (drive_mu) */
 static bool
 sends_stranded(flowctl_pump *p)
 {
-    return p->send_inflight && (p->send_len > 0 || (p->close_wanted && !p->close_done)) && !p->polling &&
-           p->waiters == 0;
+    bool queued = p->send_inflight ? p->send_len > 0 || (p->close_wanted && !p->close_done)
+                                   : p->send_len > 0 && !p->send_failed; /* held (enqueue_locked) */
+    return queued && !p->polling && p->waiters == 0;
+}
+
+/* Starts the first queued send when none is in flight: messages a burst held back
+ * (enqueue_locked) go before the thread that wrote them waits, or when the driver looks. mu held. */
+static void
+start_held_locked(flowctl_pump *p)
+{
+    if (!p->send_inflight && p->send_len > 0) start_send_locked(p);
 }
 
 /*
@@ -264,15 +275,18 @@ last_write(flowctl_pump *p)
 }
 
 /* One look at a listed pump: 0 when it needs no more looks, else when to look again (a
- * writer still at its burst, seen without taking mu from it; a send held by flow control). */
+ * writer still at its burst, seen without taking mu from it: *busy; a send held by flow
+ * control). */
 static int64_t
-drive_once(flowctl_pump *p)
+drive_once(flowctl_pump *p, bool *busy)
 {
     int64_t now = mono_ns(), last = last_write(p);
-    if (now - last < HOLD_NS) return last + HOLD_NS;
+    *busy = now - last < HOLD_NS;
+    if (*busy) return last;
     pthread_mutex_lock(&p->mu);
     int64_t again = 0;
     if (sends_stranded(p)) {
+        start_held_locked(p);
         take_completed(p, true, INT_MAX, NULL, NULL);
         if (sends_stranded(p)) again = now + DRIVE_NS;
     }
@@ -287,7 +301,9 @@ list_locked(flowctl_pump *p, int64_t at)
 {
     if (p->drive_gone) return;
     if (p->drive_listed) {
-        if (at >= p->drive_at_ns) return;
+        /* a pump whose writer is at a long burst keeps the driver's time: the writer's own
+         * listing would wake the driver at every pause it leaves a send queued */
+        if (at >= p->drive_at_ns || p->drive_busy > 0) return;
         p->drive_at_ns = at;
     } else {
         p->drive_listed = true;
@@ -331,10 +347,21 @@ driver_main(void *unused)
         p->drive_listed = false;
         driving = p;
         pthread_mutex_unlock(&drive_mu);
-        int64_t again = drive_once(p);
+        bool busy;
+        int64_t again = drive_once(p, &busy);
         pthread_mutex_lock(&drive_mu);
         driving = NULL;
         pthread_cond_broadcast(&drive_cond);
+        /* A writer at its burst comes back to the stream itself (its next write or read
+         * starts what is queued): the looks while it keeps writing space out, so that a
+         * stream written without a pause wakes the driver every 2 ms, not every 0.5 ms; what
+         * it leaves queued when it stops goes at most 2 ms after its last write. */
+        if (busy) {
+            if (p->drive_busy < DRIVE_BACKOFF) p->drive_busy++;
+            again += HOLD_NS << p->drive_busy;
+        } else {
+            p->drive_busy = 0;
+        }
         if (again) list_locked(p, again);
     }
     return NULL;
@@ -431,6 +458,7 @@ wait_nogvl(void *a)
     struct wait_arg *w = a;
     flowctl_pump *p = w->p;
     pthread_mutex_lock(&p->mu);
+    start_held_locked(p); /* what this thread's burst held goes before it sleeps */
     p->waiters++;
     while (!(w->done = w->pred(p, w->arg)) && !atomic_load(&w->woken) && !(w->expired = send_stalled(p, w))) {
         if (p->polling) cond_wait_ms(p, POLL_MS);
@@ -595,8 +623,14 @@ enqueue_locked(flowctl_pump *p, grpc_byte_buffer *bb, bool gated)
     atomic_store_explicit(&p->last_write_ns, now, memory_order_relaxed);
     p->sendq[(p->send_head + p->send_len) % PUMP_SENDQ] = bb;
     p->send_len++;
+    /* Within a burst a message finding no send in flight waits for the next ones (up to
+     * PUMP_HOLD), so that they leave together, hinted, in one system call and one wake-up of
+     * the peer, instead of one each: the writer starts them before it waits on the stream
+     * (wait_nogvl, wait_locked_nogvl, push_sends_nogvl), the driver HOLD_NS after its last
+     * write. Not while another thread polls or waits on the stream (nobody would start them). */
+    bool hold = burst && p->send_len < PUMP_HOLD && !p->polling && p->waiters == 0 && !p->close_wanted;
     if (!p->send_inflight) {
-        start_send_locked(p);
+        if (!hold) start_send_locked(p);
     } else if (!p->polling && (!burst || p->send_len >= PUMP_HOLD)) {
         uintptr_t below = burst ? PUMP_HOLD - 1 : 0;
         take_completed(p, gated, burst ? 2 : PUMP_SENDQ, queue_below, (void *)below);
@@ -675,6 +709,7 @@ static bool
 wait_locked_nogvl(flowctl_pump *p, pump_pred pred, void *arg, const atomic_bool *woken)
 {
     if (pred(p, arg) || (!p->polling && take_completed(p, true, PUMP_SENDQ, pred, arg))) return true;
+    start_held_locked(p);
     bool done;
     p->waiters++;
     while (!(done = pred(p, arg)) && !atomic_load(woken)) {
@@ -691,6 +726,7 @@ static void
 push_sends_nogvl(flowctl_pump *p)
 {
     pthread_mutex_lock(&p->mu);
+    start_held_locked(p);
     if (!p->polling && p->send_inflight) take_completed(p, true, PUMP_SENDQ, NULL, NULL);
     pthread_mutex_unlock(&p->mu);
 }
