@@ -9,6 +9,8 @@ RSpec.describe Flowctl::Pipeline::Router do
   # fewer events under GC_STRESS (every allocation is a full GC there)
   def self.n(count) = ENV["GC_STRESS"] == "1" ? [count / 10, 5].max : count
   def n(count) = self.class.n(count)
+  # fewer still for the examples that run event by event, twice each
+  def few(count) = ENV["GC_STRESS"] == "1" ? [count / 50, 5].max : count
 
   RouterEv = Struct.new(:id, :type, :payload, :metadata, keyword_init: true) do
     def dup = RouterEv.new(**to_h, metadata: metadata.dup)
@@ -319,7 +321,7 @@ RSpec.describe Flowctl::Pipeline::Router do
     end
 
     it "delivers a chain's events exactly once and in order, across several Consume batches" do
-      count = n(2 * Flowctl::Pipeline::Router::SINK_BATCH + 500)
+      count = few(2 * Flowctl::Pipeline::Router::SINK_BATCH + 500)
       got = Queue.new
       hooks = Hooks.new do |c, _|
         case c.id
@@ -337,13 +339,13 @@ RSpec.describe Flowctl::Pipeline::Router do
     end
 
     it "replays what a crashed processor had not acknowledged: every event exactly once, in order" do
-      count = n(600)
+      count = few(600)
       got = Queue.new
       hooks = Hooks.new do |c, attempt|
         case c.id
         when "a" then FakeSource.new(events("a", count))
         # each write sleeps: a producer that got in while the replay is being written would show
-        when "p" then FakeProcessor.new(->(e) { e }, die_after: attempt <= 2 ? n(150) : nil, delay: 0.0001)
+        when "p" then FakeProcessor.new(->(e) { e }, die_after: attempt <= 2 ? few(150) : nil, delay: 0.0001)
         else FakeSink.new(got)
         end
       end
@@ -357,8 +359,8 @@ RSpec.describe Flowctl::Pipeline::Router do
     end
 
     it "replays to a sink that broke what its Consume stream had not acknowledged (at least once, order kept)" do
-      count = n(300)
-      limit = n(100)
+      count = few(300)
+      limit = few(100)
       got = Queue.new
       hooks = Hooks.new do |c, attempt|
         case c.id
@@ -396,8 +398,8 @@ RSpec.describe Flowctl::Pipeline::Router do
         sinks:
           - {id: s, command: [x], inputs: [p], input_event_types: [kept]}
       YAML
-      a = events("a", n(300))
-      b = events("b", n(200)).each_with_index.map { |e, i| i.odd? ? e.dup.tap { |x| x.type = "other" } : e }
+      a = events("a", few(300))
+      b = events("b", few(200)).each_with_index.map { |e, i| i.odd? ? e.dup.tap { |x| x.type = "other" } : e }
       got = Queue.new
       hooks = Hooks.new do |c, _|
         case c.id
@@ -437,7 +439,7 @@ RSpec.describe Flowctl::Pipeline::Router do
       got = Queue.new
       hooks = Hooks.new { |c, _| { "a" => endless, "p" => FakeProcessor.new(->(e) { e }) }.fetch(c.id) { FakeSink.new(got) } }
       router = new_router(chain, hooks).start
-      sleep 0.05 until router.snapshot["s"]["in"] >= 50
+      sleep 0.05 until router.snapshot["s"]["in"] >= few(50)
       router.stop_sources
       expect(router.wait(time_limit(10))).to be(true)
       routed = router.snapshot["a"]["out"]
