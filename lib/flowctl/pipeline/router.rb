@@ -10,7 +10,8 @@ module Flowctl
     #   each component that reads from it and accepts its type (fan-out, filtered by
     #   input_event_types). A push waits while the inbox is full: a slow sink slows its
     #   processors, which slows the sources (gRPC flow control does the rest); nothing is
-    #   dropped.
+    #   dropped. (With direct: true a reader that has one producer has no inbox: the
+    #   producer writes into its stream, see DirectInput; not the default, it measured slower.)
     # - An event a processor replies with metadata "flowctl.error" set has failed: it is
     #   counted and goes to the dead-letter sink when the pipeline declares one.
     # - A link that breaks (the component died: UNAVAILABLE, CANCELLED, a closed
