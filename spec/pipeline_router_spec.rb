@@ -125,7 +125,11 @@ RSpec.describe Flowctl::Pipeline::Router do
     end
   end
 
+  # Parsed with GC.stress off: under GC_STRESS the YAML alone takes minutes (a full GC per
+  # allocation), and the loader is stressed by pipeline_definition_spec.
   def definition(yaml_spec, queue_size: 4)
+    stress = GC.stress
+    GC.stress = false
     Flowctl::Pipeline::Definition.parse(<<~YAML, check_commands: false)
       apiVersion: flowctl/v1
       kind: Pipeline
@@ -134,6 +138,8 @@ RSpec.describe Flowctl::Pipeline::Router do
         queue_size: #{queue_size}
       #{yaml_spec.gsub(/^/, '  ')}
     YAML
+  ensure
+    GC.stress = stress
   end
 
   def events(prefix, n, type: "raw") = Array.new(n) { |i| RouterEv.new(id: "#{prefix}#{i}", type: type, payload: i.to_s, metadata: {}) }
