@@ -457,7 +457,7 @@ RSpec.describe Flowctl::Pipeline::Router do
       sink = FakeSink.new(Queue.new)
       sink.define_singleton_method(:write) { |_e| blocked.pop }
       sink.define_singleton_method(:cancel) { blocked.close }
-      hooks = Hooks.new { |c, _| { "a" => FakeSource.new(events("a", 1000)), "p" => FakeProcessor.new(->(e) { e }) }.fetch(c.id) { sink } }
+      hooks = Hooks.new { |c, _| { "a" => FakeSource.new(events("a", few(1000))), "p" => FakeProcessor.new(->(e) { e }) }.fetch(c.id) { sink } }
       router = new_router(chain, hooks).start
       sleep 0.05 until router.snapshot["a"]["out"].positive?
       router.abort
