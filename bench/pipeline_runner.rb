@@ -7,12 +7,18 @@
 # Both wirings run in this process on the same components, in pairs whose order alternates
 # (direct first, then runner first, ...) so that a drift of the machine's load falls on both.
 # Printed per pair: events/s of each and their ratio; at the end the median ratio of the
-# pairs, the best of each, and the CPU each wiring costs per event: the wiring process
-# alone, and all four processes together (the components' CPU read from /proc), which is
-# what bounds the throughput when the cores are shared (the events/s of a busy machine
-# measure the share of CPU each round got).
+# pairs and its spread, the median events/s of each, and the median CPU each wiring costs
+# per event: the wiring process alone, and all four processes together (the components'
+# CPU read from /proc), which is what bounds the throughput when the cores are shared (the
+# events/s of a busy machine measure the share of CPU each round got). The load average is
+# printed before and after.
 #
-#   ruby bench/pipeline_runner.rb      # BENCH_EVENTS (default 20000) per round, BENCH_ROUNDS pairs (default 5)
+# BENCH_DIRECT_PATH=1 adds a third wiring to each round, "runner-direct": the Router with
+# the readers that have one producer on the direct path (Router.new(..., direct: true): the
+# producer's thread writes into the reader's stream, no inbox), the order of the three
+# rotating from round to round.
+#
+#   ruby bench/pipeline_runner.rb      # BENCH_EVENTS (default 20000) per round, BENCH_ROUNDS pairs (default 9)
 $LOAD_PATH.unshift File.expand_path("../lib", __dir__)
 require "flowctl/pipeline"
 require "rbconfig"
@@ -20,7 +26,8 @@ require "etc"
 
 module PipelineRunnerBench
   EVENTS = Integer(ENV.fetch("BENCH_EVENTS", "20000"))
-  ROUNDS = Integer(ENV.fetch("BENCH_ROUNDS", "5"))
+  ROUNDS = Integer(ENV.fetch("BENCH_ROUNDS", "9"))
+  DIRECT_PATH = ENV["BENCH_DIRECT_PATH"] == "1"
   COMPONENTS = File.join(__dir__, "pipeline_runner", "components.rb")
 
   YAML_TEXT = <<~YAML
@@ -58,13 +65,13 @@ module PipelineRunnerBench
   end
 
   # The same through the Router (its hooks connect to the running components).
-  def routed(definition, endpoints, n)
+  def routed(definition, endpoints, n, direct: false)
     hooks = Object.new
     hooks.define_singleton_method(:connect) do |c|
       Flowctl::Pipeline::Wire.link(c, endpoints.fetch(c.id), params: { "count" => n.to_s })
     end
     hooks.define_singleton_method(:broken) { |_c, e| raise e }
-    router = Flowctl::Pipeline::Router.new(definition, hooks).start
+    router = Flowctl::Pipeline::Router.new(definition, hooks, direct: direct).start
     router.wait
     router.snapshot["sink"]["in"]
   end
@@ -88,7 +95,12 @@ module PipelineRunnerBench
      pids.sum { |pid| cpu_of(pid) } - before]
   end
 
-  def median(list) = list.sort[list.size / 2]
+  def median(list)
+    sorted = list.sort
+    (sorted[(sorted.size - 1) / 2] + sorted[sorted.size / 2]) / 2.0
+  end
+
+  def load_average = File.read("/proc/loadavg").split.first(3).join(" ")
 
   def main
     definition = Flowctl::Pipeline::Definition.parse(YAML_TEXT, file: "bench")
@@ -101,12 +113,14 @@ module PipelineRunnerBench
     direct(endpoints, 1000) # warm-up
     routed(definition, endpoints, 1000)
     wirings = { "direct" => -> { direct(endpoints, EVENTS) }, "runner" => -> { routed(definition, endpoints, EVENTS) } }
+    wirings["runner-direct"] = -> { routed(definition, endpoints, EVENTS, direct: true) } if DIRECT_PATH
+    puts "load average before: #{load_average}"
     rates = Hash.new { |h, k| h[k] = [] }
     own = Hash.new { |h, k| h[k] = [] }
     total = Hash.new { |h, k| h[k] = [] }
-    ratios = []
+    ratios = Hash.new { |h, k| h[k] = [] }
     ROUNDS.times do |round|
-      order = round.even? ? %w[direct runner] : %w[runner direct]
+      order = wirings.keys.rotate(round % wirings.size) # two wirings: direct first, then runner first, ...
       order.each do |name|
         count, seconds, cpu_s, components_s = timed(pids, &wirings[name])
         raise "#{name}: #{count} of #{EVENTS} events arrived" unless count == EVENTS
@@ -115,17 +129,23 @@ module PipelineRunnerBench
         own[name] << cpu_s * 1e6 / EVENTS
         total[name] << (cpu_s + components_s) * 1e6 / EVENTS
       end
-      ratios << rates["runner"].last / rates["direct"].last
-      puts format("pair %d (%s first): direct %6.0f events/s, runner %6.0f events/s, runner/direct %.2fx; " \
-                  "CPU us/event wiring %.1f / %.1f, all processes %.1f / %.1f", round + 1, order[0],
-                  rates["direct"].last, rates["runner"].last, ratios.last, own["direct"].last, own["runner"].last,
-                  total["direct"].last, total["runner"].last)
+      (wirings.keys - ["direct"]).each { |name| ratios[name] << rates[name].last / rates["direct"].last }
+      puts format("round %d (%s first): %s; CPU us/event wiring process %s, all processes %s", round + 1, order[0],
+                  wirings.keys.map { |k| format("%s %6.0f events/s", k, rates[k].last) }.join(", ") +
+                  ratios.map { |k, r| format(", %s/direct %.2fx", k, r.last) }.join,
+                  wirings.keys.map { |k| format("%.1f", own[k].last) }.join(" / "),
+                  wirings.keys.map { |k| format("%.1f", total[k].last) }.join(" / "))
     end
-    puts format("median runner/direct %.2fx over %d pairs (goal >= 0.9x); best direct %.0f, runner %.0f events/s (%.2fx)",
-                median(ratios), ratios.size, rates["direct"].max, rates["runner"].max, rates["runner"].max / rates["direct"].max)
-    puts format("median CPU us/event: wiring process direct %.1f, runner %.1f; all four processes direct %.1f, " \
-                "runner %.1f (%.2fx the events per CPU-second)", median(own["direct"]), median(own["runner"]),
-                median(total["direct"]), median(total["runner"]), median(total["direct"]) / median(total["runner"]))
+    puts "load average after: #{load_average}"
+    ratios.each do |name, list|
+      puts format("median %s/direct %.2fx over %d rounds (goal >= 0.9x; min %.2fx, max %.2fx, %d of %d >= 0.9x)",
+                  name, median(list), list.size, list.min, list.max, list.count { |r| r >= 0.9 }, list.size)
+    end
+    puts "median events/s: " + wirings.keys.map { |k| format("%s %.0f", k, median(rates[k])) }.join(", ")
+    puts "median CPU us/event, wiring process: " + wirings.keys.map { |k| format("%s %.1f", k, median(own[k])) }.join(", ")
+    puts "median CPU us/event, all four processes: " +
+         wirings.keys.map { |k| format("%s %.1f", k, median(total[k])) }.join(", ") +
+         (wirings.keys - ["direct"]).map { |k| format("; %s %.2fx the events per CPU-second of direct", k, median(total["direct"]) / median(total[k])) }.join
   ensure
     sup&.stop_all(grace: 2)
     cp&.stop

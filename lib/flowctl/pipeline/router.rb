@@ -10,7 +10,8 @@ module Flowctl
     #   each component that reads from it and accepts its type (fan-out, filtered by
     #   input_event_types). A push waits while the inbox is full: a slow sink slows its
     #   processors, which slows the sources (gRPC flow control does the rest); nothing is
-    #   dropped.
+    #   dropped. (With direct: true a reader that has one producer has no inbox: the
+    #   producer writes into its stream, see DirectInput; not the default, it measured slower.)
     # - An event a processor replies with metadata "flowctl.error" set has failed: it is
     #   counted and goes to the dead-letter sink when the pipeline declares one.
     # - A link that breaks (the component died: UNAVAILABLE, CANCELLED, a closed
@@ -47,30 +48,55 @@ module Flowctl
         def self.zero = new(in: 0, out: 0, failed: 0, dropped: 0, replayed: 0, unprotected: 0, reconnects: 0)
       end
 
-      # One component's place in the data plane.
+      # One component's place in the data plane. A reader (processor or sink) has an inbox,
+      # or a DirectInput when it reads from one producer only (Router#initialize).
       class Node
-        attr_reader :component, :inbox, :stats, :lock, :pending
+        attr_reader :component, :inbox, :direct, :stats, :lock, :pending
         attr_accessor :producers_left, :link, :cursor, :finished, :response
 
-        def initialize(component, queue_size)
+        def initialize(component, queue_size, direct)
           @component = component
-          @inbox = component.source? ? nil : SizedQueue.new(queue_size)
-          @stats = Stats.zero
           @lock = Mutex.new
+          @direct = direct && !component.source? ? DirectInput.new(self) : nil
+          @inbox = component.source? || @direct ? nil : SizedQueue.new(queue_size)
+          @stats = Stats.zero
           @pending = []
           @finished = false
         end
 
         def id = component.id
         def in_flight = @lock.synchronize { (@inbox ? @inbox.size : 0) + @pending.size }
+
+        # Keeps an event written and not acknowledged, for a replay; call with lock held.
+        def remember_locked(event)
+          @pending << event
+          return if @pending.size <= REPLAY_LIMIT
+
+          @pending.shift
+          @stats.unprotected += 1
+        end
+
+        # Ends a sink's current Consume stream: its response acknowledges what was written.
+        def checkpoint(link)
+          response = link.finish
+          @lock.synchronize { @pending.clear }
+          return unless response
+
+          @stats.failed += response.events_failed.to_i
+          @response = response
+        end
       end
 
       attr_reader :definition, :nodes
 
-      def initialize(definition, hooks)
+      # direct: true puts the readers that have one producer on the direct path
+      # (DirectInput). It is off by default: on this engine it measured slower than the
+      # inboxes (docs/performance.md, "Pipeline runner"); bench/pipeline_runner.rb
+      # (BENCH_DIRECT_PATH=1) and the specs run both.
+      def initialize(definition, hooks, direct: false)
         @definition = definition
         @hooks = hooks
-        @nodes = definition.components.to_h { |c| [c.id, Node.new(c, definition.queue_size)] }
+        @nodes = definition.components.to_h { |c| [c.id, Node.new(c, definition.queue_size, direct && direct?(c))] }
         @downstream = definition.components.to_h { |c| [c.id, definition.downstream(c.id).map { |d| @nodes[d] }] }
         @dead = definition.dead_letter && @nodes[definition.dead_letter]
         @nodes.each_value { |n| n.producers_left = n.component.inputs.size }
@@ -118,6 +144,7 @@ module Flowctl
         @aborted = true
         @nodes.each_value do |n|
           n.inbox&.close
+          n.direct&.abort
           n.link&.cancel
         end
         @threads.each { |t| t.join(2) }
@@ -131,6 +158,10 @@ module Flowctl
       end
 
       private
+
+      # Does a reader take the direct path? Only with one producer (fan-in goes through an
+      # inbox) and not as the dead-letter sink (everyone feeds it).
+      def direct?(component) = component.inputs.size == 1 && !component.dead_letter
 
       def monotonic = Process.clock_gettime(Process::CLOCK_MONOTONIC)
 
@@ -199,8 +230,8 @@ module Flowctl
       def run_link(node, link)
         case node.component.role
         when :source then run_source(node, link)
-        when :processor then run_processor(node, link)
-        else run_sink(node, link)
+        when :processor then node.direct ? run_direct_processor(node, link) : run_processor(node, link)
+        else node.direct ? run_direct_sink(node, link) : run_sink(node, link)
         end
       end
 
@@ -294,15 +325,7 @@ module Flowctl
         again.each { |e| link.write(e) }
       end
 
-      def remember(node, event)
-        node.lock.synchronize do
-          node.pending << event
-          if node.pending.size > REPLAY_LIMIT
-            node.pending.shift
-            node.stats.unprotected += 1
-          end
-        end
-      end
+      def remember(node, event) = node.lock.synchronize { node.remember_locked(event) }
 
       def acknowledge(node, id)
         node.lock.synchronize do
@@ -337,20 +360,40 @@ module Flowctl
           unacked += 1
           next if unacked < SINK_BATCH
 
-          checkpoint(node, link)
+          node.checkpoint(link)
           unacked = 0
         end
-        checkpoint(node, link)
+        node.checkpoint(link)
       end
 
-      # Ends the current Consume stream: its response acknowledges what was written.
-      def checkpoint(node, link)
-        response = link.finish
-        node.lock.synchronize { node.pending.clear }
-        return unless response
+      # --- readers on the direct path (DirectInput) --------------------------------
 
-        node.stats.failed += response.events_failed.to_i
-        node.response = response
+      # The producer writes into link; this thread reads the replies. A replay after a
+      # break is written by a thread of its own meanwhile.
+      def run_direct_processor(node, link)
+        replayer = node.direct.open(link)
+        while (reply = link.read)
+          acknowledge(node, reply.id)
+          node.stats.out += 1
+          route(node, reply)
+        end
+        raise IOError, "#{node.component.label} ended its Process stream early" unless node.direct.half_closed?(link)
+
+        node.lock.synchronize { node.pending.clear }
+      ensure
+        link.cancel if replayer&.alive? # the read ended early: a replay still writing must stop
+        replayer&.join
+        node.direct.detach(link)
+      end
+
+      # The producer writes (and checkpoints every SINK_BATCH); this thread waits for the
+      # end of the input or a break, and ends the last Consume stream.
+      def run_direct_sink(node, link)
+        node.direct.open(link)
+        node.direct.wait_end
+        node.checkpoint(link)
+      ensure
+        node.direct.detach(link)
       end
 
       # --- routing -----------------------------------------------------------------
@@ -365,7 +408,7 @@ module Flowctl
           node.stats.dropped += 1
           return
         end
-        targets.each { |d| d.inbox.push(event) }
+        targets.each { |d| d.direct ? d.direct.write(event) : d.inbox.push(event) }
       end
 
       # The readers of a node that take events of a type (worked out once per type; each
@@ -391,7 +434,9 @@ module Flowctl
       def finish_downstream(node)
         @downstream[node.id].each do |d|
           close = d.lock.synchronize { (d.producers_left -= 1) <= 0 }
-          d.inbox.close if close
+          next unless close
+
+          d.direct ? d.direct.close : d.inbox.close
         end
         close_dead_letter
       end
