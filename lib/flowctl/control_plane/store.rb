@@ -44,14 +44,22 @@ module Flowctl
       # unregistration. A heartbeat that changes only metrics and time is noted when the
       # component's last noted change is older than persist_refresh (nanoseconds): the stored
       # last heartbeat stays within that of the truth without a write per heartbeat.
+      #
+      # Native heartbeats (#native_beats, asked for by a server through Registry#native_unary):
+      # every entry is also published in a Native::BeatTable, from which the server's acceptor
+      # answers the flowctl.v1 heartbeats that change nothing but metrics and time, within the
+      # limits, without Ruby (ext/flowctl/beat_table.c says which). What the table took in is
+      # folded into the entries before anything reads or changes them (#fold_all, #fold_one);
+      # a method that changes an entry takes it out of the table first (#changing) and
+      # publishes it again after, so the table's heartbeats and this store's changes stay in one
+      # order, and its limits (metrics, bytes, when persistence is due) stay this store's.
       class Store
         HEALTHY = "HEALTHY"
         UNHEALTHY = "UNHEALTHY"
         STARTING = "STARTING"
         OBJECT = 40 # bytes of a Ruby object slot
 
-        attr_reader :ttl, :limits, :version
-        attr_accessor :persist_refresh
+        attr_reader :ttl, :limits, :persist_refresh
 
         # clock: nil (the real time) or anything with #call returning a Time or Float seconds.
         def initialize(ttl:, clock:, limits:)
@@ -63,6 +71,36 @@ module Flowctl
           @dirty = {}
           @bytes = 0
           @version = 0
+          @beats = nil # the Native::BeatTable, once asked for
+        end
+
+        # Counts every change, native heartbeats included.
+        def version = @beats ? @version + @beats.answered : @version
+
+        def persist_refresh=(nanoseconds)
+          @lock.synchronize do
+            @persist_refresh = nanoseconds
+            sync_limits if @beats
+          end
+        end
+
+        # call-seq: store.native_beats(codes) -> Native::BeatTable or nil
+        #
+        # The table a server answers heartbeats from (made and filled on the first call); nil
+        # with a clock of the caller's (the table's time is the real one). codes: stored status
+        # => flowctl.v1 HealthStatus number, for the statuses a heartbeat may repeat natively.
+        def native_beats(codes)
+          return nil unless @clock.nil?
+
+          @lock.synchronize do
+            unless @beats
+              @beat_codes = codes
+              @beats = Native::BeatTable.new(@limits.max_metrics, @limits.max_metric_bytes)
+              @entries.each_value { |e| publish(e) }
+              sync_limits
+            end
+            @beats
+          end
         end
 
         # Integer nanoseconds since the epoch (as exact as upstream's timestamps, no allocation).
@@ -83,23 +121,29 @@ module Flowctl
           check_registration_size(size)
           t = now
           @lock.synchronize do
-            old = @entries[id]
-            check_room(size - (old ? old_bytes(old) : 0), old)
-            entry = Entry.new(id: id, registered_at: t, last_heartbeat: t, status: reset ? HEALTHY : STARTING, **fields)
-            if old && !reset
-              entry.registered_at = old.registered_at
-              entry.status = old.status
-              entry.metrics = old.metrics
-              entry.heartbeats = old.heartbeats
-              entry.reported_at = old.reported_at
-            end
-            @bytes += size + metric_bytes(entry.metrics) - (old ? old_bytes(old) + metric_bytes(old.metrics) : 0)
-            @entries[id] = entry
-            entry.saved_at = t
-            touch(id, :full)
-            !old.nil?
+            changing(id) { register_locked(id, reset, t, size, fields) }
           end
         end
+
+        # register's change, under the lock.
+        def register_locked(id, reset, t, size, fields)
+          old = @entries[id]
+          check_room(size - (old ? old_bytes(old) : 0), old)
+          entry = Entry.new(id: id, registered_at: t, last_heartbeat: t, status: reset ? HEALTHY : STARTING, **fields)
+          if old && !reset
+            entry.registered_at = old.registered_at
+            entry.status = old.status
+            entry.metrics = old.metrics
+            entry.heartbeats = old.heartbeats
+            entry.reported_at = old.reported_at
+          end
+          @bytes += size + metric_bytes(entry.metrics) - (old ? old_bytes(old) + metric_bytes(old.metrics) : 0)
+          @entries[id] = entry
+          entry.saved_at = t
+          touch(id, :full)
+          !old.nil?
+        end
+        private :register_locked
 
         # A heartbeat: status nil keeps the status, else stores it; metrics merge key by key.
         # kind: a seed heartbeat's kind, which must match (a component registered as
@@ -110,29 +154,39 @@ module Flowctl
             entry = @entries[id]
             return false if entry.nil? || (kind && entry.kind != kind && entry.kind != :unspecified)
 
-            merge_metrics(entry, metrics) unless metrics.empty?
-            changed = status && status != entry.status
-            entry.status = status if changed
-            entry.reported_at = reported_at if reported_at
-            entry.last_heartbeat = t
-            entry.heartbeats += 1
-            if @persist_refresh && (changed || t - entry.saved_at >= @persist_refresh)
-              entry.saved_at = t
-              touch(id, :beat)
-            else
-              @version += 1
-            end
-            true
+            changing(id) { heartbeat_locked(entry, t, status, metrics, reported_at) }
           end
         end
+
+        # heartbeat's change, under the lock.
+        def heartbeat_locked(entry, t, status, metrics, reported_at)
+          id = entry.id
+          merge_metrics(entry, metrics) unless metrics.empty?
+          changed = status && status != entry.status
+          entry.status = status if changed
+          entry.reported_at = reported_at if reported_at
+          t = entry.last_heartbeat if @beats && entry.last_heartbeat > t # a native one came after t
+          entry.last_heartbeat = t
+          entry.heartbeats += 1
+          if @persist_refresh && (changed || t - entry.saved_at >= @persist_refresh)
+            entry.saved_at = t
+            touch(id, :beat)
+          else
+            @version += 1
+          end
+          true
+        end
+        private :heartbeat_locked
 
         # Forgets a component; true when it was known.
         def unregister(id)
           @lock.synchronize do
-            old = @entries.delete(id) or return false
-            @bytes -= old_bytes(old) + metric_bytes(old.metrics)
-            touch(id, :gone)
-            true
+            changing(id) do
+              old = @entries.delete(id) or return false
+              @bytes -= old_bytes(old) + metric_bytes(old.metrics)
+              touch(id, :gone)
+              true
+            end
           end
         end
 
@@ -141,25 +195,30 @@ module Flowctl
         def sweep
           limit = now - (@ttl * 1e9).to_i
           @lock.synchronize do
+            fold_all
             @entries.each_value.filter_map do |e|
               next unless e.status == HEALTHY && e.last_heartbeat < limit
 
-              e.status = UNHEALTHY
-              touch(e.id, :beat)
-              e.id
+              changing(e.id) do
+                next unless e.last_heartbeat < limit # a native heartbeat came meanwhile
+
+                e.status = UNHEALTHY
+                touch(e.id, :beat)
+                e.id
+              end
             end
           end
         end
 
         def size = @lock.synchronize { @entries.size }
-        def bytes = @lock.synchronize { @bytes }
+        def bytes = @lock.synchronize { fold_all || @bytes }
 
         # A snapshot of one component, or nil.
         def get(id)
           t = now
           @lock.synchronize do
-            e = @entries[id]
-            e&.snapshot(@ttl, t)
+            fold_one(id)
+            @entries[id]&.snapshot(@ttl, t)
           end
         end
 
@@ -168,6 +227,7 @@ module Flowctl
         def select
           t = now
           @lock.synchronize do
+            fold_all
             @entries.each_value.filter_map { |e| e.snapshot(@ttl, t) if !block_given? || yield(e) }
           end
         end
@@ -178,6 +238,7 @@ module Flowctl
         def summary(rows)
           t = now
           @lock.synchronize do
+            fold_all
             by_status = Hash.new(0)
             by_protocol = Hash.new(0)
             @entries.each_value do |e|
@@ -195,6 +256,7 @@ module Flowctl
             n = max ? [max, @dirty.size].min : @dirty.size
             Array.new(n) do
               id, what = @dirty.shift
+              fold_one(id)
               e = @entries[id]
               if e.nil? then [id, :gone, nil]
               else [id, what, what == :full ? e.to_row : e.beat_row]
@@ -218,7 +280,9 @@ module Flowctl
             entries.each do |e|
               @entries[e.id] = e
               @bytes += old_bytes(e) + metric_bytes(e.metrics)
+              publish(e) if @beats
             end
+            sync_limits if @beats
             @version += 1
           end
         end
@@ -238,6 +302,48 @@ module Flowctl
         end
 
         private
+
+        # Runs the block (under the lock) with id's entry out of the native table and what the
+        # table took in for it folded in; publishes the entry again after (whatever happened),
+        # with the limits as they are then. Without a table, only the block.
+        def changing(id)
+          return yield unless @beats
+
+          change = @beats.take(id)
+          fold(id, change) if change
+          begin
+            yield
+          ensure
+            e = @entries[id]
+            publish(e) if e
+            sync_limits
+          end
+        end
+
+        def publish(e) = @beats.put(e.id, @beat_codes.fetch(e.status, -1), e.saved_at || 0, e.metrics)
+
+        def sync_limits = @beats.limits(@limits.max_bytes - @bytes, @persist_refresh || 0)
+
+        # What the native table took in for one entry, as #heartbeat would have changed it.
+        def fold(id, (metrics, last, beats, growth))
+          e = @entries[id] or return
+          current = e.metrics
+          metrics.each { |k, v| current[k] = v unless current[k] == v }
+          e.last_heartbeat = last if last > e.last_heartbeat
+          e.heartbeats += beats
+          @bytes += growth
+        end
+
+        # nil, always (bytes reads @bytes after it).
+        def fold_all
+          @beats&.drain&.each { |id, *change| fold(id, change) }
+          nil
+        end
+
+        def fold_one(id)
+          change = @beats&.drain(id)
+          fold(id, change) if change
+        end
 
         def touch(id, what)
           @version += 1

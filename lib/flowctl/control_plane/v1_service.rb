@@ -26,6 +26,9 @@ module Flowctl
         STATUS_SYMBOL = NAMES.to_h { |name| [name, :"#{STATUS_PREFIX}#{name}"] }.freeze
         # v1 enum Symbol -> stored status String; nil = keep the status
         STATUS_TEXT = NAMES.to_h { |name| [:"#{STATUS_PREFIX}#{name}", name] }.merge(HEALTH_STATUS_UNKNOWN: nil).freeze
+        # stored status String -> HealthStatus number, for the native table (UNKNOWN is never stored)
+        STATUS_CODE = NAMES.each_with_index.to_h.except("UNKNOWN").freeze
+        HEARTBEAT_PATH = "/flowctl.v1.ControlPlaneService/Heartbeat"
 
         # A stored status as the v1 enum: a known name, the number of a status sent as an
         # unknown number, else UNKNOWN (a seed heartbeat's free text).
