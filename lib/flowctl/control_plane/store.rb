@@ -195,11 +195,10 @@ module Flowctl
         def sweep
           limit = now - (@ttl * 1e9).to_i
           @lock.synchronize do
-            fold_all
             @entries.each_value.filter_map do |e|
               next unless e.status == HEALTHY && e.last_heartbeat < limit
 
-              changing(e.id) do
+              changing(e.id) do # folds in what the native table took in for it
                 next unless e.last_heartbeat < limit # a native heartbeat came meanwhile
 
                 e.status = UNHEALTHY
@@ -234,11 +233,12 @@ module Flowctl
 
         # Counts by status and by protocol ({"HEALTHY" => 10, ...}, {v1: 11, seed: 1}) and the first
         # `rows` components' snapshots, in one pass that allocates nothing per component: what the
-        # display needs at 10,000 components.
+        # display needs at 10,000 components. (Native heartbeats change neither count: only the
+        # rows shown are folded.)
         def summary(rows)
           t = now
           @lock.synchronize do
-            fold_all
+            rows ? @entries.each_value.first(rows).each { |e| fold_one(e.id) } : fold_all
             by_status = Hash.new(0)
             by_protocol = Hash.new(0)
             @entries.each_value do |e|
