@@ -55,6 +55,7 @@ typedef struct bt_entry {
     uint64_t beats;   /* heartbeats taken in since Ruby took the changes */
     int64_t growth;   /* bytes the metrics grew by since then */
     bool dirty;
+    bool held;        /* Ruby is changing it (hold .. release): its heartbeats are Ruby's */
     bt_metric *m;
     uint32_t nm, cap;
     char id[]; /* in the entry: one cache miss less per lookup */
@@ -469,7 +470,7 @@ static bool
 apply_locked(flowctl_beat_table *t, const bt_request *r, uint64_t h, int64_t now)
 {
     bt_entry *e = *find_slot(t, h, (const char *)r->id, r->idlen);
-    if (!e) return false;
+    if (!e || e->held) return false;
     if (r->status != 0 && (e->status < 0 || r->status != (uint64_t)e->status)) return false;
     if (t->refresh > 0 && now - e->saved_at >= t->refresh) return false;
     if ((uint64_t)e->nm * (uint64_t)r->n > BT_MAX_SCAN) return false;
@@ -522,32 +523,27 @@ flowctl_beat_table_hook(flowctl_beat_table *t)
 
 /* ---- Ruby's side: publish, take, drain ---- */
 
+static bool merge_one(flowctl_beat_table *t, bt_entry *e, const flowctl_beat_metric *in);
+
 bool
 flowctl_beat_table_put(flowctl_beat_table *t, const char *id, size_t idlen, int status, int64_t saved_at,
-                       flowctl_beat_metric *m, size_t n)
+                       const flowctl_beat_metric *m, size_t n, int64_t room)
 {
     bt_entry *e = calloc(1, sizeof(*e) + idlen + 1);
-    if (e) {
-        memcpy(e->id, id, idlen);
-        e->m = n ? calloc(n, sizeof(bt_metric)) : NULL;
-    }
-    if (!e || (n && !e->m)) {
-        for (size_t i = 0; i < n; i++) {
-            free(m[i].key);
-            free(m[i].val);
-        }
-        entry_free(e);
-        return false;
-    }
+    if (!e) return false;
+    memcpy(e->id, id, idlen);
     e->idlen = idlen;
     e->hash = bt_hash(t, (const uint8_t *)id, idlen);
     e->status = status;
     e->saved_at = saved_at;
-    e->cap = e->nm = (uint32_t)n;
-    for (size_t i = 0; i < n; i++)
-        e->m[i] = (bt_metric){.key = m[i].key, .val = m[i].val, .klen = m[i].klen, .vlen = m[i].vlen,
-                              .hash = bt_hash(t, (const uint8_t *)m[i].key, m[i].klen)};
+    bool ok = reserve(e, (uint32_t)n);
+    for (size_t i = 0; i < n && ok; i++) ok = merge_one(t, e, &m[i]);
+    if (!ok) {
+        entry_free(e);
+        return false;
+    }
     pthread_mutex_lock(&t->mu);
+    t->room = room;
     bt_entry **at = find_slot(t, e->hash, id, idlen);
     bt_entry *old = *at;
     if (old) {
@@ -675,4 +671,83 @@ flowctl_beat_table_drain(flowctl_beat_table *t, const char *id, size_t idlen, fl
     }
     *out = c;
     return (long)n;
+}
+
+/* ---- a heartbeat through Ruby: hold, change, release ---- */
+
+int
+flowctl_beat_table_hold(flowctl_beat_table *t, const char *id, size_t idlen, flowctl_beat_change *out)
+{
+    uint64_t h = bt_hash(t, (const uint8_t *)id, idlen);
+    pthread_mutex_lock(&t->mu);
+    bt_entry *e = *find_slot(t, h, id, idlen);
+    int found = !e ? 0 : !e->dirty ? 1 : copy_change(e, out) ? 2 : -1;
+    if (found > 0) {
+        if (found == 2) changes_taken(t, e);
+        e->held = true;
+    }
+    pthread_mutex_unlock(&t->mu);
+    return found;
+}
+
+/* Stores one metric as Ruby merged it (not dirty: Ruby has it); false: out of memory. */
+static bool
+merge_one(flowctl_beat_table *t, bt_entry *e, const flowctl_beat_metric *in)
+{
+    bt_kv kv = {.k = (const uint8_t *)in->key, .klen = in->klen};
+    kv.hash = bt_hash(t, kv.k, kv.klen);
+    int at = find_metric(e, &kv);
+    char *val = NULL;
+    if (in->val && !(at >= 0 && e->m[at].val && e->m[at].vlen == in->vlen)) {
+        if (!(val = copy_bytes(in->val, in->vlen))) return false;
+    }
+    if (at < 0) {
+        char *key = copy_bytes(in->key, in->klen);
+        if (!key || !reserve(e, e->nm + 1)) {
+            free(key);
+            free(val);
+            return false;
+        }
+        e->m[e->nm++] = (bt_metric){.key = key, .klen = in->klen, .hash = kv.hash, .val = val, .vlen = in->vlen};
+        return true;
+    }
+    bt_metric *m = &e->m[at];
+    if (!in->val) { /* not a String: counted as 8 bytes, never sent back */
+        free(m->val);
+        m->val = NULL;
+        m->vlen = 0;
+    } else if (val) {
+        free(m->val);
+        m->val = val;
+        m->vlen = in->vlen;
+    } else {
+        memcpy(m->val, in->val, in->vlen);
+    }
+    return true;
+}
+
+bool
+flowctl_beat_table_release(flowctl_beat_table *t, const char *id, size_t idlen, int status, int64_t saved_at,
+                           const flowctl_beat_metric *m, size_t n, int64_t room)
+{
+    uint64_t h = bt_hash(t, (const uint8_t *)id, idlen);
+    pthread_mutex_lock(&t->mu);
+    t->room = room;
+    bt_entry **at = find_slot(t, h, id, idlen);
+    bt_entry *e = *at;
+    bool ok = true;
+    if (e) {
+        e->held = false;
+        e->status = status;
+        e->saved_at = saved_at;
+        for (size_t i = 0; i < n && ok; i++) ok = merge_one(t, e, &m[i]);
+        if (!ok) { /* its metrics here are not Ruby's: out of the table, its heartbeats are Ruby's */
+            *at = e->next;
+            t->n--;
+            mark_clean(t, e); /* held: nothing came in since hold */
+        }
+    }
+    pthread_mutex_unlock(&t->mu);
+    if (!ok) entry_free(e);
+    return ok;
 }

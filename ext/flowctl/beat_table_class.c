@@ -76,66 +76,73 @@ bt_initialize(VALUE self, VALUE max_metrics, VALUE max_metric_bytes)
     return self;
 }
 
-struct put_arg {
+/* A metrics Hash as flowctl_beat_metric pointing into its Strings (valid while the GVL is
+ * held and the Hash is not changed: the table copies what it keeps). */
+struct metrics_arg {
     flowctl_beat_metric *m;
     size_t n, cap;
     bool bad_key;
 };
 
 static int
-put_metric_i(VALUE key, VALUE val, VALUE p)
+metric_i(VALUE key, VALUE val, VALUE p)
 {
-    struct put_arg *a = (struct put_arg *)p;
+    struct metrics_arg *a = (struct metrics_arg *)p;
     if (!RB_TYPE_P(key, T_STRING)) {
         a->bad_key = true;
         return ST_STOP;
     }
-    if (a->n == a->cap) return ST_STOP; /* the Hash grew meanwhile: cannot be (GVL held) */
-    flowctl_beat_metric *m = &a->m[a->n++];
-    m->klen = (uint32_t)RSTRING_LEN(key);
-    m->key = malloc(m->klen + 1);
-    if (m->key) memcpy(m->key, RSTRING_PTR(key), m->klen);
-    if (RB_TYPE_P(val, T_STRING)) {
-        m->vlen = (uint32_t)RSTRING_LEN(val);
-        m->val = malloc(m->vlen + 1);
-        if (m->val) memcpy(m->val, RSTRING_PTR(val), m->vlen);
-        else m->key = (free(m->key), NULL); /* marks the failure */
+    if (a->n == a->cap) return ST_STOP;
+    bool str = RB_TYPE_P(val, T_STRING);
+    a->m[a->n++] = (flowctl_beat_metric){.key = RSTRING_PTR(key), .klen = (uint32_t)RSTRING_LEN(key),
+                                         .val = str ? RSTRING_PTR(val) : NULL,
+                                         .vlen = str ? (uint32_t)RSTRING_LEN(val) : 0};
+    return ST_CONTINUE;
+}
+
+/* The Hash's metrics in a (a->m on the heap when many; free it with metrics_done). */
+static void
+metrics_of(VALUE metrics, struct metrics_arg *a, flowctl_beat_metric *stack, size_t stack_n)
+{
+    *a = (struct metrics_arg){.cap = NIL_P(metrics) ? 0 : RHASH_SIZE(metrics), .m = stack};
+    if (a->cap == 0) return;
+    if (a->cap > stack_n && !(a->m = malloc(a->cap * sizeof(flowctl_beat_metric))))
+        rb_raise(rb_eNoMemError, "flowctl: out of memory");
+    rb_hash_foreach(metrics, metric_i, (VALUE)a);
+    if (a->bad_key) {
+        if (a->m != stack) free(a->m);
+        rb_raise(rb_eTypeError, "metric keys must be Strings");
     }
-    return m->key ? ST_CONTINUE : ST_STOP;
+}
+
+static void
+metrics_done(struct metrics_arg *a, flowctl_beat_metric *stack)
+{
+    if (a->m != stack) free(a->m);
 }
 
 /*
- * call-seq: table.put(id, status, saved_at_ns, metrics) -> self
+ * call-seq: table.put(id, status, saved_at_ns, metrics, room) -> self
  *
  * Publishes a component: status is its flowctl.v1 HealthStatus (-1: heartbeats that keep the
- * status only), metrics its Hash (String keys; String values, any other counted as 8 bytes).
- * Replaces the entry of that id (#take it first, or what it took in is lost).
+ * status only), metrics its Hash (String keys; String values, any other counted as 8 bytes);
+ * room as for #limits. Replaces the entry of that id (#take it first, or what it took in is lost).
  */
 static VALUE
-bt_put(VALUE self, VALUE id, VALUE status, VALUE saved_at, VALUE metrics)
+bt_put(VALUE self, VALUE id, VALUE status, VALUE saved_at, VALUE metrics, VALUE room)
 {
     flowctl_beat_table *t = bt_get(self);
     StringValue(id);
     Check_Type(metrics, T_HASH);
     int st = NUM2INT(status);
-    int64_t saved = NUM2LL(saved_at);
-    struct put_arg a = {.cap = RHASH_SIZE(metrics)};
-    a.m = a.cap ? calloc(a.cap, sizeof(flowctl_beat_metric)) : NULL;
-    if (a.cap && !a.m) rb_raise(rb_eNoMemError, "flowctl: out of memory");
-    rb_hash_foreach(metrics, put_metric_i, (VALUE)&a);
-    bool failed = a.bad_key || (a.n > 0 && !a.m[a.n - 1].key) || a.n != a.cap;
-    if (failed) {
-        for (size_t i = 0; i < a.n; i++) {
-            free(a.m[i].key);
-            free(a.m[i].val);
-        }
-        free(a.m);
-        if (a.bad_key) rb_raise(rb_eTypeError, "metric keys must be Strings");
-        rb_raise(rb_eNoMemError, "flowctl: out of memory");
-    }
-    bool ok = flowctl_beat_table_put(t, RSTRING_PTR(id), (size_t)RSTRING_LEN(id), st, saved, a.m, a.n);
-    free(a.m); /* the strings are the table's now */
+    int64_t saved = NUM2LL(saved_at), r = NUM2LL(room);
+    flowctl_beat_metric stack[16];
+    struct metrics_arg a;
+    metrics_of(metrics, &a, stack, 16);
+    bool ok = flowctl_beat_table_put(t, RSTRING_PTR(id), (size_t)RSTRING_LEN(id), st, saved, a.m, a.n, r);
+    metrics_done(&a, stack);
     RB_GC_GUARD(id);
+    RB_GC_GUARD(metrics);
     if (!ok) rb_raise(rb_eNoMemError, "flowctl: out of memory");
     return self;
 }
@@ -190,8 +197,8 @@ changes_free(VALUE p)
  * call-seq: table.take(id) -> [metrics, last_heartbeat_ns, beats, growth] or nil
  *
  * Removes the component; what it took in since the last #drain (metrics that changed, with
- * their values; the last heartbeat's time, 0 when none; how many; bytes grown). nil when
- * it was not published.
+ * their values; the last heartbeat's time; how many; bytes grown). nil when it took nothing
+ * in, or was not published.
  */
 static VALUE
 bt_take(VALUE self, VALUE id)
@@ -203,8 +210,58 @@ bt_take(VALUE self, VALUE id)
     RB_GC_GUARD(id);
     if (found < 0) rb_raise(rb_eNoMemError, "flowctl: out of memory");
     if (found == 0) return Qnil;
+    if (c.beats == 0 && c.n == 0) { /* nothing taken in since the last fold */
+        flowctl_beat_change_free(&c);
+        return Qnil;
+    }
     struct changes cs = {.c = &c, .n = 1, .one = true};
     return rb_ensure(changes_body, (VALUE)&cs, changes_free, (VALUE)&cs);
+}
+
+/*
+ * call-seq: table.hold(id) -> [metrics, last_heartbeat_ns, beats, growth] or nil
+ *
+ * A heartbeat through Ruby starts: the table stops taking the component's heartbeats in (they
+ * go to Ruby, which waits for the store's lock) and gives what it took in so far (nil: nothing,
+ * or not published). #release ends it.
+ */
+static VALUE
+bt_hold(VALUE self, VALUE id)
+{
+    flowctl_beat_table *t = bt_get(self);
+    StringValue(id);
+    flowctl_beat_change c;
+    int found = flowctl_beat_table_hold(t, RSTRING_PTR(id), (size_t)RSTRING_LEN(id), &c);
+    RB_GC_GUARD(id);
+    if (found < 0) rb_raise(rb_eNoMemError, "flowctl: out of memory");
+    if (found < 2) return Qnil;
+    struct changes cs = {.c = &c, .n = 1, .one = true};
+    return rb_ensure(changes_body, (VALUE)&cs, changes_free, (VALUE)&cs);
+}
+
+/*
+ * call-seq: table.release(id, status, saved_at_ns, merged_metrics_or_nil, room) -> true or false
+ *
+ * After #hold: what the heartbeat changed (status, saved_at, the metrics it merged) and the
+ * room; the table takes the component's heartbeats in again. false when out of memory: the
+ * component is then out of the table.
+ */
+static VALUE
+bt_release(VALUE self, VALUE id, VALUE status, VALUE saved_at, VALUE metrics, VALUE room)
+{
+    flowctl_beat_table *t = bt_get(self);
+    StringValue(id);
+    if (!NIL_P(metrics)) Check_Type(metrics, T_HASH);
+    int st = NUM2INT(status);
+    int64_t saved = NUM2LL(saved_at), r = NUM2LL(room);
+    flowctl_beat_metric stack[16];
+    struct metrics_arg a;
+    metrics_of(metrics, &a, stack, 16);
+    bool ok = flowctl_beat_table_release(t, RSTRING_PTR(id), (size_t)RSTRING_LEN(id), st, saved, a.m, a.n, r);
+    metrics_done(&a, stack);
+    RB_GC_GUARD(id);
+    RB_GC_GUARD(metrics);
+    return ok ? Qtrue : Qfalse;
 }
 
 static VALUE
@@ -272,7 +329,9 @@ init_flowctl_beat_table_class(void)
     cBeatTable = rb_define_class_under(mFlowctlNative, "BeatTable", rb_cObject);
     rb_define_alloc_func(cBeatTable, bt_alloc);
     rb_define_method(cBeatTable, "initialize", bt_initialize, 2);
-    rb_define_method(cBeatTable, "put", bt_put, 4);
+    rb_define_method(cBeatTable, "put", bt_put, 5);
+    rb_define_method(cBeatTable, "hold", bt_hold, 1);
+    rb_define_method(cBeatTable, "release", bt_release, 5);
     rb_define_method(cBeatTable, "take", bt_take, 1);
     rb_define_method(cBeatTable, "drain", bt_drain, -1);
     rb_define_method(cBeatTable, "limits", bt_limits, 2);

@@ -699,13 +699,21 @@ size_t flowctl_beat_table_memsize(flowctl_beat_table *t);
 bool flowctl_beat_table_apply(flowctl_beat_table *t, const uint8_t *p, size_t len);
 /* The hook a server calls (holds a reference until release). */
 flowctl_fast_unary flowctl_beat_table_hook(flowctl_beat_table *t);
-/* Publishes a component (replacing one of that id: take it first, or its changes are lost);
- * takes ownership of the strings of m (freed by the table, also on failure). false: no memory. */
+/* Publishes a component (replacing one of that id: take it first, or its changes are lost),
+ * with copies of m, and the room (flowctl_beat_table_limits). false: out of memory. */
 bool flowctl_beat_table_put(flowctl_beat_table *t, const char *id, size_t idlen, int status, int64_t saved_at,
-                            flowctl_beat_metric *m, size_t n);
+                            const flowctl_beat_metric *m, size_t n, int64_t room);
 /* Removes a component: 1 and its changes in *out (flowctl_beat_change_free) when it was there,
  * 0 when not, -1 when out of memory (nothing removed). */
 int flowctl_beat_table_take(flowctl_beat_table *t, const char *id, size_t idlen, flowctl_beat_change *out);
+/* A heartbeat through Ruby: hold stops the table taking the component's heartbeats in and
+ * gives what it took in so far (0: not published, 1: nothing, 2: *out filled, -1: out of
+ * memory, nothing done); release stores what Ruby changed (status, saved_at, the metrics it
+ * merged: String values copied, val NULL for others) and the room, and takes heartbeats in
+ * again. false: out of memory, the component is taken out of the table (Ruby's from then on). */
+int flowctl_beat_table_hold(flowctl_beat_table *t, const char *id, size_t idlen, flowctl_beat_change *out);
+bool flowctl_beat_table_release(flowctl_beat_table *t, const char *id, size_t idlen, int status, int64_t saved_at,
+                                const flowctl_beat_metric *m, size_t n, int64_t room);
 /* The changes of one component (idlen != (size_t)-1) or of all, each a copy; the table keeps them
  * published. How many in *out (malloc'd, NULL when none); -1: out of memory (nothing taken). */
 long flowctl_beat_table_drain(flowctl_beat_table *t, const char *id, size_t idlen, flowctl_beat_change **out);

@@ -46,13 +46,15 @@ module Flowctl
       # last heartbeat stays within that of the truth without a write per heartbeat.
       #
       # Native heartbeats (#native_beats, asked for by a server through Registry#native_unary):
-      # every entry is also published in a Native::BeatTable, from which the server's acceptor
-      # answers the flowctl.v1 heartbeats that change nothing but metrics and time, within the
-      # limits, without Ruby (ext/flowctl/beat_table.c says which). What the table took in is
-      # folded into the entries before anything reads or changes them (#fold_all, #fold_one);
-      # a method that changes an entry takes it out of the table first (#changing) and
-      # publishes it again after, so the table's heartbeats and this store's changes stay in one
-      # order, and its limits (metrics, bytes, when persistence is due) stay this store's.
+      # entries registered or beaten through flowctl.v1 (native: true) are also published in a
+      # Native::BeatTable (Entry#native), from which the server's acceptor answers the flowctl.v1
+      # heartbeats that change nothing but metrics and time, within the limits, without Ruby
+      # (ext/flowctl/beat_table.c says which); the seed's components stay Ruby's alone until a
+      # v1 heartbeat comes for them. What the table took in is folded into the entries before
+      # anything reads or changes them (#fold_all, #fold_one); a method that changes a published
+      # entry takes it out of the table first and publishes it again after (#changing), or holds
+      # it for a heartbeat (#holding), so the table's heartbeats and this store's changes stay in
+      # one order, and its limits (metrics, bytes, when persistence is due) stay this store's.
       class Store
         HEALTHY = "HEALTHY"
         UNHEALTHY = "UNHEALTHY"
@@ -86,9 +88,10 @@ module Flowctl
 
         # call-seq: store.native_beats(codes) -> Native::BeatTable or nil
         #
-        # The table a server answers heartbeats from (made and filled on the first call); nil
-        # with a clock of the caller's (the table's time is the real one). codes: stored status
-        # => flowctl.v1 HealthStatus number, for the statuses a heartbeat may repeat natively.
+        # The table a server answers heartbeats from (made on the first call; components are
+        # published as they register or beat through flowctl.v1); nil with a clock of the
+        # caller's (the table's time is the real one). codes: stored status => flowctl.v1
+        # HealthStatus number, for the statuses a heartbeat may repeat natively.
         def native_beats(codes)
           return nil unless @clock.nil?
 
@@ -96,7 +99,6 @@ module Flowctl
             unless @beats
               @beat_codes = codes
               @beats = Native::BeatTable.new(@limits.max_metrics, @limits.max_metric_bytes)
-              @entries.each_value { |e| publish(e) }
               sync_limits
             end
             @beats
@@ -116,12 +118,13 @@ module Flowctl
         # (HEALTHY), metrics (emptied), registered_at and last_heartbeat; reset: false (the
         # seed) keeps registered_at, status and metrics of a known id, a new one is STARTING.
         # Raises ResourceExhausted past the limits; returns true when the id was known.
-        def register(id, reset:, **fields)
+        # native: publish it in the native table (flowctl.v1's registrations).
+        def register(id, reset:, native: false, **fields)
           size = Store.registration_bytes(id, fields)
           check_registration_size(size)
           t = now
           @lock.synchronize do
-            changing(id) { register_locked(id, reset, t, size, fields) }
+            changing(id, publish: native) { register_locked(id, reset, t, size, fields) }
           end
         end
 
@@ -148,13 +151,20 @@ module Flowctl
         # A heartbeat: status nil keeps the status, else stores it; metrics merge key by key.
         # kind: a seed heartbeat's kind, which must match (a component registered as
         # :unspecified matches any). false when the id is not known (or of another kind).
-        def heartbeat(id, status, metrics, kind: nil, reported_at: nil)
+        # native: publish it in the native table after (flowctl.v1's heartbeats).
+        def heartbeat(id, status, metrics, kind: nil, reported_at: nil, native: false)
           t = now
           @lock.synchronize do
             entry = @entries[id]
             return false if entry.nil? || (kind && entry.kind != kind && entry.kind != :unspecified)
+            return holding(entry, metrics) { heartbeat_locked(entry, t, status, metrics, reported_at) } if entry.native
 
-            changing(id) { heartbeat_locked(entry, t, status, metrics, reported_at) }
+            held = @bytes
+            heartbeat_locked(entry, t, status, metrics, reported_at).tap do
+              if @beats && native then publish(entry)
+              elsif @beats && @bytes != held then sync_limits
+              end
+            end
           end
         end
 
@@ -280,7 +290,6 @@ module Flowctl
             entries.each do |e|
               @entries[e.id] = e
               @bytes += old_bytes(e) + metric_bytes(e.metrics)
-              publish(e) if @beats
             end
             sync_limits if @beats
             @version += 1
@@ -304,23 +313,46 @@ module Flowctl
         private
 
         # Runs the block (under the lock) with id's entry out of the native table and what the
-        # table took in for it folded in; publishes the entry again after (whatever happened),
-        # with the limits as they are then. Without a table, only the block.
-        def changing(id)
+        # table took in for it folded in; publishes the entry there after (whatever happened) if
+        # it was published before or publish is true, with the limits as they are then. Without
+        # a table, only the block.
+        def changing(id, publish: false)
           return yield unless @beats
 
-          change = @beats.take(id)
+          was = @entries[id]&.native
+          change = was && @beats.take(id)
           fold(id, change) if change
           begin
             yield
           ensure
             e = @entries[id]
-            publish(e) if e
-            sync_limits
+            e && (was || publish) ? publish(e) : sync_limits
           end
         end
 
-        def publish(e) = @beats.put(e.id, @beat_codes.fetch(e.status, -1), e.saved_at || 0, e.metrics)
+        # A heartbeat through Ruby, under the lock: the table holds off that component's heartbeats
+        # while the block changes the entry, then learns the status and the metrics merged (not
+        # the whole map again: this is the seed's every heartbeat).
+        def holding(entry, metrics)
+          return yield unless @beats
+
+          change = @beats.hold(entry.id)
+          fold(entry.id, change) if change
+          merged = nil
+          begin
+            result = yield
+            merged = metrics
+            result
+          ensure
+            @beats.release(entry.id, @beat_codes.fetch(entry.status, -1), entry.saved_at || 0, merged,
+                           @limits.max_bytes - @bytes)
+          end
+        end
+
+        def publish(e)
+          @beats.put(e.id, @beat_codes.fetch(e.status, -1), e.saved_at || 0, e.metrics, @limits.max_bytes - @bytes)
+          e.native = true
+        end
 
         def sync_limits = @beats.limits(@limits.max_bytes - @bytes, @persist_refresh || 0)
 
@@ -341,7 +373,7 @@ module Flowctl
         end
 
         def fold_one(id)
-          change = @beats&.drain(id)
+          change = @entries[id]&.native && @beats.drain(id)
           fold(id, change) if change
         end
 

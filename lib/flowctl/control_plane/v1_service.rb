@@ -51,7 +51,7 @@ module Flowctl
             raise Flowctl::InvalidArgument, "RegisterComponent needs a component (RegisterRequest.component is not set)"
 
           id = V1Service.service_id(request.component_id, info)
-          store.register(id, reset: true, **V1Service.info_fields(info))
+          store.register(id, reset: true, native: true, **V1Service.info_fields(info))
           committed!
           Flowctl::V1::RegisterResponse.new(service_id: id, assigned_topics: V1Service.assigned_topics(info),
                                             connection_info: endpoint ? { "control_plane_endpoint" => endpoint } : {})
@@ -64,7 +64,8 @@ module Flowctl
 
         def heartbeat(request, _call = nil)
           id = request.service_id
-          V1Service.not_found(id) unless store.heartbeat(id, V1Service.status_text(request.status), request.metrics)
+          V1Service.not_found(id) unless store.heartbeat(id, V1Service.status_text(request.status), request.metrics,
+                                                         native: true)
           V1Service.empty
         end
 
