@@ -134,33 +134,4 @@ else
   puts "target missed on: #{slower.map { |r| format('%s (%.2fx)', r.label, table.ratio(r)) }.join(', ')}"
 end
 
-# Messages of a descriptor set loaded at run time against the built-in ones: the same
-# flowctl.v1 Event, once as Flowctl::V1::Event (lib/flowctl/protocols.pb, loaded at require)
-# and once from a copy of its file under another package, given to Flowctl.load_descriptor_set
-# here. Both go through the same loader, so the target is parity (within 5%).
-set = Flowctl::Protobuf::FileDescriptorSet.decode(File.binread(File.expand_path("../lib/flowctl/protocols.pb", __dir__)))
-copy = set.file.find { |f| f.name == "flowctl/v1/common.proto" }.dup
-copy.name = "bench/copy/common.proto"
-copy.package = "benchcopy.v1"
-copy.message_type.each { |m| m.field.each { |f| f.type_name = f.type_name&.sub(".flowctl.v1.", ".benchcopy.v1.") } }
-stamp = set.file.find { |f| f.name == "google/protobuf/timestamp.proto" }
-Flowctl.load_descriptor_set(Flowctl::Protobuf::FileDescriptorSet.new(file: [stamp, copy]).to_proto, root: (BenchCopy = Module.new))
-FEvent = Flowctl::V1::Event
-CEvent = BenchCopy::Benchcopy::V1::Event
-event_fields = { id: "evt-1", type: "stellar.ledger.v1", payload: PAYLOAD, metadata: META, timestamp: TIME,
-                 source_component_id: "src", content_type: "application/octet-stream" }
-fe = FEvent.new(**event_fields)
-ce = CEvent.new(**event_fields)
-raise "the run-time copy encodes differently" unless fe.to_proto == ce.to_proto
-
-fe_bin = fe.to_proto
-read_event = ->(m) { m.id && m.payload && m.timestamp && m.metadata.each { |k, v| k && v } }
-runtime = Bench::Table.new("built-in", "run-time")
-runtime.row("event 1KiB build", "built-in": -> { FEvent.new(**event_fields) }, "run-time": -> { CEvent.new(**event_fields) })
-runtime.row("event 1KiB encode", "built-in": -> { fe.to_proto }, "run-time": -> { ce.to_proto })
-runtime.row("event 1KiB decode+read", "built-in": -> { read_event.(FEvent.decode(fe_bin)) },
-            "run-time": -> { read_event.(CEvent.decode(fe_bin)) })
-off = runtime.rows.reject { |r| (0.95..1.05).cover?(runtime.ratio(r)) }
-puts
-puts off.empty? ? "target met: run-time loaded messages within 5% of the built-in ones" :
-                  "outside 5%: #{off.map { |r| format('%s (%.2fx)', r.label, runtime.ratio(r)) }.join(', ')}"
+# Messages of a descriptor set loaded at run time against the built-in ones: bench/descriptor_set.rb.
