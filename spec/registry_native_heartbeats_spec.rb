@@ -148,7 +148,9 @@ RSpec.describe "Flowctl::ControlPlane::Registry native heartbeats" do
       [valid, "", "\n\x02\xff\xfe", "\n\x05p1", "\x08\x01", "\n\x02p1\x1a\x07\n\x01a\x12\x02\xc3\x28",
        "#{valid}\x1a\x06\n\x01d\x12\x011\x1a\x06\n\x01d\x12\x012", "#{valid}\x48\x01", "\n\x02p9\n\x02p1\x10\x02",
        "#{valid}\x1a\x03\n\x01z", "#{valid}\x1a\x03\x12\x01y", "\n\x02p1\x10\x07", "\n\x02p1\x10#{"\xff" * 9}\x01",
-       "#{valid}\x1a\x08\n\x01a\x12\x01b\x18\x01", "#{valid}\x10\x02", "\n\x02p1\x12\x00"].each do |bytes|
+       "#{valid}\x1a\x08\n\x01a\x12\x01b\x18\x01", "#{valid}\x10\x02", "\n\x02p1\x12\x00",
+       "\n\x02p1\x10#{"\x82" + "\x80" * 8}\x02", "\x8a\x80\x80\x80\x80\x00\x02p1", "\x8a\x80\x80\x80\x00\x02p1\x10\x02",
+       "\n\x02p1\x10\x82\x80\x00"].each do |bytes|
         results << send_raw.call(bytes)
       end
       results << outcome { beat("p1", :HEALTH_STATUS_UNKNOWN, client: client, events: "2") }
@@ -168,9 +170,9 @@ RSpec.describe "Flowctl::ControlPlane::Registry native heartbeats" do
       expect(fast_results).to eq(slow_results)
       expect(fast_comps).to eq(slow_comps)
       expect(slow_native).to eq(0)
-      # the beats that repeat the status, and the one valid raw request (a component registered
-      # through the seed's protocol is published at its first flowctl.v1 heartbeat, which is Ruby's)
-      expect(fast_native).to eq(6)
+      # the beats that repeat the status, and the three plainly valid raw requests (a component
+      # registered through the seed's protocol is published at its first flowctl.v1 heartbeat, Ruby's)
+      expect(fast_native).to eq(8)
       expect(fast.send(:store).bytes).to eq(slow.send(:store).bytes)
       expect(fast_results).to include([13, a_string_matching(/cannot decode flowctl.v1.HeartbeatRequest/)])
     ensure

@@ -276,6 +276,42 @@ typedef struct {
     bt_kv kv[BT_MAX_METRICS];
 } bt_request;
 
+/* A varint as the decoder reads it (convert.c, rd_varint): at most 10 bytes, the tenth 0 or 1. */
+static bool
+bt_varint(const uint8_t **p, const uint8_t *end, uint64_t *out)
+{
+    uint64_t v = 0;
+    for (int shift = 0; shift < 70 && *p < end; shift += 7) {
+        uint8_t byte = *(*p)++;
+        if (shift == 63 && byte > 1) return false;
+        v |= (uint64_t)(byte & 0x7f) << shift;
+        if (!(byte & 0x80)) {
+            *out = v;
+            return true;
+        }
+    }
+    return false;
+}
+
+/* The next field, with the decoder's checks (a key of at most 5 bytes, numbers 1 to 2^29-1,
+ * a length within the data); only varint and length-delimited fields (others: false). */
+static bool
+bt_next(const uint8_t **p, const uint8_t *end, wire_field *f)
+{
+    const uint8_t *start = *p;
+    uint64_t tag;
+    if (!bt_varint(p, end, &tag) || *p - start > 5 || (tag >> 3) == 0 || (tag >> 3) > 536870911) return false;
+    f->number = (uint32_t)(tag >> 3);
+    f->wt = (int)(tag & 7);
+    if (!bt_varint(p, end, &f->v)) return false;
+    if (f->wt == WT_VARINT) return true;
+    if (f->wt != WT_LEN || f->v > (uint64_t)(end - *p)) return false;
+    f->p = *p;
+    f->len = (size_t)f->v;
+    *p += f->len;
+    return true;
+}
+
 static bool
 utf8_ok(const uint8_t *p, size_t len)
 {
@@ -289,7 +325,7 @@ parse_metric(const uint8_t *p, const uint8_t *end, bt_kv *kv)
     bool k = false, v = false;
     wire_field f;
     while (p < end) {
-        if (!wire_next(&p, end, &f) || f.wt != WT_LEN) return false;
+        if (!bt_next(&p, end, &f) || f.wt != WT_LEN) return false;
         if (f.number == 1 && !k) {
             kv->k = f.p;
             kv->klen = (uint32_t)f.len;
@@ -327,7 +363,7 @@ parse_request(const flowctl_beat_table *t, const uint8_t *p, size_t len, bt_requ
     r->id = p;
     r->idlen = 0;
     while (p < end) {
-        if (!wire_next(&p, end, &f)) return false;
+        if (!bt_next(&p, end, &f)) return false;
         if (f.number == 1 && f.wt == WT_LEN && !r->has_id) {
             r->id = f.p;
             r->idlen = f.len;
