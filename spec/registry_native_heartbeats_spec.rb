@@ -181,6 +181,58 @@ RSpec.describe "Flowctl::ControlPlane::Registry native heartbeats" do
     end
   end
 
+  it "gives the same replies as the Ruby handler to a few hundred mutated heartbeats (seeded), and the same registry" do
+    rng = Random.new(20_261_202)
+    base = [
+      Flowctl::V1::HeartbeatRequest.new(service_id: "p1", status: :HEALTH_STATUS_HEALTHY, metrics: { "events" => "12", "lag" => "3" }),
+      Flowctl::V1::HeartbeatRequest.new(service_id: "p2", metrics: { "é" => "ü" * 3 }),
+      Flowctl::V1::HeartbeatRequest.new(service_id: "p1", status: :HEALTH_STATUS_DEGRADED)
+    ].map(&:to_proto)
+    inputs = Array.new(ENV["GC_STRESS"] == "1" ? 20 : 300) do
+      b = base[rng.rand(base.size)].dup
+      case rng.rand(4)
+      when 0 then b.setbyte(rng.rand(b.bytesize), rng.rand(256))
+      when 1 then b = b.byteslice(0, rng.rand(b.bytesize))
+      when 2 then b.insert(rng.rand(b.bytesize + 1), rng.rand(256).chr)
+      else b.setbyte(rng.rand(b.bytesize), b.getbyte(rng.rand(b.bytesize)) ^ (1 << rng.rand(8)))
+      end
+      b
+    end
+    results = [true, false].map do |native|
+      reg = Flowctl::ControlPlane::Registry.new(janitor_interval: nil, native_heartbeats: native)
+      srv = reg.serve(port: 0)
+      client = Flowctl::V1::ControlPlaneClient.new("127.0.0.1:#{srv.port}", tls: false, timeout: time_limit(10))
+      %w[p1 p2].each { |id| client.register_component(component: info(id)) }
+      replies = inputs.map do |bytes|
+        client.heartbeat(Flowctl::V1::HeartbeatRequest.decode(bytes))
+        :ok
+      rescue Flowctl::DecodeError => e
+        [:undecodable, e.message]
+      rescue Flowctl::RPCError => e
+        [e.code, e.details]
+      end
+      raw_replies = inputs.first(40).map { |bytes| raw_heartbeat(srv.port, bytes) }
+      [replies, raw_replies, reg.components.map { |c| [c.id, c.status, c.metrics, c.heartbeats] }, srv.stats[:answered_natively]]
+    ensure
+      client&.close
+      srv&.stop
+      reg&.close
+    end
+    expect(results[0][0..2]).to eq(results[1][0..2])
+    expect(results[0][3]).to be_positive
+    expect(results[1][3]).to eq(0)
+  end
+
+  # One heartbeat's bytes as they are (the gem's client would decode and encode them first).
+  def raw_heartbeat(port, bytes)
+    require "grpc"
+    stub = GRPC::ClientStub.new("127.0.0.1:#{port}", :this_channel_is_insecure, timeout: time_limit(10))
+    stub.request_response("/flowctl.v1.ControlPlaneService/Heartbeat", bytes.b, ->(x) { x }, ->(x) { x })
+    :ok
+  rescue GRPC::BadStatus => e
+    [e.code, e.details]
+  end
+
   it "is not used with interceptors, a clock of the caller's, a subclass's own #heartbeat, or native_heartbeats: false" do
     seen = []
     interceptor = Class.new(Flowctl::ServerInterceptor) do
