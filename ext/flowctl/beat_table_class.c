@@ -121,6 +121,28 @@ metrics_done(struct metrics_arg *a, flowctl_beat_metric *stack)
     if (a->m != stack) free(a->m);
 }
 
+typedef bool (*store_fn)(flowctl_beat_table *t, const char *id, size_t idlen, int status, int64_t saved_at,
+                         const flowctl_beat_metric *m, size_t n, int64_t room);
+
+/* put and release: an entry's status, saved_at and metrics (nil: none) into the table. */
+static bool
+store_entry(VALUE self, VALUE id, VALUE status, VALUE saved_at, VALUE metrics, VALUE room, store_fn fn)
+{
+    flowctl_beat_table *t = bt_get(self);
+    StringValue(id);
+    if (!NIL_P(metrics)) Check_Type(metrics, T_HASH);
+    int st = NUM2INT(status);
+    int64_t saved = NUM2LL(saved_at), r = NUM2LL(room);
+    flowctl_beat_metric stack[16];
+    struct metrics_arg a;
+    metrics_of(metrics, &a, stack, 16);
+    bool ok = fn(t, RSTRING_PTR(id), (size_t)RSTRING_LEN(id), st, saved, a.m, a.n, r);
+    metrics_done(&a, stack);
+    RB_GC_GUARD(id);
+    RB_GC_GUARD(metrics);
+    return ok;
+}
+
 /*
  * call-seq: table.put(id, status, saved_at_ns, metrics, room) -> self
  *
@@ -131,19 +153,9 @@ metrics_done(struct metrics_arg *a, flowctl_beat_metric *stack)
 static VALUE
 bt_put(VALUE self, VALUE id, VALUE status, VALUE saved_at, VALUE metrics, VALUE room)
 {
-    flowctl_beat_table *t = bt_get(self);
-    StringValue(id);
     Check_Type(metrics, T_HASH);
-    int st = NUM2INT(status);
-    int64_t saved = NUM2LL(saved_at), r = NUM2LL(room);
-    flowctl_beat_metric stack[16];
-    struct metrics_arg a;
-    metrics_of(metrics, &a, stack, 16);
-    bool ok = flowctl_beat_table_put(t, RSTRING_PTR(id), (size_t)RSTRING_LEN(id), st, saved, a.m, a.n, r);
-    metrics_done(&a, stack);
-    RB_GC_GUARD(id);
-    RB_GC_GUARD(metrics);
-    if (!ok) rb_raise(rb_eNoMemError, "flowctl: out of memory");
+    if (!store_entry(self, id, status, saved_at, metrics, room, flowctl_beat_table_put))
+        rb_raise(rb_eNoMemError, "flowctl: out of memory");
     return self;
 }
 
@@ -249,19 +261,7 @@ bt_hold(VALUE self, VALUE id)
 static VALUE
 bt_release(VALUE self, VALUE id, VALUE status, VALUE saved_at, VALUE metrics, VALUE room)
 {
-    flowctl_beat_table *t = bt_get(self);
-    StringValue(id);
-    if (!NIL_P(metrics)) Check_Type(metrics, T_HASH);
-    int st = NUM2INT(status);
-    int64_t saved = NUM2LL(saved_at), r = NUM2LL(room);
-    flowctl_beat_metric stack[16];
-    struct metrics_arg a;
-    metrics_of(metrics, &a, stack, 16);
-    bool ok = flowctl_beat_table_release(t, RSTRING_PTR(id), (size_t)RSTRING_LEN(id), st, saved, a.m, a.n, r);
-    metrics_done(&a, stack);
-    RB_GC_GUARD(id);
-    RB_GC_GUARD(metrics);
-    return ok ? Qtrue : Qfalse;
+    return store_entry(self, id, status, saved_at, metrics, room, flowctl_beat_table_release) ? Qtrue : Qfalse;
 }
 
 static VALUE
