@@ -233,6 +233,23 @@ RSpec.describe "Flowctl::ControlPlane::Registry native heartbeats" do
     [e.code, e.details]
   end
 
+  it "keeps the server's bearer token: a heartbeat without it is UNAUTHENTICATED, never taken in" do
+    reg = Flowctl::ControlPlane::Registry.new(janitor_interval: nil)
+    srv = reg.serve(port: 0, auth_token: "s3cret")
+    good = Flowctl::V1::ControlPlaneClient.new("127.0.0.1:#{srv.port}", tls: false, timeout: time_limit(10),
+                                                headers: { "authorization" => "Bearer s3cret" })
+    bad = Flowctl::V1::ControlPlaneClient.new("127.0.0.1:#{srv.port}", tls: false, timeout: time_limit(10))
+    good.register_component(component: info("p1"))
+    expect(outcome { beat("p1", client: bad, n: "1") }).to match([16, /authorization/])
+    beat("p1", client: good, n: "2")
+    expect([srv.stats[:answered_natively], srv.stats[:unauthenticated]]).to eq([1, 1])
+    expect(reg.component("p1").then { |c| [c.metrics, c.heartbeats] }).to eq([{ "n" => "2" }, 1])
+  ensure
+    [good, bad].each { |c| c&.close }
+    srv&.stop
+    reg&.close
+  end
+
   it "is not used with interceptors, a clock of the caller's, a subclass's own #heartbeat, or native_heartbeats: false" do
     seen = []
     interceptor = Class.new(Flowctl::ServerInterceptor) do
