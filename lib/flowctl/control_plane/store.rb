@@ -159,10 +159,10 @@ module Flowctl
             return false if entry.nil? || (kind && entry.kind != kind && entry.kind != :unspecified)
             return holding(entry, metrics) { heartbeat_locked(entry, t, status, metrics, reported_at) } if entry.native
 
-            held = @bytes
+            bytes_before = @bytes
             heartbeat_locked(entry, t, status, metrics, reported_at).tap do
               if @beats && native then publish(entry)
-              elsif @beats && @bytes != held then sync_limits
+              elsif @beats && @bytes != bytes_before then sync_limits
               end
             end
           end
@@ -175,7 +175,7 @@ module Flowctl
           changed = status && status != entry.status
           entry.status = status if changed
           entry.reported_at = reported_at if reported_at
-          t = entry.last_heartbeat if @beats && entry.last_heartbeat > t # a native one came after t
+          t = entry.last_heartbeat if entry.native && entry.last_heartbeat > t # a native one came after t
           entry.last_heartbeat = t
           entry.heartbeats += 1
           if @persist_refresh && (changed || t - entry.saved_at >= @persist_refresh)
