@@ -308,7 +308,7 @@ RSpec.describe "Flowctl::ControlPlane::Registry native heartbeats" do
   it "counts every heartbeat once with native and Ruby heartbeats, reads and sweeps from many threads at once" do
     ids = %w[a b c d]
     ids.each { |id| cp.register_component(component: info(id)) }
-    per_thread = ENV["GC_STRESS"] == "1" ? 20 : 150
+    per_thread = ENV["GC_STRESS"] == "1" || ENV["FLOWCTL_MEMCHECK"] ? 20 : 150
     statuses = %i[HEALTH_STATUS_HEALTHY HEALTH_STATUS_UNKNOWN HEALTH_STATUS_DEGRADED HEALTH_STATUS_HEALTHY]
     beaters = Array.new(4) do |t|
       Thread.new do
@@ -323,7 +323,9 @@ RSpec.describe "Flowctl::ControlPlane::Registry native heartbeats" do
         registry.component("a")
         registry.sweep
         registry.table(rows: 2)
-        GC.compact if GC.respond_to?(:compact) && ENV["GC_STRESS"] != "1"
+        # (not under GC.stress or valgrind: a compaction there holds every thread for seconds, and the
+        # server's watchdog rightly shuts a connection when its acceptor is held that long)
+        GC.compact if GC.respond_to?(:compact) && ENV["GC_STRESS"] != "1" && !ENV["FLOWCTL_MEMCHECK"]
       end
     end
     beaters.each(&:join)
