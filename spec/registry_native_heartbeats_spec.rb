@@ -343,13 +343,14 @@ RSpec.describe "Flowctl::ControlPlane::Registry native heartbeats" do
   it "with a database: a heartbeat due to be written goes through Ruby and is noted; the others are folded into what is written" do
     Dir.mktmpdir do |dir|
       path = File.join(dir, "cp.db")
-      reg = Flowctl::ControlPlane::Registry.new(db: path, janitor_interval: nil, refresh_interval: 0.3, flush_interval: 60)
+      refresh = time_limit(1.0) # each heartbeat below comes well within it of the one before (GC_STRESS: 20 s)
+      reg = Flowctl::ControlPlane::Registry.new(db: path, janitor_interval: nil, refresh_interval: refresh, flush_interval: 60)
       srv = reg.serve(port: 0)
       client = Flowctl::V1::ControlPlaneClient.new("127.0.0.1:#{srv.port}", tls: false, timeout: time_limit(10))
       client.register_component(component: info("p1"))
       beat("p1", client: client, events: "1")
       expect(srv.stats[:answered_natively]).to eq(1)
-      sleep 0.35
+      sleep refresh + 0.05
       beat("p1", client: client, events: "2") # the stored one is older than refresh_interval: written
       expect(srv.stats[:answered_natively]).to eq(1)
       beat("p1", client: client, events: "3")
