@@ -15,7 +15,7 @@ module FlowctlFuzz
   OUT = File.join(ROOT, "tmp", "fuzz")
   EXT = File.join(ROOT, "ext", "flowctl")
   CC = ENV.fetch("FUZZ_CC", "clang-14")
-  TARGETS = %w[decode convert descriptor json pipeline].select { |t| File.exist?(File.join(ROOT, "fuzz", "#{t}_target.c")) }.freeze
+  TARGETS = %w[decode convert descriptor json pipeline beat].select { |t| File.exist?(File.join(ROOT, "fuzz", "#{t}_target.c")) }.freeze
   SANITIZE = "-fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined"
 
   # ASan + Ruby: Ruby's conservative GC scans the machine stack, so locals must stay

@@ -56,5 +56,6 @@ Init_flowctl(void)
     init_flowctl_server_call();
     init_flowctl_heartbeat();
     init_flowctl_heartbeat_class();
+    init_flowctl_beat_table_class();
     init_flowctl_fork();
 }

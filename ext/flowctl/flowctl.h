@@ -5,7 +5,7 @@
  * json_text.c, json_order.c -> json_write.c, json_read.c, json_class.c (proto3 JSON) -> status.c
  * -> metadata.c -> log.c -> clock.c -> fork.c (gate, fork hooks) -> wait.c -> watch.c -> channel.c -> call.c
  * -> fiber.c -> pump.c -> skim.c -> forward.c -> server_engine.h/.c -> server_unary.c -> server.c -> server_call.c -> wire.h
- * -> heartbeat_wire.c -> heartbeat.c -> heartbeat_class.c.
+ * -> heartbeat_wire.c -> heartbeat.c -> heartbeat_class.c -> beat_table.c -> beat_table_class.c.
  *
  * Mechanism files return codes where they can; the Ruby-facing functions raise.
  */
@@ -662,6 +662,72 @@ typedef struct flowctl_offenders {
 /* Counts one offense of peer; true when that makes more than limit within a second
  * (the count starts again). One thread at a time. */
 bool flowctl_conn_offend(flowctl_offenders *t, const char *peer, int64_t now_ms, int limit);
+
+/* ---- beat_table.c: flowctl.v1 heartbeats answered without Ruby (no Ruby there) ---- */
+/* A server's native answer to one registered unary method (server_unary.c): answer(ctx, bytes
+ * of the request) true means "done: reply with an empty message and OK"; false leaves the
+ * call to Ruby as if the hook were not there. release(ctx) when the server is freed. */
+typedef struct flowctl_fast_unary {
+    bool (*answer)(void *ctx, const uint8_t *p, size_t len);
+    void (*release)(void *ctx);
+    void *ctx;
+} flowctl_fast_unary;
+
+typedef struct flowctl_beat_table flowctl_beat_table;
+/* One metric as Ruby publishes it or takes it back: val NULL is a value that is not a String
+ * in Ruby (a seed's double: 8 bytes in the registry's count, never sent back). */
+typedef struct flowctl_beat_metric {
+    char *key, *val;
+    uint32_t klen, vlen;
+} flowctl_beat_metric;
+/* What the table took in for one component since Ruby last took it: the metrics that
+ * changed (their current values), the last heartbeat's time, how many, and the bytes the
+ * metrics grew by. */
+typedef struct flowctl_beat_change {
+    char *id;
+    size_t idlen;
+    int64_t last_ns;
+    uint64_t beats;
+    int64_t growth;
+    flowctl_beat_metric *m;
+    size_t n;
+} flowctl_beat_change;
+
+flowctl_beat_table *flowctl_beat_table_new(uint32_t max_metrics, uint32_t max_metric_bytes); /* NULL: no memory */
+void flowctl_beat_table_ref(flowctl_beat_table *t);
+void flowctl_beat_table_unref(flowctl_beat_table *t);
+size_t flowctl_beat_table_memsize(flowctl_beat_table *t);
+/* Any thread: a HeartbeatRequest's bytes; true when taken in (see beat_table.c for which). */
+bool flowctl_beat_table_apply(flowctl_beat_table *t, const uint8_t *p, size_t len);
+/* The hook a server calls (holds a reference until release). */
+flowctl_fast_unary flowctl_beat_table_hook(flowctl_beat_table *t);
+/* Publishes a component (replacing one of that id: take it first, or its changes are lost),
+ * with copies of m, and the room (flowctl_beat_table_limits). false: out of memory. */
+bool flowctl_beat_table_put(flowctl_beat_table *t, const char *id, size_t idlen, int status, int64_t saved_at,
+                            const flowctl_beat_metric *m, size_t n, int64_t room);
+/* Removes a component: 1 and its changes in *out (flowctl_beat_change_free) when it was there,
+ * 0 when not, -1 when out of memory (nothing removed). */
+int flowctl_beat_table_take(flowctl_beat_table *t, const char *id, size_t idlen, flowctl_beat_change *out);
+/* A heartbeat through Ruby: hold stops the table taking the component's heartbeats in and
+ * gives what it took in so far (0: not published, 1: nothing, 2: *out filled, -1: out of
+ * memory, nothing done); release stores what Ruby changed (status, saved_at, the metrics it
+ * merged: String values copied, val NULL for others) and the room, and takes heartbeats in
+ * again. false: out of memory, the component is taken out of the table (Ruby's from then on). */
+int flowctl_beat_table_hold(flowctl_beat_table *t, const char *id, size_t idlen, flowctl_beat_change *out);
+bool flowctl_beat_table_release(flowctl_beat_table *t, const char *id, size_t idlen, int status, int64_t saved_at,
+                                const flowctl_beat_metric *m, size_t n, int64_t room);
+/* The changes of one component (idlen != (size_t)-1) or of all, each a copy; the table keeps them
+ * published. How many in *out (malloc'd, NULL when none); -1: out of memory (nothing taken). */
+long flowctl_beat_table_drain(flowctl_beat_table *t, const char *id, size_t idlen, flowctl_beat_change **out);
+void flowctl_beat_change_free(flowctl_beat_change *c);
+/* The bytes the registry may still grow by (its limit minus what it holds); persistence's
+ * refresh interval (ns, 0: no persistence): a heartbeat due to be written is left to Ruby. */
+void flowctl_beat_table_limits(flowctl_beat_table *t, int64_t room, int64_t refresh);
+uint64_t flowctl_beat_table_answered(flowctl_beat_table *t); /* heartbeats taken in, ever */
+size_t flowctl_beat_table_size(flowctl_beat_table *t);
+/* beat_table_class.c: the table behind a Flowctl::Native::BeatTable (raises for anything else) */
+flowctl_beat_table *flowctl_beat_table_of(VALUE obj);
+void init_flowctl_beat_table_class(void);
 
 /* ---- fork.c: fork handlers (pthread_atfork) and the gate ---------------- */
 /* This process's id, kept by the fork handlers (getpid() is a system call). Objects

@@ -177,6 +177,28 @@ server_register_unary(VALUE self, VALUE path)
     return self;
 }
 
+/*
+ * call-seq: server.answer_natively("/package.Service/Method", beat_table) -> self
+ *
+ * Before #start, for a method registered with #register_unary: its requests are offered to
+ * beat_table (a Flowctl::Native::BeatTable) on the acceptor thread first; what the table
+ * takes in is answered there (an empty reply, OK) and never reaches a worker; anything
+ * else is served by a worker as before. Counted in #stats (answered_natively).
+ */
+static VALUE
+server_answer_natively(VALUE self, VALUE path, VALUE table)
+{
+    server_t *s = server_get(self);
+    if (s->started) rb_raise(rb_eRuntimeError, "set native answers before the server starts");
+    const char *p = StringValueCStr(path);
+    flowctl_fast_unary fast = flowctl_beat_table_hook(flowctl_beat_table_of(table));
+    if (!flowctl_server_answer_natively(s, p, fast)) {
+        fast.release(fast.ctx);
+        rb_raise(rb_eArgError, "%+"PRIsVALUE" is not a registered unary method (register_unary it first)", path);
+    }
+    return self;
+}
+
 /* call-seq: server.shutdown -> nil (stops accepting; calls in flight go on; idempotent) */
 static VALUE
 server_shutdown(VALUE self)
@@ -294,6 +316,7 @@ server_stats(VALUE self)
     COUNT(h, "reset_early", LONG2NUM(n.reset_early));
     COUNT(h, "idle_shed", LONG2NUM(n.idle_shed));
     COUNT(h, "dropped", LONG2NUM(n.dropped));
+    COUNT(h, "answered_natively", LONG2NUM(n.answered_natively));
     COUNT(h, "listener_stopped", n.listener_stopped ? Qtrue : Qfalse);
     return h;
 }
@@ -345,6 +368,7 @@ init_flowctl_server(void)
     rb_define_method(cServer, "start", server_start, -1);
     rb_define_method(cServer, "next_call", server_next_call, 0);
     rb_define_method(cServer, "register_unary", server_register_unary, 1);
+    rb_define_method(cServer, "answer_natively", server_answer_natively, 2);
     rb_define_method(cServer, "shutdown", server_shutdown, 0);
     rb_define_method(cServer, "wait_shutdown", server_wait_shutdown, -1);
     rb_define_method(cServer, "cancel_all", server_cancel_all, 0);

@@ -87,7 +87,7 @@ server_release(server_t *s)
     pthread_cond_destroy(&s->work);
     pthread_cond_destroy(&s->watchdog_wake);
     free(s->auth_token);
-    for (int i = 0; i < s->n_unary; i++) free(s->unary[i].path);
+    flowctl_server_unary_free(s);
     free(s);
 }
 
@@ -743,7 +743,7 @@ flowctl_server_free(server_t *s)
     if (s->pid != flowctl_pid) {
         /* a forked child's copy: no acceptor thread, sockets closed by gRPC's fork handler */
         free(s->auth_token);
-        for (int i = 0; i < s->n_unary; i++) free(s->unary[i].path);
+        flowctl_server_unary_free(s);
         free(s);
         return;
     }
@@ -838,6 +838,7 @@ flowctl_server_counts_get(server_t *s, flowctl_server_counts *out)
         .stuck_closed = atomic_load(&s->stuck_closed), .abusive_closed = atomic_load(&s->abusive_closed),
         .memory_closed = atomic_load(&s->memory_closed), .stall_closed = atomic_load(&s->stall_closed),
         .idle_shed = atomic_load(&s->idle_shed), .reset_early = s->reset_early, .dropped = s->dropped,
+        .answered_natively = s->answered_natively,
         .idle = s->idle, .queued = s->queued,
         .lingering = s->n_lingering, .listener_stopped = s->listener_stopped,
     };

@@ -109,8 +109,10 @@ typedef struct {
     bool started, shutting_down, shutdown_done, acceptor_done, closed, orphaned;
     char shutdown_tag;                /* its address is the shutdown tag */
     pid_t pid;                        /* in a forked child the server is the parent's: leave it */
-    /* registered unary methods (server_unary.c): their calls complete on notify_cq */
-    struct { char *path; void *handle; } unary[FLOWCTL_MAX_UNARY];
+    /* registered unary methods (server_unary.c): their calls complete on notify_cq; fast: a
+     * native answer tried on the acceptor before a worker (no answer: none) */
+    struct { char *path; void *handle; flowctl_fast_unary fast; } unary[FLOWCTL_MAX_UNARY];
+    long answered_natively;           /* (mu) unary calls the fast answer took */
     int n_unary;
     int awaiting;                     /* (mu) unary calls admitted, their request not yet read */
     int holding;                      /* (mu) calls taken by workers and not let go of yet */
@@ -123,7 +125,7 @@ typedef struct {
 /* Counters for Server#stats, read under the server's lock. */
 typedef struct {
     long accepted, rejected, stuck_closed, unauthenticated, abusive_closed, memory_closed, stall_closed;
-    long reset_early, idle_shed, dropped;
+    long reset_early, idle_shed, dropped, answered_natively;
     int idle, queued, lingering;
     bool listener_stopped;
 } flowctl_server_counts;
@@ -177,6 +179,11 @@ void flowctl_server_offense(server_t *s, call_slot *slot);
 /* ---- unary calls (server_unary.c; no Ruby) ---- */
 /* Before start: serve path's calls as unary ones; false when there are too many. */
 bool flowctl_server_register_unary(server_t *s, const char *path);
+/* Before start: a native answer for path's calls (a registered unary method), tried on the
+ * acceptor before any worker sees them; the server releases it when freed. false: no such method. */
+bool flowctl_server_answer_natively(server_t *s, const char *path, flowctl_fast_unary fast);
+/* The registered methods' paths and native answers (server_release). */
+void flowctl_server_unary_free(server_t *s);
 /* Asks gRPC for the next call (method: an index in s->unary, or -1 for any other). */
 bool flowctl_server_arm(server_t *s, int method);
 /* The acceptor: a new unary call (admitted: its request is read), or a batch of one that completed. */

@@ -41,6 +41,27 @@ flowctl_server_register_unary(server_t *s, const char *path)
     return true;
 }
 
+bool
+flowctl_server_answer_natively(server_t *s, const char *path, flowctl_fast_unary fast)
+{
+    for (int i = 0; i < s->n_unary; i++) {
+        if (strcmp(s->unary[i].path, path) != 0) continue;
+        if (s->unary[i].fast.release) s->unary[i].fast.release(s->unary[i].fast.ctx);
+        s->unary[i].fast = fast;
+        return true;
+    }
+    return false;
+}
+
+void
+flowctl_server_unary_free(server_t *s)
+{
+    for (int i = 0; i < s->n_unary; i++) {
+        free(s->unary[i].path);
+        if (s->unary[i].fast.release) s->unary[i].fast.release(s->unary[i].fast.ctx);
+    }
+}
+
 static void
 slot_unref(call_slot *slot)
 {
@@ -124,11 +145,58 @@ flowctl_unary_reject(server_t *s, call_slot *slot, grpc_status_code code, const 
     send_status(s, slot, n);
 }
 
-/* Its request came (or the client went away first): queued for a worker, or let go. */
+/* The method's native answer, when it has one and takes this request: true once the reply
+ * (an empty message, OK) is on its way from this thread, as a worker's status would be. */
+static bool
+answer_natively(server_t *s, call_slot *slot)
+{
+    const flowctl_fast_unary *fast = &s->unary[slot->unary].fast;
+    if (!fast->answer || !slot->payload) return false;
+    grpc_byte_buffer_reader r;
+    if (!grpc_byte_buffer_reader_init(&r, slot->payload)) return false;
+    const grpc_slice_buffer *sb = &r.buffer_out->data.raw.slice_buffer; /* decompressed if it was */
+    bool taken;
+    if (sb->count == 1) {
+        taken = fast->answer(fast->ctx, GRPC_SLICE_START_PTR(sb->slices[0]), GRPC_SLICE_LENGTH(sb->slices[0]));
+    } else {
+        grpc_slice flat = grpc_byte_buffer_reader_readall(&r);
+        taken = fast->answer(fast->ctx, GRPC_SLICE_START_PTR(flat), GRPC_SLICE_LENGTH(flat));
+        grpc_slice_unref(flat);
+    }
+    grpc_byte_buffer_reader_destroy(&r);
+    if (!taken) return false;
+    pthread_mutex_lock(&s->mu); /* counted before the reply can reach the client */
+    s->accepted++;
+    s->answered_natively++;
+    pthread_mutex_unlock(&s->mu);
+    grpc_slice none = grpc_empty_slice();
+    grpc_byte_buffer *reply = grpc_raw_byte_buffer_create(&none, 1);
+    flowctl_metadata no_md = {0};
+    size_t n = flowctl_slot_status_ops(slot, &no_md, &reply, GRPC_STATUS_OK, &slot->status_details);
+    if (reply) grpc_byte_buffer_destroy(reply);
+    if (n == 0) { /* out of memory: the call is cancelled as it is freed */
+        slot_unref(slot);
+        return true;
+    }
+    send_status(s, slot, n);
+    return true;
+}
+
+/* Its request came (or the client went away first): answered natively, queued for a
+ * worker, or let go. */
 static void
 on_recv(server_t *s, call_slot *slot, bool success)
 {
     atomic_fetch_sub(&slot->refs, 1); /* the batch; the acceptor's hold passes to the queue */
+    pthread_mutex_lock(&s->mu);
+    bool stopping = s->shutting_down;
+    pthread_mutex_unlock(&s->mu);
+    if (success && !stopping && answer_natively(s, slot)) {
+        pthread_mutex_lock(&s->mu);
+        s->awaiting--; /* after its status is in flight (n_lingering): the server stays for it */
+        pthread_mutex_unlock(&s->mu);
+        return;
+    }
     pthread_mutex_lock(&s->mu);
     s->awaiting--;
     if (!success) s->reset_early++;

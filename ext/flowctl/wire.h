@@ -184,4 +184,29 @@ wire_next(const uint8_t **p, const uint8_t *end, wire_field *f)
     return true;
 }
 
+/* Strict UTF-8: no overlong forms, no surrogates, nothing above U+10FFFF. */
+static inline bool
+wire_utf8_valid(const uint8_t *p, const uint8_t *end)
+{
+    while (p < end) {
+        uint8_t c = *p;
+        if (c < 0x80) {
+            p++;
+            continue;
+        }
+        size_t n = c >= 0xC2 && c <= 0xDF ? 2 : c >= 0xE0 && c <= 0xEF ? 3 : c >= 0xF0 && c <= 0xF4 ? 4 : 0;
+        if (n == 0 || (size_t)(end - p) < n) return false;
+        uint8_t lo = 0x80, hi = 0xBF;
+        if (c == 0xE0) lo = 0xA0;
+        else if (c == 0xED) hi = 0x9F;
+        else if (c == 0xF0) lo = 0x90;
+        else if (c == 0xF4) hi = 0x8F;
+        if (p[1] < lo || p[1] > hi) return false;
+        for (size_t i = 2; i < n; i++)
+            if ((p[i] & 0xC0) != 0x80) return false;
+        p += n;
+    }
+    return true;
+}
+
 #endif /* FLOWCTL_WIRE_H */

@@ -36,6 +36,9 @@ module Flowctl
     # limits: Hash overriding Limits.
     # endpoint: "host:port" announced as connection_info's control_plane_endpoint (#serve sets it).
     # clock: anything with #call returning the current Time (tests pass a fake clock).
+    # native_heartbeats: a server answers the flowctl.v1 heartbeats that change only metrics and
+    # time from its acceptor thread, without Ruby (#native_unary; default true, or
+    # FLOWCTL_NATIVE_HEARTBEATS=0 for false). Off with a clock of your own.
     class Registry
       include SeedService
       include V1Service
@@ -50,11 +53,13 @@ module Flowctl
       attr_accessor :endpoint
 
       def initialize(ttl: 30, janitor_interval: 10, db: nil, flush_interval: 1.0, refresh_interval: nil,
-                     synchronous: "NORMAL", limits: nil, endpoint: nil, clock: nil)
+                     synchronous: "NORMAL", limits: nil, endpoint: nil, clock: nil,
+                   native_heartbeats: ENV["FLOWCTL_NATIVE_HEARTBEATS"] != "0")
         @ttl = Registry.seconds(:ttl, ttl)
         @janitor_interval = janitor_interval && Registry.seconds(:janitor_interval, janitor_interval)
         flush_interval = Registry.seconds(:flush_interval, flush_interval)
         @endpoint = endpoint
+        @native_heartbeats = native_heartbeats ? true : false
         @clock = clock || -> { Process.clock_gettime(Process::CLOCK_REALTIME) }
         @store = Store.new(ttl: @ttl, clock: clock, limits: Limits.build(limits))
         refresh = Registry.seconds(:refresh_interval, refresh_interval || @ttl / 3.0)
@@ -146,6 +151,21 @@ module Flowctl
         bound = server.start
         @endpoint = announce || Registry.announced(host, bound)
         server
+      end
+
+      # call-seq: registry.native_unary(rpc) -> Flowctl::Native::BeatTable or nil
+      #
+      # For Flowctl::Server (it asks every handler that has this method, when it serves without
+      # interceptors): what answers rpc's calls on the server's acceptor thread. flowctl.v1's
+      # Heartbeat is answered from the store's native table when it only repeats the status (or
+      # sends UNKNOWN) and merges metrics within the limits; every other heartbeat, and every
+      # other RPC, comes to this registry's methods as before. nil when native_heartbeats is
+      # off, with a clock of the caller's, or when a subclass defines its own #heartbeat.
+      def native_unary(rpc)
+        return nil unless @native_heartbeats && rpc.path == V1Service::HEARTBEAT_PATH &&
+                          method(:heartbeat).owner == V1Service
+
+        @store.native_beats(V1Service::STATUS_CODE)
       end
 
       # Stops the janitor, writes what is pending and closes the database. Idempotent.

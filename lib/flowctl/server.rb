@@ -73,7 +73,7 @@ module Flowctl
     STATS_BEFORE_START = { accepted: 0, rejected: 0, idle: 0, queued: 0, lingering: 0, stuck_closed: 0, dropped: 0,
                            idle_shed: 0, listener_stopped: false,
                            unauthenticated: 0, abusive_closed: 0, memory_closed: 0, stall_closed: 0,
-                           reset_early: 0 }.freeze
+                           reset_early: 0, answered_natively: 0 }.freeze
 
     OK = 0
     UNKNOWN = 2
@@ -198,7 +198,9 @@ module Flowctl
     # their peer did not read (stuck), had more than 200 calls refused or reset in a second (abusive), or
     # sent the most while memory grew by memory_burst (memory) or gRPC held the acceptor (stall);
     # dropped, calls that came out of gRPC core from a connection already shut; idle_shed,
-    # connections shut near the descriptor limit; listener_stopped, see restart_listener.
+    # connections shut near the descriptor limit; listener_stopped, see restart_listener;
+    # answered_natively, unary calls a handler's native answer took on the acceptor thread
+    # (Registry#native_unary: flowctl.v1 heartbeats), never seen by a worker (counted in accepted).
     def stats
       @native ? @native.stats : STATS_BEFORE_START
     end
@@ -366,7 +368,11 @@ module Flowctl
 
     # Starts native with a fresh pool of workers; returns them.
     def start_native(native)
-      @unary_routes.each { |route| native.register_unary(route.rpc.path) } # served as unary_index
+      @unary_routes.each do |route|
+        native.register_unary(route.rpc.path) # served as unary_index
+        answer = native_answer(route)
+        native.answer_natively(route.rpc.path, answer) if answer
+      end
 
       workers = Array.new(@pool_size) { |i| spawn_worker(i, native) } # they wait for calls before any arrive
       native.start(@max_waiting, @max_wait, @write_timeout, @auth_token, @memory_burst)
@@ -375,6 +381,14 @@ module Flowctl
       native.close # never started: ends the workers' wait
       workers&.each(&:join)
       raise
+    end
+
+    # A handler's native answer for a unary RPC (Registry#native_unary), only without
+    # interceptors (they would not see those calls).
+    def native_answer(route)
+      return nil unless @interceptors.empty? && route.handler.respond_to?(:native_unary)
+
+      route.handler.native_unary(route.rpc)
     end
 
     def stop_native(native, workers, grace)

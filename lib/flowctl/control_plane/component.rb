@@ -30,6 +30,7 @@ module Flowctl
         BEAT_FIELDS = %w[status metrics last_heartbeat heartbeats reported_at].freeze
         attr_accessor(*FIELDS)
         attr_accessor :saved_at # Store: when a change of it was last noted for persistence
+        attr_accessor :native   # Store: published in the native table (Native::BeatTable)
 
         def initialize(**fields)
           fields.each { |k, v| public_send(:"#{k}=", v) }

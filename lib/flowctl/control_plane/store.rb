@@ -44,14 +44,24 @@ module Flowctl
       # unregistration. A heartbeat that changes only metrics and time is noted when the
       # component's last noted change is older than persist_refresh (nanoseconds): the stored
       # last heartbeat stays within that of the truth without a write per heartbeat.
+      #
+      # Native heartbeats (#native_beats, asked for by a server through Registry#native_unary):
+      # entries registered or beaten through flowctl.v1 (native: true) are also published in a
+      # Native::BeatTable (Entry#native), from which the server's acceptor answers the flowctl.v1
+      # heartbeats that change nothing but metrics and time, within the limits, without Ruby
+      # (ext/flowctl/beat_table.c says which); the seed's components stay Ruby's alone until a
+      # v1 heartbeat comes for them. What the table took in is folded into the entries before
+      # anything reads or changes them (#fold_all, #fold_one); a method that changes a published
+      # entry takes it out of the table first and publishes it again after (#changing), or holds
+      # it for a heartbeat (#holding), so the table's heartbeats and this store's changes stay in
+      # one order, and its limits (metrics, bytes, when persistence is due) stay this store's.
       class Store
         HEALTHY = "HEALTHY"
         UNHEALTHY = "UNHEALTHY"
         STARTING = "STARTING"
         OBJECT = 40 # bytes of a Ruby object slot
 
-        attr_reader :ttl, :limits, :version
-        attr_accessor :persist_refresh
+        attr_reader :ttl, :limits, :persist_refresh
 
         # clock: nil (the real time) or anything with #call returning a Time or Float seconds.
         def initialize(ttl:, clock:, limits:)
@@ -63,6 +73,36 @@ module Flowctl
           @dirty = {}
           @bytes = 0
           @version = 0
+          @beats = nil # the Native::BeatTable, once asked for
+        end
+
+        # Counts every change, native heartbeats included.
+        def version = @beats ? @version + @beats.answered : @version
+
+        def persist_refresh=(nanoseconds)
+          @lock.synchronize do
+            @persist_refresh = nanoseconds
+            sync_limits if @beats
+          end
+        end
+
+        # call-seq: store.native_beats(codes) -> Native::BeatTable or nil
+        #
+        # The table a server answers heartbeats from (made on the first call; components are
+        # published as they register or beat through flowctl.v1); nil with a clock of the
+        # caller's (the table's time is the real one). codes: stored status => flowctl.v1
+        # HealthStatus number, for the statuses a heartbeat may repeat natively.
+        def native_beats(codes)
+          return nil unless @clock.nil?
+
+          @lock.synchronize do
+            unless @beats
+              @beat_codes = codes
+              @beats = Native::BeatTable.new(@limits.max_metrics, @limits.max_metric_bytes)
+              sync_limits
+            end
+            @beats
+          end
         end
 
         # Integer nanoseconds since the epoch (as exact as upstream's timestamps, no allocation).
@@ -78,61 +118,85 @@ module Flowctl
         # (HEALTHY), metrics (emptied), registered_at and last_heartbeat; reset: false (the
         # seed) keeps registered_at, status and metrics of a known id, a new one is STARTING.
         # Raises ResourceExhausted past the limits; returns true when the id was known.
-        def register(id, reset:, **fields)
+        # native: publish it in the native table (flowctl.v1's registrations).
+        def register(id, reset:, native: false, **fields)
           size = Store.registration_bytes(id, fields)
           check_registration_size(size)
           t = now
           @lock.synchronize do
-            old = @entries[id]
-            check_room(size - (old ? old_bytes(old) : 0), old)
-            entry = Entry.new(id: id, registered_at: t, last_heartbeat: t, status: reset ? HEALTHY : STARTING, **fields)
-            if old && !reset
-              entry.registered_at = old.registered_at
-              entry.status = old.status
-              entry.metrics = old.metrics
-              entry.heartbeats = old.heartbeats
-              entry.reported_at = old.reported_at
-            end
-            @bytes += size + metric_bytes(entry.metrics) - (old ? old_bytes(old) + metric_bytes(old.metrics) : 0)
-            @entries[id] = entry
-            entry.saved_at = t
-            touch(id, :full)
-            !old.nil?
+            changing(id, publish: native) { register_locked(id, reset, t, size, fields) }
           end
         end
+
+        # register's change, under the lock.
+        def register_locked(id, reset, t, size, fields)
+          old = @entries[id]
+          check_room(size - (old ? old_bytes(old) : 0), old)
+          entry = Entry.new(id: id, registered_at: t, last_heartbeat: t, status: reset ? HEALTHY : STARTING, **fields)
+          if old && !reset
+            entry.registered_at = old.registered_at
+            entry.status = old.status
+            entry.metrics = old.metrics
+            entry.heartbeats = old.heartbeats
+            entry.reported_at = old.reported_at
+          end
+          @bytes += size + metric_bytes(entry.metrics) - (old ? old_bytes(old) + metric_bytes(old.metrics) : 0)
+          @entries[id] = entry
+          entry.saved_at = t
+          touch(id, :full)
+          !old.nil?
+        end
+        private :register_locked
 
         # A heartbeat: status nil keeps the status, else stores it; metrics merge key by key.
         # kind: a seed heartbeat's kind, which must match (a component registered as
         # :unspecified matches any). false when the id is not known (or of another kind).
-        def heartbeat(id, status, metrics, kind: nil, reported_at: nil)
+        # native: publish it in the native table after (flowctl.v1's heartbeats).
+        def heartbeat(id, status, metrics, kind: nil, reported_at: nil, native: false)
           t = now
           @lock.synchronize do
             entry = @entries[id]
             return false if entry.nil? || (kind && entry.kind != kind && entry.kind != :unspecified)
+            return holding(entry, metrics) { heartbeat_locked(entry, t, status, metrics, reported_at) } if entry.native
 
-            merge_metrics(entry, metrics) unless metrics.empty?
-            changed = status && status != entry.status
-            entry.status = status if changed
-            entry.reported_at = reported_at if reported_at
-            entry.last_heartbeat = t
-            entry.heartbeats += 1
-            if @persist_refresh && (changed || t - entry.saved_at >= @persist_refresh)
-              entry.saved_at = t
-              touch(id, :beat)
-            else
-              @version += 1
+            bytes_before = @bytes
+            heartbeat_locked(entry, t, status, metrics, reported_at).tap do
+              if @beats && native then publish(entry)
+              elsif @beats && @bytes != bytes_before then sync_limits
+              end
             end
-            true
           end
         end
+
+        # heartbeat's change, under the lock.
+        def heartbeat_locked(entry, t, status, metrics, reported_at)
+          id = entry.id
+          merge_metrics(entry, metrics) unless metrics.empty?
+          changed = status && status != entry.status
+          entry.status = status if changed
+          entry.reported_at = reported_at if reported_at
+          t = entry.last_heartbeat if entry.native && entry.last_heartbeat > t # a native one came after t
+          entry.last_heartbeat = t
+          entry.heartbeats += 1
+          if @persist_refresh && (changed || t - entry.saved_at >= @persist_refresh)
+            entry.saved_at = t
+            touch(id, :beat)
+          else
+            @version += 1
+          end
+          true
+        end
+        private :heartbeat_locked
 
         # Forgets a component; true when it was known.
         def unregister(id)
           @lock.synchronize do
-            old = @entries.delete(id) or return false
-            @bytes -= old_bytes(old) + metric_bytes(old.metrics)
-            touch(id, :gone)
-            true
+            changing(id) do
+              old = @entries.delete(id) or return false
+              @bytes -= old_bytes(old) + metric_bytes(old.metrics)
+              touch(id, :gone)
+              true
+            end
           end
         end
 
@@ -144,22 +208,26 @@ module Flowctl
             @entries.each_value.filter_map do |e|
               next unless e.status == HEALTHY && e.last_heartbeat < limit
 
-              e.status = UNHEALTHY
-              touch(e.id, :beat)
-              e.id
+              changing(e.id) do # folds in what the native table took in for it
+                next unless e.last_heartbeat < limit # a native heartbeat came meanwhile
+
+                e.status = UNHEALTHY
+                touch(e.id, :beat)
+                e.id
+              end
             end
           end
         end
 
         def size = @lock.synchronize { @entries.size }
-        def bytes = @lock.synchronize { @bytes }
+        def bytes = @lock.synchronize { fold_all || @bytes }
 
         # A snapshot of one component, or nil.
         def get(id)
           t = now
           @lock.synchronize do
-            e = @entries[id]
-            e&.snapshot(@ttl, t)
+            fold_one(id)
+            @entries[id]&.snapshot(@ttl, t)
           end
         end
 
@@ -168,16 +236,19 @@ module Flowctl
         def select
           t = now
           @lock.synchronize do
+            fold_all
             @entries.each_value.filter_map { |e| e.snapshot(@ttl, t) if !block_given? || yield(e) }
           end
         end
 
         # Counts by status and by protocol ({"HEALTHY" => 10, ...}, {v1: 11, seed: 1}) and the first
         # `rows` components' snapshots, in one pass that allocates nothing per component: what the
-        # display needs at 10,000 components.
+        # display needs at 10,000 components. (Native heartbeats change neither count: only the
+        # rows shown are folded.)
         def summary(rows)
           t = now
           @lock.synchronize do
+            rows ? @entries.each_value.first(rows).each { |e| fold_one(e.id) } : fold_all
             by_status = Hash.new(0)
             by_protocol = Hash.new(0)
             @entries.each_value do |e|
@@ -195,6 +266,7 @@ module Flowctl
             n = max ? [max, @dirty.size].min : @dirty.size
             Array.new(n) do
               id, what = @dirty.shift
+              fold_one(id)
               e = @entries[id]
               if e.nil? then [id, :gone, nil]
               else [id, what, what == :full ? e.to_row : e.beat_row]
@@ -219,6 +291,7 @@ module Flowctl
               @entries[e.id] = e
               @bytes += old_bytes(e) + metric_bytes(e.metrics)
             end
+            sync_limits if @beats
             @version += 1
           end
         end
@@ -238,6 +311,71 @@ module Flowctl
         end
 
         private
+
+        # Runs the block (under the lock) with id's entry out of the native table and what the
+        # table took in for it folded in; publishes the entry there after (whatever happened) if
+        # it was published before or publish is true, with the limits as they are then. Without
+        # a table, only the block.
+        def changing(id, publish: false)
+          return yield unless @beats
+
+          was = @entries[id]&.native
+          change = was && @beats.take(id)
+          fold(id, change) if change
+          begin
+            yield
+          ensure
+            e = @entries[id]
+            e && (was || publish) ? publish(e) : sync_limits
+          end
+        end
+
+        # A heartbeat through Ruby, under the lock: the table holds off that component's heartbeats
+        # while the block changes the entry, then learns the status and the metrics merged (not
+        # the whole map again: this is the seed's every heartbeat).
+        def holding(entry, metrics)
+          return yield unless @beats
+
+          change = @beats.hold(entry.id)
+          fold(entry.id, change) if change
+          merged = nil
+          begin
+            result = yield
+            merged = metrics
+            result
+          ensure
+            @beats.release(entry.id, @beat_codes.fetch(entry.status, -1), entry.saved_at || 0, merged,
+                           @limits.max_bytes - @bytes)
+          end
+        end
+
+        def publish(e)
+          @beats.put(e.id, @beat_codes.fetch(e.status, -1), e.saved_at || 0, e.metrics, @limits.max_bytes - @bytes)
+          e.native = true
+        end
+
+        def sync_limits = @beats.limits(@limits.max_bytes - @bytes, @persist_refresh || 0)
+
+        # What the native table took in for one entry, as #heartbeat would have changed it.
+        def fold(id, (metrics, last, beats, growth))
+          e = @entries[id] or return
+          current = e.metrics
+          metrics.each { |k, v| current[k] = v unless current[k] == v }
+          e.last_heartbeat = last if last > e.last_heartbeat
+          e.heartbeats += beats
+          @bytes += growth
+        end
+
+        # nil, always (bytes reads @bytes after it).
+        def fold_all
+          @beats&.drain&.each { |id, *change| fold(id, change) }
+          nil
+        end
+
+        def fold_one(id)
+          change = @entries[id]&.native && @beats.drain(id)
+          fold(id, change) if change
+        end
 
         def touch(id, what)
           @version += 1

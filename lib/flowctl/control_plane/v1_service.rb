@@ -26,6 +26,9 @@ module Flowctl
         STATUS_SYMBOL = NAMES.to_h { |name| [name, :"#{STATUS_PREFIX}#{name}"] }.freeze
         # v1 enum Symbol -> stored status String; nil = keep the status
         STATUS_TEXT = NAMES.to_h { |name| [:"#{STATUS_PREFIX}#{name}", name] }.merge(HEALTH_STATUS_UNKNOWN: nil).freeze
+        # stored status String -> HealthStatus number, for the native table (UNKNOWN is never stored)
+        STATUS_CODE = NAMES.each_with_index.to_h.except("UNKNOWN").freeze
+        HEARTBEAT_PATH = "/flowctl.v1.ControlPlaneService/Heartbeat"
 
         # A stored status as the v1 enum: a known name, the number of a status sent as an
         # unknown number, else UNKNOWN (a seed heartbeat's free text).
@@ -48,7 +51,7 @@ module Flowctl
             raise Flowctl::InvalidArgument, "RegisterComponent needs a component (RegisterRequest.component is not set)"
 
           id = V1Service.service_id(request.component_id, info)
-          store.register(id, reset: true, **V1Service.info_fields(info))
+          store.register(id, reset: true, native: true, **V1Service.info_fields(info))
           committed!
           Flowctl::V1::RegisterResponse.new(service_id: id, assigned_topics: V1Service.assigned_topics(info),
                                             connection_info: endpoint ? { "control_plane_endpoint" => endpoint } : {})
@@ -61,7 +64,8 @@ module Flowctl
 
         def heartbeat(request, _call = nil)
           id = request.service_id
-          V1Service.not_found(id) unless store.heartbeat(id, V1Service.status_text(request.status), request.metrics)
+          V1Service.not_found(id) unless store.heartbeat(id, V1Service.status_text(request.status), request.metrics,
+                                                         native: true)
           V1Service.empty
         end
 
