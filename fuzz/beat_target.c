@@ -14,10 +14,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 
-#ifndef FUZZ_SRC
-#define FUZZ_SRC "fuzz"
-#endif
-
 static VALUE checker;
 static ID id_check, id_reset;
 static void *table;
@@ -30,29 +26,14 @@ print_stats(void)
     fprintf(stderr, "beat_target: %lu inputs, %lu taken in natively\n", inputs, taken);
 }
 
-static VALUE
-load_checker(VALUE path)
-{
-    return rb_require(StringValueCStr(path));
-}
-
 int
 LLVMFuzzerInitialize(int *argc, char ***argv)
 {
     fuzz_ruby_init(argc, argv);
-    VALUE path = rb_sprintf("%s/beat_check.rb", FUZZ_SRC);
-    int state = 0;
-    __lsan_disable();
-    rb_protect(load_checker, path, &state);
-    if (state) {
-        rb_p(rb_errinfo());
-        fuzz_bug("could not load %"PRIsVALUE, path);
-    }
-    checker = rb_path2class("FuzzBeats");
-    rb_gc_register_mark_object(checker);
+    checker = fuzz_load_checker("beat_check.rb", "FuzzBeats");
     id_check = rb_intern("check");
     id_reset = rb_intern("reset");
-    rb_eval_string("FuzzBeats.warm_up");
+    __lsan_disable(); /* the table lives as long as Ruby */
     void *(*table_of)(VALUE) = (void *(*)(VALUE))dlsym(RTLD_DEFAULT, "flowctl_beat_table_of");
     apply = (bool (*)(void *, const uint8_t *, size_t))dlsym(RTLD_DEFAULT, "flowctl_beat_table_apply");
     if (!table_of || !apply) fuzz_bug("flowctl.so does not export the beat table");

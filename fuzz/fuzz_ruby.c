@@ -20,6 +20,9 @@
 #ifndef FUZZ_LIB
 #define FUZZ_LIB "tmp/fuzz/lib"
 #endif
+#ifndef FUZZ_SRC
+#define FUZZ_SRC "fuzz"
+#endif
 #ifndef FUZZ_GEN
 #define FUZZ_GEN "spec/gen"
 #endif
@@ -259,6 +262,33 @@ fuzz_official_class(const char *full_name)
     VALUE d = rb_funcall(pool, rb_intern("lookup"), 1, rb_str_new_cstr(full_name));
     if (NIL_P(d)) fuzz_bug("google-protobuf has no message %s", full_name);
     return rb_funcall(d, rb_intern("msgclass"), 0);
+}
+
+static VALUE
+require_checker(VALUE path)
+{
+    return rb_require(StringValueCStr(path));
+}
+
+VALUE
+fuzz_load_checker(const char *file, const char *klass)
+{
+    VALUE path = rb_sprintf("%s/%s", FUZZ_SRC, file);
+    int state = 0;
+    /* what loading the oracle (psych, json, did_you_mean) and its first uses allocate
+     * lives as long as Ruby: made with LSan off, as fuzz_ruby_init does for the gem */
+    __lsan_disable();
+    rb_protect(require_checker, path, &state);
+    if (state) {
+        rb_p(rb_errinfo());
+        fuzz_bug("could not load %"PRIsVALUE, path);
+    }
+    VALUE k = rb_path2class(klass);
+    rb_gc_register_mark_object(k); /* pinned: GC.compact must not move it under us */
+    rb_funcall(k, rb_intern("warm_up"), 0);
+    fuzz_lsan_roots();
+    __lsan_enable();
+    return k;
 }
 
 void

@@ -35,6 +35,10 @@ void fuzz_load_official(void);
 /* The google-protobuf class of a full message name. */
 VALUE fuzz_official_class(const char *full_name);
 
+/* Requires fuzz/<file> (an oracle script), calls <klass>.warm_up and returns the class,
+ * pinned: what loading and warming up allocate lives as long as Ruby (made with LSan off). */
+VALUE fuzz_load_checker(const char *file, const char *klass);
+
 /* rb_funcallv under rb_protect. Returns Qundef after an exception; *err gets it. */
 VALUE fuzz_call(VALUE recv, ID mid, int argc, const VALUE *argv, VALUE *err);
 

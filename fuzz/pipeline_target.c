@@ -9,13 +9,8 @@
  * ASan/UBSan/LSan report, is a crash.
  */
 #include "fuzz_ruby.h"
-#include <sanitizer/lsan_interface.h>
 #include <stdio.h>
 #include <stdlib.h>
-
-#ifndef FUZZ_SRC
-#define FUZZ_SRC "fuzz"
-#endif
 
 static VALUE checker;
 static ID id_check;
@@ -28,32 +23,12 @@ print_stats(void)
             inputs, accepted, refused);
 }
 
-static VALUE
-load_checker(VALUE path)
-{
-    return rb_require(StringValueCStr(path));
-}
-
 int
 LLVMFuzzerInitialize(int *argc, char ***argv)
 {
     fuzz_ruby_init(argc, argv);
-    VALUE path = rb_sprintf("%s/pipeline_check.rb", FUZZ_SRC);
-    int state = 0;
-    /* what loading the loader (psych, json, did_you_mean) and its first uses allocate
-     * lives as long as Ruby: made with LSan off, as fuzz_ruby_init does for the gem */
-    __lsan_disable();
-    rb_protect(load_checker, path, &state);
-    if (state) {
-        rb_p(rb_errinfo());
-        fuzz_bug("could not load %"PRIsVALUE, path);
-    }
-    checker = rb_path2class("FuzzPipeline");
-    rb_gc_register_mark_object(checker); /* pinned: GC.compact must not move it under us */
+    checker = fuzz_load_checker("pipeline_check.rb", "FuzzPipeline");
     id_check = rb_intern("check");
-    rb_eval_string("FuzzPipeline.warm_up");
-    fuzz_lsan_roots();
-    __lsan_enable();
     atexit(print_stats);
     return 0;
 }
