@@ -72,20 +72,11 @@ if (spec = ENV["BENCH_CHILD"])
   exit!(0)
 end
 
-def cpu_now = Process.clock_gettime(Process::CLOCK_THREAD_CPUTIME_ID)
-
-# Operations per CPU-second of the block over about `seconds` of this thread's CPU.
+# Operations per CPU-second of the block over about `seconds` of this thread's CPU, after a full GC.
 def cpu_ips(seconds, &block)
   GC.start
-  batch = 64
-  n = 0
-  start = cpu_now
-  loop do
-    batch.times { block.call }
-    n += batch
-    elapsed = cpu_now - start
-    return n / elapsed if elapsed >= seconds
-  end
+  iterations, elapsed = Bench.run_for(seconds, clock: Process::CLOCK_THREAD_CPUTIME_ID, &block)
+  iterations / elapsed
 end
 
 def median(xs) = xs.sort[xs.size / 2]

@@ -21,7 +21,7 @@ module Bench
 
   module_function
 
-  def now = Process.clock_gettime(Process::CLOCK_MONOTONIC)
+  def now(clock = Process::CLOCK_MONOTONIC) = Process.clock_gettime(clock)
 
   # Iterations per second of the block, run for about `seconds` after a short warm-up.
   # The block is called in batches so that reading the clock costs nothing measurable.
@@ -33,11 +33,12 @@ module Bench
     iterations / elapsed
   end
 
-  # Runs the block in growing batches until `seconds` have passed: [iterations, elapsed].
-  def run_for(seconds, &block)
+  # Runs the block in growing batches until `seconds` have passed on `clock` (elapsed time,
+  # or Process::CLOCK_THREAD_CPUTIME_ID for this thread's CPU): [iterations, elapsed].
+  def run_for(seconds, clock: Process::CLOCK_MONOTONIC, &block)
     batch = 1
     iterations = 0
-    start = now
+    start = now(clock)
     loop do
       i = 0
       while i < batch
@@ -45,7 +46,7 @@ module Bench
         i += 1
       end
       iterations += batch
-      elapsed = now - start
+      elapsed = now(clock) - start
       return [iterations, elapsed] if elapsed >= seconds
 
       batch *= 2 if elapsed < seconds / 20
