@@ -45,6 +45,8 @@ def serve_flowctl
   registry = Flowctl::ControlPlane::Registry.new(db: dir && File.join(dir, "cp.db"))
   server = ENV["POOL_SIZE"] ? registry.serve(port: 0, pool_size: Integer(ENV["POOL_SIZE"])) : registry.serve(port: 0)
   [server.port, lambda {
+    closed = server.stats.select { |k, v| k.to_s.end_with?("_closed", "_shed", "dropped") && v.to_i.positive? }
+    warn "flowctl embedded: connections shut by its guards: #{closed}" unless closed.empty?
     server.stop(grace: 1)
     registry.close
     CLEANUP << dir if dir

@@ -96,6 +96,9 @@ typedef struct {
     pthread_t watchdog;               /* runs watch_memory; the acceptor joins it when it ends */
     pthread_cond_t watchdog_wake;     /* (mu) shutdown ends the watchdog's pause (monotonic clock) */
     _Atomic int64_t acceptor_beat_ms; /* when the acceptor last came back from gRPC */
+    clockid_t acceptor_clock;         /* the acceptor thread's CPU clock, once acceptor_clock_set */
+    atomic_bool acceptor_clock_set;
+    int64_t stall_beat_ms, stall_cpu_ms; /* watchdog: the beat it last saw, the acceptor's CPU then */
     _Atomic long stall_closed;        /* shut down while the acceptor was held (counted before) */
     _Atomic long idle_shed;           /* shut down near the descriptor limit (counted before) */
     int pending_ticks;                /* watchdog: checks in a row that found the listener not accepting */
