@@ -28,6 +28,8 @@
  *     except for bool fields, and groups) the case is counted and printed at exit.
  *   - skim.c (the check a forwarded message gets, without Ruby) accepts exactly what the
  *     decoder accepts, and says what the decoder says (the DecodeError's text ends with it).
+ *   - Message#peek on a lazily decoded copy (an unknown 600-byte field in front makes it
+ *     large) gives every field the value the decoder gives it.
  */
 #include "fuzz_ruby.h"
 #include <dlfcn.h>
@@ -61,6 +63,32 @@ check_skim(const fuzz_class *c, const uint8_t *data, size_t size, VALUE m, VALUE
         fuzz_bug("%s: the decoder said \"%s\", the skim \"%s\"", c->desc->name, msg, e.why);
 }
 static VALUE allowed_decode[2];
+static ID id_peek, id_aref, id_fields, id_new;
+static VALUE peek_pad; /* field 1000, length-delimited, 600 bytes: unknown to every class */
+
+/* Each field peeked from a lazy copy of the input equals what decoding gave it (compared
+ * as one-field messages: NaN equals NaN, maps by content). */
+static void
+check_peek(const fuzz_class *c, VALUE eager, const uint8_t *data, size_t size)
+{
+    VALUE str = rb_str_dup(peek_pad), err;
+    rb_str_cat(str, (const char *)data, (long)size);
+    VALUE lazy = fuzz_call(c->klass, id_decode, 1, &str, &err);
+    if (lazy == Qundef) fuzz_bug("%s: an unknown field in front made it fail: %s", c->desc->name, fuzz_error_text(err));
+    VALUE fields = rb_funcall(c->klass, id_fields, 0);
+    for (long k = 0; k < RARRAY_LEN(fields); k++) {
+        VALUE name = RARRAY_AREF(fields, k);
+        VALUE got = fuzz_call(lazy, id_peek, 1, &name, &err);
+        if (got == Qundef) fuzz_bug("%s: peek(:%"PRIsVALUE") raised %s", c->desc->name, name, fuzz_error_text(err));
+        VALUE want = rb_funcall(eager, id_aref, 1, name);
+        VALUE a = rb_hash_new(), b = rb_hash_new();
+        rb_hash_aset(a, name, got);
+        rb_hash_aset(b, name, want);
+        if (!fuzz_same_message(rb_funcall(c->klass, id_new, 1, a), rb_funcall(c->klass, id_new, 1, b)))
+            fuzz_bug("%s: peek(:%"PRIsVALUE") gave %+"PRIsVALUE", the decoder %+"PRIsVALUE, c->desc->name, name, got, want);
+    }
+    RB_GC_GUARD(str);
+}
 static VALUE official[FUZZ_MAX_CLASSES];
 
 /* how often flowctl and protobuf-c disagreed, and why (printed at exit) */
@@ -103,6 +131,15 @@ LLVMFuzzerInitialize(int *argc, char ***argv)
     id_decode = rb_intern("decode");
     id_encode = rb_intern("encode");
     id_to_proto = rb_intern("to_proto");
+    id_peek = rb_intern("peek");
+    id_aref = rb_intern("[]");
+    id_fields = rb_intern("fields");
+    id_new = rb_intern("new");
+    peek_pad = rb_str_new("\xc2\x3e\xd8\x04", 4);
+    rb_str_resize(peek_pad, 604);
+    memset(RSTRING_PTR(peek_pad) + 4, 'p', 600);
+    rb_obj_freeze(peek_pad);
+    rb_gc_register_mark_object(peek_pad);
     allowed_decode[0] = fuzz_eDecodeError;
     for (int i = 0; i < fuzz_n_classes; i++) {
         official[i] = fuzz_official_class(fuzz_classes[i].desc->name);
@@ -301,6 +338,7 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     } else {
         accepted++;
         check_roundtrip(c, m);
+        check_peek(c, m, data, size);
     }
     check_skim(c, data, size, m, err);
     check_against_upb(i, str, m, err, data, size);

@@ -14,6 +14,7 @@ RSpec.describe Flowctl::Pipeline::Router do
 
   RouterEv = Struct.new(:id, :type, :payload, :metadata, keyword_init: true) do
     def dup = RouterEv.new(**to_h, metadata: metadata.dup)
+    def peek(field) = public_send(field) # Flowctl::Message#peek, as the Router reads events
   end
 
   # A source's StreamEvents: the events after the resume token.

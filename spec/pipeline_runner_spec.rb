@@ -35,6 +35,7 @@ RSpec.describe Flowctl::Pipeline::Runner do
 
   RunnerEv = Struct.new(:id, :type, :payload, :metadata, keyword_init: true) do
     def dup = RunnerEv.new(**to_h, metadata: metadata.dup)
+    def peek(field) = public_send(field) # Flowctl::Message#peek, as the Router reads events
   end
 
   # Links whose far end is a fake's pid: they break (UNAVAILABLE) when it dies.

@@ -15,6 +15,7 @@
 #include <ruby.h>
 #include <ruby/encoding.h>
 #include <ruby/thread.h>
+#include <ruby/ractor.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdbool.h>
@@ -122,6 +123,8 @@ VALUE flowctl_message_decode(VALUE klass, const uint8_t *data, size_t len);
  * DataMessage: +12%). */
 #define FLOWCTL_LAZY_MIN 512
 VALUE flowctl_message_decode_own(VALUE klass, VALUE str);
+/* The wire bytes of a message decoded lazily and not built since (frozen), else Qnil. */
+VALUE flowctl_msg_lazy_bytes(VALUE msg);
 
 /* message.c internals used by convert.c */
 const flowctl_class *flowctl_class_of_desc(const ProtobufCMessageDescriptor *desc);

@@ -9,12 +9,14 @@
  * is always what its field accepts (containers are re-checked when encoded).
  */
 #include "flowctl.h"
+#include "wire.h"
 
 VALUE cFlowctlMessage;
 static st_table *class_by_desc;  /* descriptor -> flowctl_class */
 static st_table *class_by_klass; /* pinned class VALUE -> flowctl_class */
 static VALUE class_by_name;      /* full proto name -> class (pinned Hash) */
 static VALUE empty_string, empty_bytes;
+static VALUE empty_map, empty_list; /* what Message#peek gives for an absent map or list (frozen: nothing to change) */
 
 /* ---- the object --------------------------------------------------------- */
 
@@ -304,6 +306,83 @@ static VALUE
 msg_aset(VALUE self, VALUE name, VALUE v)
 {
     return field_set(self, field_index(flowctl_msg_get(self)->ci, name), v);
+}
+
+/* The fields of a lazy message's raw that decide field i: its own occurrences and, for a
+ * member of a oneof, those of the other members (the last one set wins). */
+static bool
+peek_decides(const flowctl_class *ci, unsigned i, uint32_t number)
+{
+    const flowctl_field *f = &ci->fields[i];
+    if (f->fd->id == number) return true;
+    if (!f->oneof) return false;
+    for (unsigned k = 0; k < ci->n_fields; k++)
+        if (ci->fields[k].fd->id == number) return ci->fields[k].oneof == f->oneof;
+    return false;
+}
+
+/*
+ * call-seq: msg.peek(:field) -> value
+ *
+ * The field's value, as msg[:field] gives it, without building the rest of a message that
+ * was decoded lazily (a large one, not touched yet): only the bytes of that field are
+ * decoded, into a value of its own (changing it does not change the message; an absent
+ * map or list is a frozen empty one), and the message stays as it came, so that writing
+ * it to a stream sends those bytes again without encoding anything. For a message
+ * already built it is msg[:field].
+ */
+static VALUE
+msg_peek(VALUE self, VALUE name)
+{
+    flowctl_msg *m = rb_check_typeddata(self, &msg_type);
+    const flowctl_class *ci = m->ci;
+    unsigned i = field_index(ci, name);
+    VALUE raw = m->raw;
+    if (!RTEST(raw)) return field_get(self, i);
+    const uint8_t *p = (const uint8_t *)RSTRING_PTR(raw), *end = p + RSTRING_LEN(raw);
+    const uint8_t *one = NULL;
+    size_t one_len = 0, pieces = 0, total = 0;
+    wire_field last = {0};
+    bool all_len = true;
+    for (const uint8_t *q = p; q < end;) {
+        const uint8_t *at = q;
+        wire_field wf;
+        if (!wire_next(&q, end, &wf)) return field_get(self, i); /* a group: the decoder's way */
+        if (!peek_decides(ci, i, wf.number)) continue;
+        if (pieces++ == 0) { one = at; one_len = (size_t)(q - at); }
+        total += (size_t)(q - at);
+        last = wf;
+        all_len = all_len && wf.wt == WT_LEN;
+    }
+    const flowctl_field *f = &ci->fields[i];
+    if (pieces == 0) return f->kind == FK_MAP ? empty_map : f->kind == FK_REPEATED ? empty_list : flowctl_field_default(f);
+    if (f->kind == FK_SINGULAR && !f->oneof && all_len && f->fd->type == PROTOBUF_C_TYPE_STRING) /* the last one wins */
+        return rb_obj_freeze(rb_utf8_str_new((const char *)last.p, (long)last.len)); /* raw was checked: valid UTF-8 */
+    VALUE tmp = msg_alloc_ci(ci->klass, ci), joined = Qnil;
+    if (pieces > 1) { /* the pieces in their order, into one buffer */
+        joined = rb_str_buf_new((long)total);
+        for (const uint8_t *q = p; q < end;) {
+            const uint8_t *at = q;
+            wire_field wf;
+            wire_next(&q, end, &wf); /* it read these bytes above */
+            if (peek_decides(ci, i, wf.number)) rb_str_cat(joined, (const char *)at, q - at);
+        }
+        one = (const uint8_t *)RSTRING_PTR(joined);
+        one_len = total;
+    }
+    flowctl_decode_into(ci, tmp, one, one_len);
+    RB_GC_GUARD(raw);
+    RB_GC_GUARD(joined);
+    return field_get(tmp, i);
+}
+
+/* The wire bytes a lazily decoded message came from (a frozen String), or Qnil once it
+ * was built: nothing in it can have changed, so they are its encoding. */
+VALUE
+flowctl_msg_lazy_bytes(VALUE msg)
+{
+    flowctl_msg *m = rb_check_typeddata(msg, &msg_type);
+    return RTEST(m->raw) ? m->raw : Qnil;
 }
 
 /* call-seq: msg.to_proto -> String (binary, the protobuf wire format) */
@@ -761,6 +840,10 @@ init_flowctl_message(void)
     rb_gc_register_mark_object(empty_string);
     empty_bytes = rb_obj_freeze(rb_str_new("", 0));
     rb_gc_register_mark_object(empty_bytes);
+    empty_map = rb_ractor_make_shareable(rb_hash_new());
+    rb_gc_register_mark_object(empty_map);
+    empty_list = rb_ractor_make_shareable(rb_ary_new());
+    rb_gc_register_mark_object(empty_list);
 
     cFlowctlMessage = rb_define_class_under(mFlowctl, "Message", rb_cObject);
     rb_undef_alloc_func(cFlowctlMessage);
@@ -772,6 +855,7 @@ init_flowctl_message(void)
     rb_define_method(cFlowctlMessage, "initialize_copy", msg_initialize_copy, 1);
     rb_define_method(cFlowctlMessage, "[]", msg_aref, 1);
     rb_define_method(cFlowctlMessage, "[]=", msg_aset, 2);
+    rb_define_method(cFlowctlMessage, "peek", msg_peek, 1);
     rb_define_method(cFlowctlMessage, "to_proto", msg_to_proto, 0);
     rb_define_method(cFlowctlMessage, "to_h", msg_to_h, 0);
     rb_define_method(cFlowctlMessage, "==", msg_equal, 1);

@@ -269,7 +269,9 @@ grpc_byte_buffer *
 flowctl_buffer_from_value(VALUE v)
 {
     if (RB_TYPE_P(v, T_STRING)) return flowctl_buffer_from_str(v);
-    const flowctl_msg *m = flowctl_msg_get(v); /* TypeError for anything else */
+    VALUE lazy = flowctl_msg_lazy_bytes(v); /* TypeError for anything else */
+    if (!NIL_P(lazy)) return flowctl_buffer_from_str(lazy); /* untouched since decoded: its own bytes */
+    const flowctl_msg *m = flowctl_msg_get(v);
     char stack[4096];
     bool fits;
     size_t len = flowctl_encode_to(m->ci, v, stack, sizeof(stack), &fits);

@@ -101,6 +101,11 @@ module Flowctl
         @dead = definition.dead_letter && @nodes[definition.dead_letter]
         @nodes.each_value { |n| n.producers_left = n.component.inputs.size }
         @targets = @nodes.transform_values { {} }
+        # the readers of a node whose readers take every type: no event's type need be read
+        @typeless = @downstream.to_h do |id, readers|
+          takers = readers.reject { |d| d.component.dead_letter }
+          [id, takers.all? { |d| d.component.input_event_types.empty? } ? takers.freeze : nil]
+        end
         @stopping = false
         @aborted = false
         @threads = []
@@ -268,7 +273,7 @@ module Flowctl
           feed(node, link, stop)
         end
         while (reply = link.read)
-          acknowledge(node, reply.id)
+          acknowledge(node, reply.peek(:id))
           node.stats.out += 1
           route(node, reply)
         end
@@ -330,9 +335,9 @@ module Flowctl
       def acknowledge(node, id)
         node.lock.synchronize do
           pending = node.pending
-          if pending.first&.id == id # the usual case: replies in order, one per event
+          if pending.first&.peek(:id) == id # the usual case: replies in order, one per event
             pending.shift
-          elsif (i = pending.index { |e| e.id == id })
+          elsif (i = pending.index { |e| e.peek(:id) == id })
             pending.shift(i + 1)
           end
         end
@@ -373,7 +378,7 @@ module Flowctl
       def run_direct_processor(node, link)
         replayer = node.direct.open(link)
         while (reply = link.read)
-          acknowledge(node, reply.id)
+          acknowledge(node, reply.peek(:id))
           node.stats.out += 1
           route(node, reply)
         end
@@ -398,12 +403,14 @@ module Flowctl
 
       # --- routing -----------------------------------------------------------------
 
+      # Reads only what routing needs (Message#peek): an event that came in lazily and is
+      # passed on untouched goes out as the bytes it came in, nothing decoded or encoded.
       def route(node, event)
-        meta = event.metadata
-        reason = meta && meta[FAILED_KEY]
+        meta = event.peek(:metadata)
+        reason = meta[FAILED_KEY] unless meta.empty?
         return dead_letter(node, event, reason, count: true) if reason
 
-        targets = targets_for(node, event.type)
+        targets = @typeless[node.id] || targets_for(node, event.peek(:type))
         if targets.empty?
           node.stats.dropped += 1
           return
