@@ -415,8 +415,12 @@ module Flowctl
           node.stats.dropped += 1
           return
         end
-        targets.each { |d| d.direct ? d.direct.write(event) : d.inbox.push(event) }
+        return deliver(targets.first, event) if targets.size == 1
+
+        targets.each { |d| deliver(d, event) }
       end
+
+      def deliver(reader, event) = reader.direct ? reader.direct.write(event) : reader.inbox.push(event)
 
       # The readers of a node that take events of a type (worked out once per type; each
       # driver thread only asks for its own node).

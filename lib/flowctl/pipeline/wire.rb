@@ -109,8 +109,10 @@ module Flowctl
           @lock = Mutex.new
         end
 
+        # Called by the sink's driver only (as #finish is): @call is read without the lock
+        # while it is open; #cancel, from other threads, never changes it.
         def write(event)
-          call = @lock.synchronize { @call ||= @client.consume_stream }
+          call = @call || @lock.synchronize { @call ||= @client.consume_stream }
           begin
             call.write(event)
           rescue IOError
