@@ -1,6 +1,7 @@
 # frozen_string_literal: true
 
 require "spec_helper"
+require "etc"
 
 # The stall watch (server_engine.c, 2c) shuts the busiest connection when gRPC holds the
 # acceptor inside grpc_completion_queue_next, working on something that is no call (an HTTP/2
@@ -11,7 +12,7 @@ require "spec_helper"
 # four busy processes keep busy, so it comes back from gRPC every 0.6-0.8 s with about 1 ms
 # of CPU in between. Every call must still succeed, and no connection may be shut.
 RSpec.describe "Flowctl::Server with a starved acceptor" do
-  ACCEPTOR_TOOLS = %w[chrt taskset].all? { |t| system("command -v #{t} > /dev/null 2>&1") }
+  def starving_tools? = %w[chrt taskset].all? { |t| system("command -v #{t} > /dev/null 2>&1") }
 
   def acceptor_threads = Dir["/proc/self/task/*"].select { |t| thread_name(t) == "flowctl-accept" }
 
@@ -34,7 +35,7 @@ RSpec.describe "Flowctl::Server with a starved acceptor" do
   end
 
   it "loses no call and shuts no connection while its acceptor waits for a CPU" do
-    skip "needs chrt and taskset (util-linux)" unless ACCEPTOR_TOOLS
+    skip "needs chrt and taskset (util-linux)" unless starving_tools?
     skip "needs two CPUs (one is kept busy)" if Etc.nprocessors < 2
     skip "valgrind runs one thread at a time: a SCHED_IDLE one would hold up all" if ENV["FLOWCTL_MEMCHECK"]
 

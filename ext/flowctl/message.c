@@ -341,7 +341,8 @@ msg_peek(VALUE self, VALUE name)
     if (!RTEST(raw)) return field_get(self, i);
     const uint8_t *p = (const uint8_t *)RSTRING_PTR(raw), *end = p + RSTRING_LEN(raw);
     const uint8_t *one = NULL;
-    size_t one_len = 0, pieces = 0, total = 0;
+    size_t one_len = 0, pieces = 0;
+    VALUE joined = Qnil; /* two pieces or more: all of them in their order */
     wire_field last = {0};
     bool all_len = true;
     for (const uint8_t *q = p; q < end;) {
@@ -349,8 +350,13 @@ msg_peek(VALUE self, VALUE name)
         wire_field wf;
         if (!wire_next(&q, end, &wf)) return field_get(self, i); /* a group: the decoder's way */
         if (!peek_decides(ci, i, wf.number)) continue;
-        if (pieces++ == 0) { one = at; one_len = (size_t)(q - at); }
-        total += (size_t)(q - at);
+        if (pieces++ == 0) {
+            one = at;
+            one_len = (size_t)(q - at);
+        } else {
+            if (NIL_P(joined)) joined = rb_str_new((const char *)one, (long)one_len);
+            rb_str_cat(joined, (const char *)at, q - at);
+        }
         last = wf;
         all_len = all_len && wf.wt == WT_LEN;
     }
@@ -358,18 +364,11 @@ msg_peek(VALUE self, VALUE name)
     if (pieces == 0) return f->kind == FK_MAP ? empty_map : f->kind == FK_REPEATED ? empty_list : flowctl_field_default(f);
     if (f->kind == FK_SINGULAR && !f->oneof && all_len && f->fd->type == PROTOBUF_C_TYPE_STRING) /* the last one wins */
         return rb_obj_freeze(rb_utf8_str_new((const char *)last.p, (long)last.len)); /* raw was checked: valid UTF-8 */
-    VALUE tmp = msg_alloc_ci(ci->klass, ci), joined = Qnil;
-    if (pieces > 1) { /* the pieces in their order, into one buffer */
-        joined = rb_str_buf_new((long)total);
-        for (const uint8_t *q = p; q < end;) {
-            const uint8_t *at = q;
-            wire_field wf;
-            wire_next(&q, end, &wf); /* it read these bytes above */
-            if (peek_decides(ci, i, wf.number)) rb_str_cat(joined, (const char *)at, q - at);
-        }
+    if (!NIL_P(joined)) {
         one = (const uint8_t *)RSTRING_PTR(joined);
-        one_len = total;
+        one_len = (size_t)RSTRING_LEN(joined);
     }
+    VALUE tmp = msg_alloc_ci(ci->klass, ci);
     flowctl_decode_into(ci, tmp, one, one_len);
     RB_GC_GUARD(raw);
     RB_GC_GUARD(joined);

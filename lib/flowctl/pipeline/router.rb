@@ -101,11 +101,10 @@ module Flowctl
         @dead = definition.dead_letter && @nodes[definition.dead_letter]
         @nodes.each_value { |n| n.producers_left = n.component.inputs.size }
         @targets = @nodes.transform_values { {} }
-        # the readers of a node whose readers take every type: no event's type need be read
-        @typeless = @downstream.to_h do |id, readers|
-          takers = readers.reject { |d| d.component.dead_letter }
-          [id, takers.all? { |d| d.component.input_event_types.empty? } ? takers.freeze : nil]
-        end
+        # the readers a node routes to (the dead-letter sink gets failures only), and the same
+        # when none of them filters by type: then no event's type need be read
+        @takers = @downstream.transform_values { |rs| rs.reject { |d| d.component.dead_letter }.freeze }
+        @typeless = @takers.transform_values { |rs| rs.all? { |d| d.component.input_event_types.empty? } ? rs : nil }
         @stopping = false
         @aborted = false
         @threads = []
@@ -415,18 +414,14 @@ module Flowctl
           node.stats.dropped += 1
           return
         end
-        return deliver(targets.first, event) if targets.size == 1
-
-        targets.each { |d| deliver(d, event) }
+        targets.each { |d| d.direct ? d.direct.write(event) : d.inbox.push(event) }
       end
-
-      def deliver(reader, event) = reader.direct ? reader.direct.write(event) : reader.inbox.push(event)
 
       # The readers of a node that take events of a type (worked out once per type; each
       # driver thread only asks for its own node).
       def targets_for(node, type)
         cache = @targets.fetch(node.id)
-        cache[type] ||= @downstream[node.id].select { |d| !d.component.dead_letter && d.component.accepts?(type) }.freeze
+        cache[type] ||= @takers[node.id].select { |d| d.component.accepts?(type) }.freeze
       end
 
       def dead_letter(node, event, reason, count: false)
