@@ -1,9 +1,10 @@
 # frozen_string_literal: true
 
 # The runner's own overhead: events/s through source -> processor -> consumer (three
-# processes, 1 KiB events) wired by Flowctl::Pipeline::Router (bounded inboxes, event-type
-# filters, counters, acknowledgements, replay buffers) against the same running components
-# wired directly (StreamEvents -> Process -> Consume with two threads and nothing else).
+# processes, 1 KiB events) wired by Flowctl::Pipeline::Router (event-type filters, failure
+# routing, counters, acknowledgements, replay lists; a chain's hops relayed natively,
+# Native::Stream#relay) against the same running components wired directly (StreamEvents
+# -> Process -> Consume with two threads and nothing else).
 # Both wirings run in this process on the same components, in pairs whose order alternates
 # (direct first, then runner first, ...) so that a drift of the machine's load falls on both.
 # Printed per pair: events/s of each and their ratio; at the end the median ratio of the
@@ -13,10 +14,10 @@
 # events/s of a busy machine measure the share of CPU each round got). The load average is
 # printed before and after.
 #
-# BENCH_DIRECT_PATH=1 adds a third wiring to each round, "runner-direct": the Router with
-# the readers that have one producer on the direct path (Router.new(..., direct: true): the
-# producer's thread writes into the reader's stream, no inbox), the order of the three
-# rotating from round to round.
+# BENCH_RUBY_PATH=1 adds the Router's Ruby paths to each round (Router.new(..., relay:
+# false): every event a Ruby object routed by Ruby): "runner-inboxes" (a thread and a
+# bounded inbox per reader) and "runner-direct" (direct: true, the producer's thread writes
+# into the reader's stream), the order of the wirings rotating from round to round.
 #
 #   ruby bench/pipeline_runner.rb      # BENCH_EVENTS (default 20000) per round, BENCH_ROUNDS pairs (default 9)
 $LOAD_PATH.unshift File.expand_path("../lib", __dir__)
@@ -27,7 +28,7 @@ require "etc"
 module PipelineRunnerBench
   EVENTS = Integer(ENV.fetch("BENCH_EVENTS", "20000"))
   ROUNDS = Integer(ENV.fetch("BENCH_ROUNDS", "9"))
-  DIRECT_PATH = ENV["BENCH_DIRECT_PATH"] == "1"
+  RUBY_PATH = ENV["BENCH_RUBY_PATH"] == "1"
   COMPONENTS = File.join(__dir__, "pipeline_runner", "components.rb")
 
   YAML_TEXT = <<~YAML
@@ -65,13 +66,13 @@ module PipelineRunnerBench
   end
 
   # The same through the Router (its hooks connect to the running components).
-  def routed(definition, endpoints, n, direct: false)
+  def routed(definition, endpoints, n, direct: false, relay: true)
     hooks = Object.new
     hooks.define_singleton_method(:connect) do |c|
       Flowctl::Pipeline::Wire.link(c, endpoints.fetch(c.id), params: { "count" => n.to_s })
     end
     hooks.define_singleton_method(:broken) { |_c, e| raise e }
-    router = Flowctl::Pipeline::Router.new(definition, hooks, direct: direct).start
+    router = Flowctl::Pipeline::Router.new(definition, hooks, direct: direct, relay: relay).start
     router.wait
     router.snapshot["sink"]["in"]
   end
@@ -113,7 +114,10 @@ module PipelineRunnerBench
     direct(endpoints, 1000) # warm-up
     routed(definition, endpoints, 1000)
     wirings = { "direct" => -> { direct(endpoints, EVENTS) }, "runner" => -> { routed(definition, endpoints, EVENTS) } }
-    wirings["runner-direct"] = -> { routed(definition, endpoints, EVENTS, direct: true) } if DIRECT_PATH
+    if RUBY_PATH
+      wirings["runner-inboxes"] = -> { routed(definition, endpoints, EVENTS, relay: false) }
+      wirings["runner-direct"] = -> { routed(definition, endpoints, EVENTS, direct: true, relay: false) }
+    end
     puts "load average before: #{load_average}"
     rates = Hash.new { |h, k| h[k] = [] }
     own = Hash.new { |h, k| h[k] = [] }

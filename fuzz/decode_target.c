@@ -30,6 +30,8 @@
  *     decoder accepts, and says what the decoder says (the DecodeError's text ends with it).
  *   - Message#peek on a lazily decoded copy (an unknown 600-byte field in front makes it
  *     large) gives every field the value the decoder gives it.
+ *   - relay.c's scan of a flowctl.v1.Event (what the pipeline runner's relays read off the
+ *     wire: id, type, whether the metadata has the failure key) agrees with the decoder.
  */
 #include "fuzz_ruby.h"
 #include <dlfcn.h>
@@ -61,6 +63,41 @@ check_skim(const fuzz_class *c, const uint8_t *data, size_t size, VALUE m, VALUE
     size_t n = strlen(e.why), len = strlen(msg);
     if (len < n + 2 || memcmp(msg + len - n, e.why, n) != 0)
         fuzz_bug("%s: the decoder said \"%s\", the skim \"%s\"", c->desc->name, msg, e.why);
+}
+/* relay.c's flowctl_relay_scan (the layouts of flowctl.h's flowctl_relay_fields and _event) */
+typedef struct {
+    uint32_t id, type, metadata;
+    char failure_key[64];
+    size_t failure_key_len;
+} relay_fields;
+typedef struct {
+    const uint8_t *id, *type;
+    size_t id_len, type_len;
+    bool failed;
+} relay_event;
+static void (*relay_scan)(const relay_fields *fs, const uint8_t *p, size_t len, relay_event *ev);
+
+static bool
+same_bytes(VALUE str, const uint8_t *p, size_t len)
+{
+    return (size_t)RSTRING_LEN(str) == len && memcmp(RSTRING_PTR(str), p, len) == 0;
+}
+
+/* The relay's scan of an accepted flowctl.v1.Event agrees with the decoded message. */
+static void
+check_relay_scan(const fuzz_class *c, VALUE m, const uint8_t *data, size_t size)
+{
+    if (strcmp(c->desc->name, "flowctl.v1.Event") != 0) return;
+    static const relay_fields fs = {.id = 1, .type = 2, .metadata = 4, .failure_key = "flowctl.error", .failure_key_len = 13};
+    relay_event ev;
+    relay_scan(&fs, data, size, &ev);
+    VALUE id = rb_funcall(m, rb_intern("id"), 0), type = rb_funcall(m, rb_intern("type"), 0);
+    VALUE meta = rb_funcall(m, rb_intern("metadata"), 0);
+    bool failed = RTEST(rb_funcall(meta, rb_intern("key?"), 1, rb_str_new_cstr("flowctl.error")));
+    if (!same_bytes(id, ev.id, ev.id_len)) fuzz_bug("relay scan: id %.*s, the decoder %+"PRIsVALUE, (int)ev.id_len, ev.id, id);
+    if (!same_bytes(type, ev.type, ev.type_len))
+        fuzz_bug("relay scan: type %.*s, the decoder %+"PRIsVALUE, (int)ev.type_len, ev.type, type);
+    if (failed != ev.failed) fuzz_bug("relay scan: failure key %s, the decoder's metadata %+"PRIsVALUE, ev.failed ? "seen" : "not seen", meta);
 }
 static VALUE allowed_decode[2];
 static ID id_peek, id_aref, id_fields, id_new;
@@ -128,6 +165,9 @@ LLVMFuzzerInitialize(int *argc, char ***argv)
     skim = (bool (*)(const ProtobufCMessageDescriptor *, const uint8_t *, size_t, skim_error *))dlsym(RTLD_DEFAULT,
                                                                                                       "flowctl_skim");
     if (!skim) fuzz_bug("flowctl_skim is not in the loaded flowctl.so: %s", dlerror());
+    relay_scan = (void (*)(const relay_fields *, const uint8_t *, size_t, relay_event *))dlsym(RTLD_DEFAULT,
+                                                                                             "flowctl_relay_scan");
+    if (!relay_scan) fuzz_bug("flowctl_relay_scan is not in the loaded flowctl.so: %s", dlerror());
     id_decode = rb_intern("decode");
     id_encode = rb_intern("encode");
     id_to_proto = rb_intern("to_proto");
@@ -339,6 +379,7 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         accepted++;
         check_roundtrip(c, m);
         check_peek(c, m, data, size);
+        check_relay_scan(c, m, data, size);
     }
     check_skim(c, data, size, m, err);
     check_against_upb(i, str, m, err, data, size);

@@ -12,11 +12,6 @@ RSpec.describe Flowctl::Pipeline::Router do
   # fewer still for the examples that run event by event, twice each
   def few(count) = ENV["GC_STRESS"] == "1" ? [count / 50, 5].max : count
 
-  RouterEv = Struct.new(:id, :type, :payload, :metadata, keyword_init: true) do
-    def dup = RouterEv.new(**to_h, metadata: metadata.dup)
-    def peek(field) = public_send(field) # Flowctl::Message#peek, as the Router reads events
-  end
-
   # A source's StreamEvents: the events after the resume token.
   class FakeSource
     attr_reader :opened_with
@@ -143,7 +138,7 @@ RSpec.describe Flowctl::Pipeline::Router do
     GC.stress = stress
   end
 
-  def events(prefix, n, type: "raw") = Array.new(n) { |i| RouterEv.new(id: "#{prefix}#{i}", type: type, payload: i.to_s, metadata: {}) }
+  def events(prefix, n, type: "raw") = Array.new(n) { |i| Flowctl::V1::Event.new(id: "#{prefix}#{i}", type: type, payload: i.to_s, metadata: {}) }
 
   def drain(queue) = Array.new(queue.size) { queue.pop }
 
@@ -165,8 +160,8 @@ RSpec.describe Flowctl::Pipeline::Router do
         case c.id
         when "a" then FakeSource.new(events("a", n(200)))
         when "b" then FakeSource.new(events("b", n(150)))
-        when "up" then FakeProcessor.new(->(e) { RouterEv.new(id: e.id, type: "up", payload: e.payload.upcase, metadata: {}) })
-        when "tag" then FakeProcessor.new(->(e) { RouterEv.new(id: "t-#{e.id}", type: "tag", payload: e.payload, metadata: {}) })
+        when "up" then FakeProcessor.new(->(e) { Flowctl::V1::Event.new(id: e.id, type: "up", payload: e.payload.upcase, metadata: {}) })
+        when "tag" then FakeProcessor.new(->(e) { Flowctl::V1::Event.new(id: "t-#{e.id}", type: "tag", payload: e.payload, metadata: {}) })
         when "slow" then FakeSink.new(got["slow"], delay: 0.0005)
         else FakeSink.new(got["fast"])
         end
@@ -229,7 +224,7 @@ RSpec.describe Flowctl::Pipeline::Router do
           FakeProcessor.new(lambda do |e|
             i = e.payload.to_i
             meta = (i % 10).zero? ? { "flowctl.error" => "ten" } : {}
-            RouterEv.new(id: e.id, type: i.even? ? "even" : "odd", payload: e.payload, metadata: meta)
+            Flowctl::V1::Event.new(id: e.id, type: i.even? ? "even" : "odd", payload: e.payload, metadata: meta)
           end)
         else FakeSink.new(got[c.id])
         end
@@ -333,7 +328,7 @@ RSpec.describe Flowctl::Pipeline::Router do
       hooks = Hooks.new do |c, _|
         case c.id
         when "a" then FakeSource.new(events("a", count))
-        when "p" then FakeProcessor.new(->(e) { RouterEv.new(id: e.id, type: "done", payload: e.payload, metadata: {}) })
+        when "p" then FakeProcessor.new(->(e) { Flowctl::V1::Event.new(id: e.id, type: "done", payload: e.payload, metadata: {}) })
         else FakeSink.new(got)
         end
       end
@@ -413,7 +408,7 @@ RSpec.describe Flowctl::Pipeline::Router do
         when "a" then FakeSource.new(a)
         when "b" then FakeSource.new(b)
         when "p"
-          FakeProcessor.new(->(e) { RouterEv.new(id: e.id, type: e.payload.to_i % 3 == 0 ? "gone" : "kept", payload: e.payload, metadata: {}) })
+          FakeProcessor.new(->(e) { Flowctl::V1::Event.new(id: e.id, type: e.payload.to_i % 3 == 0 ? "gone" : "kept", payload: e.payload, metadata: {}) })
         else FakeSink.new(got)
         end
       end
@@ -439,7 +434,7 @@ RSpec.describe Flowctl::Pipeline::Router do
         loop do
           raise Flowctl::Cancelled, "cancelled" if @cancelled
 
-          block.call(RouterEv.new(id: "e#{i}", type: "raw", payload: i.to_s, metadata: {}))
+          block.call(Flowctl::V1::Event.new(id: "e#{i}", type: "raw", payload: i.to_s, metadata: {}))
           i += 1
         end
       end
@@ -466,12 +461,13 @@ RSpec.describe Flowctl::Pipeline::Router do
     end
   end
 
-  # Every example below runs twice: every reader on an inbox (the default), and the readers
-  # with one producer on the direct path (DirectInput: the producer's thread writes into
-  # their stream).
+  # Every example below runs twice: every reader on an inbox, and the readers with one
+  # producer on the direct path (DirectInput: the producer's thread writes into their
+  # stream). The links here are Ruby objects, so nothing is relayed (relay: false says so;
+  # the relays, the default, run on real streams in pipeline_relay_spec.rb).
   [false, true].each do |direct_path|
     context(direct_path ? "with the direct path" : "with inboxes") do
-      define_method(:new_router) { |d, hooks| described_class.new(d, hooks, direct: direct_path) }
+      define_method(:new_router) { |d, hooks| described_class.new(d, hooks, direct: direct_path, relay: false) }
       define_method(:direct_path?) { direct_path }
       # Under GC_STRESS (every allocation a full GC, minutes an example) each group runs on one
       # path: the scenarios that came first on inboxes, the event-by-event ones on the direct path.

@@ -33,11 +33,6 @@ RSpec.describe Flowctl::Pipeline::Runner do
     end
   end
 
-  RunnerEv = Struct.new(:id, :type, :payload, :metadata, keyword_init: true) do
-    def dup = RunnerEv.new(**to_h, metadata: metadata.dup)
-    def peek(field) = public_send(field) # Flowctl::Message#peek, as the Router reads events
-  end
-
   # Links whose far end is a fake's pid: they break (UNAVAILABLE) when it dies.
   class PidSource
     def initialize(pid, n, delay) = (@pid, @n, @delay = pid, n, delay)
@@ -50,7 +45,7 @@ RSpec.describe Flowctl::Pipeline::Runner do
         raise Flowctl::Unavailable, "source gone" unless PipelineSpecPids.alive?(@pid)
 
         sleep @delay
-        yield RunnerEv.new(id: i.to_s, type: "raw", payload: i.to_s, metadata: {})
+        yield Flowctl::V1::Event.new(id: i.to_s, type: "raw", payload: i.to_s, metadata: {})
       end
     end
   end

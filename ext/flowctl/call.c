@@ -790,6 +790,109 @@ stream_forward(VALUE self, VALUE destination, VALUE klass)
     return result;
 }
 
+/* ---- relaying (the engine: relay.c) --------------------------------------------------- */
+
+static VALUE
+relay_result_symbol(flowctl_relay_result r)
+{
+    switch (r) {
+    case RELAY_SOURCE_END: return ID2SYM(rb_intern("end"));
+    case RELAY_DESTINATION_ENDED: return ID2SYM(rb_intern("destination_ended"));
+    case RELAY_DETACHED: return ID2SYM(rb_intern("detached"));
+    case RELAY_LIMIT: return ID2SYM(rb_intern("limit"));
+    default: return Qnil;
+    }
+}
+
+/*
+ * call-seq: stream.relay(destination, relay, ack, into, epoch, limit) -> Symbol or message
+ *
+ * The Router's hop (relay.c): reads this stream's events and writes them, as bytes, to
+ * destination, without the GVL, until something needs the Router:
+ *   :end                the stream ended with status OK (its RPCError is raised otherwise;
+ *                       destination is left open);
+ *   :destination_ended  a write to destination failed (it is over; the event is in into);
+ *   :detached           into's gate was shut or opened again since epoch (the reader's link
+ *                       changed): the event read is held and written first next time;
+ *   :limit              limit events (0: no limit) were remembered in into in this run;
+ *   a message           an event whose metadata has the relay's failure key (not written).
+ * ack (a Native::Pending or nil): the list each event read acknowledges by its id (the
+ * producer is a processor). A destination that is no longer writable gives
+ * :destination_ended at once. Bytes the decoder would refuse cancel this stream and raise
+ * Flowctl::DecodeError; an interrupt cancels this stream and is raised.
+ */
+static VALUE
+stream_relay(VALUE self, VALUE destination, VALUE relay, VALUE ack, VALUE into, VALUE epoch, VALUE limit)
+{
+    stream_t *src = stream_live(self);
+    stream_t *dst = stream_live(destination);
+    flowctl_relay *r = flowctl_relay_get(relay);
+    flowctl_pending *ack_list = NIL_P(ack) ? NULL : flowctl_pending_get(ack);
+    flowctl_pending *into_list = flowctl_pending_get(into);
+    uint64_t at = NUM2ULL(epoch), most = NUM2ULL(limit);
+    if (src == dst) rb_raise(rb_eArgError, "a stream cannot relay to itself");
+    if (ack_list == into_list) rb_raise(rb_eArgError, "a relay cannot acknowledge the list it remembers into");
+    if (src->reading) rb_raise(eFlowctlError, "another thread is reading from this stream");
+    if (dst->writing) rb_raise(eFlowctlError, "another thread is writing to the destination");
+    if (src->read_done || !stream_open(src)) {
+        stream_fetch_status(src);
+        stream_raise_error(src);
+        return ID2SYM(rb_intern("end"));
+    }
+    if (dst->write_closed || dst->status_done || !stream_open(dst) || !NIL_P(dst->error))
+        return ID2SYM(rb_intern("destination_ended"));
+    r->src = &src->pump;
+    r->dst = &dst->pump;
+    r->ack = ack_list;
+    r->into = into_list;
+    r->epoch = at;
+    r->limit = most;
+    r->pushed = 0;
+    src->reading = dst->writing = true;
+    int interrupted = 0;
+    for (;;) {
+        atomic_store(&r->woken, false);
+        r->result = RELAY_WOKEN; /* stays so when an interrupt was pending: rb_nogvl does not run the loop */
+        rb_nogvl(flowctl_relay_nogvl, r, flowctl_relay_ubf, r, RB_NOGVL_INTR_FAIL | RB_NOGVL_UBF_ASYNC_SAFE);
+        if (r->result != RELAY_WOKEN) break;
+        if ((interrupted = flowctl_wait_interrupted())) break;
+    }
+    r->src = r->dst = NULL;
+    r->ack = r->into = NULL;
+    src->reading = false;
+    dst->writing = false;
+    stream_take_initial(src);
+    VALUE result = relay_result_symbol(r->result);
+    if (interrupted || r->result == RELAY_BAD_MESSAGE) {
+        grpc_call_cancel(src->pump.call, NULL);
+        stream_maybe_release(dst);
+        flowctl_wait_finish(interrupted); /* raises when interrupted */
+        const flowctl_class *at_class = flowctl_class_of_desc(r->bad.desc);
+        rb_raise(eFlowctlDecodeError, "cannot decode %"PRIsVALUE": %s",
+                 at_class ? at_class->klass : flowctl_relay_message_class(relay), r->bad.why);
+    }
+    if (r->result == RELAY_NOMEM) rb_raise(rb_eNoMemError, "flowctl: out of memory (relay)");
+    if (r->result == RELAY_DIVERT) {
+        grpc_byte_buffer *bb = r->held;
+        r->held = NULL;
+        result = flowctl_decode_buffer(flowctl_relay_message_class(relay), bb);
+    }
+    if (r->result == RELAY_SOURCE_END) {
+        src->read_done = true;
+        stream_maybe_release(dst);
+        stream_fetch_status(src);
+        stream_raise_error(src);
+    }
+    stream_maybe_release(dst);
+    stream_maybe_release(src);
+    RB_GC_GUARD(destination);
+    RB_GC_GUARD(relay);
+    RB_GC_GUARD(ack);
+    RB_GC_GUARD(into);
+    RB_GC_GUARD(self);
+    return result;
+}
+
 void
 init_flowctl_call(void)
 {
@@ -812,4 +915,5 @@ init_flowctl_call(void)
     rb_define_method(cStream, "details", stream_details, 0);
     rb_define_method(cStream, "error", stream_error, 0);
     rb_define_method(cStream, "forward", stream_forward, 2);
+    rb_define_method(cStream, "relay", stream_relay, 6);
 }

@@ -50,6 +50,7 @@ Init_flowctl(void)
     init_flowctl_json_class();
     init_flowctl_channel();
     init_flowctl_call();
+    init_flowctl_relay_class();
     init_flowctl_fiber();
     init_flowctl_pump();
     init_flowctl_server();

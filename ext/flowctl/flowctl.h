@@ -4,7 +4,7 @@
  * Reading order: flowctl.c (Init) -> message.c/convert.c (messages) -> reflect.c -> json_text.h,
  * json_text.c, json_order.c -> json_write.c, json_read.c, json_class.c (proto3 JSON) -> status.c
  * -> metadata.c -> log.c -> clock.c -> fork.c (gate, fork hooks) -> wait.c -> watch.c -> channel.c -> call.c
- * -> fiber.c -> pump.c -> skim.c -> forward.c -> server_engine.h/.c -> server_unary.c -> server.c -> server_call.c -> wire.h
+ * -> fiber.c -> pump.c -> skim.c -> forward.c -> relay.c -> relay_class.c -> server_engine.h/.c -> server_unary.c -> server.c -> server_call.c -> wire.h
  * -> heartbeat_wire.c -> heartbeat.c -> heartbeat_class.c -> beat_table.c -> beat_table_class.c.
  *
  * Mechanism files return codes where they can; the Ruby-facing functions raise.
@@ -481,6 +481,93 @@ typedef struct flowctl_forward {
 /* The loop, for rb_nogvl (flowctl_forward_ubf wakes it); sets f->result. */
 void *flowctl_forward_nogvl(void *f);
 void flowctl_forward_ubf(void *f);
+
+/* ---- relay.c: the pipeline runner's chain hops, as bytes (relay_class.c, call.c bind them) ---- */
+typedef struct {
+    grpc_byte_buffer *bb; /* a reference (grpc_byte_buffer_copy: no bytes copied) */
+    char *id;
+    size_t id_len;
+} flowctl_pending_item;
+/* A reader's events written and not acknowledged, oldest first, at most limit; a gate. */
+typedef struct flowctl_pending {
+    pthread_mutex_t mu; /* guards everything below */
+    flowctl_pending_item *items;
+    size_t cap, head, len, limit;
+    uint64_t unprotected; /* let go past the limit: no longer replayable */
+    uint64_t epoch;       /* bumped by shut and open */
+    bool open;
+} flowctl_pending;
+enum { PENDING_OK, PENDING_SHUT, PENDING_NOMEM };
+void flowctl_pending_init(flowctl_pending *p, size_t limit);
+void flowctl_pending_free(flowctl_pending *p);
+/* Remembers bb (a reference) with its id; gated: only while open at epoch (else PENDING_SHUT). */
+int flowctl_pending_push(flowctl_pending *p, grpc_byte_buffer *bb, const uint8_t *id, size_t id_len, bool gated,
+                         uint64_t epoch);
+/* Acknowledges the event with that id and every older one; how many went (0: no such id). */
+size_t flowctl_pending_ack(flowctl_pending *p, const uint8_t *id, size_t id_len);
+size_t flowctl_pending_size(flowctl_pending *p);
+void flowctl_pending_clear(flowctl_pending *p);
+/* References to every event (malloc'd array of *n, the caller destroys them); take: and forgets them. */
+grpc_byte_buffer **flowctl_pending_copy(flowctl_pending *p, bool take, size_t *n);
+void flowctl_pending_shut(flowctl_pending *p);
+uint64_t flowctl_pending_open(flowctl_pending *p); /* the new epoch */
+
+/* The field numbers of the event message (from its class) and the metadata failure key. */
+typedef struct {
+    uint32_t id, type, metadata; /* string, string, map<string, string> */
+    char failure_key[64];
+    size_t failure_key_len;
+} flowctl_relay_fields;
+typedef struct {
+    const uint8_t *id, *type; /* within the scanned bytes */
+    size_t id_len, type_len;
+    bool failed;              /* the metadata has the failure key */
+} flowctl_relay_event;
+/* Reads id, type and the failure key off an event's bytes (last one wins, as in the decoder). */
+void flowctl_relay_scan(const flowctl_relay_fields *fs, const uint8_t *p, size_t len, flowctl_relay_event *ev);
+/* A buffer's bytes in one piece (*flat: unref it). */
+bool flowctl_relay_bytes(grpc_byte_buffer *bb, grpc_slice *flat, const uint8_t **p, size_t *len);
+
+typedef enum {
+    RELAY_WOKEN,             /* an interrupt? the binding looks, then goes on */
+    RELAY_SOURCE_END,        /* the producer's stream ended (its status tells how) */
+    RELAY_DESTINATION_ENDED, /* a write to the reader failed: its stream is over (the event is pending) */
+    RELAY_BAD_MESSAGE,       /* bytes the decoder would refuse (bad says why) */
+    RELAY_DETACHED,          /* the reader's gate is shut (its link broke): held waits for the next link */
+    RELAY_DIVERT,            /* held failed (the failure key): Ruby routes it */
+    RELAY_LIMIT,             /* limit events remembered in this run (a sink's checkpoint is due) */
+    RELAY_NOMEM
+} flowctl_relay_result;
+typedef struct flowctl_relay {
+    /* per run, set by the binding */
+    flowctl_pump *src, *dst;
+    const ProtobufCMessageDescriptor *desc;
+    flowctl_pending *ack;  /* the producer's own pending list, acknowledged by its replies (NULL: a source) */
+    flowctl_pending *into; /* the reader's */
+    uint64_t epoch;        /* the reader's gate epoch this run writes at */
+    uint64_t limit;        /* events remembered before RELAY_LIMIT (0: no limit) */
+    uint64_t pushed;       /* remembered in this run */
+    atomic_bool woken;
+    flowctl_relay_result result;
+    flowctl_skim_error bad;
+    /* kept across runs */
+    flowctl_relay_fields fields;
+    char **types;          /* the reader's input types (none: every type) */
+    size_t *type_lens, ntypes;
+    grpc_byte_buffer *held; /* read, not yet written (or diverted) */
+    bool held_pushed;       /* held is remembered already, at held_epoch */
+    uint64_t held_epoch;
+    grpc_byte_buffer *last; /* the last event read (a source's cursor) */
+    _Atomic uint64_t read, written, dropped;
+} flowctl_relay;
+void *flowctl_relay_nogvl(void *r); /* for rb_nogvl; flowctl_relay_ubf wakes it; sets r->result */
+void flowctl_relay_ubf(void *r);
+void flowctl_relay_free(flowctl_relay *r); /* what it holds (not the struct) */
+void init_flowctl_relay_class(void);
+/* The relay of a Flowctl::Native::Relay and the list of a Flowctl::Native::Pending (TypeError otherwise). */
+flowctl_relay *flowctl_relay_get(VALUE relay);
+flowctl_pending *flowctl_pending_get(VALUE pending);
+VALUE flowctl_relay_message_class(VALUE relay);
 
 /* ---- fiber.c: unary calls completed on watch.c's queue (Fiber schedulers) ---- */
 void init_flowctl_fiber(void);

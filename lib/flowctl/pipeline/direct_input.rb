@@ -24,10 +24,16 @@ module Flowctl
       # Fan-in keeps the inbox: several producers' threads writing into one stream would
       # serialise on it anyway, and the inbox orders them. So does the dead-letter sink
       # (every component feeds it).
+      #
+      # A producer that relays (Router#relay_out, Native::Stream#relay) writes through the
+      # same entrance without Ruby per event: #acquire_relay gives it the link and the epoch
+      # of the pending list's gate, which is open exactly while a link is published here. A
+      # link that breaks shuts the gate; the relay then holds the event it read (not
+      # remembered, not written) until the next link is published, after the replay.
       class DirectInput
         def initialize(node)
           @node = node
-          @lock = node.lock # the same lock as node.pending
+          @lock = node.lock # the link and the pending list's gate change under it
           @ready = ConditionVariable.new
           @sink = node.component.sink?
           @link = nil       # the link producers write to; nil while (re)opening
@@ -35,7 +41,7 @@ module Flowctl
           @aborted = false
           @broken = nil     # the error a write met (a sink's driver raises it)
           @half_closed = nil # the link close_write went to
-          @unacked = 0      # a sink's events written since its last checkpoint
+          @epoch = nil      # the pending list's gate epoch while @link is published
         end
 
         # Producer: writes event to the reader's link, waiting for one (raises
@@ -44,7 +50,7 @@ module Flowctl
           link = acquire(event)
           @node.stats.in += 1
           link.write(event)
-          checkpoint(link) if @sink && @unacked >= SINK_BATCH
+          checkpoint(link) if @sink && @node.pending.size >= SINK_BATCH
         rescue *TRANSPORT_ERRORS, Flowctl::RPCError => e
           break_link(link, e)
         end
@@ -74,7 +80,7 @@ module Flowctl
         def open(link)
           again = @lock.synchronize do
             @broken = nil
-            @node.pending.dup
+            @node.pending.events
           end
           @node.stats.replayed += again.size
           return replay(link, again) if @sink || again.empty?
@@ -101,7 +107,34 @@ module Flowctl
 
         # Driver: the link is gone (it broke or its work is done); producers wait for the next.
         def detach(link)
-          @lock.synchronize { @link = nil if @link.equal?(link) }
+          @lock.synchronize { unpublish if @link.equal?(link) }
+        end
+
+        # Relaying producer: [link, epoch, limit] once a link is published (raises
+        # ClosedQueueError once the run is aborted); limit: the events a sink's current
+        # Consume stream may still take before its checkpoint (0: no limit).
+        def acquire_relay
+          @lock.synchronize do
+            until @link
+              raise ClosedQueueError, "#{@node.component.label}: the run was aborted" if @aborted
+
+              @ready.wait(@lock)
+            end
+            [@link, @epoch, @sink ? [SINK_BATCH - @node.pending.size, 1].max : 0]
+          end
+        end
+
+        # Relaying producer: a sink's checkpoint is due.
+        def checkpoint_relay(link)
+          checkpoint(link)
+        rescue *TRANSPORT_ERRORS, Flowctl::RPCError => e
+          break_link(link, e)
+        end
+
+        # Relaying producer: a write to link failed (its stream is over).
+        def ended(link)
+          err = @sink ? link.failure : nil
+          break_link(link, err || IOError.new("#{@node.component.label} ended its stream"))
         end
 
         private
@@ -114,14 +147,20 @@ module Flowctl
               @ready.wait(@lock)
             end
             @node.remember_locked(event)
-            @unacked += 1
             @link
           end
         end
 
+        # (lock held) Producers wait for the next link; a relay's next event is held.
+        def unpublish
+          @link = nil
+          @epoch = nil
+          @node.pending.shut
+        end
+
         def replay(link, again)
           again.each { |e| link.write(e) }
-          publish(link, again.size)
+          publish(link)
           nil
         rescue *TRANSPORT_ERRORS, Flowctl::RPCError => e
           raise if @sink # the sink's driver is the caller: its break
@@ -130,13 +169,13 @@ module Flowctl
           nil
         end
 
-        def publish(link, unacked)
+        def publish(link)
           close = @lock.synchronize do
-            @unacked = unacked
             next @half_closed = link if @closed && !@sink
             next false if @closed
 
             @link = link
+            @epoch = @node.pending.open
             @ready.broadcast
             false
           end
@@ -151,16 +190,13 @@ module Flowctl
 
         # A sink's Consume stream is ended every SINK_BATCH events: its response
         # acknowledges what was written.
-        def checkpoint(link)
-          @node.checkpoint(link)
-          @lock.synchronize { @unacked = 0 }
-        end
+        def checkpoint(link) = @node.checkpoint(link)
 
         def break_link(link, err)
           @lock.synchronize do
             next unless link && @link.equal?(link)
 
-            @link = nil
+            unpublish
             @broken = err
             @ready.broadcast
           end

@@ -10,8 +10,12 @@ module Flowctl
     #   each component that reads from it and accepts its type (fan-out, filtered by
     #   input_event_types). A push waits while the inbox is full: a slow sink slows its
     #   processors, which slows the sources (gRPC flow control does the rest); nothing is
-    #   dropped. (With direct: true a reader that has one producer has no inbox: the
-    #   producer writes into its stream, see DirectInput; not the default, it measured slower.)
+    #   dropped. A chain's hop (a producer whose one reader has no other producer) is
+    #   relayed: the producer's thread moves the events natively (Native::Stream#relay,
+    #   ext/flowctl/relay.c: no Ruby object per event, the same filters, failures,
+    #   acknowledgements and replay), into the reader's stream (its DirectInput). (With
+    #   direct: true every reader that has one producer has a DirectInput, written to event
+    #   by event from Ruby where its producer cannot relay; relay: false turns relaying off.)
     # - An event a processor replies with metadata "flowctl.error" set has failed: it is
     #   counted and goes to the dead-letter sink when the pipeline declares one.
     # - A link that breaks (the component died: UNAVAILABLE, CANCELLED, a closed
@@ -43,16 +47,20 @@ module Flowctl
       # The pipeline cannot go on (a component gave up); message names it.
       class Failed < Flowctl::Error; end
 
-      # Per component counters; in_flight is read live.
+      # Per component counters kept in Ruby (Router#snapshot adds the relays' and the
+      # pending lists'); in_flight is read live.
       Stats = Struct.new(:in, :out, :failed, :dropped, :replayed, :unprotected, :reconnects, keyword_init: true) do
         def self.zero = new(in: 0, out: 0, failed: 0, dropped: 0, replayed: 0, unprotected: 0, reconnects: 0)
       end
 
       # One component's place in the data plane. A reader (processor or sink) has an inbox,
       # or a DirectInput when it reads from one producer only (Router#initialize).
+      # pending: the events written to a reader and not acknowledged (a Native::Pending,
+      # which the relays use without Ruby); relay: a producer's Native::Relay to its one
+      # reader (relay_to), fed_by: the reader's side of it.
       class Node
         attr_reader :component, :inbox, :direct, :stats, :lock, :pending
-        attr_accessor :producers_left, :link, :cursor, :finished, :response
+        attr_accessor :producers_left, :link, :cursor, :finished, :response, :relay, :relay_to, :fed_by
 
         def initialize(component, queue_size, direct)
           @component = component
@@ -60,26 +68,35 @@ module Flowctl
           @direct = direct && !component.source? ? DirectInput.new(self) : nil
           @inbox = component.source? || @direct ? nil : SizedQueue.new(queue_size)
           @stats = Stats.zero
-          @pending = []
+          @pending = component.source? ? nil : Flowctl::Native::Pending.new(Flowctl::V1::Event, REPLAY_LIMIT)
           @finished = false
         end
 
         def id = component.id
-        def in_flight = @lock.synchronize { (@inbox ? @inbox.size : 0) + @pending.size }
+        def in_flight = (@inbox ? @inbox.size : 0) + (@pending ? @pending.size : 0)
 
-        # Keeps an event written and not acknowledged, for a replay; call with lock held.
-        def remember_locked(event)
-          @pending << event
-          return if @pending.size <= REPLAY_LIMIT
+        # Events in and out so far, the relays' included.
+        def moved = @stats.in + @stats.out + (@relay ? @relay.read : 0) + (@fed_by ? @fed_by.written : 0)
 
-          @pending.shift
-          @stats.unprotected += 1
+        # The counters as Router#snapshot gives them.
+        def counts
+          h = @stats.to_h.transform_keys(&:to_s)
+          if @relay
+            h["out"] += @relay.read
+            h["dropped"] += @relay.dropped
+          end
+          h["in"] += @fed_by.written if @fed_by
+          h["unprotected"] = @pending ? @pending.unprotected : 0
+          h
         end
+
+        # Keeps an event written and not acknowledged, for a replay.
+        def remember_locked(event) = @pending.push(event)
 
         # Ends a sink's current Consume stream: its response acknowledges what was written.
         def checkpoint(link)
           response = link.finish
-          @lock.synchronize { @pending.clear }
+          @pending.clear
           return unless response
 
           @stats.failed += response.events_failed.to_i
@@ -89,17 +106,25 @@ module Flowctl
 
       attr_reader :definition, :nodes
 
-      # direct: true puts the readers that have one producer on the direct path
-      # (DirectInput). It is off by default: on this engine it measured slower than the
-      # inboxes (docs/performance.md, "Pipeline runner"); bench/pipeline_runner.rb
-      # (BENCH_DIRECT_PATH=1) and the specs run both.
-      def initialize(definition, hooks, direct: false)
+      # relay: (default) a chain's hops are relayed natively (Native::Stream#relay).
+      # direct: true also puts the other readers that have one producer on the direct path
+      # (DirectInput, written to from Ruby). Off by default: event by event from Ruby it
+      # measured slower than the inboxes (docs/performance.md, "Pipeline runner");
+      # bench/pipeline_runner.rb (BENCH_RUBY_PATH=1) and the specs run all three.
+      def initialize(definition, hooks, direct: false, relay: true)
         @definition = definition
         @hooks = hooks
-        @nodes = definition.components.to_h { |c| [c.id, Node.new(c, definition.queue_size, direct && direct?(c))] }
+        takers = definition.components.to_h do |c|
+          [c.id, definition.downstream(c.id).reject { |d| d == definition.dead_letter }]
+        end
+        relayed = ->(c) { relay && direct?(c) && takers.fetch(c.inputs.first) == [c.id] }
+        @nodes = definition.components.to_h do |c|
+          [c.id, Node.new(c, definition.queue_size, direct?(c) && (direct || relayed.call(c)))]
+        end
         @downstream = definition.components.to_h { |c| [c.id, definition.downstream(c.id).map { |d| @nodes[d] }] }
         @dead = definition.dead_letter && @nodes[definition.dead_letter]
         @nodes.each_value { |n| n.producers_left = n.component.inputs.size }
+        @nodes.each_value { |n| link_relay(@nodes.fetch(n.component.inputs.first), n) if !n.component.source? && relayed.call(n.component) }
         @targets = @nodes.transform_values { {} }
         # the readers a node routes to (the dead-letter sink gets failures only), and the same
         # when none of them filters by type: then no event's type need be read
@@ -156,9 +181,7 @@ module Flowctl
 
       # {id => {"in" =>, "out" =>, "failed" =>, "dropped" =>, "in_flight" =>, ...}}
       def snapshot
-        @nodes.transform_values do |n|
-          n.stats.to_h.transform_keys(&:to_s).merge("in_flight" => n.in_flight)
-        end
+        @nodes.transform_values { |n| n.counts.merge("in_flight" => n.in_flight) }
       end
 
       private
@@ -166,6 +189,12 @@ module Flowctl
       # Does a reader take the direct path? Only with one producer (fan-in goes through an
       # inbox) and not as the dead-letter sink (everyone feeds it).
       def direct?(component) = component.inputs.size == 1 && !component.dead_letter
+
+      def link_relay(producer, reader)
+        producer.relay = Flowctl::Native::Relay.new(Flowctl::V1::Event, reader.component.input_event_types, FAILED_KEY)
+        producer.relay_to = reader
+        reader.fed_by = producer.relay
+      end
 
       def monotonic = Process.clock_gettime(Process::CLOCK_MONOTONIC)
 
@@ -207,7 +236,7 @@ module Flowctl
 
           link = @hooks.connect(node.component)
           node.link = link
-          moved = node.stats.in + node.stats.out
+          moved = node.moved
           begin
             return run_link(node, link)
           rescue *TRANSPORT_ERRORS, Flowctl::RPCError => e
@@ -215,7 +244,7 @@ module Flowctl
             return if @aborted || (node.component.source? && @stopping)
 
             handle_break(node, e)
-            failures = node.stats.in + node.stats.out == moved ? failures + 1 : 0
+            failures = node.moved == moved ? failures + 1 : 0
             sleep [0.05 * (2**[failures - 1, 5].min), 1.0].min if failures.positive?
           ensure
             node.link = nil
@@ -247,11 +276,20 @@ module Flowctl
         token = node.cursor ? resume_token_of(node.cursor) : nil
         token ||= @hooks.resume_token(node.component) if @hooks.respond_to?(:resume_token)
         link.open(token)
+        return relay_source(node, link) if relays?(node, link)
+
         link.each do |event|
           node.stats.out += 1
           route(node, event)
           node.cursor = event
         end
+      end
+
+      def relay_source(node, link)
+        relay_out(node, link.native)
+      ensure
+        node.cursor = node.relay.last || node.cursor
+        link.close
       end
 
       def resume_token_of(event)
@@ -271,11 +309,7 @@ module Flowctl
           Thread.current.report_on_exception = false
           feed(node, link, stop)
         end
-        while (reply = link.read)
-          acknowledge(node, reply.peek(:id))
-          node.stats.out += 1
-          route(node, reply)
-        end
+        read_replies(node, link)
         # the component ended the stream: fine once we had closed it, a break otherwise
         raise IOError, "#{node.component.label} ended its Process stream early" unless writer.join(0.5) && writer.value == :closed
 
@@ -323,27 +357,30 @@ module Flowctl
         writer.join
       end
 
+      # A processor's replies: relayed to its one reader, or read and routed here.
+      def read_replies(node, link)
+        if relays?(node, link)
+          relay_out(node, link.native)
+          return link.done
+        end
+
+        while (reply = link.read)
+          node.pending.ack(reply.peek(:id))
+          node.stats.out += 1
+          route(node, reply)
+        end
+      end
+
       def replay(node, link)
-        again = node.lock.synchronize { node.pending.dup }
+        again = node.pending.events
         node.stats.replayed += again.size
         again.each { |e| link.write(e) }
       end
 
-      def remember(node, event) = node.lock.synchronize { node.remember_locked(event) }
-
-      def acknowledge(node, id)
-        node.lock.synchronize do
-          pending = node.pending
-          if pending.first&.peek(:id) == id # the usual case: replies in order, one per event
-            pending.shift
-          elsif (i = pending.index { |e| e.peek(:id) == id })
-            pending.shift(i + 1)
-          end
-        end
-      end
+      def remember(node, event) = node.pending.push(event)
 
       def fail_pending(node, err)
-        failed = node.lock.synchronize { node.pending.slice!(0..) }
+        failed = node.pending.take
         failed.each do |e|
           node.stats.failed += 1
           dead_letter(node, e, "#{err.class}: #{err.message}")
@@ -376,11 +413,7 @@ module Flowctl
       # break is written by a thread of its own meanwhile.
       def run_direct_processor(node, link)
         replayer = node.direct.open(link)
-        while (reply = link.read)
-          acknowledge(node, reply.peek(:id))
-          node.stats.out += 1
-          route(node, reply)
-        end
+        read_replies(node, link)
         raise IOError, "#{node.component.label} ended its Process stream early" unless node.direct.half_closed?(link)
 
         node.lock.synchronize { node.pending.clear }
@@ -398,6 +431,32 @@ module Flowctl
         node.checkpoint(link)
       ensure
         node.direct.detach(link)
+      end
+
+      # --- relays (a chain's hops, native) ---------------------------------------------
+
+      # Links without a Native::Stream (the hooks' own) take the Ruby path, through the
+      # reader's DirectInput.
+      def relays?(node, link) = node.relay && link.respond_to?(:native)
+
+      # Relays a producer's stream to its one reader until the stream ends (raising its
+      # error, if any), going back to Ruby for what the relay cannot do: a failed event
+      # (dead letter), a sink's checkpoint, a reader whose link broke or changed.
+      def relay_out(node, stream)
+        reader = node.relay_to
+        input = reader.direct
+        ack = node.component.source? ? nil : node.pending
+        loop do
+          link, epoch, limit = input.acquire_relay
+          result = stream.relay(link.native, node.relay, ack, reader.pending, epoch, limit)
+          case result
+          when :end then return
+          when :detached then next
+          when :limit then input.checkpoint_relay(link)
+          when :destination_ended then input.ended(link)
+          else dead_letter(node, result, result.peek(:metadata)[FAILED_KEY], count: true)
+          end
+        end
       end
 
       # --- routing -----------------------------------------------------------------

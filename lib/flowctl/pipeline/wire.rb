@@ -5,7 +5,8 @@ module Flowctl
     # The links the Router drives, over flowctl.v1 to each component's registered
     # endpoint (plaintext, as flowctl run dials them, 50 MB messages):
     # SourceLink (StreamEvents), ProcessorLink (Process), SinkLink (Consume, one stream per
-    # batch, see Router::SINK_BATCH). Each can be cancelled from another thread.
+    # batch, see Router::SINK_BATCH). Each can be cancelled from another thread. #native is
+    # the Native::Stream under a link, for the Router's relays (Native::Stream#relay).
     module Wire
       CHANNEL_ARGS = { "grpc.max_receive_message_length" => 50 * 1024 * 1024,
                        "grpc.max_send_message_length" => 50 * 1024 * 1024 }.freeze
@@ -60,8 +61,13 @@ module Flowctl
         def each(&block)
           @call.each(&block)
         ensure
-          @client.close
+          close
         end
+
+        def native = @call.__send__(:native_stream)
+
+        # Done with the stream (read to its end, or given up).
+        def close = @client.close
 
         # The token the source saved itself (GetState), for a resume after the runner lost its own.
         def saved_token
@@ -87,6 +93,10 @@ module Flowctl
 
         def write(event) = @call.write(event)
         def close_write = @call.close_write
+        def native = @call.__send__(:native_stream)
+
+        # The replies were read to their end (by a relay).
+        def done = @client.close
 
         def read
           r = @call.read
@@ -119,6 +129,21 @@ module Flowctl
             call.response # the server ended the stream: raise its status instead
             raise
           end
+        end
+
+        # The current Consume stream's Native::Stream (one is opened when there is none).
+        def native
+          call = @call || @lock.synchronize { @call ||= @client.consume_stream }
+          call.__send__(:native_stream)
+        end
+
+        # Why the current stream refused a write: the RPCError its status gives (nil when
+        # it gave none).
+        def failure
+          @call&.response
+          nil
+        rescue Flowctl::RPCError => e
+          e
         end
 
         def finish
