@@ -137,6 +137,28 @@ RSpec.describe "Flowctl::Pipeline::Router's relays" do
     expect(snap["sink"].values_at("in", "failed", "in_flight")).to eq([n, 0, 0])
   end
 
+  it "relays exactly the hops of a chain: fan-out, fan-in and the dead-letter sink keep the Ruby path" do
+    router = Flowctl::Pipeline::Router.new(definition(<<~YAML), hooks(@endpoint))
+      dead_letter: dlq
+      sources: [{id: a, command: [x]}, {id: b, command: [x]}, {id: c, command: [x]}]
+      processors:
+        - {id: fan_in, command: [x], inputs: [a, b]}
+        - {id: q, command: [x], inputs: [c]}
+      sinks:
+        - {id: s1, command: [x], inputs: [fan_in]}
+        - {id: s2, command: [x], inputs: [fan_in]}
+        - {id: s3, command: [x], inputs: [q]}
+        - {id: dlq, command: [x]}
+    YAML
+    relays = router.nodes.transform_values { |x| x.relay_to&.id }.compact
+    expect(relays).to eq("c" => "q", "q" => "s3")
+    inputs = router.nodes.transform_values { |x| x.inbox ? :inbox : x.direct ? :direct : nil }.compact
+    expect(inputs).to eq("fan_in" => :inbox, "q" => :direct, "s1" => :inbox, "s2" => :inbox, "s3" => :direct, "dlq" => :inbox)
+    plain = Flowctl::Pipeline::Router.new(router.definition, hooks(@endpoint), relay: false)
+    expect(plain.nodes.values.map(&:relay).compact).to be_empty
+    expect(plain.nodes.values.count(&:direct)).to eq(0)
+  end
+
   it "drops in C what the reader does not take (counted) and diverts failed events to the dead-letter sink" do
     n = count(600)
     world.events = events(n)
