@@ -6,12 +6,16 @@
 #
 #   ruby bench/longrun.rb                   # CI sizes (a few seconds per phase)
 #   LONGRUN_FULL=1 ruby bench/longrun.rb    # 1M unary calls, 100k streamed messages,
-#                                           # 10k client and 10k server creations/closes
-#   LONGRUN_UNARY=... LONGRUN_STREAM=... LONGRUN_CLIENTS=... LONGRUN_SERVERS=... override one size
+#                                           # 10k client and 10k server creations/closes,
+#                                           # 1M events through a relayed pipeline
+#   LONGRUN_UNARY=... LONGRUN_STREAM=... LONGRUN_CLIENTS=... LONGRUN_SERVERS=...
+#   LONGRUN_PIPELINE=... override one size
 #
 # The peer is a server in another process (the official grpc gem's, spec/support/
 # official_server.rb), so that only the gem's client side is measured here; the server
-# phase starts and stops Flowctl::Server in this process (skipped while there is none).
+# phase starts and stops Flowctl::Server in this process (skipped while there is none), and
+# the pipeline phase runs flowctl-pipeline's Router (its relays and pending lists) over
+# flowctl.v1 components served by a Flowctl::Server in this process.
 # RSS is read after GC.start, once after a warm-up (the first tenth of a phase: gRPC's
 # and Ruby's caches and arenas fill up) and again at the end.
 $LOAD_PATH.unshift File.expand_path("../lib", __dir__)
@@ -24,7 +28,8 @@ module Longrun
     unary: Integer(ENV.fetch("LONGRUN_UNARY", FULL ? 1_000_000 : 20_000)),
     stream: Integer(ENV.fetch("LONGRUN_STREAM", FULL ? 100_000 : 20_000)),
     clients: Integer(ENV.fetch("LONGRUN_CLIENTS", FULL ? 10_000 : 500)),
-    servers: Integer(ENV.fetch("LONGRUN_SERVERS", FULL ? 10_000 : 300))
+    servers: Integer(ENV.fetch("LONGRUN_SERVERS", FULL ? 10_000 : 300)),
+    pipeline: Integer(ENV.fetch("LONGRUN_PIPELINE", FULL ? 1_000_000 : 100_000))
   }.freeze
   MAX_GROWTH_MB = Float(ENV.fetch("LONGRUN_MAX_GROWTH_MB", "16"))
 
@@ -91,6 +96,7 @@ module Longrun
     end
 
     server_phase
+    pipeline_phase
     server.stop
     grown = @results.select { |_, g| g > MAX_GROWTH_MB }
     abort "longrun: RSS grew by more than #{MAX_GROWTH_MB} MB in: #{grown.map(&:first).join(', ')}" if grown.any?
@@ -115,6 +121,61 @@ module Longrun
       c.close
       s.stop(grace: 1)
     end
+  end
+end
+
+module Longrun
+  # The components of the pipeline phase: a source of 1 KiB events, a processor that
+  # answers each, a consumer that counts.
+  class PipelineComponents
+    PAYLOAD = ("x" * 1024).b.freeze
+
+    def initialize(per_run) = @per_run = per_run
+
+    def stream_events(_req, _call)
+      @per_run.times { |i| yield Flowctl::V1::Event.new(id: i.to_s, type: "raw", payload: PAYLOAD) }
+      nil
+    end
+
+    def process(events, _call) = events.lazy.map { |e| Flowctl::V1::Event.new(id: e.id, type: "done", payload: e.payload) }
+
+    def consume(events, _call)
+      n = 0
+      events.each { n += 1 }
+      Flowctl::V1::ConsumeResponse.new(events_consumed: n)
+    end
+  end
+
+  module_function
+
+  # Source -> processor -> consumer through the Router (its relays), run after run.
+  def pipeline_phase
+    require "flowctl/pipeline"
+    per_run = 500 # runs, more than events, are what could leak (threads, links, lists)
+    s = Flowctl::Server.new(host: "127.0.0.1", port: 0, pool_size: 8)
+    components = PipelineComponents.new(per_run)
+    [Flowctl::V1::SourceService, Flowctl::V1::ProcessorService, Flowctl::V1::ConsumerService].each { |svc| s.handle(svc, components) }
+    endpoint = "127.0.0.1:#{s.start}"
+    definition = Flowctl::Pipeline::Definition.parse(<<~YAML, check_commands: false)
+      apiVersion: flowctl/v1
+      kind: Pipeline
+      metadata: {name: longrun}
+      spec:
+        sources: [{id: src, command: [x]}]
+        processors: [{id: p, command: [x], inputs: [src]}]
+        sinks: [{id: sink, command: [x], inputs: [p]}]
+    YAML
+    hooks = Object.new
+    hooks.define_singleton_method(:connect) { |c| Flowctl::Pipeline::Wire.link(c, endpoint) }
+    hooks.define_singleton_method(:broken) { |_c, _e| false }
+    phase("pipeline runs (x#{per_run} events, relayed)", SIZES[:pipeline] / per_run) do
+      router = Flowctl::Pipeline::Router.new(definition, hooks).start
+      router.wait(60) or raise "a pipeline run did not end"
+      got = router.snapshot["sink"]["in"]
+      raise "#{got} of #{per_run} events arrived" unless got == per_run
+    end
+  ensure
+    s&.stop(grace: 1)
   end
 end
 
