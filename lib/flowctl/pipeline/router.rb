@@ -124,7 +124,9 @@ module Flowctl
         @downstream = definition.components.to_h { |c| [c.id, definition.downstream(c.id).map { |d| @nodes[d] }] }
         @dead = definition.dead_letter && @nodes[definition.dead_letter]
         @nodes.each_value { |n| n.producers_left = n.component.inputs.size }
-        @nodes.each_value { |n| link_relay(@nodes.fetch(n.component.inputs.first), n) if !n.component.source? && relayed.call(n.component) }
+        @nodes.each_value do |n|
+          link_relay(@nodes.fetch(n.component.inputs.first), n) if !n.component.source? && relayed.call(n.component)
+        end
         @targets = @nodes.transform_values { {} }
         # the readers a node routes to (the dead-letter sink gets failures only), and the same
         # when none of them filters by type: then no event's type need be read
