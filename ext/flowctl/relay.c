@@ -220,6 +220,61 @@ flowctl_relay_bytes(grpc_byte_buffer *bb, grpc_slice *flat, const uint8_t **p, s
     return true;
 }
 
+/* Steps over the rest of a group whose start tag was read (nested ones too); false when
+ * the data ends first or is malformed. */
+static bool
+skip_group(const uint8_t **p, const uint8_t *end)
+{
+    for (unsigned depth = 1; depth > 0;) {
+        uint64_t tag, v;
+        if (!wire_varint(p, end, &tag)) return false;
+        switch (tag & 7) {
+        case WT_VARINT:
+            if (!wire_varint(p, end, &v)) return false;
+            break;
+        case WT_I64:
+        case WT_I32: {
+            size_t n = (tag & 7) == WT_I64 ? 8 : 4;
+            if ((size_t)(end - *p) < n) return false;
+            *p += n;
+            break;
+        }
+        case WT_LEN:
+            if (!wire_varint(p, end, &v) || v > (uint64_t)(end - *p)) return false;
+            *p += v;
+            break;
+        case WT_SGROUP:
+            depth++;
+            break;
+        case WT_EGROUP:
+            depth--;
+            break;
+        default:
+            return false;
+        }
+    }
+    return true;
+}
+
+/* wire_next, except that a group (which the decoder skips as an unknown field, whatever its
+ * number) is stepped over whole and given as a field of wire type WT_SGROUP. */
+static bool
+scan_next(const uint8_t **p, const uint8_t *end, wire_field *f)
+{
+    const uint8_t *start = *p;
+    uint64_t tag;
+    if (*p >= end || !wire_varint(p, end, &tag)) return false;
+    if ((tag & 7) == WT_SGROUP) {
+        f->number = (uint32_t)(tag >> 3);
+        f->wt = WT_SGROUP;
+        f->p = NULL;
+        f->len = 0;
+        return skip_group(p, end);
+    }
+    *p = start;
+    return wire_next(p, end, f);
+}
+
 /* Does a metadata map entry (key 1, value 2) have the failure key? */
 static bool
 entry_is_failure(const flowctl_relay_fields *fs, const uint8_t *p, size_t len)
@@ -227,7 +282,7 @@ entry_is_failure(const flowctl_relay_fields *fs, const uint8_t *p, size_t len)
     const uint8_t *end = p + len;
     wire_field f;
     bool hit = false;
-    while (wire_next(&p, end, &f)) {
+    while (scan_next(&p, end, &f)) {
         if (f.number == 1 && f.wt == WT_LEN) hit = f.len == fs->failure_key_len && memcmp(f.p, fs->failure_key, f.len) == 0;
     }
     return hit;
@@ -242,7 +297,7 @@ flowctl_relay_scan(const flowctl_relay_fields *fs, const uint8_t *p, size_t len,
     ev->id_len = ev->type_len = 0;
     ev->failed = false;
     wire_field f;
-    while (wire_next(&p, end, &f)) { /* skimmed already: malformed bytes do not get here */
+    while (scan_next(&p, end, &f)) { /* skimmed (or pushed by Ruby): stops at malformed bytes */
         if (f.wt != WT_LEN) continue;
         if (f.number == fs->id) {
             ev->id = f.p;
