@@ -486,19 +486,20 @@ void flowctl_forward_ubf(void *f);
 typedef struct {
     grpc_byte_buffer *bb; /* a reference (grpc_byte_buffer_copy: no bytes copied) */
     char *id;
-    size_t id_len;
+    size_t id_len, size;
 } flowctl_pending_item;
-/* A reader's events written and not acknowledged, oldest first, at most limit; a gate. */
+/* A reader's events written and not acknowledged, oldest first, at most limit of them and
+ * byte_limit bytes; a gate. */
 typedef struct flowctl_pending {
     pthread_mutex_t mu; /* guards everything below */
     flowctl_pending_item *items;
-    size_t cap, head, len, limit;
+    size_t cap, head, len, limit, bytes, byte_limit;
     uint64_t unprotected; /* let go past the limit: no longer replayable */
     uint64_t epoch;       /* bumped by shut and open */
     bool open;
 } flowctl_pending;
 enum { PENDING_OK, PENDING_SHUT, PENDING_NOMEM };
-void flowctl_pending_init(flowctl_pending *p, size_t limit);
+void flowctl_pending_init(flowctl_pending *p, size_t limit, size_t byte_limit); /* byte_limit 0: none */
 void flowctl_pending_free(flowctl_pending *p);
 /* Remembers bb (a reference) with its id; gated: only while open at epoch (else PENDING_SHUT). */
 int flowctl_pending_push(flowctl_pending *p, grpc_byte_buffer *bb, const uint8_t *id, size_t id_len, bool gated,

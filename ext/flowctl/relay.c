@@ -20,7 +20,8 @@
  *
  * The pending list (flowctl_pending) is a reader's events written and not acknowledged:
  * references to their byte buffers (no copy), with their ids, oldest first, at most `limit`
- * (past it the oldest is let go and counted: it can no longer be replayed). It has a gate:
+ * events and `byte_limit` bytes (past either the oldest are let go and counted: they can no
+ * longer be replayed; the newest is always kept). It has a gate:
  * the Router shuts it when the reader's link breaks and opens it with a new epoch once the
  * replay is written on the next link; the relay remembers an event only while the gate is
  * open at the epoch its run started with, so an event is either in the list when it is
@@ -33,12 +34,14 @@
 /* ---- the pending list ---------------------------------------------------------- */
 
 void
-flowctl_pending_init(flowctl_pending *p, size_t limit)
+flowctl_pending_init(flowctl_pending *p, size_t limit, size_t byte_limit)
 {
     pthread_mutex_init(&p->mu, NULL);
     p->items = NULL;
     p->cap = p->head = p->len = 0;
     p->limit = limit ? limit : 1;
+    p->byte_limit = byte_limit ? byte_limit : SIZE_MAX;
+    p->bytes = 0;
     p->unprotected = 0;
     p->epoch = 0;
     p->open = false;
@@ -63,7 +66,10 @@ item_at(flowctl_pending *p, size_t i)
 static void
 drop_front_locked(flowctl_pending *p, size_t n)
 {
-    for (size_t i = 0; i < n; i++) item_free(item_at(p, i));
+    for (size_t i = 0; i < n; i++) {
+        p->bytes -= item_at(p, i)->size;
+        item_free(item_at(p, i));
+    }
     p->head = p->cap ? (p->head + n) % p->cap : 0;
     p->len -= n;
 }
@@ -113,6 +119,7 @@ flowctl_pending_push(flowctl_pending *p, grpc_byte_buffer *bb, const uint8_t *id
     }
     memcpy(copy, id, id_len);
     copy[id_len] = '\0';
+    size_t size = grpc_byte_buffer_length(ref);
     pthread_mutex_lock(&p->mu);
     if (gated && (!p->open || p->epoch != epoch)) {
         pthread_mutex_unlock(&p->mu);
@@ -120,7 +127,8 @@ flowctl_pending_push(flowctl_pending *p, grpc_byte_buffer *bb, const uint8_t *id
         free(copy);
         return PENDING_SHUT;
     }
-    if (p->len == p->limit) { /* the oldest can no longer be replayed */
+    while (p->len > 0 && (p->len >= p->limit || p->bytes > p->byte_limit || size > p->byte_limit - p->bytes)) {
+        /* the oldest can no longer be replayed */
         drop_front_locked(p, 1);
         p->unprotected++;
     }
@@ -134,6 +142,8 @@ flowctl_pending_push(flowctl_pending *p, grpc_byte_buffer *bb, const uint8_t *id
     it->bb = ref;
     it->id = copy;
     it->id_len = id_len;
+    it->size = size;
+    p->bytes += size;
     p->len++;
     pthread_mutex_unlock(&p->mu);
     return PENDING_OK;

@@ -100,22 +100,27 @@ flowctl_pending_get(VALUE pending)
 }
 
 /*
- * call-seq: Flowctl::Native::Pending.new(klass, limit)
+ * call-seq: Flowctl::Native::Pending.new(klass, limit, byte_limit = nil)
  *
  * An empty list of events of class klass (a message class with a string field id), at
- * most limit of them; its gate shut.
+ * most limit of them and byte_limit bytes (nil: no byte limit); its gate shut. Past a
+ * limit the oldest are let go (#unprotected counts them); the newest is always kept.
  */
 static VALUE
-pending_initialize(VALUE self, VALUE klass, VALUE limit)
+pending_initialize(int argc, VALUE *argv, VALUE self)
 {
+    VALUE klass, limit, byte_limit;
+    rb_scan_args(argc, argv, "21", &klass, &limit, &byte_limit);
     pending_t *w = rb_check_typeddata(self, &pending_type);
     if (w->ready) rb_raise(rb_eRuntimeError, "pending list already initialized");
     const flowctl_class *ci = event_class(klass);
     long n = NUM2LONG(limit);
     if (n < 1) rb_raise(rb_eArgError, "limit must be positive (given %ld)", n);
+    long bytes = NIL_P(byte_limit) ? 0 : NUM2LONG(byte_limit);
+    if (!NIL_P(byte_limit) && bytes < 1) rb_raise(rb_eArgError, "byte_limit must be positive or nil (given %ld)", bytes);
     w->id_field = field_number(ci->desc, "id", PROTOBUF_C_TYPE_STRING, false);
     RB_OBJ_WRITE(self, &w->klass, klass);
-    flowctl_pending_init(&w->list, (size_t)n);
+    flowctl_pending_init(&w->list, (size_t)n, (size_t)bytes);
     w->ready = true;
     return self;
 }
@@ -241,7 +246,18 @@ pending_take(VALUE self)
     return pending_copy(self, true);
 }
 
-/* call-seq: pending.unprotected -> Integer (events let go past the limit) */
+/* call-seq: pending.bytes -> Integer (the bytes of the events kept) */
+static VALUE
+pending_bytes(VALUE self)
+{
+    flowctl_pending *p = &pending_wrapper(self)->list;
+    pthread_mutex_lock(&p->mu);
+    size_t n = p->bytes;
+    pthread_mutex_unlock(&p->mu);
+    return SIZET2NUM(n);
+}
+
+/* call-seq: pending.unprotected -> Integer (events let go past the limits) */
 static VALUE
 pending_unprotected(VALUE self)
 {
@@ -429,7 +445,7 @@ init_flowctl_relay_class(void)
 {
     cPending = rb_define_class_under(mFlowctlNative, "Pending", rb_cObject);
     rb_define_alloc_func(cPending, pending_alloc);
-    rb_define_method(cPending, "initialize", pending_initialize, 2);
+    rb_define_method(cPending, "initialize", pending_initialize, -1);
     rb_define_method(cPending, "push", pending_push, 1);
     rb_define_method(cPending, "ack", pending_ack, 1);
     rb_define_method(cPending, "size", pending_size, 0);
@@ -437,6 +453,7 @@ init_flowctl_relay_class(void)
     rb_define_method(cPending, "events", pending_events, 0);
     rb_define_method(cPending, "take", pending_take, 0);
     rb_define_method(cPending, "unprotected", pending_unprotected, 0);
+    rb_define_method(cPending, "bytes", pending_bytes, 0);
     rb_define_method(cPending, "shut", pending_shut, 0);
     rb_define_method(cPending, "open", pending_open, 0);
 

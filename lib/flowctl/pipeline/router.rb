@@ -34,7 +34,10 @@ module Flowctl
     class Router
       FAILED_KEY = "flowctl.error"
       RESUME_KEY = "resume_token"
+      # A reader's events written and not acknowledged are kept for a replay, at most this
+      # many and this many bytes (past either the oldest are let go: counted as unprotected).
       REPLAY_LIMIT = 10_000
+      REPLAY_BYTES = 256 << 20
       # A sink's Consume stream is finished (its ConsumeResponse acknowledges what it
       # got) and a new one opened after this many events, so that a sink crash replays
       # at most that many.
@@ -68,7 +71,7 @@ module Flowctl
           @direct = direct && !component.source? ? DirectInput.new(self) : nil
           @inbox = component.source? || @direct ? nil : SizedQueue.new(queue_size)
           @stats = Stats.zero
-          @pending = component.source? ? nil : Flowctl::Native::Pending.new(Flowctl::V1::Event, REPLAY_LIMIT)
+          @pending = component.source? ? nil : Flowctl::Native::Pending.new(Flowctl::V1::Event, REPLAY_LIMIT, REPLAY_BYTES)
           @finished = false
         end
 
