@@ -848,6 +848,7 @@ stream_relay(VALUE self, VALUE destination, VALUE relay, VALUE ack, VALUE into, 
     r->epoch = at;
     r->limit = most;
     r->pushed = 0;
+    r->keep_last = ack_list == NULL; /* a source's: its cursor */
     src->reading = dst->writing = true;
     int interrupted = 0;
     for (;;) {

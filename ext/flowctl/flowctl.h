@@ -286,6 +286,9 @@ grpc_byte_buffer *flowctl_buffer_from_str(VALUE str);
 /* A String's bytes, or a message encoded straight into gRPC's memory (no String in between). */
 grpc_byte_buffer *flowctl_buffer_from_value(VALUE str_or_msg);
 VALUE flowctl_str_from_buffer(grpc_byte_buffer *buf); /* binary String; does not destroy buf */
+/* A buffer's bytes in one piece: gRPC's own slice when it holds them in one, else a copy
+ * (*flat: unref it). False when gRPC cannot read it. No Ruby: for native threads too. */
+bool flowctl_buffer_flat(grpc_byte_buffer *bb, grpc_slice *flat, const uint8_t **p, size_t *len);
 /* The message of class klass in buf, decoded from gRPC's own memory (no String in between);
  * destroys buf, also when decoding raises (Flowctl::DecodeError). */
 VALUE flowctl_decode_buffer(VALUE klass, grpc_byte_buffer *buf);
@@ -506,7 +509,11 @@ int flowctl_pending_push(flowctl_pending *p, grpc_byte_buffer *bb, const uint8_t
                          uint64_t epoch);
 /* Acknowledges the event with that id and every older one; how many went (0: no such id). */
 size_t flowctl_pending_ack(flowctl_pending *p, const uint8_t *id, size_t id_len);
-size_t flowctl_pending_size(flowctl_pending *p);
+typedef struct {
+    size_t len, bytes;
+    uint64_t unprotected;
+} flowctl_pending_counts;
+flowctl_pending_counts flowctl_pending_count(flowctl_pending *p);
 void flowctl_pending_clear(flowctl_pending *p);
 /* References to every event (malloc'd array of *n, the caller destroys them); take: and forgets them. */
 grpc_byte_buffer **flowctl_pending_copy(flowctl_pending *p, bool take, size_t *n);
@@ -526,8 +533,6 @@ typedef struct {
 } flowctl_relay_event;
 /* Reads id, type and the failure key off an event's bytes (last one wins, as in the decoder). */
 void flowctl_relay_scan(const flowctl_relay_fields *fs, const uint8_t *p, size_t len, flowctl_relay_event *ev);
-/* A buffer's bytes in one piece (*flat: unref it). */
-bool flowctl_relay_bytes(grpc_byte_buffer *bb, grpc_slice *flat, const uint8_t **p, size_t *len);
 
 typedef enum {
     RELAY_WOKEN,             /* an interrupt? the binding looks, then goes on */
@@ -558,7 +563,8 @@ typedef struct flowctl_relay {
     grpc_byte_buffer *held; /* read, not yet written (or diverted) */
     bool held_pushed;       /* held is remembered already, at held_epoch */
     uint64_t held_epoch;
-    grpc_byte_buffer *last; /* the last event read (a source's cursor) */
+    bool keep_last;         /* keep the last event read (a source's relay: its cursor) */
+    grpc_byte_buffer *last;
     _Atomic uint64_t read, written, dropped;
 } flowctl_relay;
 void *flowctl_relay_nogvl(void *r); /* for rb_nogvl; flowctl_relay_ubf wakes it; sets r->result */

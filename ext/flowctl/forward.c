@@ -18,26 +18,20 @@
  */
 #include "flowctl.h"
 
-/* Skims the buffer's bytes: gRPC's own slice when it holds the message in one, else a flat copy. */
+/* Skims the buffer's bytes (gRPC's own slice when it holds the message in one). */
 static bool
 skim_buffer(const ProtobufCMessageDescriptor *desc, grpc_byte_buffer *bb, flowctl_skim_error *err)
 {
-    grpc_byte_buffer_reader r;
-    if (!grpc_byte_buffer_reader_init(&r, bb)) {
+    grpc_slice flat;
+    const uint8_t *p;
+    size_t len;
+    if (!flowctl_buffer_flat(bb, &flat, &p, &len)) {
         snprintf(err->why, sizeof(err->why), "gRPC could not read a received message");
         err->desc = desc;
         return false;
     }
-    const grpc_slice_buffer *sb = &r.buffer_out->data.raw.slice_buffer; /* decompressed if it was */
-    bool ok;
-    if (sb->count == 1) {
-        ok = flowctl_skim(desc, GRPC_SLICE_START_PTR(sb->slices[0]), GRPC_SLICE_LENGTH(sb->slices[0]), err);
-    } else {
-        grpc_slice flat = grpc_byte_buffer_reader_readall(&r);
-        ok = flowctl_skim(desc, GRPC_SLICE_START_PTR(flat), GRPC_SLICE_LENGTH(flat), err);
-        grpc_slice_unref(flat);
-    }
-    grpc_byte_buffer_reader_destroy(&r);
+    bool ok = flowctl_skim(desc, p, len, err);
+    grpc_slice_unref(flat);
     return ok;
 }
 

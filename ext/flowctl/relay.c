@@ -166,13 +166,13 @@ flowctl_pending_ack(flowctl_pending *p, const uint8_t *id, size_t id_len)
     return n;
 }
 
-size_t
-flowctl_pending_size(flowctl_pending *p)
+flowctl_pending_counts
+flowctl_pending_count(flowctl_pending *p)
 {
     pthread_mutex_lock(&p->mu);
-    size_t n = p->len;
+    flowctl_pending_counts c = {.len = p->len, .bytes = p->bytes, .unprotected = p->unprotected};
     pthread_mutex_unlock(&p->mu);
-    return n;
+    return c;
 }
 
 grpc_byte_buffer **
@@ -210,25 +210,6 @@ flowctl_pending_open(flowctl_pending *p)
 }
 
 /* ---- reading an event off the wire ---------------------------------------------- */
-
-/* A buffer's bytes in one piece: gRPC's own slice when it holds them in one, else a copy
- * (*flat, for the caller to unref). False when gRPC cannot read it. */
-bool
-flowctl_relay_bytes(grpc_byte_buffer *bb, grpc_slice *flat, const uint8_t **p, size_t *len)
-{
-    grpc_byte_buffer_reader r;
-    if (!grpc_byte_buffer_reader_init(&r, bb)) return false;
-    const grpc_slice_buffer *sb = &r.buffer_out->data.raw.slice_buffer; /* decompressed if it was */
-    if (sb->count == 1) {
-        *flat = grpc_slice_ref(sb->slices[0]);
-    } else {
-        *flat = grpc_byte_buffer_reader_readall(&r);
-    }
-    grpc_byte_buffer_reader_destroy(&r);
-    *p = GRPC_SLICE_START_PTR(*flat);
-    *len = GRPC_SLICE_LENGTH(*flat);
-    return true;
-}
 
 /* Steps over the rest of a group whose start tag was read (nested ones too); false when
  * the data ends first or is malformed. */
@@ -333,9 +314,10 @@ accepted(const flowctl_relay *r, const flowctl_relay_event *ev)
 
 /* ---- the loop --------------------------------------------------------------------- */
 
-/* Reads and looks at the next event to write: false when the loop ends (r->result set). */
+/* Reads and looks at the next event to write: false when the loop ends (r->result set).
+ * ev points into *flat, which the caller unrefs. */
 static bool
-next_event(flowctl_relay *r, grpc_byte_buffer **out)
+next_event(flowctl_relay *r, grpc_byte_buffer **out, grpc_slice *flat, flowctl_relay_event *ev)
 {
     for (;;) {
         grpc_byte_buffer *bb;
@@ -348,62 +330,50 @@ next_event(flowctl_relay *r, grpc_byte_buffer **out)
             return false;
         }
         atomic_fetch_add(&r->read, 1);
-        grpc_slice flat;
         const uint8_t *p;
         size_t len;
-        if (!flowctl_relay_bytes(bb, &flat, &p, &len)) {
+        if (!flowctl_buffer_flat(bb, flat, &p, &len)) {
             snprintf(r->bad.why, sizeof(r->bad.why), "gRPC could not read a received message");
             r->bad.desc = r->desc;
             grpc_byte_buffer_destroy(bb);
             r->result = RELAY_BAD_MESSAGE;
             return false;
         }
-        flowctl_relay_event ev;
-        bool ok = flowctl_skim(r->desc, p, len, &r->bad);
-        if (ok) flowctl_relay_scan(&r->fields, p, len, &ev);
-        if (ok && r->ack && ev.id_len) flowctl_pending_ack(r->ack, ev.id, ev.id_len);
-        bool take = ok && !ev.failed && accepted(r, &ev);
-        grpc_slice_unref(flat);
-        if (!ok) {
+        if (!flowctl_skim(r->desc, p, len, &r->bad)) {
+            grpc_slice_unref(*flat);
             grpc_byte_buffer_destroy(bb);
             r->result = RELAY_BAD_MESSAGE;
             return false;
         }
-        if (r->last) grpc_byte_buffer_destroy(r->last);
-        r->last = grpc_byte_buffer_copy(bb);
-        if (ev.failed) { /* Ruby sends it to the dead-letter sink */
+        flowctl_relay_scan(&r->fields, p, len, ev);
+        if (r->ack && ev->id_len) flowctl_pending_ack(r->ack, ev->id, ev->id_len);
+        if (r->keep_last) {
+            if (r->last) grpc_byte_buffer_destroy(r->last);
+            r->last = grpc_byte_buffer_copy(bb);
+        }
+        if (!ev->failed && accepted(r, ev)) {
+            *out = bb;
+            return true;
+        }
+        grpc_slice_unref(*flat);
+        if (ev->failed) { /* Ruby sends it to the dead-letter sink */
             r->held = bb;
             r->held_pushed = false;
             r->result = RELAY_DIVERT;
             return false;
-        }
-        if (take) {
-            *out = bb;
-            return true;
         }
         atomic_fetch_add(&r->dropped, 1);
         grpc_byte_buffer_destroy(bb);
     }
 }
 
-/* Remembers bb in the reader's pending list before it is written: false (bb held,
- * r->result set) at the run's limit, when the gate is shut or at another epoch, or
- * without memory. */
+/* Remembers bb (its id: id, id_len) in the reader's pending list before it is written:
+ * false (bb held, r->result set) at the run's limit, when the gate is shut or at another
+ * epoch, or without memory. */
 static bool
-remember(flowctl_relay *r, grpc_byte_buffer *bb)
+remember(flowctl_relay *r, grpc_byte_buffer *bb, const uint8_t *id, size_t id_len)
 {
-    int rc = PENDING_NOMEM;
-    grpc_slice flat;
-    const uint8_t *p;
-    size_t len;
-    if (r->limit && r->pushed >= r->limit) {
-        rc = -1;
-    } else if (flowctl_relay_bytes(bb, &flat, &p, &len)) { /* read once already: it reads again */
-        flowctl_relay_event ev;
-        flowctl_relay_scan(&r->fields, p, len, &ev);
-        rc = flowctl_pending_push(r->into, bb, ev.id, ev.id_len, true, r->epoch);
-        grpc_slice_unref(flat);
-    }
+    int rc = r->limit && r->pushed >= r->limit ? -1 : flowctl_pending_push(r->into, bb, id, id_len, true, r->epoch);
     if (rc == PENDING_OK) {
         r->pushed++;
         return true;
@@ -412,6 +382,22 @@ remember(flowctl_relay *r, grpc_byte_buffer *bb)
     r->held_pushed = false;
     r->result = rc < 0 ? RELAY_LIMIT : rc == PENDING_SHUT ? RELAY_DETACHED : RELAY_NOMEM;
     return false;
+}
+
+/* remember for an event held from an earlier run (its id is read again). */
+static bool
+remember_held(flowctl_relay *r, grpc_byte_buffer *bb)
+{
+    grpc_slice flat;
+    const uint8_t *p;
+    size_t len;
+    static const uint8_t none[1];
+    flowctl_relay_event ev = {.id = none, .type = none};
+    bool readable = flowctl_buffer_flat(bb, &flat, &p, &len); /* it was read once: it reads again */
+    if (readable) flowctl_relay_scan(&r->fields, p, len, &ev);
+    bool ok = remember(r, bb, ev.id, ev.id_len);
+    if (readable) grpc_slice_unref(flat);
+    return ok;
 }
 
 void *
@@ -427,8 +413,16 @@ flowctl_relay_nogvl(void *arg)
             grpc_byte_buffer_destroy(bb);
             continue;
         }
-        if (!bb && !next_event(r, &bb)) return NULL;
-        if (!pushed && !remember(r, bb)) return NULL;
+        if (!bb) {
+            grpc_slice flat;
+            flowctl_relay_event ev;
+            if (!next_event(r, &bb, &flat, &ev)) return NULL;
+            bool ok = remember(r, bb, ev.id, ev.id_len);
+            grpc_slice_unref(flat);
+            if (!ok) return NULL;
+        } else if (!pushed && !remember_held(r, bb)) {
+            return NULL;
+        }
         bool failed;
         if (!flowctl_pump_write_nogvl(r->dst, bb, &failed, &r->woken)) {
             r->held = bb; /* remembered already: written first when the loop goes on at this epoch */

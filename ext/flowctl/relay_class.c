@@ -7,7 +7,7 @@
  *     #take, #clear, #size, #unprotected) with the gate the relay writes through (#shut, #open);
  *   - a Relay is a producer's hop to its one reader: the reader's input types, the failure
  *     key, its counters (#read, #written, #dropped, readable while it runs on another
- *     thread) and the last event it read (#last, a source's cursor).
+ *     thread) and, for a source, the last event it read (#last, its cursor).
  * Events come back as messages of the class given (decoded lazily from the bytes kept).
  */
 #include "flowctl.h"
@@ -151,7 +151,7 @@ pending_push(VALUE self, VALUE event)
     grpc_slice flat;
     const uint8_t *p, *id;
     size_t len, id_len;
-    if (!flowctl_relay_bytes(bb, &flat, &p, &len)) {
+    if (!flowctl_buffer_flat(bb, &flat, &p, &len)) {
         grpc_byte_buffer_destroy(bb);
         rb_raise(eFlowctlError, "gRPC could not read the event's bytes");
     }
@@ -182,7 +182,7 @@ pending_ack(VALUE self, VALUE id)
 static VALUE
 pending_size(VALUE self)
 {
-    return SIZET2NUM(flowctl_pending_size(&pending_wrapper(self)->list));
+    return SIZET2NUM(flowctl_pending_count(&pending_wrapper(self)->list).len);
 }
 
 static VALUE
@@ -250,22 +250,14 @@ pending_take(VALUE self)
 static VALUE
 pending_bytes(VALUE self)
 {
-    flowctl_pending *p = &pending_wrapper(self)->list;
-    pthread_mutex_lock(&p->mu);
-    size_t n = p->bytes;
-    pthread_mutex_unlock(&p->mu);
-    return SIZET2NUM(n);
+    return SIZET2NUM(flowctl_pending_count(&pending_wrapper(self)->list).bytes);
 }
 
 /* call-seq: pending.unprotected -> Integer (events let go past the limits) */
 static VALUE
 pending_unprotected(VALUE self)
 {
-    flowctl_pending *p = &pending_wrapper(self)->list;
-    pthread_mutex_lock(&p->mu);
-    uint64_t n = p->unprotected;
-    pthread_mutex_unlock(&p->mu);
-    return ULL2NUM(n);
+    return ULL2NUM(flowctl_pending_count(&pending_wrapper(self)->list).unprotected);
 }
 
 /* call-seq: pending.shut -> nil (a relay's next event waits for #open) */
@@ -431,7 +423,7 @@ relay_dropped(VALUE self)
     return ULL2NUM(atomic_load(&relay_wrapper(self)->r.dropped));
 }
 
-/* call-seq: relay.last -> message or nil (the last event read; not while it runs) */
+/* call-seq: relay.last -> message or nil (the last event a source's relay read, its cursor; not while it runs) */
 static VALUE
 relay_last(VALUE self)
 {

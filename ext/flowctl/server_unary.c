@@ -152,18 +152,12 @@ answer_natively(server_t *s, call_slot *slot)
 {
     const flowctl_fast_unary *fast = &s->unary[slot->unary].fast;
     if (!fast->answer || !slot->payload) return false;
-    grpc_byte_buffer_reader r;
-    if (!grpc_byte_buffer_reader_init(&r, slot->payload)) return false;
-    const grpc_slice_buffer *sb = &r.buffer_out->data.raw.slice_buffer; /* decompressed if it was */
-    bool taken;
-    if (sb->count == 1) {
-        taken = fast->answer(fast->ctx, GRPC_SLICE_START_PTR(sb->slices[0]), GRPC_SLICE_LENGTH(sb->slices[0]));
-    } else {
-        grpc_slice flat = grpc_byte_buffer_reader_readall(&r);
-        taken = fast->answer(fast->ctx, GRPC_SLICE_START_PTR(flat), GRPC_SLICE_LENGTH(flat));
-        grpc_slice_unref(flat);
-    }
-    grpc_byte_buffer_reader_destroy(&r);
+    grpc_slice flat;
+    const uint8_t *p;
+    size_t len;
+    if (!flowctl_buffer_flat(slot->payload, &flat, &p, &len)) return false;
+    bool taken = fast->answer(fast->ctx, p, len);
+    grpc_slice_unref(flat);
     if (!taken) return false;
     pthread_mutex_lock(&s->mu); /* counted before the reply can reach the client */
     s->accepted++;

@@ -287,6 +287,19 @@ flowctl_buffer_from_value(VALUE v)
     return bb;
 }
 
+bool
+flowctl_buffer_flat(grpc_byte_buffer *bb, grpc_slice *flat, const uint8_t **p, size_t *len)
+{
+    grpc_byte_buffer_reader r;
+    if (!grpc_byte_buffer_reader_init(&r, bb)) return false;
+    const grpc_slice_buffer *sb = &r.buffer_out->data.raw.slice_buffer; /* decompressed if it was */
+    *flat = sb->count == 1 ? grpc_slice_ref(sb->slices[0]) : grpc_byte_buffer_reader_readall(&r);
+    grpc_byte_buffer_reader_destroy(&r);
+    *p = GRPC_SLICE_START_PTR(*flat);
+    *len = GRPC_SLICE_LENGTH(*flat);
+    return true;
+}
+
 VALUE
 flowctl_str_from_buffer(grpc_byte_buffer *buf)
 {

@@ -146,7 +146,7 @@ module Flowctl
 
               @ready.wait(@lock)
             end
-            @node.remember_locked(event)
+            @node.remember(event)
             @link
           end
         end

@@ -94,7 +94,7 @@ module Flowctl
         end
 
         # Keeps an event written and not acknowledged, for a replay.
-        def remember_locked(event) = @pending.push(event)
+        def remember(event) = @pending.push(event)
 
         # Ends a sink's current Consume stream: its response acknowledges what was written.
         def checkpoint(link)
@@ -330,7 +330,7 @@ module Flowctl
         while (event = node.inbox.pop)
           next if event.equal?(WAKE)
 
-          remember(node, event)
+          node.remember(event)
           break if stop[0]
 
           node.stats.in += 1
@@ -382,8 +382,6 @@ module Flowctl
         again.each { |e| link.write(e) }
       end
 
-      def remember(node, event) = node.pending.push(event)
-
       def fail_pending(node, err)
         failed = node.pending.take
         failed.each do |e|
@@ -400,7 +398,7 @@ module Flowctl
         while (event = node.inbox.pop)
           next if event.equal?(WAKE)
 
-          remember(node, event)
+          node.remember(event)
           node.stats.in += 1
           link.write(event)
           unacked += 1

@@ -122,7 +122,7 @@ module Flowctl
         # Called by the sink's driver only (as #finish is): @call is read without the lock
         # while it is open; #cancel, from other threads, never changes it.
         def write(event)
-          call = @call || @lock.synchronize { @call ||= @client.consume_stream }
+          call = current_call
           begin
             call.write(event)
           rescue IOError
@@ -132,10 +132,7 @@ module Flowctl
         end
 
         # The current Consume stream's Native::Stream (one is opened when there is none).
-        def native
-          call = @call || @lock.synchronize { @call ||= @client.consume_stream }
-          call.__send__(:native_stream)
-        end
+        def native = current_call.__send__(:native_stream)
 
         # Why the current stream refused a write: the RPCError its status gives (nil when
         # it gave none).
@@ -158,6 +155,11 @@ module Flowctl
           @lock.synchronize { @call&.cancel }
           @client.close
         end
+
+        private
+
+        # The Consume stream open now (one is opened when there is none).
+        def current_call = @call || @lock.synchronize { @call ||= @client.consume_stream }
       end
     end
   end
