@@ -325,6 +325,14 @@ RSpec.describe "proto3 JSON of flowctl.v1 and of every field type" do
       expect { jt("Scalars").decode_json('{"fl":3.4028235677973366e+38}') }.to raise_error(Flowctl::DecodeError, /out of range for float/)
     end
 
+    it "reads an exponent's -0 as part of its number in the C reader and the Ruby decoder alike (found by fuzzing)" do
+      text = '{"db":1e-0,"fl":-0,"f64":2E-0,"i32":-0}'
+      [jt("Scalars").decode_json(text), Flowctl::ProtoJSON.ruby_decode(jt("Scalars"), text)].each do |s|
+        expect([s.db, s.f64, s.i32]).to eq([1.0, 2, 0])
+        expect(1 / s.fl).to eq(-Float::INFINITY)
+      end
+    end
+
     {
       '{"scalars":{"i32":2147483648}}' => ["scalars.i32", /out of range for int32/],
       '{"scalars":{"u32":-1}}' => ["scalars.u32", /out of range for uint32/],

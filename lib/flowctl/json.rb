@@ -57,7 +57,8 @@ module Flowctl
     # The smallest double that a float cannot hold: FLT_MAX (2^128 - 2^104) plus half its
     # unit in the last place; below it a double rounds to a finite float.
     FLOAT_LIMIT = 2.0**128 - 2.0**103
-    NEGATIVE_ZERO = /"(?:[^"\\]|\\.)*"|-0(?![.0-9eE])/n
+    # (an exponent's "-0", as in 1e-0, is not a number of its own)
+    NEGATIVE_ZERO = /"(?:[^"\\]|\\.)*"|(?<![eE])-0(?![.0-9eE])/n
 
     module_function
 
@@ -223,8 +224,8 @@ module Flowctl
       text.include?("Infinity") || text.include?("NaN") ? "        #{text}" : text
     end
 
-    # JSON.parse reads the number -0 as the Integer 0: outside strings it is made -0.0,
-    # so that a double field keeps its sign (an integer field reads 0 either way).
+    # JSON.parse reads the number -0 as the Integer 0: outside strings and exponents it is
+    # made -0.0, so that a double field keeps its sign (an integer field reads 0 either way).
     def keep_negative_zero(text)
       return text unless text.include?("-0")
 
