@@ -62,15 +62,28 @@ RSpec.describe "Flowctl::Server: server streaming and client streaming" do
   end
 
   describe "server streaming handlers" do
-    it "send what they yield, call.write / << and return as an Enumerable, in that order" do
+    it "send what they yield and call.write / <<, in that order; what they return then is not sent" do
       behave(:server_stream) do |req, call, &y|
         y.call(dm.new(payload: "#{req.payload}1"))
         call.write(payload: "#{req.payload}2")
         call << dm.new(payload: "#{req.payload}3")
         [{payload: "#{req.payload}4"}, dm.new(payload: "#{req.payload}5")]
       end
-      expect(stub.server_stream(om.new(payload: "o")).map(&:payload)).to eq(%w[o1 o2 o3 o4 o5])
-      expect(client.server_stream(payload: "f").map(&:payload)).to eq(%w[f1 f2 f3 f4 f5])
+      expect(stub.server_stream(om.new(payload: "o")).map(&:payload)).to eq(%w[o1 o2 o3])
+      expect(client.server_stream(payload: "f").map(&:payload)).to eq(%w[f1 f2 f3])
+    end
+
+    it "send a returned Enumerable when they sent nothing else, and the rows of `rows.each { yield }` only once" do
+      behave(:server_stream) { |req, _call| [{payload: "#{req.payload}1"}, dm.new(payload: "#{req.payload}2")].each }
+      expect(client.server_stream(payload: "e").map(&:payload)).to eq(%w[e1 e2])
+      behave(:server_stream) { |_req, _call| [] }
+      expect(client.server_stream(payload: "n").to_a).to eq([])
+      behave(:server_stream) do |req, _call, &y|
+        rows = [{p: "a"}, {p: "b"}]
+        rows.each { |r| y.call(dm.new(payload: req.payload + r[:p])) } # returns rows: Hashes no reply has
+      end
+      expect(stub.server_stream(om.new(payload: "o")).map(&:payload)).to eq(%w[oa ob])
+      expect(client.server_stream(payload: "f").map(&:payload)).to eq(%w[fa fb])
     end
 
     it "send nothing more for a returned message, Hash or the request (the last value of a loop)" do

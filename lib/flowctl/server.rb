@@ -17,8 +17,8 @@ module Flowctl
   #   end
   #
   #   def process(requests, call)           # bidi: requests is an Enumerable read as it is iterated
-  #     requests.each { |msg| yield msg }   # replies: yield them, call.write / call << them,
-  #   end                                   # and/or return an Enumerable of them
+  #     requests.each { |msg| yield msg }   # replies: yield them or call.write / call << them;
+  #   end                                   # or else return an Enumerable of them
   #
   #   def stream_events(request, call)      # server streaming: one request, replies as for bidi
   #     10.times { |i| yield Event.new(id: i.to_s) }
@@ -218,7 +218,11 @@ module Flowctl
         @native = native
         @rpc = rpc
         @trailing_metadata = nil # made when first asked for: most calls send none
+        @replied = false
       end
+
+      # True once a reply was yielded or written on this call.
+      def replied? = @replied
 
       # Trailing metadata sent with the status (a Hash the handler may fill in).
       def trailing_metadata = @trailing_metadata ||= {}
@@ -256,7 +260,10 @@ module Flowctl
         raise ArgumentError, "#{@rpc.name} is #{@rpc.shape}: return the response instead" unless @rpc.server_streaming?
 
         msg = Server.reply_message(@rpc, reply) # encoded by send_message, straight into gRPC's memory
-        (@write_lock ||= Mutex.new).synchronize { @native.send_message(msg) }
+        (@write_lock ||= Mutex.new).synchronize do
+          @native.send_message(msg)
+          @replied = true
+        end
         self
       end
 
@@ -574,10 +581,11 @@ module Flowctl
       route.request_only ? route.handler.public_send(name, input, &block) : route.handler.public_send(name, input, call, &block)
     end
 
-    # A streaming handler may return an Enumerable of replies (not a message or a Hash: those
-    # are what yield or call.write sent, or the last value of a loop).
+    # A streaming handler that neither yielded nor wrote a reply may return an Enumerable of
+    # them (not a message or a Hash). Once it has sent one, what it returns is the last value
+    # of its loop (`rows.each { |r| yield event(r) }` returns rows), never more replies.
     def write_all(call, result)
-      return unless result.is_a?(Enumerable)
+      return if call.replied? || !result.is_a?(Enumerable)
       return if result.is_a?(Hash) || result.is_a?(Struct)
 
       result.each { |reply| call.write(reply) }
