@@ -211,7 +211,7 @@ RSpec.describe "Flowctl::Server with Flowctl clients" do
           requests.first
           200.times { |i| call.write(payload: "b#{i}") }
           Timeout.timeout(limit) { client_has_all.pop } # no write, no read, no return until then
-          [{ payload: "end" }]
+          call.write(payload: "end")
         end
       end
       pc = client(Flowctl::Processor::Client, start(Flowctl::Processor::Service => burster.new))

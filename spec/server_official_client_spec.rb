@@ -173,16 +173,19 @@ RSpec.describe "Flowctl::Server with the official grpc client" do
       expect(out.map { |r| r.metadata["i"] }).to eq(%w[0 1 2])
     end
 
-    it "sends the Enumerable a handler returns, and what it writes with call.write / call <<" do
-      handler = Object.new
-      def handler.process(requests, call)
+    it "sends the Enumerable a handler returns, or what it writes with call.write / call << (then not what it returns)" do
+      returns = Object.new
+      def returns.process(requests, _call) = requests.map { |m| { payload: m.payload * 2 } }
+      writes = Object.new
+      def writes.process(requests, call)
         call.write(Flowctl::Processor::DataMessage.new(payload: "hello"))
         call << { payload: "there" }
-        requests.map { |m| { payload: m.payload * 2 } }
+        requests.each { |m| call << { payload: m.payload * 3 } } # returns the requests: not sent again
       end
-      server = serve(Flowctl::Processor::Service => handler)
-      out = pr_stub(server).process([data("a"), data("b")]).map(&:payload)
-      expect(out).to eq(%w[hello there aa bb])
+      server = serve(Flowctl::Processor::Service => returns)
+      expect(pr_stub(server).process([data("a"), data("b")]).map(&:payload)).to eq(%w[aa bb])
+      server = serve(Flowctl::Processor::Service => writes)
+      expect(pr_stub(server).process([data("a"), data("b")]).map(&:payload)).to eq(%w[hello there aaa bbb])
     end
 
     it "serves a stream with no requests and a handler that returns nothing" do
