@@ -3,7 +3,7 @@
 require "spec_helper"
 
 # Flowctl::Native::Pending: a reader's events written and not acknowledged (the pipeline
-# runner's replay lists, ext/flowctl/relay.c), with its limits and the gate its relays
+# runner's replay lists, ext/flowctl/pending.c), with its limits and the gate its relays
 # write through. The relays themselves run in pipeline_relay_spec.rb.
 RSpec.describe Flowctl::Native::Pending do
   let(:event) { Flowctl::V1::Event }
@@ -21,6 +21,55 @@ RSpec.describe Flowctl::Native::Pending do
     expect(ids(list)).to eq(%w[d])
     expect(list.ack("zz")).to eq(0)
     expect(ids(list)).to eq(%w[d])
+  end
+
+  it "acknowledges an id anywhere in the list, the oldest of repeated ids first, whatever the list holds" do
+    list = described_class.new(event, 100_000)
+    5000.times { |i| list.push(ev("e#{i}")) }
+    expect(list.ack("renamed")).to eq(0)
+    expect(list.ack("e4000")).to eq(4001)
+    expect(list.ack("e4000")).to eq(0)
+    %w[x y x z x].each { |i| list.push(ev(i)) }
+    expect(list.ack("x")).to eq(999 + 1)
+    expect(ids(list)).to eq(%w[y x z x])
+    expect(list.ack("x")).to eq(2)
+    expect(list.ack("x")).to eq(2)
+    expect(list.size).to eq(0)
+  end
+
+  # The list against an Array doing the same (the index, pending.c, is rebuilt and its slots
+  # reused as events come and go): pushes of ids from a small set (so they repeat), acks of
+  # ids in and out of the list, the count limit, take and clear.
+  it "agrees with a plain Array over a long random run of pushes, acknowledgements, limits, takes and clears" do
+    rng = Random.new(RSpec.configuration.seed)
+    limit = 40
+    list = described_class.new(event, limit)
+    model = []
+    unprotected = 0
+    steps = ENV["GC_STRESS"] == "1" ? 300 : 30_000
+    steps.times do |step|
+      case rng.rand(100)
+      when 0...55
+        id = "i#{rng.rand(60)}"
+        list.push(ev(id))
+        model << id
+        (model.shift; unprotected += 1) if model.size > limit
+      when 55...95
+        id = rng.rand(4).zero? ? "none#{rng.rand(5)}" : (model.sample(random: rng) || "i0")
+        at = model.index(id)
+        expect(list.ack(id)).to eq(at ? at + 1 : 0), "step #{step}: ack #{id} of #{model}"
+        model.shift(at + 1) if at
+      when 95...98
+        expect(list.take.map(&:id)).to eq(model)
+        model.clear
+      else
+        list.clear
+        model.clear
+      end
+      expect(list.size).to eq(model.size)
+    end
+    expect(ids(list)).to eq(model)
+    expect(list.unprotected).to eq(unprotected)
   end
 
   it "takes messages or their bytes, and gives events back as messages (take empties the list)" do

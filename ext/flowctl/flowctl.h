@@ -4,7 +4,7 @@
  * Reading order: flowctl.c (Init) -> message.c/convert.c (messages) -> reflect.c -> json_text.h,
  * json_text.c, json_order.c -> json_write.c, json_read.c, json_class.c (proto3 JSON) -> status.c
  * -> metadata.c -> log.c -> clock.c -> fork.c (gate, fork hooks) -> wait.c -> watch.c -> channel.c -> call.c
- * -> fiber.c -> pump.c -> skim.c -> forward.c -> relay.c -> relay_class.c -> server_engine.h/.c -> server_unary.c -> server.c -> server_call.c -> wire.h
+ * -> fiber.c -> pump.c -> skim.c -> forward.c -> pending.c -> relay.c -> relay_class.c -> server_engine.h/.c -> server_unary.c -> server.c -> server_call.c -> wire.h
  * -> heartbeat_wire.c -> heartbeat.c -> heartbeat_class.c -> beat_table.c -> beat_table_class.c.
  *
  * Mechanism files return codes where they can; the Ruby-facing functions raise.
@@ -485,14 +485,18 @@ typedef struct flowctl_forward {
 void *flowctl_forward_nogvl(void *f);
 void flowctl_forward_ubf(void *f);
 
-/* ---- relay.c: the pipeline runner's chain hops, as bytes (relay_class.c, call.c bind them) ---- */
+/* ---- pending.c: a reader's events written and not acknowledged (relay.c, relay_class.c) ---- */
 typedef struct {
     grpc_byte_buffer *bb; /* a reference (grpc_byte_buffer_copy: no bytes copied) */
     char *id;
     size_t id_len, size;
+    uint32_t hash; /* of the id */
 } flowctl_pending_item;
+typedef struct {
+    uint32_t hash, seq; /* hash 0: empty; seq: the event's number (modulo 2^32) */
+} flowctl_pending_slot;
 /* A reader's events written and not acknowledged, oldest first, at most limit of them and
- * byte_limit bytes; a gate. */
+ * byte_limit bytes, indexed by id; a gate. */
 typedef struct flowctl_pending {
     pthread_mutex_t mu; /* guards everything below */
     flowctl_pending_item *items;
@@ -500,6 +504,9 @@ typedef struct flowctl_pending {
     uint64_t unprotected; /* let go past the limit: no longer replayable */
     uint64_t epoch;       /* bumped by shut and open */
     bool open;
+    uint64_t head_seq;    /* the number of the oldest event (events pushed before it) */
+    flowctl_pending_slot *index;
+    size_t index_cap, index_used; /* a power of 2; slots not empty (stale ones too) */
 } flowctl_pending;
 enum { PENDING_OK, PENDING_SHUT, PENDING_NOMEM };
 void flowctl_pending_init(flowctl_pending *p, size_t limit, size_t byte_limit); /* byte_limit 0: none */
@@ -520,6 +527,7 @@ grpc_byte_buffer **flowctl_pending_copy(flowctl_pending *p, bool take, size_t *n
 void flowctl_pending_shut(flowctl_pending *p);
 uint64_t flowctl_pending_open(flowctl_pending *p); /* the new epoch */
 
+/* ---- relay.c: the pipeline runner's chain hops, as bytes (relay_class.c, call.c bind them) ---- */
 /* The field numbers of the event message (from its class) and the metadata failure key. */
 typedef struct {
     uint32_t id, type, metadata; /* string, string, map<string, string> */

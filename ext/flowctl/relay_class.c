@@ -67,7 +67,7 @@ static size_t
 pending_memsize(const void *p)
 {
     const pending_t *w = p;
-    return sizeof(*w) + w->list.cap * sizeof(flowctl_pending_item);
+    return sizeof(*w) + w->list.cap * sizeof(flowctl_pending_item) + w->list.index_cap * sizeof(flowctl_pending_slot);
 }
 
 static const rb_data_type_t pending_type = {
