@@ -45,7 +45,7 @@ module PendingAckBench
 
     deep = Flowctl::Native::Pending.new(EVENT, LIMIT)
     LIMIT.times { |i| deep.push(bytes("e#{i}")) }
-    behind = per_ack(deep, Array.new([N, LIMIT].min) { |i| "e#{i * 2 + 1}" }.take_while { |id| id.delete_prefix("e").to_i < LIMIT })
+    behind = per_ack(deep, (1...LIMIT).step(2).first(N).map { |i| "e#{i}" }) # each drops the oldest and itself
 
     puts format("pending list (limit %d), µs per acknowledgement:", LIMIT)
     puts format("  push + ack of the oldest (ids kept, in order)  %.2f", in_order)
